@@ -61,3 +61,63 @@ def tiny_tokenizer(tiny_model_dir):
     from learner.model import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture
+def serve_config(tmp_path, tiny_model_dir):
+    """The app's config on a fresh data dir with the tiny model; no background sampling (tests drive it)."""
+    from app.config import ServeConfig
+    from learner.sampling import SamplingParams
+
+    return ServeConfig(data_dir=tmp_path / "data", model=str(tiny_model_dir), k=4, buffer_size=2, prefetch=False,
+                       device="cpu", sampling=SamplingParams(max_new_tokens=12, temperature=1.0))
+
+
+@pytest.fixture
+def ctx(serve_config):
+    """A real AppContext: DuckDB file in tmp_path, tiny policy loaded, starter prompts seeded."""
+    from app.server import open_context
+
+    context = open_context(serve_config)
+    yield context
+    context.stop()
+    context.store.close()
+
+
+@pytest.fixture
+def accounts(ctx) -> dict:
+    """name -> (password, token) for one admin and two annotators."""
+    made = {}
+    for name, role in (("boss", "admin"), ("ann", "annotator"), ("bob", "annotator")):
+        _, password, token = ctx.store.users.add(name, role, f"{name}-password")
+        made[name] = (password, token)
+    return made
+
+
+@pytest.fixture
+def server(ctx, accounts):
+    """The real FastAPI + Gradio app served by uvicorn on a free loopback port."""
+    from app.server import RunningServer, create_app
+
+    running = RunningServer(create_app(ctx), "127.0.0.1", 0).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def sample_items(ctx):
+    """sample_items(n): put n items in the buffer by hand (tests run no background sampler)."""
+    from storage.items import AnswerRecord
+
+    def sample(n: int) -> list[int]:
+        ids = []
+        for _ in range(n):
+            prompt = ctx.store.prompts.least_sampled(1)[0]
+            version, answers = ctx.policy.sample(prompt.text, ctx.config.k, ctx.config.sampling, seed=0)
+            item = ctx.store.items.add(
+                prompt.prompt_id, version, {"k": ctx.config.k},
+                [AnswerRecord(a.text, a.token_count, a.finish_reason, a.logprob_sum) for a in answers])
+            ids.append(item.item_id)
+        return ids
+
+    return sample

@@ -1,0 +1,185 @@
+"""The REST API under /api (OpenAPI docs at /api/docs). Scripts and tests are written against this contract.
+
+Every handler is a plain `def`: FastAPI runs it in its thread pool, and each thread gets its own DuckDB cursor.
+Each label is committed before the 201 leaves; a request that fails writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.context import AppContext
+from app.errors import ApiError
+from app.policy import with_max_new_tokens
+from storage.exports import iter_export
+from storage.items import Item
+from storage.users import User
+
+router = APIRouter(prefix="/api")
+
+MAX_REASON_CHARS = 2000
+
+
+class Body(BaseModel):
+    # strict: "3" is not an answer id; extra="forbid": a misspelt key is an error, not silently ignored
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class RankingBody(Body):
+    ranking: list[int] = Field(description="answer ids, best first; every answer of the item exactly once",
+                               max_length=64)
+
+
+class FeedbackBody(Body):
+    value: Literal["up", "down"]
+
+
+class SkipBody(Body):
+    reason: str | None = Field(default=None, max_length=MAX_REASON_CHARS)
+
+
+class FlagBody(Body):
+    reason: str = Field(min_length=1, max_length=MAX_REASON_CHARS)
+
+
+class PromptsBody(Body):
+    prompts: list[str] = Field(min_length=1, max_length=10_000)
+
+
+class UserBody(Body):
+    name: str
+    role: Literal["annotator", "admin"] = "annotator"
+    password: str | None = Field(default=None, min_length=8, max_length=256)
+
+
+class GenerateBody(Body):
+    prompt: str = Field(min_length=1, max_length=20_000)
+    version: int | None = Field(default=None, ge=0)
+    max_new_tokens: int | None = Field(default=None, ge=1, le=1024)
+
+
+def ctx(request: Request) -> AppContext:
+    return request.app.state.ctx
+
+
+def current_user(request: Request) -> User:
+    """The user behind `Authorization: Bearer <token>`; 401 without a valid one."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "missing token: send 'Authorization: Bearer <token>'")
+    user = ctx(request).authenticate_token(token.strip())
+    if user is None:
+        raise ApiError(401, "invalid, revoked or disabled token")
+    return user
+
+
+def annotator(user: Annotated[User, Depends(current_user)]) -> User:
+    """A person who labels: the CLI's local token is for admin commands only."""
+    if user.user_id < 1:
+        raise ApiError(403, "the local CLI token cannot label; use a user's token")
+    return user
+
+
+def admin(user: Annotated[User, Depends(current_user)]) -> User:
+    if user.role != "admin":
+        raise ApiError(403, f"user {user.name!r} is an {user.role}; this needs an admin")
+    return user
+
+
+Annotator = Annotated[User, Depends(annotator)]
+Admin = Annotated[User, Depends(admin)]
+Ctx = Annotated[AppContext, Depends(ctx)]
+
+
+def item_json(item: Item, user_id: int) -> dict:
+    """The item as an annotator sees it: answers in an order of their own, no policy version."""
+    answers = list(item.answers)
+    random.Random(item.item_id * 1_000_003 + user_id).shuffle(answers)  # stable across reloads, differs per user
+    return {"item_id": item.item_id, "prompt": item.prompt,
+            "answers": [{"answer_id": a.answer_id, "text": a.text} for a in answers]}
+
+
+@router.get("/health")
+def health(c: Ctx) -> dict:
+    return {"status": "ok", "policy_version": c.policy.version, "labels": c.store.labels.total()}
+
+
+@router.get("/me")
+def me(user: Annotated[User, Depends(current_user)]) -> dict:
+    return {"name": user.name, "role": user.role}
+
+
+@router.get("/items/next", responses={204: {"description": "nothing waits to be labelled"}})
+def next_item(user: Annotator, c: Ctx):
+    item = c.buffer.next_for(user.user_id)
+    if item is None:
+        return Response(status_code=204)
+    return item_json(item, user.user_id)
+
+
+@router.post("/items/{item_id}/ranking", status_code=201)
+def rank(item_id: int, body: RankingBody, user: Annotator, c: Ctx) -> dict:
+    ranking_id = c.store.labels.add_ranking(item_id, user.user_id, body.ranking,
+                                            seconds=c.buffer.seconds_taken(item_id, user.user_id))
+    c.buffer.done(item_id, user.user_id)
+    c.on_label()
+    return {"ranking_id": ranking_id}
+
+
+@router.post("/answers/{answer_id}/feedback", status_code=201)
+def feedback(answer_id: int, body: FeedbackBody, user: Annotator, c: Ctx) -> dict:
+    feedback_id = c.store.labels.add_feedback(answer_id, user.user_id, body.value)
+    c.on_label()
+    return {"feedback_id": feedback_id}
+
+
+@router.post("/items/{item_id}/skip", status_code=201)
+def skip(item_id: int, user: Annotator, c: Ctx, body: SkipBody | None = None) -> dict:
+    skip_id = c.store.labels.add_skip(item_id, user.user_id, body.reason if body else None)
+    c.buffer.done(item_id, user.user_id)
+    return {"skip_id": skip_id}
+
+
+@router.post("/items/{item_id}/flag", status_code=201)
+def flag(item_id: int, body: FlagBody, user: Annotator, c: Ctx) -> dict:
+    """Flag an item for an admin to review (harmful, broken, off-topic). It stays in your queue unless skipped."""
+    return {"flag_id": c.store.labels.add_flag(item_id, user.user_id, body.reason)}
+
+
+@router.post("/prompts", status_code=201)
+def add_prompts(body: PromptsBody, user: Admin, c: Ctx) -> dict:
+    result = c.store.prompts.add(body.prompts, source=f"api:{user.name}")
+    c.buffer.wake()
+    return {"added": result.added, "duplicates": result.duplicates}
+
+
+@router.post("/users", status_code=201)
+def add_user(body: UserBody, user: Admin, c: Ctx) -> dict:
+    """Create a user; the password and token are shown once, in this response."""
+    created, password, token = c.store.users.add(body.name, body.role, body.password)
+    return {"name": created.name, "role": created.role, "password": password, "token": token}
+
+
+@router.get("/export")
+def export(user: Admin, c: Ctx, format: Annotated[Literal["dpo", "kto", "rankings"], Query()] = "dpo"):
+    """Labels as JSONL in the formats TRL reads (dpo, kto) or raw rankings."""
+    rows = list(iter_export(c.store, format))  # read before streaming, so a failure is a clean error status
+    lines = (json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    return StreamingResponse(lines, media_type="application/jsonl",
+                             headers={"content-disposition": f'attachment; filename="prefloop-{format}.jsonl"'})
+
+
+@router.post("/generate")
+def generate(body: GenerateBody, user: Annotated[User, Depends(current_user)], c: Ctx) -> dict:
+    """One answer from the deployed version, or from `version` (any version the registry knows)."""
+    if body.version is not None:
+        c.ensure_version_loadable(body.version)
+    params = with_max_new_tokens(c.config.sampling, body.max_new_tokens)
+    version, text = c.policy.generate(body.prompt, params, body.version)
+    return {"text": text, "version": version}

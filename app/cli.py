@@ -1,0 +1,161 @@
+"""`prefloop`: serve, users, prompts, export.
+
+A command that needs the store opens the DuckDB file itself, unless a running server holds it (DuckDB lets one
+process open a file): then it goes through that server's API with the local token in `server.json`, or, with no
+server to reach, says plainly who holds the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from app.config import DEFAULT_DATA_DIR, build_config
+from learner.errors import LearnerError
+from app.remote import RemoteError
+from storage.errors import DataDirBusy, PromptFileError, StorageError
+
+
+class CliError(Exception):
+    """A command that cannot be carried out; its message is printed and the exit code is 1 or 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except PromptFileError as exc:
+        print(f"prefloop: nothing imported: {exc}", file=sys.stderr)
+        return 2
+    except (CliError, StorageError, LearnerError, RemoteError) as exc:
+        print(f"prefloop: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="prefloop", description=__doc__.splitlines()[0])
+    sub = top.add_subparsers(required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, run: Callable, parent=sub) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help, description=help)
+        p.add_argument("--data-dir", type=Path, default=None,
+                       help=f"where the DuckDB file, models and versions live (default: ./{DEFAULT_DATA_DIR})")
+        p.set_defaults(run=run)
+        return p
+
+    serve = command("serve", "start the app (UI at /ui, REST API at /api)", run_serve)
+    serve.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 7860; 0 picks a free one)")
+    serve.add_argument("--model", help="'smollm2' (default, shipped), a local HF model dir, or a cached hub id")
+    serve.add_argument("--k", type=int, help="answers per item (default 4)")
+    serve.add_argument("--overlap", type=int, help="distinct annotators per item (default 1)")
+    serve.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, help="answer length cap (default 96)")
+    serve.add_argument("--temperature", type=float, help="sampling temperature (default 0.8)")
+    serve.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
+
+    users = sub.add_parser("users", help="manage accounts").add_subparsers(required=True, metavar="ACTION")
+    add = command("add", "create a user; prints the API token as the last line", run_users_add, users)
+    add.add_argument("name")
+    add.add_argument("--role", choices=["annotator", "admin"], default="annotator")
+    add.add_argument("--password", help="default: a random one, printed")
+    command("list", "list users", run_users_list, users)
+
+    prompts = sub.add_parser("prompts", help="manage prompts").add_subparsers(required=True, metavar="ACTION")
+    imp = command("import", "import prompts from JSONL ({\"prompt\": ...}), CSV or Parquet (a prompt column)",
+                  run_prompts_import, prompts)
+    imp.add_argument("file", type=Path)
+    imp.add_argument("--skip-invalid", action="store_true", help="import the valid rows of a file with errors")
+
+    exp = command("export", "write labels as JSONL: dpo / kto (TRL's formats) or raw rankings", run_export)
+    exp.add_argument("--format", choices=["dpo", "kto", "rankings"], required=True)
+    exp.add_argument("--out", type=Path, required=True)
+    return top
+
+
+def data_dir(args) -> Path:
+    return build_config({"data_dir": args.data_dir}).data_dir
+
+
+def run_serve(args) -> None:
+    from app.server import serve
+
+    overrides = {k: getattr(args, k) for k in ("host", "port", "model", "k", "overlap", "max_new_tokens",
+                                               "temperature", "device")}
+    serve(build_config({"data_dir": args.data_dir, **overrides}))
+
+
+def open_store_or_server(path: Path):
+    """(store, None) when the file is free; (None, RemoteServer) when a live server holds it."""
+    from app.remote import RemoteServer
+    from storage.store import Store
+
+    try:
+        return Store.open(path), None
+    except DataDirBusy as busy:
+        remote = RemoteServer.find(path)
+        if remote is None:
+            raise CliError(f"{busy} No server.json in {path}, so this command cannot go through the server; "
+                           "stop the process that holds the file and try again.") from busy
+        return None, remote
+
+
+def run_users_add(args) -> None:
+    store, remote = open_store_or_server(data_dir(args))
+    if remote:
+        result = remote.add_user(args.name, args.role, args.password)
+        name, role, password, token = result["name"], result["role"], result["password"], result["token"]
+    else:
+        with store:
+            user, password, token = store.users.add(args.name, args.role, args.password)
+            name, role = user.name, user.role
+    print(f"created {role} {name!r}")
+    if args.password is None:
+        print(f"password: {password}")
+    print(token)
+
+
+def run_users_list(args) -> None:
+    store, remote = open_store_or_server(data_dir(args))
+    if remote:
+        raise CliError("listing users goes through the Admin tab while the server runs")
+    with store:
+        for user in store.users.list():
+            print("\t".join([user.name, user.role] + (["disabled"] if user.disabled else [])))
+
+
+def run_prompts_import(args) -> None:
+    from storage.imports import import_prompt_file, read_prompt_file
+
+    store, remote = open_store_or_server(data_dir(args))
+    if remote:
+        read = read_prompt_file(args.file, skip_invalid=args.skip_invalid)  # same validation, same messages
+        result = remote.add_prompts(read.prompts)
+        added, duplicates, problems = result["added"], result["duplicates"], read.problems
+    else:
+        with store:
+            result = import_prompt_file(store, args.file, skip_invalid=args.skip_invalid)
+        added, duplicates, problems = result.added, result.duplicates, result.problems
+    for problem in problems:
+        print(f"skipped: {problem.file} {problem.unit} {problem.line}: {problem.message}", file=sys.stderr)
+    print(f"imported {added} prompts from {args.file} ({duplicates} duplicates skipped, "
+          f"{len(problems)} invalid rows skipped)")
+
+
+def run_export(args) -> None:
+    from storage.exports import export_jsonl
+
+    store, remote = open_store_or_server(data_dir(args))
+    if remote:
+        rows = remote.export(args.format, args.out)
+    else:
+        with store:
+            rows = export_jsonl(store, args.format, args.out)
+    print(f"wrote {rows} {args.format} rows to {args.out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The server's configuration: one frozen dataclass, defaults that work on a 2-core CPU, overridable by flags and env.
+
+Every field can be set by a CLI flag (`--max-staleness 3`) or an environment variable (`PREFLOOP_MAX_STALENESS=3`);
+flags win over env, env over the defaults here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from learner.errors import ConfigError
+from learner.sampling import SamplingParams
+
+DEFAULT_DATA_DIR = Path("prefloop-data")  # relative to the working directory, like a Jupyter notebook's folder
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How `prefloop serve` runs."""
+
+    data_dir: Path = DEFAULT_DATA_DIR  # the DuckDB file, the cached model and the policy versions live here
+    host: str = "127.0.0.1"  # loopback by default: exposing annotators' UI is a deliberate choice (--host 0.0.0.0)
+    port: int = 7860  # Gradio's usual port; 0 picks a free one
+    model: str = "smollm2"  # "smollm2" (shipped GGUF), a local HF directory, or a hub id already cached
+    k: int = 4  # answers per item: C(4,2) = 6 pairs per ranking, and still quick to read and rank
+    overlap: int = 1  # distinct annotators who rank each item; >1 measures agreement at the cost of throughput
+    buffer_size: int = 4  # ready items kept ahead of annotators (each costs ~6 s of CPU to sample)
+    reserve_seconds: float = 600.0  # an item handed to an annotator is kept from others this long
+    max_staleness: int = 2  # items sampled more than this many versions before the deployed one are not served
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    device: str | None = None  # "cpu" or "cuda"; None picks CUDA when present
+    prefetch: bool = True  # sample items in the background; tests turn it off to drive sampling by hand
+
+    def __post_init__(self) -> None:
+        checks = {
+            "k": (self.k >= 2, "k must be >= 2 (a ranking needs two answers)"),
+            "overlap": (self.overlap >= 1, "overlap must be >= 1"),
+            "buffer_size": (self.buffer_size >= 0, "buffer_size must be >= 0"),
+            "reserve_seconds": (self.reserve_seconds > 0, "reserve_seconds must be > 0"),
+            "max_staleness": (self.max_staleness >= 0, "max_staleness must be >= 0"),
+            "port": (0 <= self.port <= 65535, "port must be in 0..65535"),
+        }
+        for name, (ok, message) in checks.items():
+            if not ok:
+                raise ConfigError(f"{message}, got {getattr(self, name)!r}")
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "prefloop.duckdb"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def versions_dir(self) -> Path:
+        return self.data_dir / "versions"
+
+    @property
+    def server_file(self) -> Path:
+        """Written while a server holds the data dir: its URL and a local admin token for the CLI (mode 0600)."""
+        return self.data_dir / "server.json"
+
+
+SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
+SERVE_FIELDS = {f.name for f in fields(ServeConfig)} - {"sampling"}
+
+
+def build_config(overrides: dict, env: dict[str, str] | None = None) -> ServeConfig:
+    """Defaults, then PREFLOOP_* env vars, then `overrides` (CLI flags; None values are ignored). Unknown keys fail."""
+    env = os.environ if env is None else env
+    values: dict = {}
+    for name in SERVE_FIELDS | SAMPLING_FIELDS:
+        raw = env.get(f"PREFLOOP_{name.upper()}")
+        if raw not in (None, ""):
+            values[name] = raw
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key not in SERVE_FIELDS | SAMPLING_FIELDS:
+            raise ConfigError(f"unknown config key {key!r}; known: {', '.join(sorted(SERVE_FIELDS | SAMPLING_FIELDS))}")
+        values[key] = value
+    return _coerce(values)
+
+
+def _coerce(values: dict) -> ServeConfig:
+    base = ServeConfig()
+    sampling_values = {k: _typed(k, v, getattr(base.sampling, k)) for k, v in values.items() if k in SAMPLING_FIELDS}
+    serve_values = {k: _typed(k, v, getattr(base, k)) for k, v in values.items() if k in SERVE_FIELDS}
+    return replace(base, sampling=replace(base.sampling, **sampling_values), **serve_values)
+
+
+def _typed(name: str, value, default):
+    """Cast a flag/env string to the type of the field's default, naming the field when it does not parse."""
+    if default is None or not isinstance(value, str):
+        return Path(value) if name == "data_dir" else value
+    try:
+        if isinstance(default, bool):
+            if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("1", "true", "yes")
+        return type(default)(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a {type(default).__name__}, got {value!r}") from None

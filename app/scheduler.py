@@ -1,0 +1,243 @@
+"""The scheduler: one training round at a time, in a subprocess, from a snapshot of the store to a deployed version.
+
+    start() -> snapshot (Parquet, written by storage) -> `python -m learner.round` (subprocess; progress as JSON lines
+    on its stdout, stored per step) -> version dir renamed into place by the learner -> registered in the store ->
+    deployed (hot swap) if the gate passed, kept as `rejected` if not.
+
+A failed, cancelled or killed round leaves the registry as it was and the deployed version serving: the learner
+writes `<out>.partial` and renames only a complete version, and the store records a version only after that.
+Automatic triggers (every N new labels, every T minutes) are off by default and set from Admin or the API.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+from app.config import ServeConfig
+from app.policy import PolicyService
+from learner.config import RoundConfig
+from storage.errors import Conflict, NotFound
+from storage.exports import write_snapshot
+from storage.store import Store
+
+log = logging.getLogger(__name__)
+
+TRIGGER_LABELS = "auto_train_every_labels"  # settings keys; "0" or missing = off
+TRIGGER_MINUTES = "auto_train_every_minutes"
+TRIGGER_CONFIG = "auto_train_config"  # JSON of RoundConfig overrides used by automatic rounds
+
+
+class Scheduler:
+    def __init__(self, store: Store, policy: PolicyService, config: ServeConfig, on_deploy=None):
+        self.store = store
+        self.policy = policy
+        self.config = config
+        self.on_deploy = on_deploy or (lambda version: None)
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen | None = None
+        self._run_id: int | None = None
+        self._cancelled: set[int] = set()
+        self._labels_at_last_round = store.labels.total()
+        self._last_round_at = time.monotonic()
+        self._stop = threading.Event()
+        self._timer: threading.Thread | None = None
+
+    # -- rounds -------------------------------------------------------------------------------------------------
+    def start(self, overrides: dict) -> int:
+        """Queue a round now; 409 (Conflict) when one is running, 422 (ConfigError) for unknown/invalid keys."""
+        round_config = RoundConfig.from_dict(overrides)
+        with self._lock:
+            active = self.store.runs.active()
+            if active is not None or self._run_id is not None:
+                raise Conflict(f"run {active.run_id if active else self._run_id} is already in progress")
+            run_id = self.store.runs.create(round_config.algorithm, round_config.to_dict())
+            self._run_id = run_id
+        self._labels_at_last_round = self.store.labels.total()
+        self._last_round_at = time.monotonic()
+        threading.Thread(target=self._execute, args=(run_id, round_config), name=f"round-{run_id}",
+                         daemon=True).start()
+        return run_id
+
+    def cancel(self, run_id: int) -> None:
+        run = self.store.runs.get(run_id)  # NotFound -> 404
+        if run.status not in ("queued", "running"):
+            raise Conflict(f"run {run_id} is {run.status}; only a queued or running round can be cancelled")
+        with self._lock:
+            self._cancelled.add(run_id)
+            process = self._process if self._run_id == run_id else None
+        if process is not None:
+            process.kill()
+
+    def wait(self, run_id: int, timeout: float = 600.0) -> str:
+        """Block until the run ends (tests, benchmarks); returns its final status."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.store.runs.get(run_id).status
+            if status not in ("queued", "running") and self._run_id != run_id:
+                return status
+            time.sleep(0.2)
+        raise TimeoutError(f"run {run_id} still {status} after {timeout} s")
+
+    @property
+    def process(self) -> subprocess.Popen | None:
+        return self._process
+
+    def _execute(self, run_id: int, round_config: RoundConfig) -> None:
+        runs = self.store.runs
+        parent = self.store.versions.deployed()
+        version = self.store.versions.next_number()
+        work = self.config.data_dir / "runs" / f"run-{run_id}"
+        out_dir = self.config.versions_dir / f"v{version}"
+        stderr_tail: deque[str] = deque(maxlen=40)
+        try:
+            runs.update(run_id, status="running", started_at=_now())
+            snapshot = write_snapshot(self.store, work / "snapshot", parent_version=parent.version,
+                                      base_model=str(self.policy.base_model_dir),
+                                      max_staleness=round_config.max_staleness)
+            log.info("run %s: snapshot %s", run_id, snapshot)
+            (work / "round.json").write_text(json.dumps(round_config.to_dict()))
+            shutil.rmtree(out_dir, ignore_errors=True)  # a leftover of a round killed before it registered
+            command = [sys.executable, "-m", "learner.round", "--snapshot", str(work / "snapshot"),
+                       "--base", str(self.policy.base_model_dir), "--out", str(out_dir),
+                       "--config", str(work / "round.json")]
+            if parent.version != 0 and parent.path:
+                command += ["--parent", parent.path]
+            with self._lock:
+                if run_id in self._cancelled:
+                    raise _Cancelled
+                self._process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                 text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            drain = threading.Thread(target=lambda: stderr_tail.extend(self._process.stderr), daemon=True)
+            drain.start()
+            done = None
+            for line in self._process.stdout:
+                event = _event(line)
+                if event and event.get("event") == "progress":
+                    self._progress(run_id, event)
+                elif event and event.get("event") == "done":
+                    done = event
+            code = self._process.wait()
+            drain.join(5)
+            if run_id in self._cancelled:
+                raise _Cancelled
+            if code != 0 or not (out_dir / "metrics.json").is_file():
+                raise RuntimeError(f"the round exited with code {code}: {''.join(stderr_tail)[-2000:].strip()}")
+            self._register(run_id, version, parent.version, out_dir, round_config, done)
+        except _Cancelled:
+            runs.update(run_id, status="cancelled", finished_at=_now(), error="cancelled by an admin")
+        except Exception as exc:  # a failed round is recorded on the run, never raised into the app
+            log.exception("run %s failed", run_id)
+            runs.update(run_id, status="failed", finished_at=_now(), error=f"{type(exc).__name__}: {exc}")
+        finally:
+            shutil.rmtree(out_dir.with_name(out_dir.name + ".partial"), ignore_errors=True)
+            with self._lock:
+                self._process = None
+                self._run_id = None
+                self._cancelled.discard(run_id)
+
+    def _progress(self, run_id: int, event: dict) -> None:
+        fields = {k: event[k] for k in ("progress", "step", "loss") if event.get(k) is not None}
+        if "progress" in fields:
+            fields["progress"] = min(1.0, max(0.0, float(fields["progress"])))
+        if fields:
+            self.store.runs.update(run_id, **fields)
+        if event.get("phase") == "policy" and event.get("loss") is not None:
+            metrics = {k: v for k, v in event.items() if k not in ("event", "step", "loss")}
+            self.store.runs.add_step(run_id, int(event.get("step", 0)), float(event["loss"]), metrics)
+
+    def _register(self, run_id: int, version: int, parent: int, out_dir: Path, round_config: RoundConfig,
+                  done: dict | None) -> None:
+        metrics = json.loads((out_dir / "metrics.json").read_text())
+        gate = metrics.get("gate") or {}
+        status = "candidate" if gate.get("passed") else "rejected"
+        self.store.versions.add(version, parent, round_config.algorithm, status, str(out_dir),
+                                round_config.to_dict(), metrics, int(metrics.get("labels_used", 0)),
+                                reason=gate.get("reason"))
+        if status == "candidate":
+            self.deploy(version)
+        self.store.runs.update(run_id, status="succeeded" if status == "candidate" else "rejected",
+                               finished_at=_now(), version=version, metrics=metrics, progress=1.0,
+                               error=gate.get("reason") if status == "rejected" else None)
+
+    # -- registry -----------------------------------------------------------------------------------------------
+    def deploy(self, version: int, force: bool = False) -> None:
+        """Roll forward or back: load the adapter (hot swap under the policy lock), then record it."""
+        record = self.store.versions.get(version)  # NotFound -> 404
+        if record.status == "rejected" and not force:
+            raise Conflict(f"version {version} was rejected by the gate ({record.reason}); deploy with force")
+        if version != 0:
+            if not record.path:
+                raise NotFound(f"version {version} has no adapter on disk")
+            self.policy.deploy(version, Path(record.path) / "adapter")
+        else:
+            self.policy.deploy(0, None)
+        self.store.versions.deploy(version, force=force)
+        self.on_deploy(version)
+
+    # -- automatic triggers -------------------------------------------------------------------------------------
+    def on_label(self) -> None:
+        every = _int(self.store.settings.get(TRIGGER_LABELS))
+        if every and self.store.labels.total() - self._labels_at_last_round >= every:
+            self._auto("labels")
+
+    def start_timer(self) -> None:
+        if self._timer is None:
+            self._timer = threading.Thread(target=self._tick, name="auto-train", daemon=True)
+            self._timer.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        process = self._process
+        if process is not None:
+            process.kill()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(10.0):
+            minutes = _int(self.store.settings.get(TRIGGER_MINUTES))
+            if minutes and time.monotonic() - self._last_round_at >= minutes * 60:
+                self._auto("timer")
+
+    def _auto(self, why: str) -> None:
+        overrides = json.loads(self.store.settings.get(TRIGGER_CONFIG) or "{}")
+        try:
+            run_id = self.start(overrides)
+            log.info("automatic round %s started (%s)", run_id, why)
+        except Conflict:
+            pass  # a round is already running; the next trigger tries again
+
+
+class _Cancelled(Exception):
+    """The admin cancelled the run."""
+
+
+def _event(line: str) -> dict | None:
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) else None
+
+
+def _int(value: str | None) -> int:
+    try:
+        return max(0, int(value or 0))
+    except ValueError:
+        return 0
+
+
+def _now():
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc)

@@ -1,0 +1,1 @@
+"""The Gradio UI: handlers are plain functions (tested directly); `blocks.py` only wires them to components."""

@@ -1,0 +1,163 @@
+"""The configuration of one training round: reward model, policy update, rollouts, evaluation and gate.
+
+One flat frozen dataclass, grouped by the part of the round each field steers: the app's Admin tab and the CLI
+set fields by the names the design uses (`beta`, `steps`, `sync_every`), so a flat namespace keeps those names
+one level deep. Every default is chosen so that a default round on SmolLM2-135M finishes in a few minutes on a
+2-core CPU (one DPO step with 8 sequences x 192 tokens takes ~8 s there; 4 answers x 64 tokens of sampling ~5 s).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+from learner.errors import ConfigError
+from learner.sampling import SamplingParams
+
+ALGORITHMS = ("dpo", "kto", "reward")  # "reward": train the reward model only, copy the parent's policy unchanged
+LOSS_TYPES = ("sigmoid", "ipo", "robust")
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """Everything one round needs besides its data and models. Build with `from_dict` to get validation messages."""
+
+    # --- what the round does
+    algorithm: str = "dpo"  # pairs are what annotators mostly produce (rankings); "kto" trains on thumbs
+    seed: int = 0  # rounds are reproducible given the same snapshot and parent
+    max_length: int = 192  # prompt + answer tokens; a short chat prompt (~60) + a 96-token answer + template fits
+
+    # --- policy update (DPO / KTO)
+    beta: float = 0.1  # the DPO paper's default strength of the pull towards the reference (arXiv 2305.18290)
+    loss_type: str = "sigmoid"  # DPO's own loss; "ipo" (arXiv 2310.12036) and "robust" (arXiv 2403.00409) for noise
+    label_smoothing: float = 0.0  # assumed fraction of flipped labels, used by loss_type "robust" only
+    desirable_weight: float = 1.0  # KTO's λ_D; the paper's default with balanced thumbs (arXiv 2402.01306)
+    undesirable_weight: float = 1.0  # KTO's λ_U; keep λ_D·n_D / (λ_U·n_U) in [1, 4/3] (Eq. 9 of the KTO paper)
+    steps: int = 12  # optimizer steps per round: ~2 min of DPO on a 2-core CPU; rounds repeat as labels arrive
+    batch_size: int = 4  # pairs per step = 8 sequences for DPO, the size timed above; KTO needs >= 2 (z_ref)
+    learning_rate: float = 1e-4  # LoRA's usual rate; a round is only a dozen steps, the KL gate catches overshoot
+    adam_eps: float = 1e-5  # larger than torch's 1e-8: stops tiny second moments of fresh LoRA B blowing up steps
+    max_grad_norm: float = 1.0  # DPO's gradients spike when a pair flips; clipping keeps one pair from a big jump
+    lora_r: int = 16  # the design's LoRA rank: ~4.9M trainable weights on SmolLM2-135M, cheap to save and swap
+    lora_alpha: int = 32  # alpha = 2r, the common LoRA scale (effective update scale alpha/r = 2)
+    lora_dropout: float = 0.0  # dropout makes policy and reference disagree at step 0; TRL's DPO docs advise off
+    lora_target_modules: str = "all-linear"  # every linear layer but the output head, as the design says
+
+    # --- which data: human labels and on-policy rollouts
+    max_staleness: int | None = 2  # use labels on answers from at most 2 versions back; None = all (offline)
+    sync_every: int = 4  # regenerate on-policy pairs every 4 optimizer steps: semi-online (arXiv 2506.21495)
+    rollout_prompts: int = 4  # prompts sampled per regeneration: 4 x 4 answers ~ 15 s of sampling on a CPU
+    rollout_n: int = 4  # answers per prompt, best vs worst by the reward model (K=4 as annotators see)
+    max_new_tokens: int = 64  # rollout and eval answers; shorter than the app's 96 to keep a CPU round quick
+    temperature: float = 0.8  # the policy service's temperature, so rollouts look like what annotators rank
+    top_p: float = 0.95  # same as the policy service: cuts the junk tail of a small model
+    ref_sync: bool = False  # False: reference = base model (disabled adapter); True: the parent version
+
+    # --- reward model (Bradley-Terry on human pairs)
+    reward_steps: int = 10  # optimizer steps per round, warm-started from the parent's reward adapter: ~1 min
+    reward_batch_items: int = 2  # rankings per step; a K=4 ranking has 6 pairs but only 4 sequences to score
+    reward_learning_rate: float = 2e-4  # the fresh scalar head needs a larger rate than the policy's LoRA
+    reward_centering: float = 0.01  # c·mean((r_w + r_l)^2) keeps scores near 0 (TRL's value, arXiv 2312.09244)
+    reward_heldout_fraction: float = 0.2  # rankings held out (by a hash of item_id) for pair accuracy
+
+    # --- evaluation and gate
+    eval_prompts: int = 4  # held-out prompts scored per round: ~20 s of sampling for policy, parent and base
+    eval_n: int = 2  # answers per prompt and model; win-rates compare all policy x other answers of a prompt
+    eval_fraction: float = 0.1  # prompts (by a hash of prompt_id) never used for rollouts, kept for evaluation
+    max_kl: float = 15.0  # nats per answer (~0.25 per token of 64): beyond that a 135M model's text degrades
+    min_win_rate: float = 0.4  # vs parent by the reward model; 0.5 would reject half the no-change rounds by noise
+
+    def __post_init__(self) -> None:
+        problems = _problems(self)
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> RoundConfig:
+        """A config from a dict (JSON file, Admin form); unknown keys and invalid values raise ConfigError."""
+        known = [f.name for f in fields(cls)]
+        for key in values:
+            if key not in known:
+                raise ConfigError(f"unknown config key {key!r}; known: {', '.join(known)}")
+        typed = {}
+        for f in fields(cls):
+            if f.name in values:
+                typed[f.name] = _coerce(f.name, f.type, values[f.name])
+        return cls(**typed)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def sampling(self) -> SamplingParams:
+        """How rollouts and evaluation answers are sampled."""
+        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p)
+
+
+def _coerce(name: str, type_name: str, value):
+    """Check a value's JSON type against the field's annotation (JSON has no int/float distinction for 1 vs 1.0)."""
+    allows_none = "None" in type_name
+    if value is None:
+        if allows_none:
+            return None
+        raise ConfigError(f"{name} must not be null")
+    base = type_name.replace("| None", "").strip()
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if base == "int":
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return int(value)
+    if base == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def _problems(c: RoundConfig) -> list[str]:
+    """Every rule a config must satisfy, as messages that say what they got."""
+    checks = [
+        (c.algorithm in ALGORITHMS, f"algorithm must be one of {', '.join(ALGORITHMS)}, got {c.algorithm!r}"),
+        (c.loss_type in LOSS_TYPES, f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {c.loss_type!r}"),
+        (c.beta > 0, f"beta must be > 0, got {c.beta}"),
+        (0 <= c.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {c.label_smoothing}"),
+        (c.label_smoothing == 0 or c.loss_type == "robust",
+         f"label_smoothing only applies to loss_type 'robust', got {c.label_smoothing} with {c.loss_type!r}"),
+        (c.desirable_weight > 0, f"desirable_weight must be > 0, got {c.desirable_weight}"),
+        (c.undesirable_weight > 0, f"undesirable_weight must be > 0, got {c.undesirable_weight}"),
+        (c.steps >= 0, f"steps must be >= 0, got {c.steps}"),
+        (c.batch_size >= 1, f"batch_size must be >= 1, got {c.batch_size}"),
+        (c.algorithm != "kto" or c.batch_size >= 2,
+         f"batch_size must be >= 2 for kto (its KL term pairs answers with other prompts), got {c.batch_size}"),
+        (math.isfinite(c.learning_rate) and c.learning_rate > 0, f"learning_rate must be > 0, got {c.learning_rate}"),
+        (1e-6 <= c.adam_eps <= 1e-4, f"adam_eps must be in [1e-6, 1e-4], got {c.adam_eps}"),
+        (c.max_grad_norm > 0, f"max_grad_norm must be > 0, got {c.max_grad_norm}"),
+        (c.lora_r >= 1, f"lora_r must be >= 1, got {c.lora_r}"),
+        (c.lora_alpha > 0, f"lora_alpha must be > 0, got {c.lora_alpha}"),
+        (0 <= c.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {c.lora_dropout}"),
+        (c.max_staleness is None or c.max_staleness >= 0, f"max_staleness must be >= 0 or null, got {c.max_staleness}"),
+        (c.sync_every >= 1, f"sync_every must be >= 1, got {c.sync_every}"),
+        (c.rollout_prompts >= 0, f"rollout_prompts must be >= 0, got {c.rollout_prompts}"),
+        (c.rollout_n >= 2, f"rollout_n must be >= 2 (best vs worst needs two answers), got {c.rollout_n}"),
+        (c.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {c.max_new_tokens}"),
+        (c.temperature > 0, f"temperature must be > 0, got {c.temperature}"),
+        (0 < c.top_p <= 1, f"top_p must be in (0, 1], got {c.top_p}"),
+        (c.max_length >= 8, f"max_length must be >= 8, got {c.max_length}"),
+        (c.reward_steps >= 0, f"reward_steps must be >= 0, got {c.reward_steps}"),
+        (c.reward_batch_items >= 1, f"reward_batch_items must be >= 1, got {c.reward_batch_items}"),
+        (math.isfinite(c.reward_learning_rate) and c.reward_learning_rate > 0,
+         f"reward_learning_rate must be > 0, got {c.reward_learning_rate}"),
+        (c.reward_centering >= 0, f"reward_centering must be >= 0, got {c.reward_centering}"),
+        (0 <= c.reward_heldout_fraction < 1, f"reward_heldout_fraction must be in [0, 1), got {c.reward_heldout_fraction}"),
+        (c.eval_prompts >= 0, f"eval_prompts must be >= 0, got {c.eval_prompts}"),
+        (c.eval_n >= 1, f"eval_n must be >= 1, got {c.eval_n}"),
+        (0 <= c.eval_fraction < 1, f"eval_fraction must be in [0, 1), got {c.eval_fraction}"),
+        (c.max_kl > 0, f"max_kl must be > 0, got {c.max_kl}"),
+        (0 <= c.min_win_rate <= 1, f"min_win_rate must be in [0, 1], got {c.min_win_rate}"),
+    ]
+    return [message for ok, message in checks if not ok]

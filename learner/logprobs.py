@@ -1,0 +1,129 @@
+"""Summed log-probs of answers given prompts: the one helper every loss, the reward model and evaluation use.
+
+An answer is scored as the chat template renders it: the prompt with the assistant's turn opened, then the
+answer's tokens, then the eos token that ends the turn (the model chose to stop; `learner.sampling` counts it the
+same way). Only answer tokens (eos included) are scored. Sequences are right-padded, and the answers of a batch
+(chosen and rejected together) go through ONE forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from learner.errors import TokenizationError
+from learner.sampling import chat_messages, encode_prompt
+
+
+@dataclass(frozen=True)
+class EncodedAnswer:
+    """Token ids of prompt + answer (+ eos), and where the answer starts."""
+
+    input_ids: tuple[int, ...]
+    prompt_length: int  # index of the first answer token
+    truncated: bool  # the answer was cut from the end to fit max_length (its eos is then missing)
+
+    @property
+    def answer_length(self) -> int:
+        return len(self.input_ids) - self.prompt_length
+
+
+def encode_answer(tokenizer, prompt: str | list[dict], answer: str, max_length: int) -> EncodedAnswer:
+    """Tokenize prompt and prompt + answer; raise TokenizationError when they do not line up.
+
+    The full text is tokenized in one piece (as the model would read it), so a merge across the prompt/answer
+    boundary, or a template that renders differently as text than as ids, would shift the answer mask onto
+    prompt tokens: we check that the prompt's ids are a prefix of the full ids instead of trusting it
+    (TRL issues #1153 and #2054). Answers are cut from the end to fit `max_length`; a prompt that leaves no
+    room for one answer token is an error, never dropped silently.
+    """
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    prompt_text = tokenizer.apply_chat_template(chat_messages(prompt), add_generation_prompt=True, tokenize=False)
+    full_ids = list(tokenizer(prompt_text + answer, add_special_tokens=False)["input_ids"])
+    full_ids.append(tokenizer.eos_token_id)
+    n = len(prompt_ids)
+    if full_ids[:n] != prompt_ids:
+        mismatch = next(i for i, (a, b) in enumerate(zip(prompt_ids, full_ids + [None] * n)) if a != b)
+        raise TokenizationError(
+            f"the prompt's tokens are not a prefix of prompt + answer (first difference at token {mismatch} of {n}): "
+            f"the tokenizer merges across the boundary or its chat template renders differently as text; "
+            f"answer starts {answer[:40]!r}"
+        )
+    if n >= max_length:
+        raise TokenizationError(
+            f"the prompt has {n} tokens with its chat template, max_length is {max_length}: no room for the answer; "
+            "raise max_length or shorten the prompt"
+        )
+    return EncodedAnswer(tuple(full_ids[:max_length]), n, truncated=len(full_ids) > max_length)
+
+
+def collate(encoded: Sequence[EncodedAnswer], pad_token_id: int,
+            device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded (input_ids, attention_mask, answer_mask), each (B, T); answer_mask is True on answer tokens."""
+    width = max(len(e.input_ids) for e in encoded)
+    input_ids = torch.full((len(encoded), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    answer_mask = torch.zeros((len(encoded), width), dtype=torch.bool)
+    for row, e in enumerate(encoded):
+        input_ids[row, :len(e.input_ids)] = torch.tensor(e.input_ids)
+        attention_mask[row, :len(e.input_ids)] = 1
+        answer_mask[row, e.prompt_length:len(e.input_ids)] = True
+    return input_ids.to(device), attention_mask.to(device), answer_mask.to(device)
+
+
+@dataclass
+class SequenceLogprobs:
+    """Per-sequence results of one forward pass."""
+
+    logps: Tensor  # (B,) sum of log p(answer token) over the answer, eos included
+    token_counts: Tensor  # (B,) answer tokens scored (IPO normalises by it)
+    entropy: Tensor | None = None  # (B,) mean next-token entropy (nats) over the answer's positions
+
+    def split(self, n: int) -> tuple[SequenceLogprobs, SequenceLogprobs]:
+        """The first n sequences and the rest (e.g. chosen and rejected from one forward pass)."""
+        def part(s: slice) -> SequenceLogprobs:
+            return SequenceLogprobs(self.logps[s], self.token_counts[s],
+                                    None if self.entropy is None else self.entropy[s])
+        return part(slice(0, n)), part(slice(n, None))
+
+
+def sequence_logprobs(model, encoded: Sequence[EncodedAnswer], pad_token_id: int,
+                      with_entropy: bool = False) -> SequenceLogprobs:
+    """Summed answer log-probs of B encoded sequences in one forward pass (gradients flow unless under no_grad).
+
+    Naive equivalent, per sequence ids with answer from index s:
+        logits = model(ids).logits[0]
+        sum(log_softmax(logits[t - 1])[ids[t]] for t in range(s, len(ids)))
+    Logits are only materialised from the earliest answer start on (`logits_to_keep`): the (B, T, vocab) tensor
+    is the largest one in a step, and the prompt's part of it is never used.
+    """
+    device = next(model.parameters()).device
+    input_ids, attention_mask, answer_mask = collate(encoded, pad_token_id, device)
+    first = min(e.prompt_length for e in encoded) - 1  # the position whose logits predict the first answer token
+    keep = input_ids.shape[1] - first
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+    logits = logits[:, :-1].float()  # (B, T - first - 1, vocab): position t predicts token t + 1
+    targets = input_ids[:, first + 1:]
+    mask = answer_mask[:, first + 1:]
+    token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    token_logps = token_logps.masked_fill(~mask, 0.0)
+    counts = mask.sum(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            answer_logits = logits.detach()[mask]  # (N, vocab): only answer positions
+            logp = torch.log_softmax(answer_logits, dim=-1)
+            per_token = -(logp.exp() * logp).sum(-1)
+            rows = mask.nonzero()[:, 0]
+            entropy = torch.zeros(len(encoded), device=device).index_add(0, rows, per_token) / counts.clamp(min=1)
+    return SequenceLogprobs(token_logps.sum(-1), counts, entropy)
+
+
+def answer_logprobs(model, tokenizer, prompts: Sequence[str | list[dict]], answers: Sequence[str], max_length: int,
+                    with_entropy: bool = False) -> SequenceLogprobs:
+    """Encode (prompt, answer) pairs and score them in one forward pass."""
+    encoded = [encode_answer(tokenizer, p, a, max_length) for p, a in zip(prompts, answers, strict=True)]
+    return sequence_logprobs(model, encoded, tokenizer.pad_token_id, with_entropy=with_entropy)

@@ -1,0 +1,227 @@
+"""The reward model: a scalar head on the base model's last hidden state, read through its own LoRA adapter.
+
+Memory: the reward model is a second named adapter ("reward") on the SAME PeftModel as the policy, not a second
+model. peft injects LoRA layers into the base modules in place, so two PeftModels wrapping one base would stack
+into each other; one PeftModel with named adapters shares the base weights and switches adapters per forward.
+The head (hidden -> 1) is a plain Linear kept beside the PeftModel and saved next to the adapter: a reward model
+whose head is not saved, or loaded untrained, scores at random (TRL issues #1379 and #2743).
+
+score(x, y) = head(h_last), h_last the final-layer hidden state (after the final norm) at the answer's last
+token, which is the eos ending the turn unless the answer was truncated. The LM head over the vocabulary is
+never computed.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from learner.errors import ModelError
+from learner.logprobs import EncodedAnswer, collate, encode_answer
+from learner.losses import bradley_terry_loss
+from learner.train import TrainResult, in_heldout, train_loop, training_adapter, use_adapter
+
+REWARD_ADAPTER = "reward"
+HEAD_FILE = "reward_head.safetensors"
+
+
+@dataclass
+class RewardModel:
+    """The reward adapter's name on a PeftModel, the head, and how answers are tokenized."""
+
+    model: object  # a PeftModel holding the reward adapter (and possibly the policy's)
+    head: torch.nn.Linear
+    tokenizer: object
+    max_length: int
+    adapter: str = REWARD_ADAPTER
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """What training the reward model updates: its LoRA weights and the head."""
+        lora = [p for n, p in self.model.named_parameters() if f".{self.adapter}." in n]
+        return lora + list(self.head.parameters())
+
+    def rewards(self, encoded: Sequence[EncodedAnswer]) -> Tensor:
+        """(B,) scores of encoded answers, with gradients unless called under no_grad."""
+        device = self.head.weight.device
+        input_ids, attention_mask, _ = collate(encoded, self.tokenizer.pad_token_id, device)
+        # The decoder stack without the LM head: .get_base_model() is the HF causal LM (LoRA layers injected),
+        # its .base_model the transformer body whose output is the final-norm hidden state.
+        decoder = self.model.get_base_model().base_model
+        with use_adapter(self.model, self.adapter):
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        last = torch.tensor([len(e.input_ids) - 1 for e in encoded], device=device)
+        h_last = hidden[torch.arange(len(encoded), device=device), last]
+        return self.head(h_last.float()).squeeze(-1)
+
+    def encode(self, prompt: str, answer: str) -> EncodedAnswer:
+        return encode_answer(self.tokenizer, prompt, answer, self.max_length)
+
+
+def _new_head(hidden_size: int, device) -> torch.nn.Linear:
+    head = torch.nn.Linear(hidden_size, 1)
+    # Small weights: the final-norm hidden state has RMS ~1, so scores start within ~1/sqrt(hidden) of 0 and the
+    # first Bradley-Terry steps see a loss near log 2 rather than confident noise.
+    torch.nn.init.normal_(head.weight, std=1 / hidden_size)
+    torch.nn.init.zeros_(head.bias)
+    return head.to(device)
+
+
+def attach_reward_model(model, tokenizer, max_length: int, lora_config=None, reward_dir: Path | None = None,
+                        trainable: bool = True) -> RewardModel:
+    """Add the reward adapter to a PeftModel: loaded from `reward_dir` (a saved reward model) or fresh from
+    `lora_config` with a new head."""
+    device = next(model.parameters()).device
+    if reward_dir is not None:
+        if not (Path(reward_dir) / HEAD_FILE).is_file():
+            raise ModelError(f"{reward_dir} has no {HEAD_FILE}: not a reward model saved by prefloop")
+        model.load_adapter(str(reward_dir), adapter_name=REWARD_ADAPTER, is_trainable=trainable)
+        head = _load_head(Path(reward_dir) / HEAD_FILE, device)
+    else:
+        model.add_adapter(REWARD_ADAPTER, lora_config)
+        if trainable:
+            model.set_requires_grad(REWARD_ADAPTER, True)
+        head = _new_head(model.get_base_model().config.hidden_size, device)
+    head.requires_grad_(trainable)
+    return RewardModel(model, head, tokenizer, max_length)
+
+
+def _load_head(path: Path, device) -> torch.nn.Linear:
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    head = torch.nn.Linear(state["weight"].shape[1], 1)
+    head.load_state_dict(state)
+    return head.to(device)
+
+
+def save_reward_model(reward_model: RewardModel, out_dir: Path) -> None:
+    """Save the reward adapter (peft's save_pretrained) and the head into `out_dir`."""
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp:
+        # peft saves a non-"default" adapter into a subfolder named after it.
+        reward_model.model.save_pretrained(tmp, selected_adapters=[reward_model.adapter])
+        saved = Path(tmp) / reward_model.adapter
+        state = {k: v.detach().cpu().contiguous() for k, v in reward_model.head.state_dict().items()}
+        save_file(state, str(saved / HEAD_FILE))
+        os.replace(saved, out_dir)
+
+
+def load_reward_model(reward_dir: Path, model, tokenizer, max_length: int = 512) -> RewardModel:
+    """A saved reward model, frozen, for scoring. `model` is the base causal LM (from learner.model.load_base_model)
+    or a PeftModel over it (e.g. the policy service's): the reward adapter is added to it, never a second copy."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return attach_reward_model(model, tokenizer, max_length, reward_dir=reward_dir, trainable=False)
+    if not (Path(reward_dir) / HEAD_FILE).is_file():
+        raise ModelError(f"{reward_dir} has no {HEAD_FILE}: not a reward model saved by prefloop")
+    peft_model = PeftModel.from_pretrained(model, str(reward_dir), adapter_name=REWARD_ADAPTER)
+    head = _load_head(Path(reward_dir) / HEAD_FILE, next(model.parameters()).device)
+    head.requires_grad_(False)
+    return RewardModel(peft_model, head, tokenizer, max_length)
+
+
+@torch.no_grad()
+def score(reward_model: RewardModel, prompts: Sequence[str], answers: Sequence[str],
+          batch_size: int = 8) -> list[float]:
+    """Scores of (prompt, answer) pairs, `batch_size` answers per forward pass."""
+    pairs = list(zip(prompts, answers, strict=True))
+    scores: list[float] = []
+    for start in range(0, len(pairs), batch_size):
+        encoded = [reward_model.encode(p, a) for p, a in pairs[start:start + batch_size]]
+        scores.extend(reward_model.rewards(encoded).tolist())
+    return scores
+
+
+# --- training on human rankings -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RankedItem:
+    """One item's answers and its pairs (index into answers), from every ranking of that item."""
+
+    item_id: str
+    prompt: str
+    answers: tuple[str, ...]
+    pairs: tuple[tuple[int, int], ...]  # (chosen, rejected)
+
+
+def items_from_pairs(pairs) -> list[RankedItem]:
+    """Group a pairs DataFrame (pairs.parquet columns) by item_id; answers deduplicated by answer id."""
+    items = []
+    for item_id, rows in pairs.groupby("item_id", sort=True):
+        index: dict[str, int] = {}
+        texts: list[str] = []
+        item_pairs = []
+        for row in rows.itertuples():
+            ids = []
+            for answer_id, text in ((row.chosen_answer_id, row.chosen), (row.rejected_answer_id, row.rejected)):
+                if str(answer_id) not in index:
+                    index[str(answer_id)] = len(texts)
+                    texts.append(text)
+                ids.append(index[str(answer_id)])
+            item_pairs.append((ids[0], ids[1]))
+        items.append(RankedItem(str(item_id), rows["prompt"].iloc[0], tuple(texts), tuple(item_pairs)))
+    return items
+
+
+def split_items(items: Sequence[RankedItem], heldout_fraction: float) -> tuple[list[RankedItem], list[RankedItem]]:
+    """(train, heldout) by a hash of item_id, so an item never sits on both sides. With too few items for both
+    sides, everything trains and nothing is held out (accuracy is then reported as None)."""
+    heldout = [i for i in items if in_heldout(i.item_id, heldout_fraction)]
+    train = [i for i in items if not in_heldout(i.item_id, heldout_fraction)]
+    return (train, heldout) if train else (list(items), [])
+
+
+def _item_batch_scores(reward_model: RewardModel, items: Sequence[RankedItem]) -> tuple[Tensor, Tensor, Tensor]:
+    """Score every answer of the items in one forward pass; (chosen scores, rejected scores, group ids) per pair."""
+    encoded, chosen, rejected, groups = [], [], [], []
+    for g, item in enumerate(items):
+        offset = len(encoded)
+        encoded.extend(reward_model.encode(item.prompt, a) for a in item.answers)
+        for c, r in item.pairs:
+            chosen.append(offset + c)
+            rejected.append(offset + r)
+            groups.append(g)
+    scores = reward_model.rewards(encoded)
+    device = scores.device
+    return (scores[torch.tensor(chosen, device=device)], scores[torch.tensor(rejected, device=device)],
+            torch.tensor(groups, device=device))
+
+
+@torch.no_grad()
+def pair_accuracy(reward_model: RewardModel, items: Sequence[RankedItem], batch_items: int = 4) -> float | None:
+    """Fraction of pairs whose chosen answer scores higher; None without pairs."""
+    correct = total = 0
+    for start in range(0, len(items), batch_items):
+        chosen, rejected, _ = _item_batch_scores(reward_model, items[start:start + batch_items])
+        correct += int((chosen > rejected).sum())
+        total += len(chosen)
+    return correct / total if total else None
+
+
+def train_reward_model(reward_model: RewardModel, items: Sequence[RankedItem], steps: int, batch_items: int,
+                       learning_rate: float, adam_eps: float, max_grad_norm: float, centering: float, seed: int,
+                       accelerator=None, on_step: Callable[[dict], None] | None = None) -> TrainResult:
+    """Bradley-Terry training: each step draws `batch_items` rankings, all C(K,2) pairs of a ranking in one
+    batch element (`bradley_terry_loss`)."""
+    rng = random.Random(seed)
+
+    def step_loss(step: int):
+        batch = rng.sample(list(items), min(batch_items, len(items)))
+        chosen, rejected, groups = _item_batch_scores(reward_model, batch)
+        return bradley_terry_loss(chosen, rejected, groups, centering=centering)
+
+    with training_adapter(reward_model.model, reward_model.adapter):
+        return train_loop(reward_model.parameters(), step_loss, steps, learning_rate, adam_eps, max_grad_norm,
+                          accelerator=accelerator, on_step=on_step)

@@ -1,0 +1,53 @@
+"""Small helpers the record modules share."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime
+from typing import Any
+
+from storage.errors import InvalidValue
+
+
+def utc(value: datetime | None) -> datetime | None:
+    """A TIMESTAMPTZ from DuckDB (a pytz-aware datetime) as a stdlib UTC datetime; None stays None."""
+    return None if value is None else value.astimezone(UTC)
+
+
+def as_aware(value: datetime) -> datetime:
+    """A caller's datetime as an aware one: naive values are read as UTC, which is what every column stores."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every NaN / infinity replaced by None, in nested dicts and lists too."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def to_json(value: Any, field: str) -> str:
+    """`value` (a dict) as JSON text, or InvalidValue naming `field` if it is not a JSON-serialisable dict.
+    NaN and infinities become null: they are not JSON (DuckDB's JSON type refuses them), and a diverged round's
+    metrics full of NaN must still be recorded, not lost to an error."""
+    if not isinstance(value, dict):
+        raise InvalidValue(f"{field} must be a dict, got {type(value).__name__}")
+    try:
+        return json.dumps(_finite(value), allow_nan=False, sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise InvalidValue(f"{field} is not JSON-serialisable: {e}") from e
+
+
+def is_int(value: Any) -> bool:
+    """True for ints that are not bools (True is an int in Python, never an id)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """True for finite ints and floats (bools excluded)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,174 @@
+"""Labels: rankings, thumbs, skips and flags. Append-only; each is committed before its method returns, and a label
+that fails any check writes nothing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from storage._common import as_aware, is_int, is_number
+from storage.db import Cursor, Database
+from storage.errors import Conflict, LabelError, NotFound
+
+FEEDBACK_VALUES = ("up", "down")
+
+
+@dataclass(frozen=True)
+class LabelCounts:
+    rankings: int
+    feedback: int
+    skips: int
+    flags: int
+
+    def total(self) -> int:
+        """Labels a learner can use: rankings and thumbs (skips and flags carry no preference)."""
+        return self.rankings + self.feedback
+
+
+def _item_answers(cur: Cursor, item_id: int) -> list[int]:
+    """Answer ids of `item_id` in generation order; NotFound if there is no such item."""
+    if not cur.execute("SELECT 1 FROM items WHERE item_id = ?", [item_id]).fetchone():
+        raise NotFound(f"no item with id {item_id}")
+    return [a for (a,) in cur.execute("SELECT answer_id FROM answers WHERE item_id = ? ORDER BY position", [item_id])
+            .fetchall()]
+
+
+def _check_user(cur: Cursor, user_id: int) -> None:
+    if not cur.execute("SELECT 1 FROM users WHERE user_id = ?", [user_id]).fetchone():
+        raise NotFound(f"no user with id {user_id}")
+
+
+def _check_feedback_value(answer_id: int, value: object) -> None:
+    if value not in FEEDBACK_VALUES:
+        raise LabelError(f"feedback on answer {answer_id} must be 'up' or 'down', got {value!r}")
+
+
+def _check_ranking(item_id: int, answer_ids: list[int], ranking: object) -> list[int]:
+    if not isinstance(ranking, (list, tuple)) or not all(is_int(a) for a in ranking):
+        raise LabelError("ranking must be a list of answer ids (ints), best first")
+    if len(ranking) != len(answer_ids):
+        raise LabelError(f"ranking has {len(ranking)} answer ids, item {item_id} has {len(answer_ids)}")
+    seen = set()
+    for answer_id in ranking:
+        if answer_id in seen:
+            raise LabelError(f"answer {answer_id} appears twice in the ranking")
+        seen.add(answer_id)
+    for answer_id in ranking:
+        if answer_id not in answer_ids:
+            raise LabelError(f"answer {answer_id} is not an answer of item {item_id}")
+    return list(ranking)
+
+
+class Labels:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def add_ranking(
+        self,
+        item_id: int,
+        user_id: int,
+        ranking: list[int],
+        seconds: float | None = None,
+        feedback: dict[int, str] | None = None,
+    ) -> int:
+        """Store `user_id`'s ranking of item `item_id` (answer ids, best first) and optional thumbs
+        {answer_id: "up"|"down"} in one transaction; returns the ranking id."""
+        if seconds is not None and not (is_number(seconds) and seconds >= 0):
+            raise LabelError(f"seconds must be a number >= 0, got {seconds!r}")
+        feedback = {} if feedback is None else feedback
+        if not isinstance(feedback, dict):
+            raise LabelError(f"feedback must be a dict {{answer_id: 'up' | 'down'}}, got {type(feedback).__name__}")
+        with self.db.write() as cur:
+            answer_ids = _item_answers(cur, item_id)
+            _check_user(cur, user_id)
+            ranking = _check_ranking(item_id, answer_ids, ranking)
+            for answer_id, value in feedback.items():
+                if not is_int(answer_id) or answer_id not in answer_ids:
+                    raise LabelError(f"feedback names answer {answer_id!r}, which is not an answer of item {item_id}")
+                _check_feedback_value(answer_id, value)
+            if cur.execute("SELECT 1 FROM rankings WHERE item_id = ? AND user_id = ?", [item_id, user_id]).fetchone():
+                raise Conflict(f"item {item_id} is already ranked by you")
+            for answer_id in feedback:
+                if cur.execute(
+                    "SELECT 1 FROM feedback WHERE answer_id = ? AND user_id = ?", [answer_id, user_id]
+                ).fetchone():
+                    raise Conflict(f"answer {answer_id} already has your feedback")
+            (ranking_id,) = cur.execute(
+                "INSERT INTO rankings (item_id, user_id, seconds) VALUES (?, ?, ?) RETURNING ranking_id",
+                [item_id, user_id, seconds],
+            ).fetchone()
+            # Multi-row VALUES rather than executemany, which runs one statement per row.
+            cur.execute(
+                "INSERT INTO ranking_answers (ranking_id, rank, answer_id) VALUES "
+                + ", ".join(["(?, ?, ?)"] * len(ranking)),
+                [x for rank, answer_id in enumerate(ranking) for x in (ranking_id, rank, answer_id)],
+            )
+            if feedback:
+                cur.execute(
+                    "INSERT INTO feedback (answer_id, item_id, user_id, value, ranking_id) VALUES "
+                    + ", ".join(["(?, ?, ?, ?, ?)"] * len(feedback)),
+                    [x for a, v in feedback.items() for x in (a, item_id, user_id, v, ranking_id)],
+                )
+        return ranking_id
+
+    def add_feedback(self, answer_id: int, user_id: int, value: str) -> int:
+        """Store a thumbs up/down on one answer; returns the feedback id."""
+        _check_feedback_value(answer_id, value)
+        with self.db.write() as cur:
+            row = cur.execute("SELECT item_id FROM answers WHERE answer_id = ?", [answer_id]).fetchone()
+            if row is None:
+                raise NotFound(f"no answer with id {answer_id}")
+            _check_user(cur, user_id)
+            given = cur.execute("SELECT 1 FROM feedback WHERE answer_id = ? AND user_id = ?", [answer_id, user_id])
+            if given.fetchone():
+                raise Conflict(f"answer {answer_id} already has your feedback")
+            (feedback_id,) = cur.execute(
+                "INSERT INTO feedback (answer_id, item_id, user_id, value) VALUES (?, ?, ?, ?) RETURNING feedback_id",
+                [answer_id, row[0], user_id, value],
+            ).fetchone()
+        return feedback_id
+
+    def add_skip(self, item_id: int, user_id: int, reason: str | None = None) -> int:
+        """Record that `user_id` is done with an item without ranking it; returns the skip id."""
+        if reason is not None and not isinstance(reason, str):
+            raise LabelError(f"skip reason must be a string, got {type(reason).__name__}")
+        with self.db.write() as cur:
+            _item_answers(cur, item_id)
+            _check_user(cur, user_id)
+            if cur.execute("SELECT 1 FROM rankings WHERE item_id = ? AND user_id = ?", [item_id, user_id]).fetchone():
+                raise Conflict(f"item {item_id} is already ranked by you")
+            if cur.execute("SELECT 1 FROM skips WHERE item_id = ? AND user_id = ?", [item_id, user_id]).fetchone():
+                raise Conflict(f"item {item_id} is already skipped by you")
+            (skip_id,) = cur.execute(
+                "INSERT INTO skips (item_id, user_id, reason) VALUES (?, ?, ?) RETURNING skip_id",
+                [item_id, user_id, reason],
+            ).fetchone()
+        return skip_id
+
+    def add_flag(self, item_id: int, user_id: int, reason: str) -> int:
+        """Flag an item for an admin (harmful, broken ...). A flag does not take the item out of the user's queue:
+        the app adds a skip for that."""
+        if not isinstance(reason, str) or not reason.strip():
+            raise LabelError("a flag needs a reason")
+        with self.db.write() as cur:
+            _item_answers(cur, item_id)
+            _check_user(cur, user_id)
+            (flag_id,) = cur.execute(
+                "INSERT INTO flags (item_id, user_id, reason) VALUES (?, ?, ?) RETURNING flag_id",
+                [item_id, user_id, reason.strip()],
+            ).fetchone()
+        return flag_id
+
+    def counts(self, since: datetime | None = None, user_id: int | None = None) -> LabelCounts:
+        """Labels stored since `since` (naive = UTC; None = ever), by `user_id` (None = anyone)."""
+        where = "WHERE ($since IS NULL OR created_at >= $since) AND ($user_id IS NULL OR user_id = $user_id)"
+        row = self.db.cursor().execute(
+            f"""SELECT (SELECT count(*) FROM rankings {where}), (SELECT count(*) FROM feedback {where}),
+                       (SELECT count(*) FROM skips {where}), (SELECT count(*) FROM flags {where})""",
+            {"since": None if since is None else as_aware(since), "user_id": user_id},
+        ).fetchone()
+        return LabelCounts(*row)
+
+    def total(self, since: datetime | None = None, user_id: int | None = None) -> int:
+        """Rankings + feedback (see `counts`)."""
+        return self.counts(since, user_id).total()

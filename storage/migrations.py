@@ -1,0 +1,240 @@
+"""The schema, as an ordered list of named migrations recorded in `_migrations` (the pattern of simonw/llm's
+migrations.py). Never edit or reorder a migration that has shipped: append a new one.
+
+Label tables are append-only. Integrity between tables (a ranking's answers belong to its item ...) is checked by
+the code that writes them, under the write lock; the UNIQUE constraints below are the last line of defence.
+No FOREIGN KEYs: DuckDB implements some UPDATEs as delete + insert, which trips foreign keys on rows we do update
+(users, versions), and every writer already checks the ids it stores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from storage.db import Cursor, Database
+
+Migration = Callable[["Cursor"], None]
+MIGRATIONS: list[Migration] = []
+
+
+def migration(fn: Migration) -> Migration:
+    """Register `fn` as the next migration; its function name is what `_migrations` records."""
+    MIGRATIONS.append(fn)
+    return fn
+
+
+def applied(db: Database) -> list[str]:
+    """Names of the migrations applied to `db`, in the order they ran."""
+    rows = db.cursor().execute("SELECT name FROM _migrations ORDER BY applied_order").fetchall()
+    return [name for (name,) in rows]
+
+
+def migrate(db: Database) -> list[str]:
+    """Apply every migration not yet applied, each in its own transaction; returns the names it applied."""
+    with db.write() as cur:
+        cur.execute(
+            "CREATE TABLE IF NOT EXISTS _migrations ("
+            " name VARCHAR PRIMARY KEY, applied_order INTEGER NOT NULL, applied_at TIMESTAMPTZ NOT NULL)"
+        )
+    done = set(applied(db))
+    ran = []
+    for fn in MIGRATIONS:
+        if fn.__name__ in done:
+            continue
+        with db.write() as cur:
+            fn(cur)
+            cur.execute(
+                "INSERT INTO _migrations VALUES (?, (SELECT count(*) FROM _migrations), ?)",
+                [fn.__name__, datetime.now(UTC)],
+            )
+        ran.append(fn.__name__)
+    return ran
+
+
+@migration
+def m001_users(cur: Cursor) -> None:
+    cur.execute("CREATE SEQUENCE users_seq START 1")
+    cur.execute("""
+        CREATE TABLE users (
+            user_id       BIGINT PRIMARY KEY DEFAULT nextval('users_seq'),
+            name          VARCHAR NOT NULL UNIQUE,
+            role          VARCHAR NOT NULL,
+            password_hash VARCHAR NOT NULL,  -- scrypt$n$r$p$salt$hash, never the password
+            token_hash    VARCHAR NOT NULL,  -- sha256 of the API token, never the token
+            disabled      BOOLEAN NOT NULL DEFAULT false,
+            created_at    TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
+        )""")
+
+
+@migration
+def m002_prompts(cur: Cursor) -> None:
+    cur.execute("CREATE SEQUENCE prompts_seq START 1")
+    cur.execute("""
+        CREATE TABLE prompts (
+            prompt_id  BIGINT PRIMARY KEY DEFAULT nextval('prompts_seq'),
+            text       VARCHAR NOT NULL,  -- stripped; unique by the writer's check (an index on 20k-char keys is waste)
+            source     VARCHAR NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
+        )""")
+
+
+@migration
+def m003_items(cur: Cursor) -> None:
+    cur.execute("CREATE SEQUENCE items_seq START 1")
+    cur.execute("""
+        CREATE TABLE items (
+            item_id         BIGINT PRIMARY KEY DEFAULT nextval('items_seq'),
+            prompt_id       BIGINT NOT NULL,
+            policy_version  INTEGER NOT NULL,
+            sampling_params JSON NOT NULL,
+            created_at      TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
+        )""")
+    cur.execute("CREATE SEQUENCE answers_seq START 1")
+    cur.execute("""
+        CREATE TABLE answers (
+            answer_id     BIGINT PRIMARY KEY DEFAULT nextval('answers_seq'),
+            item_id       BIGINT NOT NULL,
+            position      INTEGER NOT NULL,  -- order of generation; the UI shuffles
+            text          VARCHAR NOT NULL,
+            token_count   INTEGER NOT NULL,
+            finish_reason VARCHAR NOT NULL,  -- 'eos' | 'length'
+            logprob_sum   DOUBLE NOT NULL,   -- sum of token log-probs under the generating policy
+            UNIQUE (item_id, position)
+        )""")
+
+
+@migration
+def m004_labels(cur: Cursor) -> None:
+    for table in ("rankings", "feedback", "skips", "flags"):
+        cur.execute(f"CREATE SEQUENCE {table}_seq START 1")
+    cur.execute("""
+        CREATE TABLE rankings (
+            ranking_id BIGINT PRIMARY KEY DEFAULT nextval('rankings_seq'),
+            item_id    BIGINT NOT NULL,
+            user_id    BIGINT NOT NULL,
+            seconds    DOUBLE,  -- time the annotator spent on the item, when the client measured it
+            created_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
+            UNIQUE (item_id, user_id)
+        )""")
+    cur.execute("""
+        CREATE TABLE ranking_answers (
+            ranking_id BIGINT NOT NULL,
+            rank       INTEGER NOT NULL,  -- 0 = best
+            answer_id  BIGINT NOT NULL,
+            PRIMARY KEY (ranking_id, rank)
+        )""")
+    cur.execute("""
+        CREATE TABLE feedback (
+            feedback_id BIGINT PRIMARY KEY DEFAULT nextval('feedback_seq'),
+            answer_id   BIGINT NOT NULL,
+            item_id     BIGINT NOT NULL,
+            user_id     BIGINT NOT NULL,
+            value       VARCHAR NOT NULL CHECK (value IN ('up', 'down')),
+            ranking_id  BIGINT,  -- set when given together with a ranking
+            created_at  TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
+            UNIQUE (answer_id, user_id)
+        )""")
+    cur.execute("""
+        CREATE TABLE skips (
+            skip_id    BIGINT PRIMARY KEY DEFAULT nextval('skips_seq'),
+            item_id    BIGINT NOT NULL,
+            user_id    BIGINT NOT NULL,
+            reason     VARCHAR,
+            created_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
+            UNIQUE (item_id, user_id)
+        )""")
+    cur.execute("""
+        CREATE TABLE flags (
+            flag_id    BIGINT PRIMARY KEY DEFAULT nextval('flags_seq'),
+            item_id    BIGINT NOT NULL,
+            user_id    BIGINT NOT NULL,
+            reason     VARCHAR NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
+        )""")
+
+
+@migration
+def m005_label_views(cur: Cursor) -> None:
+    # Every ranking of K answers yields all C(K,2) pairs: each answer is preferred to every answer ranked below it.
+    cur.execute("""
+        CREATE VIEW pairs AS
+        SELECT r.ranking_id, r.item_id, u.name AS annotator, r.user_id AS annotator_id, i.policy_version,
+               i.prompt_id, p.text AS prompt,
+               c.answer_id AS chosen_answer_id, ca.text AS chosen,
+               j.answer_id AS rejected_answer_id, ja.text AS rejected,
+               c.rank AS chosen_rank, j.rank AS rejected_rank, r.created_at
+        FROM rankings r
+        JOIN ranking_answers c ON c.ranking_id = r.ranking_id
+        JOIN ranking_answers j ON j.ranking_id = r.ranking_id AND c.rank < j.rank
+        JOIN answers ca ON ca.answer_id = c.answer_id
+        JOIN answers ja ON ja.answer_id = j.answer_id
+        JOIN items i ON i.item_id = r.item_id
+        JOIN prompts p ON p.prompt_id = i.prompt_id
+        JOIN users u ON u.user_id = r.user_id""")
+    cur.execute("""
+        CREATE VIEW unary AS
+        SELECT f.feedback_id, f.answer_id, f.item_id, u.name AS annotator, i.policy_version,
+               p.text AS prompt, a.text AS completion, f.value = 'up' AS label, f.created_at
+        FROM feedback f
+        JOIN answers a ON a.answer_id = f.answer_id
+        JOIN items i ON i.item_id = f.item_id
+        JOIN prompts p ON p.prompt_id = i.prompt_id
+        JOIN users u ON u.user_id = f.user_id""")
+
+
+@migration
+def m006_versions(cur: Cursor) -> None:
+    cur.execute("""
+        CREATE TABLE versions (
+            version     INTEGER PRIMARY KEY,  -- 0 = the base model
+            parent      INTEGER,
+            algorithm   VARCHAR NOT NULL,
+            status      VARCHAR NOT NULL,     -- candidate | deployed | rejected | rolled_back
+            path        VARCHAR,              -- the version directory (LoRA adapter ...); NULL for the base model
+            config      JSON NOT NULL,
+            metrics     JSON NOT NULL,
+            labels_used INTEGER NOT NULL,
+            reason      VARCHAR,              -- why rejected / rolled back
+            created_at  TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
+            deployed_at TIMESTAMPTZ
+        )""")
+    cur.execute("""
+        INSERT INTO versions (version, parent, algorithm, status, path, config, metrics, labels_used, deployed_at)
+        VALUES (0, NULL, 'base', 'deployed', NULL, '{}', '{}', 0, current_timestamp)""")
+
+
+@migration
+def m007_runs(cur: Cursor) -> None:
+    cur.execute("CREATE SEQUENCE runs_seq START 1")
+    cur.execute("""
+        CREATE TABLE runs (
+            run_id      BIGINT PRIMARY KEY DEFAULT nextval('runs_seq'),
+            status      VARCHAR NOT NULL,  -- queued | running | succeeded | rejected | failed | cancelled
+            algorithm   VARCHAR NOT NULL,
+            config      JSON NOT NULL,
+            progress    DOUBLE NOT NULL DEFAULT 0,  -- 0..1
+            step        INTEGER,
+            loss        DOUBLE,
+            metrics     JSON NOT NULL DEFAULT '{}',
+            version     INTEGER,           -- the version the run produced, once registered
+            error       VARCHAR,
+            created_at  TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
+            started_at  TIMESTAMPTZ,
+            finished_at TIMESTAMPTZ
+        )""")
+    cur.execute("""
+        CREATE TABLE run_steps (
+            run_id  BIGINT NOT NULL,
+            step    INTEGER NOT NULL,
+            loss    DOUBLE,
+            metrics JSON NOT NULL,
+            "at"    TIMESTAMPTZ NOT NULL DEFAULT current_timestamp  -- quoted: AT is a keyword
+        )""")
+
+
+@migration
+def m008_settings(cur: Cursor) -> None:
+    cur.execute("CREATE TABLE settings (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)")

@@ -1,0 +1,105 @@
+import math
+
+import pytest
+import torch
+
+from learner.errors import TokenizationError
+from learner.logprobs import answer_logprobs, collate, encode_answer, sequence_logprobs
+from learner.sampling import encode_prompt
+
+PROMPT = "What is 17 + 25?"
+
+
+def test_mask_covers_the_answer_and_its_eos_only(tiny_tokenizer):
+    encoded = encode_answer(tiny_tokenizer, PROMPT, "It is 42.", max_length=128)
+    prompt_ids = encode_prompt(tiny_tokenizer, PROMPT)
+    assert list(encoded.input_ids[:encoded.prompt_length]) == prompt_ids
+    input_ids, attention_mask, answer_mask = collate([encoded, encode_answer(tiny_tokenizer, PROMPT, "42", 128)],
+                                                     tiny_tokenizer.pad_token_id)
+    row = answer_mask[0]
+    assert not row[:len(prompt_ids)].any()
+    answer_tokens = input_ids[0][row].tolist()
+    assert answer_tokens[-1] == tiny_tokenizer.eos_token_id
+    assert tiny_tokenizer.decode(answer_tokens[:-1]) == "It is 42."
+    # The shorter second row is right-padded; padding is neither attended to nor scored.
+    pad_start = len(encode_answer(tiny_tokenizer, PROMPT, "42", 128).input_ids)
+    assert attention_mask[1, pad_start:].sum() == 0 and not answer_mask[1, pad_start:].any()
+
+
+def test_one_forward_for_chosen_and_rejected_equals_separate_forwards(tiny_model, tiny_tokenizer):
+    prompts = [PROMPT, "Name a colour."]
+    chosen = [encode_answer(tiny_tokenizer, p, a, 128) for p, a in zip(prompts, ["42, since 17 + 25 = 42.", "Red"])]
+    rejected = [encode_answer(tiny_tokenizer, p, a, 128) for p, a in zip(prompts, ["41", "A colour is a thing."])]
+    pad = tiny_tokenizer.pad_token_id
+    with torch.no_grad():
+        together = sequence_logprobs(tiny_model, chosen + rejected, pad)
+        one_by_one = torch.cat([sequence_logprobs(tiny_model, [e], pad).logps for e in chosen + rejected])
+    torch.testing.assert_close(together.logps, one_by_one, atol=1e-4, rtol=1e-5)
+    c, r = together.split(2)
+    assert c.token_counts.tolist() == [e.answer_length for e in chosen]
+    assert r.token_counts.tolist() == [e.answer_length for e in rejected]
+
+
+def test_summed_logprob_matches_the_naive_sum(tiny_model, tiny_tokenizer):
+    encoded = encode_answer(tiny_tokenizer, PROMPT, "Forty-two", 128)
+    ids = torch.tensor([encoded.input_ids])
+    with torch.no_grad():
+        logits = tiny_model(ids).logits[0]
+        result = sequence_logprobs(tiny_model, [encoded], tiny_tokenizer.pad_token_id, with_entropy=True)
+    logp = torch.log_softmax(logits, -1)
+    naive = sum(logp[t - 1, ids[0, t]] for t in range(encoded.prompt_length, ids.shape[1]))
+    assert result.logps.item() == pytest.approx(float(naive), abs=1e-4)
+    answer_logp = logp[encoded.prompt_length - 1:-1]
+    naive_entropy = float(-(answer_logp.exp() * answer_logp).sum(-1).mean())
+    assert result.entropy.item() == pytest.approx(naive_entropy, abs=1e-4)
+    assert 0 < result.entropy.item() <= math.log(len(tiny_tokenizer))
+
+
+def test_gradients_flow_through_the_policy(tiny_model, tiny_tokenizer):
+    tiny_model.lm_head.weight.requires_grad_(True)  # tied to the embeddings in the tiny model
+    result = answer_logprobs(tiny_model, tiny_tokenizer, [PROMPT], ["42"], max_length=128)
+    result.logps.sum().backward()
+    assert tiny_model.lm_head.weight.grad.abs().sum() > 0
+
+
+class PirateTemplate:
+    """A tokenizer whose chat template renders differently as text than as ids (a real kind of mismatch:
+    templates that add a BOS or a system prompt on one path only)."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._tokenizer(*args, **kwargs)
+
+    def apply_chat_template(self, messages, tokenize=True, **kwargs):
+        rendered = self._tokenizer.apply_chat_template(messages, tokenize=tokenize, **kwargs)
+        return rendered.replace("a helpful AI assistant", "a pirate") if not tokenize else rendered
+
+
+def test_prefix_check_raises_on_a_template_mismatch(tiny_tokenizer):
+    with pytest.raises(TokenizationError, match="not a prefix"):
+        encode_answer(PirateTemplate(tiny_tokenizer), PROMPT, "Arr, 42.", max_length=128)
+
+
+def test_prefix_check_raises_on_a_merge_across_the_boundary(tiny_tokenizer):
+    # The template ends the prompt with "\n"; an answer starting with "\n\n" merges into one "\n\n\n"-ish token.
+    with pytest.raises(TokenizationError, match="not a prefix"):
+        encode_answer(tiny_tokenizer, PROMPT, "\n\n42", max_length=128)
+
+
+def test_truncation_cuts_the_answer_from_the_end_and_keeps_the_prompt(tiny_tokenizer):
+    prompt_ids = encode_prompt(tiny_tokenizer, PROMPT)
+    encoded = encode_answer(tiny_tokenizer, PROMPT, "word " * 50, max_length=len(prompt_ids) + 5)
+    assert len(encoded.input_ids) == len(prompt_ids) + 5
+    assert list(encoded.input_ids[:len(prompt_ids)]) == prompt_ids
+    assert encoded.truncated and encoded.answer_length == 5
+    assert tiny_tokenizer.eos_token_id not in encoded.input_ids[len(prompt_ids):]
+
+
+def test_a_prompt_too_long_is_a_clear_error(tiny_tokenizer):
+    with pytest.raises(TokenizationError, match=r"the prompt has \d+ tokens .* max_length is 16"):
+        encode_answer(tiny_tokenizer, PROMPT, "42", max_length=16)

@@ -1,0 +1,93 @@
+import itertools
+
+import pandas as pd
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from learner.reward import (
+    attach_reward_model,
+    items_from_pairs,
+    load_reward_model,
+    pair_accuracy,
+    save_reward_model,
+    score,
+    split_items,
+    train_reward_model,
+)
+
+LORA = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "task_type": "CAUSAL_LM"}
+
+
+def ranking_pairs(n_items: int) -> pd.DataFrame:
+    """Rankings of 3 answers where the best answer always says yes and the worst no: an obvious feature."""
+    rows = []
+    for i in range(n_items):
+        ranked = [f"yes yes yes, {i}", f"perhaps {i}", f"no no no, {i}"]  # best first
+        for (a, chosen), (b, rejected) in itertools.combinations(enumerate(ranked), 2):
+            rows.append({"ranking_id": f"r{i}", "item_id": f"item{i}", "prompt": f"Question {i}?",
+                         "chosen_answer_id": f"a{i}-{a}", "chosen": chosen, "rejected_answer_id": f"a{i}-{b}",
+                         "rejected": rejected, "chosen_rank": a + 1, "rejected_rank": b + 1, "policy_version": 0})
+    return pd.DataFrame(rows)
+
+
+def peft_model(model):
+    torch.manual_seed(0)
+    return get_peft_model(model, LoraConfig(**LORA), adapter_name="policy")
+
+
+def test_items_group_all_pairs_of_a_ranking():
+    items = items_from_pairs(ranking_pairs(2))
+    assert [i.item_id for i in items] == ["item0", "item1"]
+    assert len(items[0].answers) == 3  # answers deduplicated by answer id
+    assert items[0].pairs == ((0, 1), (0, 2), (1, 2))
+
+
+def test_split_by_item_is_fixed_and_disjoint():
+    items = items_from_pairs(ranking_pairs(40))
+    train, heldout = split_items(items, 0.25)
+    assert {i.item_id for i in train}.isdisjoint({i.item_id for i in heldout})
+    assert len(train) + len(heldout) == 40 and 0 < len(heldout) < 20
+    assert [i.item_id for i in split_items(items[::-1], 0.25)[1]] == [i.item_id for i in heldout][::-1]
+
+
+def test_reward_model_learns_an_obvious_feature(tiny_model, tiny_tokenizer):
+    model = peft_model(tiny_model)
+    reward_model = attach_reward_model(model, tiny_tokenizer, 64, lora_config=LoraConfig(**LORA))
+    head_before = reward_model.head.weight.detach().clone()
+    policy_before = {n: p.detach().clone() for n, p in model.named_parameters() if ".policy." in n}
+    items = items_from_pairs(ranking_pairs(6))
+    result = train_reward_model(reward_model, items, steps=12, batch_items=3, learning_rate=1e-2, adam_eps=1e-5,
+                                max_grad_norm=1.0, centering=0.01, seed=0)
+    losses = [r["loss"] for r in result.history]
+    assert result.failure is None and len(losses) == 12
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.1
+    assert not torch.equal(reward_model.head.weight, head_before)
+    assert pair_accuracy(reward_model, items) > 0.8
+    # Only the reward adapter and head trained; the policy's adapter is untouched and still the active one.
+    assert model.active_adapter == "policy"
+    assert all(torch.equal(p, policy_before[n]) for n, p in model.named_parameters() if ".policy." in n)
+
+
+def test_save_and_load_give_identical_scores(tiny_model_dir, tiny_tokenizer, tmp_path):
+    from learner.model import Device, load_base_model
+
+    cpu = Device(torch.device("cpu"), torch.float32)
+    model = peft_model(load_base_model(tiny_model_dir, cpu))
+    reward_model = attach_reward_model(model, tiny_tokenizer, 64, lora_config=LoraConfig(**LORA))
+    items = items_from_pairs(ranking_pairs(3))
+    train_reward_model(reward_model, items, steps=2, batch_items=2, learning_rate=1e-2, adam_eps=1e-5,
+                       max_grad_norm=1.0, centering=0.0, seed=0)
+    prompts, answers = ["Question 0?"] * 3, list(items[0].answers)
+    before = score(reward_model, prompts, answers)
+    save_reward_model(reward_model, tmp_path / "reward")
+    assert {"adapter_model.safetensors", "adapter_config.json", "reward_head.safetensors"} <= {
+        p.name for p in (tmp_path / "reward").iterdir()}
+
+    # Into a fresh base model (standalone), and into another PeftModel beside its policy adapter.
+    standalone = load_reward_model(tmp_path / "reward", load_base_model(tiny_model_dir, cpu), tiny_tokenizer, 64)
+    assert score(standalone, prompts, answers) == pytest.approx(before, abs=1e-6)
+    shared = load_reward_model(tmp_path / "reward", peft_model(load_base_model(tiny_model_dir, cpu)),
+                               tiny_tokenizer, 64)
+    assert score(shared, prompts, answers) == pytest.approx(before, abs=1e-6)
+    assert len(set(before)) == 3  # a trained head gives different answers different scores

@@ -1,0 +1,195 @@
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+
+from learner.config import RoundConfig
+from learner.errors import ConfigError
+from learner.evaluate import gate, win_rate
+from learner.round import run_round, within_staleness
+
+# A round small enough for a 2-core CPU in seconds: 3 policy steps, 8-token answers, 2 eval prompts.
+TINY = {"steps": 3, "batch_size": 2, "rollout_prompts": 2, "rollout_n": 3, "sync_every": 2, "max_new_tokens": 8,
+        "reward_steps": 3, "reward_batch_items": 2, "eval_prompts": 2, "eval_n": 2, "max_length": 96,
+        "learning_rate": 1e-2, "reward_learning_rate": 1e-2, "max_kl": 1e9, "min_win_rate": 0.0}
+
+
+def write_snapshot(directory: Path, parent_version: int = 0, n_items: int = 6, k: int = 3) -> Path:
+    """A snapshot as storage writes it: pairs.parquet, unary.parquet, prompts.parquet, meta.json."""
+    directory.mkdir(parents=True)
+    prompts = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(12)],
+                            "prompt": [f"Tell me one fact about the number {i}." for i in range(12)]})
+    pairs, unary = [], []
+    for i in range(n_items):
+        answers = [f"Yes! {i} is a fine number.", f"Maybe {i}.", f"no. {i} {i} {i}", "I do not know."][:k]
+        item = {"item_id": f"item{i}", "annotator": "ann", "policy_version": parent_version - (i % 2),
+                "prompt": prompts.prompt[i], "created_at": pd.Timestamp("2025-01-01")}
+        for (a, chosen), (b, rejected) in itertools.combinations(enumerate(answers), 2):  # ranked best first
+            pairs.append(dict(item, ranking_id=f"r{i}", annotator_id=1, prompt_id=prompts.prompt_id[i],
+                              chosen_answer_id=f"a{i}-{a}", chosen=chosen, rejected_answer_id=f"a{i}-{b}",
+                              rejected=rejected, chosen_rank=a + 1, rejected_rank=b + 1))
+        for a, text in enumerate(answers):
+            unary.append(dict(item, feedback_id=f"f{i}-{a}", answer_id=f"a{i}-{a}", completion=text, label=a == 0))
+    pd.DataFrame(pairs).to_parquet(directory / "pairs.parquet")
+    pd.DataFrame(unary).to_parquet(directory / "unary.parquet")
+    prompts.to_parquet(directory / "prompts.parquet")
+    meta = {"created_at": "2025-01-01T00:00:00", "parent_version": parent_version, "base_model": "tiny",
+            "counts": {"pairs": len(pairs), "unary": len(unary), "prompts": len(prompts)}}
+    (directory / "meta.json").write_text(json.dumps(meta))
+    return directory
+
+
+def lora_weights(version: Path) -> dict:
+    return load_file(str(version / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_complete(version: Path) -> dict:
+    assert not version.with_name(version.name + ".partial").exists()
+    for name in ["adapter/adapter_model.safetensors", "adapter/adapter_config.json", "reward/adapter_config.json",
+                 "reward/adapter_model.safetensors", "reward/reward_head.safetensors", "config.json"]:
+        assert (version / name).is_file(), name
+
+    def no_nan(constant):
+        raise AssertionError(f"metrics.json holds {constant}: not strict JSON")
+
+    return json.loads((version / "metrics.json").read_text(), parse_constant=no_nan)
+
+
+@pytest.fixture(scope="module")
+def first_version(tmp_path_factory, tiny_model_dir):
+    """Version 1: a DPO round from the base model (parent None), with its progress events."""
+    root = tmp_path_factory.mktemp("round")
+    events = []
+    metrics = run_round(write_snapshot(root / "snapshot"), tiny_model_dir, None, root / "v1",
+                        RoundConfig.from_dict(TINY), progress=events.append)
+    return root / "v1", metrics, events
+
+
+# --- config ---------------------------------------------------------------------------------------------------
+
+def test_config_rejects_unknown_keys_and_bad_values_by_name():
+    with pytest.raises(ConfigError, match="unknown config key 'betta'; known: algorithm, seed"):
+        RoundConfig.from_dict({"betta": 0.1})
+    with pytest.raises(ConfigError, match=r"beta must be > 0, got -0.1"):
+        RoundConfig.from_dict({"beta": -0.1})
+    with pytest.raises(ConfigError, match="algorithm must be one of dpo, kto, reward, got 'ppo'"):
+        RoundConfig.from_dict({"algorithm": "ppo"})
+    with pytest.raises(ConfigError, match="steps must be an integer, got 'ten'"):
+        RoundConfig.from_dict({"steps": "ten"})
+    with pytest.raises(ConfigError, match="batch_size must be >= 2 for kto"):
+        RoundConfig.from_dict({"algorithm": "kto", "batch_size": 1})
+    with pytest.raises(ConfigError, match="label_smoothing only applies to loss_type 'robust'"):
+        RoundConfig.from_dict({"label_smoothing": 0.1})
+
+
+def test_config_round_trips_through_a_dict():
+    config = RoundConfig.from_dict({"beta": 0.2, "steps": 5.0, "max_staleness": None, "ref_sync": True})
+    assert config.steps == 5 and isinstance(config.steps, int) and config.max_staleness is None
+    assert RoundConfig.from_dict(config.to_dict()) == config
+    assert config.sampling.max_new_tokens == config.max_new_tokens
+
+
+# --- pieces -----------------------------------------------------------------------------------------------------
+
+def test_staleness_keeps_labels_from_recent_versions_only():
+    frame = pd.DataFrame({"policy_version": [5, 4, 3, 2]})
+    assert within_staleness(frame, 5, 2)["policy_version"].tolist() == [5, 4, 3]
+    assert within_staleness(frame, 5, 0)["policy_version"].tolist() == [5]
+    assert len(within_staleness(frame, 5, None)) == 4
+
+
+def test_gate_names_its_reason():
+    config = RoundConfig(max_kl=5.0, min_win_rate=0.4)
+    good = {"kl_to_reference": 1.0, "win_rate_vs_parent": 0.5}
+    assert gate([{"step": 0, "loss": 0.6}], None, good, config, check_win_rate=True) == {"passed": True,
+                                                                                            "reason": None}
+    assert "loss is nan at step 1" in gate([{"step": 1, "loss": float("nan")}], None, good, config, True)["reason"]
+    assert "KL" in gate([], None, dict(good, kl_to_reference=9.0), config, True)["reason"]
+    assert "win-rate" in gate([], None, dict(good, win_rate_vs_parent=0.1), config, True)["reason"]
+    assert gate([], None, dict(good, win_rate_vs_parent=0.1), config, check_win_rate=False)["passed"]
+    assert win_rate([[2.0, 0.0]], [[1.0, 0.0]]) == pytest.approx((1 + 1 + 0 + 0.5) / 4)
+
+
+# --- whole rounds ---------------------------------------------------------------------------------------------
+
+def test_dpo_round_from_the_base_writes_a_complete_candidate(first_version):
+    version, metrics, events = first_version
+    written = assert_complete(version)
+    assert written == metrics
+    assert metrics["status"] == "candidate" and metrics["gate"] == {"passed": True, "reason": None}
+    assert [r["step"] for r in metrics["history"]] == [0, 1, 2]
+    assert all(isinstance(r["loss"], float) for r in metrics["history"])
+    assert metrics["history"][0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # fresh LoRA: policy == reference
+    assert metrics["labels_used"] > 0 and metrics["staleness"]["max"] <= 2
+    assert metrics["onpolicy"]["regenerations"] == 2  # steps 0 and 2 with sync_every 2
+    for key in ["reward_heldout_accuracy", "reward_mean", "win_rate_vs_parent", "win_rate_vs_base",
+                "kl_to_reference", "entropy", "mean_answer_length", "eos_rate", "reward_history"]:
+        assert key in metrics, key
+    # LoRA moved away from the parent (the base: a fresh LoRA's B matrices are zero).
+    assert any(w.abs().sum() > 0 for name, w in lora_weights(version).items() if "lora_B" in name)
+    config = json.loads((version / "config.json").read_text())
+    assert config["beta"] == 0.1 and config["parent_version"] == 0 and config["snapshot"]["base_model"] == "tiny"
+    # Progress: every phase, fractions that never go back, ending at 1.
+    assert {e["phase"] for e in events} == {"reward", "rollouts", "policy", "eval"}
+    fractions = [e["progress"] for e in events]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+
+
+def test_kto_round_continues_the_parent_adapter(first_version, tmp_path, tiny_model_dir):
+    parent, _, _ = first_version
+    config = RoundConfig.from_dict(dict(TINY, algorithm="kto", ref_sync=True))
+    metrics = run_round(write_snapshot(tmp_path / "snapshot", parent_version=1), tiny_model_dir, parent,
+                        tmp_path / "v2", config)
+    assert_complete(tmp_path / "v2")
+    assert metrics["status"] == "candidate", metrics["gate"]
+    assert all(isinstance(r["loss"], float) for r in metrics["history"])
+    assert metrics["reward_warm_start"] is True
+    before, after = lora_weights(parent), lora_weights(tmp_path / "v2")
+    assert before.keys() == after.keys()  # the same adapter continued, not a new one stacked on it
+    assert any(not (before[k] == after[k]).all() for k in before)
+    # ref_sync: the reference is the parent, so the first step's KTO log-ratios are 0 and the loss is 1 - σ(0).
+    assert metrics["history"][0]["loss"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_reward_only_round_keeps_the_parent_policy(first_version, tmp_path, tiny_model_dir):
+    parent, _, _ = first_version
+    metrics = run_round(write_snapshot(tmp_path / "snapshot", parent_version=1), tiny_model_dir, parent,
+                        tmp_path / "v2", RoundConfig.from_dict(dict(TINY, algorithm="reward", eval_prompts=0)))
+    assert_complete(tmp_path / "v2")
+    assert metrics["history"] == [] and metrics["reward_trained"] is True
+    assert (parent / "adapter/adapter_model.safetensors").read_bytes() == (
+        tmp_path / "v2/adapter/adapter_model.safetensors").read_bytes()
+
+
+def test_a_round_that_diverges_is_rejected_with_its_reason(tmp_path, tiny_model_dir):
+    # A learning rate of 1e30: Adam's first update puts every LoRA weight near ±1e30, the next loss is not finite.
+    config = RoundConfig.from_dict(dict(TINY, learning_rate=1e30, rollout_prompts=0))
+    metrics = run_round(write_snapshot(tmp_path / "snapshot"), tiny_model_dir, None, tmp_path / "v1", config)
+    written = assert_complete(tmp_path / "v1")
+    assert written["status"] == "rejected"
+    assert "training stopped" in metrics["gate"]["reason"] and ("nan" in metrics["gate"]["reason"]
+                                                                or "inf" in metrics["gate"]["reason"])
+    assert written["history"][-1]["loss"] is None  # NaN written as null: strict JSON for the Admin's plots
+
+
+def test_module_prints_json_progress_and_a_done_line(tmp_path, tiny_model_dir):
+    (tmp_path / "config.json").write_text(json.dumps(dict(TINY, steps=2, eval_prompts=1)))
+    snapshot = write_snapshot(tmp_path / "snapshot")
+    command = [sys.executable, "-m", "learner.round", "--snapshot", str(snapshot), "--base", str(tiny_model_dir),
+               "--out", str(tmp_path / "v1"), "--config", str(tmp_path / "config.json"), "--set", "seed=3"]
+    env = dict(os.environ, PREFLOOP_DEVICE="cpu")
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert events and all(e["event"] in ("progress", "done") for e in events)
+    progress = [e for e in events if e["event"] == "progress"]
+    assert {"phase", "step", "total", "loss", "progress"} <= progress[0].keys()
+    assert events[-1] == {"event": "done", "status": "candidate", "reason": None}
+    assert json.loads((tmp_path / "v1/config.json").read_text())["seed"] == 3
