@@ -121,3 +121,29 @@ def sample_items(ctx):
         return ids
 
     return sample
+
+
+@pytest.fixture
+def add_version(ctx, tiny_model_dir):
+    """add_version(status="candidate", seed=1) -> version: a real LoRA adapter on the tiny model (random, non-zero B,
+    so its answers differ from the base model's) saved as a complete version dir and recorded in the store."""
+    from peft import LoraConfig, get_peft_model
+
+    from learner.model import Device, load_base_model
+
+    def add(status: str = "candidate", seed: int = 1, metrics: dict | None = None) -> int:
+        torch.manual_seed(seed)
+        base = load_base_model(tiny_model_dir, Device(torch.device("cpu"), torch.float32))
+        peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.5)
+        version = ctx.store.versions.next_number()
+        out = ctx.config.versions_dir / f"v{version}"
+        peft_model.save_pretrained(out / "adapter")
+        ctx.store.versions.add(version, ctx.store.versions.deployed().version, "dpo", status, str(out),
+                               {"beta": 0.1}, metrics or {"gate": {"passed": status != "rejected"}}, 0)
+        return version
+
+    return add

@@ -7,7 +7,6 @@ annotator must fix (shown as a toast), and let storage errors through for `block
 from __future__ import annotations
 
 import random
-import string
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -75,7 +74,8 @@ def next_view(ctx: AppContext, username: str | None, message: str = "") -> Annot
 def _item_view(ctx: AppContext, user: User, item: Item, message: str) -> AnnotateView:
     answers = list(item.answers)
     random.Random(item.item_id * 1_000_003 + user.user_id).shuffle(answers)  # the same order as the REST API
-    texts = tuple(quote_block(a.text) for a in answers) + ("",) * (ctx.config.k - len(answers))
+    texts = tuple(f"**{answer_label(i)}**\n\n{quote_block(a.text)}" for i, a in enumerate(answers))
+    texts += ("",) * (ctx.config.k - len(answers))
     return AnnotateView(
         Session(item.item_id, tuple(a.answer_id for a in answers)),
         quote_block(item.prompt),
@@ -157,5 +157,3 @@ then clear and concise. Thumbs are optional: up for an answer you would be glad 
 Skip what you cannot judge; flag anything harmful or broken.
 
 Keys: press the answers' numbers in order, best first, to rank them; Enter submits; Escape clears; S skips."""
-
-LETTERS = string.ascii_uppercase
