@@ -50,6 +50,7 @@ class Scheduler:
         self._last_round_at = time.monotonic()
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
+        self._worker: threading.Thread | None = None
 
     # -- rounds -------------------------------------------------------------------------------------------------
     def start(self, overrides: dict) -> int:
@@ -63,8 +64,9 @@ class Scheduler:
             self._run_id = run_id
         self._labels_at_last_round = self.store.labels.total()
         self._last_round_at = time.monotonic()
-        threading.Thread(target=self._execute, args=(run_id, round_config), name=f"round-{run_id}",
-                         daemon=True).start()
+        self._worker = threading.Thread(target=self._execute, args=(run_id, round_config), name=f"round-{run_id}",
+                                        daemon=True)
+        self._worker.start()
         return run_id
 
     def cancel(self, run_id: int) -> None:
@@ -100,9 +102,10 @@ class Scheduler:
         stderr_tail: deque[str] = deque(maxlen=40)
         try:
             runs.update(run_id, status="running", started_at=_now())
+            # Every label goes into the snapshot: the reward model learns from all human pairs, and the learner
+            # itself keeps only those within max_staleness for the policy update.
             snapshot = write_snapshot(self.store, work / "snapshot", parent_version=parent.version,
-                                      base_model=str(self.policy.base_model_dir),
-                                      max_staleness=round_config.max_staleness)
+                                      base_model=str(self.policy.base_model_dir))
             log.info("run %s: snapshot %s", run_id, snapshot)
             (work / "round.json").write_text(json.dumps(round_config.to_dict()))
             shutil.rmtree(out_dir, ignore_errors=True)  # a leftover of a round killed before it registered
@@ -123,14 +126,15 @@ class Scheduler:
                 event = _event(line)
                 if event and event.get("event") == "progress":
                     self._progress(run_id, event)
-                elif event and event.get("event") == "done":
+                elif event and event.get("event") in ("done", "error"):
                     done = event
             code = self._process.wait()
             drain.join(5)
             if run_id in self._cancelled:
                 raise _Cancelled
             if code != 0 or not (out_dir / "metrics.json").is_file():
-                raise RuntimeError(f"the round exited with code {code}: {''.join(stderr_tail)[-2000:].strip()}")
+                said = (done or {}).get("error") or "".join(stderr_tail)[-2000:].strip()
+                raise RuntimeError(f"the round exited with code {code}: {said}")
             self._register(run_id, version, parent.version, out_dir, round_config, done)
         except _Cancelled:
             runs.update(run_id, status="cancelled", finished_at=_now(), error="cancelled by an admin")
@@ -139,6 +143,9 @@ class Scheduler:
             runs.update(run_id, status="failed", finished_at=_now(), error=f"{type(exc).__name__}: {exc}")
         finally:
             shutil.rmtree(out_dir.with_name(out_dir.name + ".partial"), ignore_errors=True)
+            if self._process is not None:
+                self._process.stdout.close()
+                self._process.stderr.close()
             with self._lock:
                 self._process = None
                 self._run_id = None
@@ -195,10 +202,13 @@ class Scheduler:
             self._timer.start()
 
     def stop(self) -> None:
+        """Stop the timer; a round in progress is cancelled and recorded as such before this returns."""
         self._stop.set()
-        process = self._process
-        if process is not None:
-            process.kill()
+        run_id, worker = self._run_id, self._worker
+        if run_id is not None:
+            self.cancel(run_id)
+        if worker is not None:
+            worker.join(60)
 
     def _tick(self) -> None:
         while not self._stop.wait(10.0):

@@ -13,7 +13,9 @@ never computed.
 
 from __future__ import annotations
 
+import os
 import random
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,9 +103,6 @@ def _load_head(path: Path, device) -> torch.nn.Linear:
 
 def save_reward_model(reward_model: RewardModel, out_dir: Path) -> None:
     """Save the reward adapter (peft's save_pretrained) and the head into `out_dir`."""
-    import os
-    import tempfile
-
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)

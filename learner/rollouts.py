@@ -1,19 +1,26 @@
-"""On-policy data: sample N answers for several prompts in one batched generate, score them with the reward
-model, and turn each prompt's answers into training examples (best vs worst for DPO, around the median for KTO).
+"""The policy's training data: human labels as examples, and on-policy examples the round makes itself.
+
+On-policy: sample N answers for several prompts in one batched generate, score them with the reward model, and
+turn each prompt's answers into examples (best vs worst for DPO, around the median for KTO). `ExamplePool` mixes
+both and regenerates the on-policy part every `sync_every` optimizer steps (arXiv 2506.21495: 1 = online,
+large = offline).
 """
 
 from __future__ import annotations
 
+import random
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import pandas as pd
 import torch
 
-from learner.errors import TokenizationError
+from learner.errors import LearnerError, TokenizationError
+from learner.logprobs import encode_answer
 from learner.reward import RewardModel, score
 from learner.sampling import SamplingParams, encode_prompt, eos_token_ids
-from learner.train import PairExample, UnaryExample
+from learner.train import PairExample, UnaryExample, hash_fraction, in_heldout
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,8 @@ def sample_batch(model, tokenizer, prompts: Sequence[str], n: int, params: Sampl
     Left padding keeps each row's last prompt token at the same position, where generation continues.
     The model is put in eval mode for the call (LoRA dropout off) and restored after.
     """
+    if not prompts:
+        return []
     device = next(model.parameters()).device
     rows = [ids for ids in (encode_prompt(tokenizer, p) for p in prompts) for _ in range(n)]
     width = max(len(r) for r in rows)
@@ -52,6 +61,9 @@ def sample_batch(model, tokenizer, prompts: Sequence[str], n: int, params: Sampl
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=True,
             temperature=params.temperature, top_p=params.top_p, top_k=0, max_new_tokens=params.max_new_tokens,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos_ids),
+            # Weights mid-training can overflow the logits (a learning rate far too high); sampling must not crash
+            # outside the gate: the next loss is then non-finite and the round is rejected for it.
+            remove_invalid_values=True,
         )
     finally:
         model.train(was_training)
@@ -114,3 +126,63 @@ def onpolicy_examples(model, reward_model: RewardModel, tokenizer, prompts: Sequ
         scores = score(reward_model, [prompt] * len(texts), texts, batch_size=max(len(texts), 1))
         examples.extend(build(prompt, texts, scores))
     return OnPolicyBatch(examples, answers=sum(len(g) for g in rollouts), dropped_tokenization=dropped)
+
+
+# --- human labels ---------------------------------------------------------------------------------------------
+
+HUMAN_DATA: dict[str, tuple[str, Callable[[pd.DataFrame], list]]] = {
+    # algorithm: (snapshot table, rows -> examples)
+    "dpo": ("pairs", lambda f: [PairExample(r.prompt, r.chosen, r.rejected, "human") for r in f.itertuples()]),
+    "kto": ("unary", lambda f: [UnaryExample(r.prompt, r.completion, bool(r.label), "human") for r in f.itertuples()]),
+}
+
+
+def human_examples(frame: pd.DataFrame, algorithm: str, tokenizer, max_length: int) -> tuple[list, dict[str, int]]:
+    """Examples from a snapshot table, and counts of those dropped by reason: one label whose tokens do not line
+    up (or whose prompt is too long) must not fail every future round, so it is left out and counted instead."""
+    examples, dropped = [], {}
+    for example in HUMAN_DATA[algorithm][1](frame):
+        try:
+            for prompt, answer in example.texts():
+                encode_answer(tokenizer, prompt, answer, max_length)
+        except TokenizationError as exc:
+            reason = "prompt_too_long" if "no room" in str(exc) else "tokenization"
+            dropped[reason] = dropped.get(reason, 0) + 1
+            continue
+        examples.append(example)
+    return examples, dropped
+
+
+def split_prompts(prompts: pd.DataFrame, eval_fraction: float, eval_prompts: int, tokenizer,
+                  max_length: int) -> tuple[list[str], list[str]]:
+    """(rollout prompts, eval prompts): a fixed split by a hash of prompt_id, at most `eval_prompts` held out;
+    prompts too long for max_length are left out of both. When no prompt hashes into the held-out fraction
+    (a tiny prompt set), the one with the smallest hash is held out."""
+    usable = [(str(r.prompt_id), r.prompt) for r in prompts.itertuples()
+              if len(encode_prompt(tokenizer, r.prompt)) < max_length - 1]
+    heldout = [p for p in usable if in_heldout(p[0], eval_fraction)]
+    if not heldout and usable and eval_prompts:
+        heldout = [min(usable, key=lambda p: hash_fraction(p[0]))]
+    heldout = sorted(heldout, key=lambda p: hash_fraction(p[0]))[:eval_prompts]
+    eval_ids = {p[0] for p in heldout}
+    return [p[1] for p in usable if p[0] not in eval_ids], [p[1] for p in heldout]
+
+
+class ExamplePool:
+    """Human examples plus on-policy ones regenerated every `sync_every` steps; batches drawn shuffled
+    (KTO's z_ref needs answers from different prompts in a batch, TRL issue #2554)."""
+
+    def __init__(self, human: list, regenerate: Callable[[int], list] | None, sync_every: int, seed: int):
+        self.human, self.onpolicy = human, []
+        self.regenerate, self.sync_every = regenerate, sync_every
+        self.rng = random.Random(seed)
+
+    def batch(self, step: int, size: int) -> list:
+        if self.regenerate is not None and step % self.sync_every == 0:
+            # A regeneration where every prompt tied keeps the previous on-policy examples rather than none.
+            self.onpolicy = self.regenerate(step) or self.onpolicy
+        pool = self.human + self.onpolicy
+        if not pool:
+            raise LearnerError("no training examples: no human labels within max_staleness and the on-policy "
+                               "rollouts gave none (no prompts in prompts.parquet, or rollout_prompts = 0?)")
+        return self.rng.sample(pool, min(size, len(pool)))

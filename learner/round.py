@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import random
@@ -28,9 +29,8 @@ import pandas as pd
 import torch
 
 from learner.config import RoundConfig
-from learner.errors import LearnerError, TokenizationError
+from learner.errors import LearnerError
 from learner.evaluate import evaluate_policy, gate
-from learner.logprobs import encode_answer
 from learner.losses import kto_weight_warning
 from learner.model import Device, load_base_model, load_tokenizer, pick_device
 from learner.reward import (
@@ -41,18 +41,10 @@ from learner.reward import (
     split_items,
     train_reward_model,
 )
-from learner.rollouts import onpolicy_examples
-from learner.sampling import encode_prompt
-from learner.train import (
-    OBJECTIVES,
-    PairExample,
-    PolicyContext,
-    UnaryExample,
-    hash_fraction,
-    in_heldout,
-    train_loop,
-    training_adapter,
-)
+from learner.rollouts import HUMAN_DATA, ExamplePool, human_examples, onpolicy_examples, split_prompts
+from learner.train import OBJECTIVES, PolicyContext, train_loop, training_adapter
+
+log = logging.getLogger(__name__)
 
 POLICY, PARENT = "policy", "parent"  # adapter names on the one PeftModel (the reward model's is "reward")
 PHASES = {"reward": (0.0, 0.25), "rollouts": (0.25, 0.85), "policy": (0.25, 0.85), "eval": (0.85, 1.0)}
@@ -143,67 +135,6 @@ def build_model(base_model_dir: Path, parent_dir: Path | None, config: RoundConf
     return model, lora
 
 
-def _human_examples(snapshot: Snapshot, config: RoundConfig, parent_version: int, tokenizer,
-                    dropped: dict) -> tuple[list, pd.DataFrame]:
-    """Human labels within max_staleness as examples; ones whose tokens do not line up are dropped and counted."""
-    if config.algorithm == "dpo":
-        frame = within_staleness(snapshot.pairs, parent_version, config.max_staleness)
-        candidates = [PairExample(r.prompt, r.chosen, r.rejected, "human") for r in frame.itertuples()]
-        texts = [(e.prompt, a) for e in candidates for a in (e.chosen, e.rejected)]
-        per_example = 2
-    elif config.algorithm == "kto":
-        frame = within_staleness(snapshot.unary, parent_version, config.max_staleness)
-        candidates = [UnaryExample(r.prompt, r.completion, bool(r.label), "human") for r in frame.itertuples()]
-        texts = [(e.prompt, e.answer) for e in candidates]
-        per_example = 1
-    else:
-        return [], snapshot.pairs.iloc[0:0]
-    keep = []
-    for i, example in enumerate(candidates):
-        try:
-            for prompt, answer in texts[i * per_example:(i + 1) * per_example]:
-                encode_answer(tokenizer, prompt, answer, config.max_length)
-        except TokenizationError as exc:
-            reason = "prompt_too_long" if "no room" in str(exc) else "tokenization"
-            dropped[reason] = dropped.get(reason, 0) + 1
-            continue
-        keep.append(example)
-    return keep, frame
-
-
-def split_prompts(prompts: pd.DataFrame, config: RoundConfig, tokenizer) -> tuple[list[str], list[str]]:
-    """(rollout prompts, eval prompts): a fixed split by a hash of prompt_id; prompts too long are left out.
-    When no prompt hashes into the held-out fraction (a tiny prompt set), the one with the smallest id hash is."""
-    usable = [(str(r.prompt_id), r.prompt) for r in prompts.itertuples()
-              if len(encode_prompt(tokenizer, r.prompt)) < config.max_length - 1]
-    heldout = [p for p in usable if in_heldout(p[0], config.eval_fraction)]
-    if not heldout and usable and config.eval_prompts:
-        heldout = [min(usable, key=lambda p: hash_fraction(p[0]))]
-    heldout = sorted(heldout, key=lambda p: hash_fraction(p[0]))[:config.eval_prompts]
-    eval_ids = {p[0] for p in heldout}
-    return [p[1] for p in usable if p[0] not in eval_ids], [p[1] for p in heldout]
-
-
-class ExamplePool:
-    """Human examples plus on-policy ones regenerated every `sync_every` steps; batches drawn shuffled."""
-
-    def __init__(self, human: list, regenerate: Callable[[int], list] | None, sync_every: int, seed: int):
-        self.human, self.onpolicy = human, []
-        self.regenerate, self.sync_every = regenerate, sync_every
-        self.rng = random.Random(seed)
-
-    def batch(self, step: int, size: int) -> list:
-        if self.regenerate is not None and step % self.sync_every == 0:
-            fresh = self.regenerate(step)
-            # A regeneration where every prompt tied keeps the previous on-policy examples rather than none.
-            self.onpolicy = fresh or self.onpolicy
-        pool = self.human + self.onpolicy
-        if not pool:
-            raise LearnerError("no training examples: no human labels within max_staleness and the on-policy "
-                               "rollouts gave none (no prompts in prompts.parquet, or rollout_prompts = 0?)")
-        return self.rng.sample(pool, min(size, len(pool)))
-
-
 def run_round(snapshot_dir: Path, base_model_dir: Path, parent_dir: Path | None, out_dir: Path, config: RoundConfig,
               progress: Progress | None = None) -> dict:
     """Run one round and write the version directory; returns its metrics (incl. "gate" and "status")."""
@@ -242,17 +173,24 @@ def run_round(snapshot_dir: Path, base_model_dir: Path, parent_dir: Path | None,
             config.adam_eps, config.max_grad_norm, config.reward_centering, seed=config.seed,
             accelerator=accelerator,
             on_step=lambda r: _report(progress, "reward", r["step"] + 1, config.reward_steps, r["loss"], metrics=r))
+    # A diverged reward model ends the round here: its scores would steer the policy anywhere.
+    failure = f"reward model {reward_result.failure}" if reward_result and reward_result.failure else None
     reward_ready = bool(reward_train) or parent_reward is not None
     if not reward_ready:
         warnings_.append("no human pairs yet: the reward model is untrained, so no on-policy rollouts and no "
                          "win-rate gate this round")
+        log.warning(warnings_[-1])
     timings["reward"] = time.monotonic() - started
 
     # --- (b) policy: human labels within max_staleness + on-policy examples, one loop, the objective by name
     started = time.monotonic()
-    dropped: dict[str, int] = {}
-    human, human_frame = _human_examples(snapshot, config, parent_version, tokenizer, dropped)
-    rollout_prompts, eval_prompts = split_prompts(snapshot.prompts, config, tokenizer)
+    human, dropped, human_frame = [], {}, snapshot.pairs.iloc[0:0]
+    if config.algorithm in HUMAN_DATA:
+        table = getattr(snapshot, HUMAN_DATA[config.algorithm][0])
+        human_frame = within_staleness(table, parent_version, config.max_staleness)
+        human, dropped = human_examples(human_frame, config.algorithm, tokenizer, config.max_length)
+    rollout_prompts, eval_prompts = split_prompts(snapshot.prompts, config.eval_fraction, config.eval_prompts,
+                                                  tokenizer, config.max_length)
     onpolicy_stats = {"regenerations": 0, "answers": 0, "examples": 0, "dropped_tokenization": 0}
     regenerations = math.ceil(config.steps / config.sync_every)
     rng = random.Random(config.seed + 7919 * accelerator.process_index)
@@ -270,8 +208,10 @@ def run_round(snapshot_dir: Path, base_model_dir: Path, parent_dir: Path | None,
         _report(progress, "rollouts", index + 1, regenerations, within=step / config.steps)
         return batch.examples
 
-    history, failure = [], None
-    if config.algorithm in OBJECTIVES and config.steps:
+    # The reference: the base model through the disabled adapter, or the frozen parent adapter with ref_sync.
+    reference = PARENT if config.ref_sync and parent_dir is not None else None
+    history = []
+    if config.algorithm in OBJECTIVES and config.steps and failure is None:
         use_rollouts = reward_ready and config.rollout_prompts > 0 and bool(rollout_prompts)
         pool = ExamplePool(human, regenerate if use_rollouts else None, config.sync_every,
                            seed=config.seed + accelerator.process_index)
@@ -281,7 +221,7 @@ def run_round(snapshot_dir: Path, base_model_dir: Path, parent_dir: Path | None,
                                          config.undesirable_weight) if human else None
             if warning:
                 warnings_.append(warning)
-        reference = PARENT if config.ref_sync and parent_dir is not None else None
+                log.warning(warning)
         context = PolicyContext(model, tokenizer, config, reference)
         objective = OBJECTIVES[config.algorithm]
 
@@ -298,7 +238,7 @@ def run_round(snapshot_dir: Path, base_model_dir: Path, parent_dir: Path | None,
                 policy_params, step_loss, config.steps, config.learning_rate, config.adam_eps, config.max_grad_norm,
                 accelerator=accelerator,
                 on_step=lambda r: _report(progress, "policy", r["step"] + 1, config.steps, r["loss"], metrics=r))
-        history, failure = result.history, result.failure
+        history, failure = result.history, result.failure and f"policy {result.failure}"
     timings["policy"] = time.monotonic() - started
 
     # --- (c) evaluation on held-out prompts, (d) the gate
@@ -309,13 +249,12 @@ def run_round(snapshot_dir: Path, base_model_dir: Path, parent_dir: Path | None,
         _report(progress, "eval", 0, 1)
         model.set_adapter(POLICY, inference_mode=True)
         eval_metrics = evaluate_policy(model, reward_model, tokenizer, eval_prompts, config,
-                                       reference=PARENT if config.ref_sync and parent_dir is not None else None,
-                                       parent=PARENT if parent_dir is not None else None, seed=config.seed + 1)
+                                       reference=reference, parent=PARENT if parent_dir is not None else None, seed=config.seed + 1)
         _report(progress, "eval", 1, 1)
     timings["eval"] = time.monotonic() - started
     reward_history = reward_result.history if reward_result else []
-    verdict = gate(history + reward_history, failure or (reward_result.failure if reward_result else None),
-                   eval_metrics, config, check_win_rate=reward_ready and config.algorithm != "reward")
+    verdict = gate(history + reward_history, failure, eval_metrics, config,
+                   check_win_rate=reward_ready and config.algorithm != "reward")
 
     metrics = {
         "status": "candidate" if verdict["passed"] else "rejected",
@@ -387,10 +326,10 @@ def _parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; prints JSON lines on stdout and returns the exit status."""
-    from accelerate import PartialState
-
     args = _parse_args(argv)
-    main_process = PartialState().is_main_process  # under accelerate launch only rank 0 speaks
+    # Under accelerate launch / torchrun only rank 0 speaks. Read from the launcher's env rather than an accelerate
+    # state: creating one here, before run_round's Accelerator(cpu=...), would fix the wrong distributed setup.
+    main_process = os.environ.get("RANK", "0") == "0"
 
     def emit(event: dict) -> None:
         if main_process:

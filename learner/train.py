@@ -104,9 +104,16 @@ def train_loop(params: Sequence[torch.nn.Parameter], step_loss: StepLoss, steps:
     for step in range(steps):
         loss, metrics = step_loss(step)
         record = {"step": step, **metrics, "loss": loss.item()}
-        if not math.isfinite(record["loss"]):
+        finite = math.isfinite(record["loss"])
+        if accelerator is not None and accelerator.num_processes > 1:
+            # Every process must stop together, or the others would wait forever in the gradient reduce.
+            flag = torch.tensor([float(finite)], device=loss.device)
+            finite = int(accelerator.reduce(flag, reduction="sum").item()) == accelerator.num_processes
+        if not finite:
             history.append(record)
-            return TrainResult(history, f"loss is {record['loss']} at step {step}")
+            here = not math.isfinite(record["loss"])
+            reason = f"loss is {record['loss']}" if here else "another process's loss is not finite"
+            return TrainResult(history, f"{reason} at step {step}")
         if accelerator is not None:
             accelerator.backward(loss)
         else:
@@ -125,6 +132,10 @@ def train_loop(params: Sequence[torch.nn.Parameter], step_loss: StepLoss, steps:
         optimizer.zero_grad(set_to_none=True)
         if on_step is not None:
             on_step(record)
+        # A finite loss and gradient can still take a step to inf (a learning rate far too large): the next
+        # forward pass, or sampling from the weights, would then fail outside the gate. Check the few LoRA weights.
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            return TrainResult(history, f"weights are not finite after step {step}")
     return TrainResult(history, None)
 
 
@@ -139,6 +150,9 @@ class PairExample:
     rejected: str
     source: str  # "human" or "onpolicy"
 
+    def texts(self) -> tuple[tuple[str, str], ...]:
+        return (self.prompt, self.chosen), (self.prompt, self.rejected)
+
 
 @dataclass(frozen=True)
 class UnaryExample:
@@ -148,6 +162,9 @@ class UnaryExample:
     answer: str
     desirable: bool
     source: str  # "human" or "onpolicy"
+
+    def texts(self) -> tuple[tuple[str, str], ...]:
+        return ((self.prompt, self.answer),)
 
 
 @dataclass(frozen=True)

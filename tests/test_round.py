@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from learner.config import RoundConfig
 from learner.errors import ConfigError
 from learner.evaluate import gate, win_rate
+from learner.rollouts import around_median, best_vs_worst, split_prompts
 from learner.round import run_round, within_staleness
 
 # A round small enough for a 2-core CPU in seconds: 3 policy steps, 8-token answers, 2 eval prompts.
@@ -114,6 +115,23 @@ def test_gate_names_its_reason():
     assert "win-rate" in gate([], None, dict(good, win_rate_vs_parent=0.1), config, True)["reason"]
     assert gate([], None, dict(good, win_rate_vs_parent=0.1), config, check_win_rate=False)["passed"]
     assert win_rate([[2.0, 0.0]], [[1.0, 0.0]]) == pytest.approx((1 + 1 + 0 + 0.5) / 4)
+
+
+def test_onpolicy_examples_drop_ties():
+    pair = best_vs_worst("q", ["a", "b", "c"], [0.1, 0.9, -0.3])
+    assert [(p.chosen, p.rejected, p.source) for p in pair] == [("b", "c", "onpolicy")]
+    assert best_vs_worst("q", ["a", "b"], [0.5, 0.5]) == []
+    unary = around_median("q", ["a", "b", "c", "d", "e"], [3.0, 1.0, 2.0, 2.0, 0.0])
+    assert [(u.answer, u.desirable) for u in unary] == [("a", True), ("b", False), ("e", False)]
+
+
+def test_eval_prompts_are_a_fixed_split_never_used_for_rollouts(tiny_tokenizer):
+    prompts = pd.DataFrame({"prompt_id": range(50), "prompt": [f"Prompt number {i}?" for i in range(50)]})
+    rollout, held = split_prompts(prompts, 0.2, 4, tiny_tokenizer, 96)
+    assert len(held) == 4 and not set(held) & set(rollout) and len(rollout) + len(held) <= 50
+    more = pd.concat([prompts, pd.DataFrame({"prompt_id": [50, 51], "prompt": ["New?", "Newer?"]})])
+    assert set(split_prompts(more, 0.2, 100, tiny_tokenizer, 96)[1]) >= set(held)  # old held-out prompts stay out
+    assert split_prompts(prompts.head(1), 0.0, 4, tiny_tokenizer, 96) == ([], ["Prompt number 0?"])
 
 
 # --- whole rounds ---------------------------------------------------------------------------------------------

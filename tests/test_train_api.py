@@ -1,0 +1,128 @@
+"""The loop through the real server: labels -> POST /api/train -> a round in a subprocess -> a deployed version."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+# A round the tiny model finishes in seconds; the gate is opened so that the deploy path is what is tested
+# (the gate's refusals are tested in tests/test_round.py and below).
+QUICK = {"steps": 2, "batch_size": 2, "reward_steps": 2, "rollout_prompts": 2, "rollout_n": 2, "eval_prompts": 2,
+         "eval_n": 2, "max_new_tokens": 8, "min_win_rate": 0.0, "max_kl": 1e9, "sync_every": 1}
+
+
+def label_items(ctx, sample_items, n: int) -> None:
+    """n rankings by 'ann' (answers in stored order: a deterministic preference) with thumbs on the best and worst."""
+    user = ctx.store.users.get("ann").user_id
+    for item_id in sample_items(n):
+        answers = [a.answer_id for a in ctx.store.items.get(item_id).answers]
+        ctx.store.labels.add_ranking(item_id, user, answers, seconds=1.0,
+                                     feedback={answers[0]: "up", answers[-1]: "down"})
+
+
+def wait_run(c: httpx.Client, run_id: int, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = c.get(f"/api/runs/{run_id}").json()
+        if run["status"] not in ("queued", "running"):
+            return run
+        time.sleep(0.5)
+    raise AssertionError(f"run {run_id} did not finish: {run}")
+
+
+@pytest.fixture
+def boss(server, accounts):
+    return httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {accounts['boss'][1]}"}, timeout=60)
+
+
+@pytest.mark.parametrize("algorithm", ["dpo", "kto"])
+def test_round_through_the_api_deploys_a_new_version(ctx, server, boss, accounts, sample_items, algorithm):
+    label_items(ctx, sample_items, 6)
+    r = boss.post("/api/train", json={"algorithm": algorithm, **QUICK})
+    assert r.status_code == 202
+    run_id = r.json()["run_id"]
+    assert boss.post("/api/train", json={"algorithm": algorithm, **QUICK}).status_code in (409, 202)
+    run = wait_run(boss, run_id)
+    assert run["status"] == "succeeded", run
+    assert run["version"] == 1 and run["progress"] == 1.0
+    for key in ("reward_heldout_accuracy", "win_rate_vs_parent", "win_rate_vs_base", "kl_to_reference",
+                "entropy", "mean_answer_length", "eos_rate"):
+        assert key in run["metrics"], key
+    assert boss.get("/api/health").json()["policy_version"] == 1
+    versions = {v["version"]: v for v in boss.get("/api/versions").json()}
+    assert versions[1]["deployed"] and versions[1]["parent"] == 0 and versions[1]["algorithm"] == algorithm
+    assert versions[1]["labels_used"] > 0
+    steps = ctx.store.runs.steps(run_id)
+    assert len(steps) >= 1 and all(steps["loss"].notna())
+    # Annotators now get the new version's answers: the sampler makes items at version 1.
+    assert ctx.buffer.fill_once()
+    item = ctx.buffer.next_for(ctx.store.users.get("bob").user_id)
+    assert item.policy_version == 1
+    # Roll back to the base model, and forward again.
+    assert boss.post("/api/versions/0/deploy").status_code == 200
+    assert boss.get("/api/health").json()["policy_version"] == 0
+    assert boss.post("/api/versions/1/deploy").status_code == 200
+
+
+def test_gate_rejects_and_keeps_the_deployed_version(ctx, server, boss, sample_items):
+    label_items(ctx, sample_items, 4)
+    r = boss.post("/api/train", json={"algorithm": "dpo", **QUICK, "learning_rate": 1e30})
+    run = wait_run(boss, r.json()["run_id"])
+    assert run["status"] == "rejected" and "nan" in run["error"].lower(), run
+    assert boss.get("/api/health").json()["policy_version"] == 0
+    versions = {v["version"]: v for v in boss.get("/api/versions").json()}
+    assert versions[1]["status"] == "rejected" and not versions[1]["deployed"]
+    r = boss.post("/api/versions/1/deploy")
+    assert r.status_code == 409 and "rejected" in r.json()["error"]
+
+
+def test_bad_config_is_422_and_starts_nothing(ctx, server, boss):
+    r = boss.post("/api/train", json={"algorithm": "dpo", "betta": 0.1})
+    assert r.status_code == 422 and "betta" in r.json()["error"]
+    r = boss.post("/api/train", json={"beta": -0.1})
+    assert r.status_code == 422 and "beta must be > 0, got -0.1" in r.json()["error"]
+    assert ctx.store.runs.list(10) == []
+
+
+def test_annotators_cannot_train_or_deploy(server, accounts):
+    ann = httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {accounts['ann'][1]}"})
+    assert ann.post("/api/train", json={}).status_code == 403
+    assert ann.get("/api/versions").status_code == 403
+    assert ann.post("/api/versions/0/deploy").status_code == 403
+    assert ann.get("/api/runs/1").status_code == 403
+    assert ann.post("/api/runs/1/cancel").status_code == 403
+
+
+def test_kill_9_of_the_round_leaves_the_registry_and_the_old_version(ctx, server, boss, sample_items):
+    label_items(ctx, sample_items, 4)
+    run_id = boss.post("/api/train", json={"algorithm": "dpo", **QUICK, "steps": 500}).json()["run_id"]
+    deadline = time.monotonic() + 120
+    while ctx.scheduler.process is None or boss.get(f"/api/runs/{run_id}").json()["progress"] == 0:
+        assert time.monotonic() < deadline, "the round never reported progress"
+        time.sleep(0.2)
+    os.kill(ctx.scheduler.process.pid, signal.SIGKILL)
+    run = wait_run(boss, run_id)
+    assert run["status"] == "failed" and "-9" in run["error"]
+    assert [v["version"] for v in boss.get("/api/versions").json()] == [0]
+    assert boss.get("/api/health").json()["policy_version"] == 0
+    assert not any(p.name.startswith("v1") for p in ctx.config.versions_dir.glob("*"))
+    # And the next round starts normally.
+    assert boss.post("/api/train", json={"algorithm": "dpo", **QUICK}).status_code == 202
+
+
+def test_cancel_a_running_round(ctx, server, boss, sample_items):
+    label_items(ctx, sample_items, 4)
+    run_id = boss.post("/api/train", json={"algorithm": "dpo", **QUICK, "steps": 500}).json()["run_id"]
+    deadline = time.monotonic() + 120
+    while ctx.scheduler.process is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert boss.post(f"/api/runs/{run_id}/cancel").status_code == 202
+    run = wait_run(boss, run_id)
+    assert run["status"] == "cancelled"
+    assert boss.post(f"/api/runs/{run_id}/cancel").status_code == 409
+    assert boss.get("/api/health").json()["policy_version"] == 0
