@@ -7,19 +7,23 @@ action and one place where roles are checked.
 from __future__ import annotations
 
 import hmac
+import json
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from app.buffer import ItemBuffer
 from app.config import ServeConfig
 from app.policy import PolicyService
-from app.scheduler import Scheduler
-from storage.errors import NotFound
+from app.scheduler import TRIGGER_CONFIG, TRIGGER_LABELS, TRIGGER_MINUTES, Scheduler
+from learner.config import RoundConfig
+from learner.errors import ConfigError
+from storage.errors import Conflict, NotFound
 from storage.store import Store
 from storage.users import User
 
 # The CLI's stand-in while a server holds the data dir: an admin with no account, who may not label.
 LOCAL_CLI_USER = User(user_id=0, name="local-cli", role="admin", disabled=False)
+OVERLAP_SETTING = "overlap"  # settings key: the Admin tab's overlap, which outlives a restart and wins over --overlap
 
 
 @dataclass
@@ -33,6 +37,8 @@ class AppContext:
 
     @classmethod
     def build(cls, config: ServeConfig, store: Store, policy: PolicyService) -> AppContext:
+        if store.settings.get(OVERLAP_SETTING):
+            config = replace(config, overlap=int(store.settings.get(OVERLAP_SETTING)))
         buffer = ItemBuffer(store, policy, config)
         # A new version makes older items stale: wake the sampler to replace them with the new version's answers.
         scheduler = Scheduler(store, policy, config, on_deploy=lambda version: buffer.wake())
@@ -64,3 +70,32 @@ class AppContext:
         from pathlib import Path
 
         self.policy.register(version, Path(record.path) / "adapter")
+
+    def set_overlap(self, overlap: int) -> None:
+        """Distinct annotators per item from now on; stored, so a restart keeps it. ConfigError below 1."""
+        if not isinstance(overlap, int) or isinstance(overlap, bool):
+            raise ConfigError(f"overlap must be an integer >= 1, got {overlap!r}")
+        config = replace(self.config, overlap=overlap)  # ServeConfig validates
+        self.store.settings.set(OVERLAP_SETTING, str(config.overlap))
+        # ServeConfig is frozen; the buffer reads `config.overlap` on every call, so swapping the object is enough.
+        self.config = self.buffer.config = self.scheduler.config = config
+        self.buffer.wake()
+
+    def roll_back(self, reason: str) -> int:
+        """Deploy the parent of the deployed version and mark the one taken down `rolled_back`; returns the parent."""
+        current = self.store.versions.deployed()
+        if current.parent is None:
+            raise Conflict("the base model (version 0) is deployed; there is nothing to roll back to")
+        self.scheduler.deploy(current.parent)
+        self.store.versions.set_status(current.version, "rolled_back", reason)
+        return current.parent
+
+    def set_auto_train(self, every_labels: int, every_minutes: int, overrides: dict) -> None:
+        """Automatic rounds every N new labels and/or T minutes (0 = off), with these RoundConfig overrides."""
+        for name, value in (("every_labels", every_labels), ("every_minutes", every_minutes)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be an integer >= 0 (0 = off), got {value!r}")
+        RoundConfig.from_dict(overrides)  # refuse a config now rather than at the first automatic round
+        self.store.settings.set(TRIGGER_CONFIG, json.dumps(overrides))
+        self.store.settings.set(TRIGGER_LABELS, str(every_labels))
+        self.store.settings.set(TRIGGER_MINUTES, str(every_minutes))

@@ -125,25 +125,29 @@ def sample_items(ctx):
 
 @pytest.fixture
 def add_version(ctx, tiny_model_dir):
-    """add_version(status="candidate", seed=1) -> version: a real LoRA adapter on the tiny model (random, non-zero B,
-    so its answers differ from the base model's) saved as a complete version dir and recorded in the store."""
+    """add_version(status="candidate", metrics=None, scale=0.5) -> version number: a real LoRA adapter on the tiny
+    model, lora_B drawn at random (so its answers differ from the base model's), saved as a version dir whose parent
+    is the deployed version, and recorded in the store."""
     from peft import LoraConfig, get_peft_model
 
     from learner.model import Device, load_base_model
 
-    def add(status: str = "candidate", seed: int = 1, metrics: dict | None = None) -> int:
-        torch.manual_seed(seed)
+    def add(status: str = "candidate", metrics: dict | None = None, scale: float = 0.5) -> int:
+        version = ctx.store.versions.next_number()
         base = load_base_model(tiny_model_dir, Device(torch.device("cpu"), torch.float32))
-        peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        # lm_head too: a random tiny model's logits are nearly flat, and only a change there moves what it samples.
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "lm_head"],
+                          task_type="CAUSAL_LM")
+        peft_model = get_peft_model(base, lora)
+        torch.manual_seed(version)
         with torch.no_grad():
             for name, param in peft_model.named_parameters():
                 if "lora_B" in name:
-                    param.normal_(0, 0.5)
-        version = ctx.store.versions.next_number()
+                    param.normal_(0.0, scale)
         out = ctx.config.versions_dir / f"v{version}"
         peft_model.save_pretrained(out / "adapter")
         ctx.store.versions.add(version, ctx.store.versions.deployed().version, "dpo", status, str(out),
-                               {"beta": 0.1}, metrics or {"gate": {"passed": status != "rejected"}}, 0)
+                               {"beta": 0.1}, metrics or {"gate": {"passed": status != "rejected"}}, 12)
         return version
 
     return add

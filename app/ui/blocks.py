@@ -1,4 +1,4 @@
-"""`build_ui`: wiring the handlers of annotate.py (and later tabs) to Gradio components. No logic lives here.
+"""`build_ui`: the Annotate tab's wiring (handlers in annotate.py), then the Demo and Admin tabs. No logic lives here.
 
 Keyboard shortcuts: Gradio has no hotkey API, so HEAD holds a small script that clicks the radios by `elem_id`.
 """
@@ -11,7 +11,9 @@ import gradio as gr
 
 from app.context import AppContext
 from app.ui import annotate
+from app.ui.admin_tab import build_admin_tab
 from app.ui.annotate import AnnotateView, Session, UiError
+from app.ui.demo_tab import build_demo_tab
 from storage.errors import StorageError
 
 # Keys: digits 1..9 give that answer the next free rank; Enter submits; Escape clears; "s" skips.
@@ -77,6 +79,8 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
                                          elem_id="pl-flag-reason")
                 flag_btn = gr.Button("Flag", scale=1, elem_id="pl-flag")
             message = gr.Markdown(elem_id="pl-message")
+        build_demo_tab(ctx)
+        build_admin_tab(ctx)  # shown to admins only; its handlers check the role themselves
 
         view_outputs = [session, prompt, counter, message, *answers, *ranks, *thumbs]
 
