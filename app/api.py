@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.context import AppContext
 from app.errors import ApiError
-from app.policy import with_max_new_tokens
+from app.policy import MAX_GENERATE_TOKENS, with_max_new_tokens
 from storage.exports import iter_export
 from storage.items import Item
 from storage.users import User
@@ -61,7 +61,7 @@ class UserBody(Body):
 class GenerateBody(Body):
     prompt: str = Field(min_length=1, max_length=20_000)
     version: int | None = Field(default=None, ge=0)
-    max_new_tokens: int | None = Field(default=None, ge=1, le=1024)
+    max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_GENERATE_TOKENS)
 
 
 def ctx(request: Request) -> AppContext:
@@ -181,5 +181,6 @@ def generate(body: GenerateBody, user: Annotated[User, Depends(current_user)], c
     if body.version is not None:
         c.ensure_version_loadable(body.version)
     params = with_max_new_tokens(c.config.sampling, body.max_new_tokens)
-    version, text = c.policy.generate(body.prompt, params, body.version)
+    with c.generation_slots.held():  # shared with the Demo tab: 429 when both slots are taken
+        version, text = c.policy.generate(body.prompt, params, body.version)
     return {"text": text, "version": version}

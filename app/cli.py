@@ -1,4 +1,4 @@
-"""`prefloop`: serve, users, prompts, export.
+"""`prefloop`: serve, users, prompts, export, simulate.
 
 A command that needs the store opens the DuckDB file itself, unless a running server holds it (DuckDB lets one
 process open a file): then it goes through that server's API with the local token in `server.json`, or, with no
@@ -73,6 +73,13 @@ def parser() -> argparse.ArgumentParser:
     exp = command("export", "write labels as JSONL: dpo / kto (TRL's formats) or raw rankings", run_export)
     exp.add_argument("--format", choices=["dpo", "kto", "rankings"], required=True)
     exp.add_argument("--out", type=Path, required=True)
+
+    from app.simulate import add_arguments as add_simulate_arguments  # httpx and the standard library only
+
+    sim = sub.add_parser("simulate", help="simulated annotators ranking through a running server's REST API",
+                         description="simulated annotators ranking through a running server's REST API")
+    add_simulate_arguments(sim)
+    sim.set_defaults(run=run_simulate)
     return top
 
 
@@ -128,21 +135,20 @@ def run_users_list(args) -> None:
 
 
 def run_prompts_import(args) -> None:
-    from storage.imports import import_prompt_file, read_prompt_file
+    from storage.imports import describe_import, import_prompt_file, read_prompt_file
 
     store, remote = open_store_or_server(data_dir(args))
     if remote:
         read = read_prompt_file(args.file, skip_invalid=args.skip_invalid)  # same validation, same messages
         result = remote.add_prompts(read.prompts)
-        added, duplicates, problems = result["added"], result["duplicates"], read.problems
+        lines = [describe_import(str(args.file), result["added"], result["duplicates"], read.problems),
+                 *(f"skipped: {p}" for p in read.problems)]
     else:
         with store:
-            result = import_prompt_file(store, args.file, skip_invalid=args.skip_invalid)
-        added, duplicates, problems = result.added, result.duplicates, result.problems
-    for problem in problems:
-        print(f"skipped: {problem.file} {problem.unit} {problem.line}: {problem.message}", file=sys.stderr)
-    print(f"imported {added} prompts from {args.file} ({duplicates} duplicates skipped, "
-          f"{len(problems)} invalid rows skipped)")
+            lines = import_prompt_file(store, args.file, skip_invalid=args.skip_invalid).report(str(args.file))
+    print(lines[0])
+    for line in lines[1:]:
+        print(line, file=sys.stderr)
 
 
 def run_export(args) -> None:
@@ -155,6 +161,12 @@ def run_export(args) -> None:
         with store:
             rows = export_jsonl(store, args.format, args.out)
     print(f"wrote {rows} {args.format} rows to {args.out}")
+
+
+def run_simulate(args) -> int:
+    from app.simulate import run
+
+    return run(args)
 
 
 if __name__ == "__main__":

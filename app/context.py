@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from app.buffer import ItemBuffer
 from app.config import ServeConfig
-from app.policy import PolicyService
+from app.policy import GenerationSlots, PolicyService
 from app.scheduler import TRIGGER_CONFIG, TRIGGER_LABELS, TRIGGER_MINUTES, Scheduler
 from learner.config import RoundConfig
 from learner.errors import ConfigError
@@ -34,6 +34,7 @@ class AppContext:
     buffer: ItemBuffer
     scheduler: Scheduler
     local_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    generation_slots: GenerationSlots = field(default_factory=GenerationSlots)  # Demo tab + /api/generate
 
     @classmethod
     def build(cls, config: ServeConfig, store: Store, policy: PolicyService) -> AppContext:

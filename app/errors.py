@@ -7,6 +7,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from app.policy import PolicyBusy
 from learner.errors import ConfigError, LearnerError, ModelError
 from storage.errors import Conflict, DataDirBusy, InvalidValue, LabelError, NotFound, PromptFileError, StorageError
 
@@ -67,6 +68,10 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(LearnerError)
     async def _learner_error(request: Request, exc: LearnerError):
         return _error(status_of(exc), str(exc))
+
+    @app.exception_handler(PolicyBusy)
+    async def _busy(request: Request, exc: PolicyBusy):
+        return JSONResponse({"error": str(exc)}, status_code=429, headers={"retry-after": "5"})
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

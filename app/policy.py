@@ -18,6 +18,36 @@ from learner.model import Device, load_base_model, load_tokenizer, pick_device, 
 from learner.sampling import SampledAnswer, SamplingParams, sample_answers, stream_answer
 
 MAX_LOADED_ADAPTERS = 4  # deployed + a few for the Demo's version picker; each SmolLM2 r=16 adapter is ~20 MB
+GENERATION_SLOTS = 2  # on-demand generations (Demo, /api/generate) in flight or waiting at once: one answering, one next
+MAX_GENERATE_TOKENS = 256  # ~10 s of SmolLM2 on a 2-core CPU: the longest one on-demand answer keeps the sampler waiting
+
+
+class PolicyBusy(Exception):
+    """Every generation slot is taken; the caller should retry in a few seconds."""
+
+
+class GenerationSlots:
+    """At most `size` on-demand generations (Demo tab, /api/generate) at once; one more is refused at once, not
+    queued. Item sampling runs in its own thread and labels never touch the model, so neither waits on these."""
+
+    def __init__(self, size: int = GENERATION_SLOTS):
+        self.size = size
+        self._semaphore = threading.BoundedSemaphore(size)
+
+    def acquire(self) -> None:
+        if not self._semaphore.acquire(blocking=False):
+            raise PolicyBusy(f"the model is busy ({self.size} answers are being generated); try again in a few seconds")
+
+    def release(self) -> None:
+        self._semaphore.release()
+
+    @contextmanager
+    def held(self):
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
 
 
 class PolicyService:

@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
 
 from app.api import router
+from app.api_admin import router as admin_router
 from app.api_train import router as train_router
 from app.config import ServeConfig
 from app.context import AppContext
@@ -38,6 +39,7 @@ def create_app(ctx: AppContext, with_ui: bool = True) -> FastAPI:
     install_handlers(app)
     app.include_router(router, max_body_size=MAX_BODY_BYTES)
     app.include_router(train_router, max_body_size=MAX_BODY_BYTES)
+    app.include_router(admin_router, max_body_size=MAX_BODY_BYTES)
 
     @app.get("/", include_in_schema=False)
     def root():

@@ -33,6 +33,16 @@ class ImportResult:
     invalid: int
     problems: list[Problem]
 
+    def report(self, name: str) -> list[str]:
+        """What the CLI prints and the Admin tab shows: a summary line, then one line per skipped row."""
+        return [describe_import(name, self.added, self.duplicates, self.problems),
+                *(f"skipped: {p}" for p in self.problems)]
+
+
+def describe_import(name: str, added: int, duplicates: int, problems: list[Problem]) -> str:
+    return (f"imported {added} prompts from {name} ({duplicates} duplicates skipped, "
+            f"{len(problems)} invalid rows skipped)")
+
 
 class _FileProblem(Exception):
     """The whole file cannot be read (internal: becomes a PromptFileError)."""

@@ -134,6 +134,19 @@ def test_generate_answers_from_the_deployed_version(ann):
     assert r.status_code == 200
     assert r.json()["version"] == 0 and isinstance(r.json()["text"], str)
     assert ann.post("/api/generate", json={"prompt": "hi", "version": 42}).status_code == 404
+    assert ann.post("/api/generate", json={"prompt": "hi", "max_new_tokens": 100_000}).status_code == 422
+
+
+def test_generate_shares_the_demo_limit(ctx, ann):
+    for _ in range(ctx.generation_slots.size):
+        ctx.generation_slots.acquire()
+    try:
+        r = ann.post("/api/generate", json={"prompt": "hi", "max_new_tokens": 2})
+        assert r.status_code == 429 and "busy" in r.json()["error"] and r.headers["retry-after"]
+    finally:
+        for _ in range(ctx.generation_slots.size):
+            ctx.generation_slots.release()
+    assert ann.post("/api/generate", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
 
 
 def test_openapi_documents_the_api(server):

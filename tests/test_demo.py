@@ -8,13 +8,14 @@ from itertools import pairwise
 import httpx
 import pytest
 
+from app.policy import GenerationSlots, PolicyBusy
 from app.ui import demo
 from app.ui.annotate import UiError
 from storage.errors import NotFound
 
 
 def test_chat_streams_more_than_one_update_and_keeps_the_conversation(ctx, accounts):
-    slots = demo.DemoSlots()
+    slots = ctx.generation_slots
     views = list(demo.chat(ctx, slots, "ann", (), "Tell me about <script>alert(1)</script> rivers", demo.DEPLOYED,
                            max_new_tokens=24))
     answers = [view.history[-1]["content"] for view in views]
@@ -31,7 +32,7 @@ def test_chat_streams_more_than_one_update_and_keeps_the_conversation(ctx, accou
 
 def test_side_by_side_answers_come_from_two_different_versions(ctx, accounts, add_version):
     add_version(scale=1.0)
-    slots = demo.DemoSlots()
+    slots = ctx.generation_slots
     views = list(demo.side_by_side(ctx, slots, "ann", "Name a colour.", "1", "0", seed=7, max_new_tokens=8))
     assert len(views) == 2 and views[0].right == "" and views[0].right_version is None
     final = views[-1]
@@ -44,9 +45,9 @@ def test_side_by_side_answers_come_from_two_different_versions(ctx, accounts, ad
 
 
 def test_demo_generation_is_bounded(ctx, accounts):
-    slots = demo.DemoSlots(size=1)
+    slots = GenerationSlots(size=1)
     slots.acquire()
-    with pytest.raises(UiError, match="the demo is busy"):
+    with pytest.raises(PolicyBusy, match="the model is busy"):
         next(demo.chat(ctx, slots, "ann", (), "hi"))
     slots.release()
     assert demo.demo_params(ctx, 10_000).max_new_tokens == demo.DEMO_MAX_NEW_TOKENS
@@ -72,7 +73,7 @@ def test_send_to_annotation_adds_the_prompt_to_the_pool(ctx, accounts):
 
 def test_labels_are_accepted_while_a_demo_answer_streams(ctx, server, accounts, sample_items):
     (item_id,) = sample_items(1)
-    slots = demo.DemoSlots()
+    slots = ctx.generation_slots
     stream = demo.chat(ctx, slots, "bob", (), "Write a long story.", max_new_tokens=128)
     next(stream)  # the answer has started: the demo holds the model until it ends
     assert ctx.policy._lock.locked()

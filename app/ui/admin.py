@@ -384,11 +384,7 @@ def upload_prompts(ctx: AppContext, username: str | None, path: str | None, skip
         raise UiError("choose a prompts file (.jsonl, .json, .csv or .parquet) first")
     result = import_prompt_file(ctx.store, Path(path), skip_invalid=bool(skip_invalid))
     ctx.buffer.wake()
-    summary = (f"imported {result.added} prompts from {Path(path).name} ({result.duplicates} duplicates skipped, "
-               f"{len(result.problems)} invalid rows skipped)")
-    lines = [summary]
-    lines += [f"skipped: {p}" for p in result.problems]
-    return "\n".join(lines)
+    return "\n".join(result.report(Path(path).name))
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import gradio as gr
 
 from app.context import AppContext
+from app.policy import PolicyBusy
 from app.ui import admin
 from app.ui.annotate import UiError
 from app.ui.render import quote_block
@@ -22,7 +23,7 @@ from storage.errors import StorageError
 from storage.exports import FORMATS
 from storage.users import ROLES
 
-HANDLED = (UiError, StorageError, LearnerError)  # shown as a toast; anything else is a bug and stays a 500
+HANDLED = (UiError, StorageError, LearnerError, PolicyBusy)  # shown as a toast; anything else is a bug: a 500
 OVERVIEW_EVERY_S = 2.0  # the Overview's live refresh while an admin has the page open
 
 

@@ -1,7 +1,7 @@
 """`build_demo_tab`: wiring the handlers of demo.py to Gradio components (any logged-in user). No logic lives here.
 
-Demo events share one concurrency group of DEMO_SLOTS workers, apart from the Annotate tab's events, so a queue at
-the Demo never delays a label; `demo.DemoSlots` enforces the same bound for programs calling the endpoints.
+Demo events share one concurrency group as wide as the generation slots, apart from the Annotate tab's events, so a queue at
+the Demo never delays a label; `ctx.generation_slots` enforces the same bound for programs calling the endpoints.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from app.ui.admin_tab import as_toast
 
 
 def build_demo_tab(ctx: AppContext) -> gr.Tab:
-    slots = demo.DemoSlots()
+    slots = ctx.generation_slots  # the same bound as /api/generate
     with gr.Tab("Demo", elem_id="pl-demo") as demo_tab, gr.Tabs():
         with gr.Tab("Chat"):
             history = gr.State(())
@@ -66,12 +66,12 @@ def build_demo_tab(ctx: AppContext) -> gr.Tab:
     pickers = [chat_version, left_version, right_version]
     gr.on([demo_tab.select], on_versions, outputs=pickers, api_visibility="undocumented", concurrency_limit=None)
     gr.on([send_btn.click, message.submit], on_chat, [history, message, chat_version, max_new_tokens],
-          [history, chatbot, message, chat_status], api_name="demo_chat", concurrency_limit=demo.DEMO_SLOTS,
+          [history, chatbot, message, chat_status], api_name="demo_chat", concurrency_limit=ctx.generation_slots.size,
           concurrency_id="demo")
     clear_btn.click(lambda: [(), [], ""], None, [history, chatbot, chat_status], api_visibility="private")
     compare_btn.click(on_compare, [prompt, left_version, right_version, seed, max_new_tokens],
                       [left, right, compare_status], api_name="demo_side_by_side",
-                      concurrency_limit=demo.DEMO_SLOTS, concurrency_id="demo")
+                      concurrency_limit=ctx.generation_slots.size, concurrency_id="demo")
     send_to_pool_btn.click(on_send_to_pool, prompt, compare_status, api_name="demo_send_to_annotation",
                            concurrency_limit=None)
     return demo_tab

@@ -1,0 +1,85 @@
+"""The REST API of the Admin tab's remaining actions (users, settings, roll back), admin only, under /api.
+
+Each calls the same function as the Admin tab (`AppContext` or the store), so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter
+from pydantic import Field
+
+from app.api import Admin, Body, Ctx
+from app.errors import ApiError
+from app.scheduler import TRIGGER_CONFIG, TRIGGER_LABELS, TRIGGER_MINUTES
+from app.ui.admin import GUIDELINES_SETTING, MAX_GUIDELINES_CHARS
+from app.ui.annotate import DEFAULT_GUIDELINES
+
+router = APIRouter(prefix="/api")
+
+
+class DisableBody(Body):
+    disabled: bool = True
+
+
+class RollBackBody(Body):
+    reason: str | None = Field(default=None, max_length=2000)
+
+
+class AutoTrainBody(Body):
+    every_labels: int = Field(ge=0, description="start a round every N new labels; 0 = off")
+    every_minutes: int = Field(ge=0, description="start a round every T minutes; 0 = off")
+    config: dict = Field(default_factory=dict, description="RoundConfig overrides for automatic rounds")
+
+
+class SettingsBody(Body):
+    overlap: int | None = Field(default=None, ge=1, le=100)
+    guidelines: str | None = Field(default=None, min_length=1, max_length=MAX_GUIDELINES_CHARS)
+    auto_train: AutoTrainBody | None = None
+
+
+@router.get("/users")
+def users(user: Admin, c: Ctx) -> list[dict]:
+    return [{"name": u.name, "role": u.role, "disabled": u.disabled} for u in c.store.users.list()]
+
+
+@router.post("/users/{name}/disable")
+def disable(name: str, user: Admin, c: Ctx, body: DisableBody | None = None) -> dict:
+    """Disable (or, with {"disabled": false}, re-enable) a user: they can neither log in nor use their token."""
+    disabled = True if body is None else body.disabled
+    if disabled and name == user.name:
+        raise ApiError(409, "you cannot disable your own account (another admin can)")
+    c.store.users.set_disabled(name, disabled)
+    return {"name": name, "disabled": disabled}
+
+
+@router.post("/versions/rollback")
+def roll_back(user: Admin, c: Ctx, body: RollBackBody | None = None) -> dict:
+    """Deploy the deployed version's parent; the version taken down is marked rolled_back."""
+    taken_down = c.policy.version
+    parent = c.roll_back(reason=(body.reason if body and body.reason else f"rolled back by {user.name}"))
+    return {"version": parent, "rolled_back": taken_down}
+
+
+@router.get("/settings")
+def settings(user: Admin, c: Ctx) -> dict:
+    s = c.store.settings
+    return {"overlap": c.config.overlap,
+            "guidelines": s.get(GUIDELINES_SETTING) or DEFAULT_GUIDELINES,
+            "auto_train": {"every_labels": int(s.get(TRIGGER_LABELS) or 0),
+                           "every_minutes": int(s.get(TRIGGER_MINUTES) or 0),
+                           "config": json.loads(s.get(TRIGGER_CONFIG) or "{}")}}
+
+
+@router.patch("/settings")
+def update_settings(body: SettingsBody, user: Admin, c: Ctx) -> dict:
+    """Change any of overlap, guidelines, auto_train; validated as a whole before anything is stored."""
+    if body.auto_train is not None:
+        a = body.auto_train
+        c.set_auto_train(a.every_labels, a.every_minutes, a.config)
+    if body.overlap is not None:
+        c.set_overlap(body.overlap)
+    if body.guidelines is not None:
+        c.store.settings.set(GUIDELINES_SETTING, body.guidelines.strip())
+    return settings(user, c)
