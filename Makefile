@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 # A CPU build where the registry offers one for this pin; a GPU user sets TORCH (see README, "GPU").
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed-stamp
+BROWSER := $(VENV)/.chromium-stamp
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS   ?=
 PYTEST_ARGS ?=
 
@@ -25,7 +27,13 @@ $(STAMP): pyproject.toml Makefile
 run: $(STAMP)
 	$(BIN)/prefloop serve $(ARGS)
 
-test: $(STAMP)
+# The browser tests drive Debian's chromium through Playwright (Playwright's own browser download is not used).
+$(BROWSER):
+	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+	touch $@
+
+test: $(STAMP) $(BROWSER)
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:

@@ -51,6 +51,7 @@ class Scheduler:
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
         self._worker: threading.Thread | None = None
+        self._algorithm: str | None = None
 
     # -- rounds -------------------------------------------------------------------------------------------------
     def start(self, overrides: dict) -> int:
@@ -62,6 +63,7 @@ class Scheduler:
                 raise Conflict(f"run {active.run_id if active else self._run_id} is already in progress")
             run_id = self.store.runs.create(round_config.algorithm, round_config.to_dict())
             self._run_id = run_id
+            self._algorithm = round_config.algorithm
         self._labels_at_last_round = self.store.labels.total()
         self._last_round_at = time.monotonic()
         self._worker = threading.Thread(target=self._execute, args=(run_id, round_config), name=f"round-{run_id}",
@@ -152,7 +154,9 @@ class Scheduler:
                 self._cancelled.discard(run_id)
 
     def _progress(self, run_id: int, event: dict) -> None:
-        fields = {k: event[k] for k in ("progress", "step", "loss") if event.get(k) is not None}
+        # step and loss are the policy's (the reward model's in a reward-only round); progress covers every phase.
+        counted = event.get("phase") in ("policy", "reward" if self._algorithm == "reward" else "policy")
+        fields = {k: event[k] for k in ("progress", *(("step", "loss") if counted else ())) if event.get(k) is not None}
         if "progress" in fields:
             fields["progress"] = min(1.0, max(0.0, float(fields["progress"])))
         if fields:
