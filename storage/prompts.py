@@ -39,6 +39,10 @@ def validate_prompt(text: Any) -> str:
         raise InvalidValue(f"prompt is {len(text)} characters, the limit is {MAX_PROMPT_CHARS}")
     if "\0" in text:
         raise InvalidValue("prompt contains a NUL character")
+    try:
+        text.encode("utf-8")  # a lone surrogate ("\ud800" in JSON) decodes to a str that UTF-8 cannot store
+    except UnicodeEncodeError as e:
+        raise InvalidValue(f"prompt is not valid Unicode: {e.reason} at character {e.start}") from None
     return text
 
 
