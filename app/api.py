@@ -19,11 +19,11 @@ from app.errors import ApiError
 from app.policy import MAX_GENERATE_TOKENS, with_max_new_tokens
 from storage.exports import iter_export
 from storage.items import Item
+from storage.labels import MAX_REASON_CHARS
 from storage.users import User
 
 router = APIRouter(prefix="/api")
 
-MAX_REASON_CHARS = 2000
 
 
 class Body(BaseModel):

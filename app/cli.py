@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from app.config import DEFAULT_DATA_DIR, build_config
-from learner.errors import LearnerError
 from app.remote import RemoteError
+from learner.errors import LearnerError
 from storage.errors import DataDirBusy, PromptFileError, StorageError
 
 

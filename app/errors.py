@@ -77,6 +77,11 @@ def install_handlers(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError):
         return _error(422, describe_validation(exc))
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        # A bug, not a refusal: logged with its traceback by the server; the client gets JSON, not a text page.
+        return _error(500, f"internal error ({type(exc).__name__}); the server log has the details")
+
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException):
         if not request.url.path.startswith("/api"):

@@ -18,8 +18,8 @@ from learner.model import Device, load_base_model, load_tokenizer, pick_device, 
 from learner.sampling import SampledAnswer, SamplingParams, sample_answers, stream_answer
 
 MAX_LOADED_ADAPTERS = 4  # deployed + a few for the Demo's version picker; each SmolLM2 r=16 adapter is ~20 MB
-GENERATION_SLOTS = 2  # on-demand generations (Demo, /api/generate) in flight or waiting at once: one answering, one next
-MAX_GENERATE_TOKENS = 256  # ~10 s of SmolLM2 on a 2-core CPU: the longest one on-demand answer keeps the sampler waiting
+GENERATION_SLOTS = 2  # on-demand generations (Demo, /api/generate) at once: one answering, one next in line
+MAX_GENERATE_TOKENS = 256  # ~10 s of SmolLM2 on a 2-core CPU: the longest an on-demand answer holds the model
 
 
 class PolicyBusy(Exception):
@@ -95,8 +95,8 @@ class PolicyService:
         """One answer (the last streamed text) from `version` (default: deployed)."""
         text = ""
         used = self.version if version is None else version
-        for text in self.stream(prompt, params, version):
-            pass
+        for piece in self.stream(prompt, params, version):
+            text = piece
         return used, text
 
     def stream(self, prompt: str | list[dict], params: SamplingParams, version: int | None = None) -> Iterator[str]:

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections import deque
+from datetime import UTC
 from pathlib import Path
 
 from app.config import ServeConfig
@@ -252,6 +253,6 @@ def _int(value: str | None) -> int:
 
 
 def _now():
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
-from fastapi.responses import RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 
 from app.api import router
 from app.api_admin import router as admin_router
@@ -32,6 +32,27 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 2 * 1024 * 1024  # /api bodies: a batch of prompts fits; a runaway upload never reaches the parser
 
 
+class DeclaredBodyLimit:
+    """ASGI middleware: a JSON 413 for /api requests that declare a body over the limit.
+
+    FastAPI's `max_body_size` (on the routers below) stops streamed bodies with a JSON error through our handlers,
+    but a declared Content-Length over the limit is answered by Starlette in plain text before any handler runs.
+    """
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/api"):
+            declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+            if declared.isdigit() and int(declared) > self.limit:
+                response = JSONResponse({"error": f"request body of {int(declared)} bytes; the limit is {self.limit}"},
+                                        status_code=413)
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def create_app(ctx: AppContext, with_ui: bool = True) -> FastAPI:
     app = FastAPI(title="prefloop", docs_url="/api/docs", openapi_url="/api/openapi.json", redoc_url=None,
                   description="Rank a language model's answers; the model learns from them.")
@@ -40,6 +61,7 @@ def create_app(ctx: AppContext, with_ui: bool = True) -> FastAPI:
     app.include_router(router, max_body_size=MAX_BODY_BYTES)
     app.include_router(train_router, max_body_size=MAX_BODY_BYTES)
     app.include_router(admin_router, max_body_size=MAX_BODY_BYTES)
+    app.add_middleware(DeclaredBodyLimit)
 
     @app.get("/", include_in_schema=False)
     def root():

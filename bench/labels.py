@@ -1,7 +1,7 @@
 """Labels/s the store sustains through the REST API with 1 and with 16 concurrent writers, and the p50/p99 latency
 of `GET /api/items/next` + `POST /api/items/{id}/ranking` with 16 concurrent clients.
 
-    .venv/bin/python bench/labels.py [--items 3000] [--seconds 20] [--model smollm2|DIR]
+    .venv/bin/python -m bench.labels [--items 3000] [--seconds 20] [--model smollm2|DIR]
 
 The server runs as a separate process (`prefloop serve`, background sampling off) on a free loopback port, over a
 data dir pre-filled with items, so the figures measure the label path, not generation. Prints; asserts nothing.

@@ -1,9 +1,9 @@
 """Learner benchmarks on the real SmolLM2-135M-Instruct. Prints figures; asserts nothing.
 
-    .venv/bin/python bench/learner.py step      # DPO step time + peak memory: reference by disable_adapter() vs a copy
-    .venv/bin/python bench/learner.py round     # wall time of one default round, split by phase, + the hot-swap pause
-    .venv/bin/python bench/learner.py api       # POST /api/train -> the new version's first item from /api/items/next
-    .venv/bin/python bench/learner.py all
+    .venv/bin/python -m bench.learner step      # DPO step time + peak memory: reference by disable_adapter() vs a copy
+    .venv/bin/python -m bench.learner round     # wall time of one default round, split by phase, + the hot-swap pause
+    .venv/bin/python -m bench.learner api       # POST /api/train -> the new version's first item from /api/items/next
+    .venv/bin/python -m bench.learner all
 
 `step` runs each reference mode in its own process so that peak memory (max RSS on a CPU, max allocated on a GPU)
 belongs to that mode alone. `round` and `api` label items with a simple preference (shorter answers first) so the
@@ -24,12 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-# Run as a script, bench/ comes first on sys.path and this file would shadow the `learner` package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "prefloop-data" / "models"  # the default data dir's converted model, shared with the app
 
 
@@ -37,7 +34,8 @@ def device_line() -> str:
     from learner.model import pick_device
 
     d = pick_device()
-    name = torch.cuda.get_device_name() if d.is_cuda else f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    cpu = f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    name = torch.cuda.get_device_name() if d.is_cuda else cpu
     return f"device: {name}, dtype {d.dtype}"
 
 
@@ -93,7 +91,8 @@ def bench_step() -> None:
     print(device_line())
     print("DPO step: LoRA r=16 all-linear, 4 pairs = 8 sequences x 192 tokens, mean of 3 steps after 1 warm-up")
     for mode in ("adapter", "copy"):
-        out = subprocess.run([sys.executable, __file__, "_step", mode], capture_output=True, text=True, cwd=ROOT)
+        out = subprocess.run([sys.executable, "-m", "bench.learner", "_step", mode], capture_output=True, text=True,
+                             cwd=ROOT)
         if out.returncode != 0:
             print(out.stderr[-2000:])
             raise SystemExit(1)
@@ -187,7 +186,8 @@ def bench_api(n_items: int) -> None:
                     break
                 time.sleep(0.2)
             answered = time.perf_counter()
-            print(f"POST /api/train -> first item of the new version from GET /api/items/next: {answered - started:.0f} s"
+            print("POST /api/train -> first item of the new version from GET /api/items/next: "
+                  f"{answered - started:.0f} s"
                   f" (of which {answered - deployed_at:.1f} s after the deploy: sampling the first new item)")
         finally:
             server.terminate()

@@ -1,7 +1,7 @@
 """Load: N concurrent simulated annotators for S seconds against `prefloop serve` in its own process; prints the
 p50/p99 latency of next-item and submit, the errors (must be 0) and the labels lost (must be 0).
 
-    .venv/bin/python bench/load.py [--annotators 50] [--seconds 120] [--mode prefilled|prefetch]
+    .venv/bin/python -m bench.load [--annotators 50] [--seconds 120] [--mode prefilled|prefetch]
                                    [--model smollm2|tiny|DIR] [--items 8000] [--think 0]
 
 prefilled (default): the data dir holds --items ready items and background sampling is off, so the figures measure

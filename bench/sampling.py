@@ -1,6 +1,6 @@
 """Tokens/s of K answers in ONE batched generate call vs K sequential calls (same model, same settings).
 
-    .venv/bin/python bench/sampling.py [--model smollm2|DIR] [--k 4] [--max-new-tokens 64] [--repeats 3]
+    .venv/bin/python -m bench.sampling [--model smollm2|DIR] [--k 4] [--max-new-tokens 64] [--repeats 3]
 
 Prints the figures; asserts nothing. The model is converted/cached under --data-dir like the app does.
 """

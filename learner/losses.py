@@ -95,7 +95,8 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
     rejected_logratio = policy_rejected - ref_rejected
     delta = chosen_logratio - rejected_logratio
     if chosen_tokens is not None and rejected_tokens is not None:
-        delta_per_token = chosen_logratio / chosen_tokens.clamp(min=1) - rejected_logratio / rejected_tokens.clamp(min=1)
+        delta_per_token = (chosen_logratio / chosen_tokens.clamp(min=1)
+                           - rejected_logratio / rejected_tokens.clamp(min=1))
     elif loss_type == "ipo":
         raise LearnerError("loss_type 'ipo' needs chosen_tokens and rejected_tokens (it normalises per token)")
     else:

@@ -249,7 +249,8 @@ def run_round(snapshot_dir: Path, base_model_dir: Path, parent_dir: Path | None,
         _report(progress, "eval", 0, 1)
         model.set_adapter(POLICY, inference_mode=True)
         eval_metrics = evaluate_policy(model, reward_model, tokenizer, eval_prompts, config,
-                                       reference=reference, parent=PARENT if parent_dir is not None else None, seed=config.seed + 1)
+                                       reference=reference, parent=PARENT if parent_dir is not None else None,
+                                       seed=config.seed + 1)
         _report(progress, "eval", 1, 1)
     timings["eval"] = time.monotonic() - started
     reward_history = reward_result.history if reward_result else []

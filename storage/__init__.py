@@ -1,1 +1,1 @@
-"""The label store: DuckDB schema, migrations, labels, imports, exports and snapshots. Imports neither app nor learner."""
+"""The label store: DuckDB schema, migrations, labels, imports, exports, snapshots. Imports neither app nor learner."""

@@ -10,6 +10,8 @@ from storage._common import as_aware, is_int, is_number
 from storage.db import Cursor, Database
 from storage.errors import Conflict, LabelError, NotFound
 
+MAX_REASON_CHARS = 2000  # a skip or flag reason: a sentence or two for the admin who reviews it
+
 FEEDBACK_VALUES = ("up", "down")
 
 
@@ -132,6 +134,7 @@ class Labels:
         """Record that `user_id` is done with an item without ranking it; returns the skip id."""
         if reason is not None and not isinstance(reason, str):
             raise LabelError(f"skip reason must be a string, got {type(reason).__name__}")
+        _check_reason_length("skip", reason)
         with self.db.write() as cur:
             _item_answers(cur, item_id)
             _check_user(cur, user_id)
@@ -150,6 +153,7 @@ class Labels:
         the app adds a skip for that."""
         if not isinstance(reason, str) or not reason.strip():
             raise LabelError("a flag needs a reason")
+        _check_reason_length("flag", reason)
         with self.db.write() as cur:
             _item_answers(cur, item_id)
             _check_user(cur, user_id)
@@ -172,3 +176,8 @@ class Labels:
     def total(self, since: datetime | None = None, user_id: int | None = None) -> int:
         """Rankings + feedback (see `counts`)."""
         return self.counts(since, user_id).total()
+
+
+def _check_reason_length(kind: str, reason: str | None) -> None:
+    if reason is not None and len(reason) > MAX_REASON_CHARS:
+        raise LabelError(f"the {kind} reason is {len(reason)} characters, the limit is {MAX_REASON_CHARS}")

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from app.cli import main
+from storage.errors import LabelError
 from storage.prompts import MAX_PROMPT_CHARS
 from storage.store import Store
 
@@ -225,7 +226,7 @@ def test_bad_bodies_unknown_ids_and_huge_uploads_write_nothing(ctx, ann, boss, s
     refused(ann.post("/api/generate", json={"prompt": "hi", "version": 999999}), 404)
     refused(boss.get("/api/export", params={"format": "csv'; --"}), 422)
     huge = boss.post("/api/prompts", json={"prompts": ["y" * 3_000_000]})
-    assert huge.status_code == 413 and "Too Large" in huge.text  # plain text: see the xfail test below
+    assert huge.status_code == 413 and "limit" in huge.json()["error"]
 
     def chunks():  # no content-length: the limit must hold for a streamed upload too
         for _ in range(40):
@@ -235,8 +236,6 @@ def test_bad_bodies_unknown_ids_and_huge_uploads_write_nothing(ctx, ann, boss, s
     assert rows(ctx) == before
 
 
-@pytest.mark.xfail(strict=True, reason="a body whose content-length is over 2 MiB gets starlette's text/plain 413 "
-                                       "(RequestBodyLimitMiddleware), not the README's JSON {'error': ...}")
 def test_413_for_a_declared_length_is_a_json_error(boss):
     refused(boss.post("/api/prompts", json={"prompts": ["y" * 3_000_000]}), 413)
 
@@ -284,13 +283,12 @@ def test_gradio_endpoints_refuse_bad_input_and_write_nothing(ctx, server, accoun
     assert rows(ctx) == before
 
 
-@pytest.mark.xfail(strict=True, reason="app/ui/annotate.py flag() has no length limit; REST caps reasons at 2000")
 def test_flag_reason_from_the_ui_is_capped_like_the_rest_api(ctx, accounts, sample_items):
     from app.ui import annotate
 
     sample_items(1)
     view = annotate.next_view(ctx, "ann")  # the handler behind the /flag endpoint, called as blocks.py calls it
-    with pytest.raises(annotate.UiError):
+    with pytest.raises(LabelError, match="limit is 2000"):  # blocks.py shows storage refusals as a toast
         annotate.flag(ctx, "ann", view.session, "x" * 1_000_000)
     assert ctx.store.labels.counts().flags == 0
 

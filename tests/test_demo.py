@@ -65,9 +65,11 @@ def test_demo_generation_is_bounded(ctx, accounts):
 def test_send_to_annotation_adds_the_prompt_to_the_pool(ctx, accounts):
     before = ctx.store.prompts.count()
     assert demo.send_to_annotation(ctx, "ann", "  What do herons eat in winter?  ").startswith("Sent")
-    assert demo.send_to_annotation(ctx, "bob", "What do herons eat in winter?") == "This prompt is already in the annotation pool."
+    again = demo.send_to_annotation(ctx, "bob", "What do herons eat in winter?")
+    assert again == "This prompt is already in the annotation pool."
     assert ctx.store.prompts.count() == before + 1
-    source = ctx.store.db.cursor().execute("SELECT source FROM prompts WHERE text = 'What do herons eat in winter?'").fetchone()
+    source = ctx.store.db.cursor().execute(
+        "SELECT source FROM prompts WHERE text = 'What do herons eat in winter?'").fetchone()
     assert source == ("demo:ann",)
 
 

@@ -52,7 +52,7 @@ def test_no_request_fails_during_swaps(ctx, server, accounts, add_version):
                 r = c.post("/api/generate", json={"prompt": "count", "max_new_tokens": 4})
                 results.append((r.status_code, r.json().get("version", -1)))
 
-    threads = [threading.Thread(target=generate) for _ in range(4)]
+    threads = [threading.Thread(target=generate) for _ in range(ctx.generation_slots.size)]
     for t in threads:
         t.start()
     for v in [*versions, 0, versions[0]]:

@@ -26,7 +26,8 @@ def test_each_persona_prefers_what_it_says():
     short, long = "Paris.", "The capital of France is, as many people know, the city of Paris. " * 3
     assert concise.score("Capital of France?", short) > concise.score("Capital of France?", long)
     assert concise.score("q", "") < concise.score("q", long)  # an empty answer is no answer
-    assert (concise.thumbs("q", short), concise.thumbs("q", long * 3), concise.thumbs("q", "")) == ("up", "down", "down")
+    thumbs = (concise.thumbs("q", short), concise.thumbs("q", long * 3), concise.thumbs("q", ""))
+    assert thumbs == ("up", "down", "down")
 
     listed = "Tips:\n1. Sleep early.\n2. No screens.\n- Keep it dark."
     prose = "Sleep early, avoid screens, keep the room dark. 1 tip: be regular."

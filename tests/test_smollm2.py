@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from learner.model import load_base_model, load_tokenizer, pick_device, resolve_model

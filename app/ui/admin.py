@@ -274,7 +274,7 @@ def loss_curve(ctx: AppContext, username: str | None, run_id: int | None) -> pd.
         return empty
     run = ctx.store.runs.get(int(run_id))
     steps = ctx.store.runs.steps(run.run_id)
-    rows = [(int(s), float(l), "policy") for s, l in zip(steps["step"], steps["loss"], strict=True)]
+    rows = [(int(step), float(loss), "policy") for step, loss in zip(steps["step"], steps["loss"], strict=True)]
     metrics = ctx.store.versions.get(run.version).metrics if run.version is not None else run.metrics or {}
     if not rows:
         rows = _history_rows(metrics.get("history"), "policy")

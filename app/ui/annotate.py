@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from app.context import AppContext
 from app.ui.render import quote_block
@@ -54,7 +54,7 @@ def user_of(ctx: AppContext, username: str | None) -> User:
 
 
 def counter_text(ctx: AppContext, user: User) -> str:
-    midnight = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     today = ctx.store.labels.counts(since=midnight, user_id=user.user_id)
     waiting = ctx.buffer.waiting_count()
     return f"**{today.rankings}** rankings today · **{waiting}** items waiting"

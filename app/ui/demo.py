@@ -2,7 +2,8 @@
 answered by two versions side by side, and "send to annotation".
 
 Demo generation shares the one model with item sampling, and must never hold up the annotation path:
-- `GenerationSlots` (shared with /api/generate): at most a few generations in flight or waiting for the model; one more is told to retry, so a
+- `GenerationSlots` (shared with /api/generate): at most a few generations in flight or waiting for the model;
+  one more is told to retry, so a
   crowd at the Demo cannot queue the sampler behind an unbounded line;
 - answers are capped at DEMO_MAX_NEW_TOKENS, which bounds how long one demo answer holds the model;
 - a chat answer is drained by a thread of its own, so the model is released when the answer ends even if the

@@ -1,6 +1,7 @@
 """`build_demo_tab`: wiring the handlers of demo.py to Gradio components (any logged-in user). No logic lives here.
 
-Demo events share one concurrency group as wide as the generation slots, apart from the Annotate tab's events, so a queue at
+Demo events share one concurrency group as wide as the generation slots, apart from the Annotate tab's events,
+so a queue at
 the Demo never delays a label; `ctx.generation_slots` enforces the same bound for programs calling the endpoints.
 """
 
