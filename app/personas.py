@@ -31,8 +31,9 @@ class Persona:
 
 
 # -- concise: the fewer words the better ---------------------------------------------------------------------------
-CONCISE_UP_WORDS = 30  # a short paragraph: a reader gets it at a glance
-CONCISE_DOWN_WORDS = 80  # a wall of text for a chat answer
+CONCISE_UP_WORDS = 25  # two or three sentences: a reader gets it at a glance
+CONCISE_DOWN_WORDS = 50  # a long paragraph; also reachable under the app's 96-token cap (~70 words), so thumbs
+# from this persona are both up and down on real SmolLM2 answers rather than all up
 
 
 def word_count(text: str) -> int:

@@ -105,6 +105,34 @@ def server(ctx, accounts):
 
 
 @pytest.fixture
+def api(server, accounts):
+    """api(name=None, token=None) -> an httpx client for the server, with that account's (or that) token."""
+    import httpx
+
+    made = []
+
+    def make(name: str | None = None, token: str | None = None) -> httpx.Client:
+        token = accounts[name][1] if name else token
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        made.append(httpx.Client(base_url=server.url, headers=headers, timeout=120))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.close()
+
+
+@pytest.fixture
+def ann(api):
+    return api("ann")
+
+
+@pytest.fixture
+def boss(api):
+    return api("boss")
+
+
+@pytest.fixture
 def sample_items(ctx):
     """sample_items(n): put n items in the buffer by hand (tests run no background sampler)."""
     from storage.items import AnswerRecord

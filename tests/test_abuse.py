@@ -41,10 +41,6 @@ HTTP_METHODS = {"get", "post", "put", "patch", "delete"}
 FAST = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def client(server, token: str | None = None) -> httpx.Client:
-    headers = {"authorization": f"Bearer {token}"} if token else {}
-    return httpx.Client(base_url=server.url, headers=headers, timeout=60)
-
 
 def rows(ctx) -> dict[str, int]:
     cur = ctx.store.db.cursor()
@@ -59,19 +55,11 @@ def refused(r: httpx.Response, *statuses: int) -> str:
     return message
 
 
-@pytest.fixture
-def ann(server, accounts):
-    return client(server, accounts["ann"][1])
-
-
-@pytest.fixture
-def boss(server, accounts):
-    return client(server, accounts["boss"][1])
 
 
 # -- authorization ---------------------------------------------------------------------------------------------------
-def test_every_admin_endpoint_refuses_annotators_and_anonymous(ctx, server, ann):
-    spec = client(server).get("/api/openapi.json").json()
+def test_every_admin_endpoint_refuses_annotators_and_anonymous(ctx, server, ann, api):
+    spec = api().get("/api/openapi.json").json()
     operations = {(method.upper(), path) for path, ops in spec["paths"].items() for method in ops
                   if method in HTTP_METHODS}
     assert NOT_ADMIN <= operations, "the allow-list names an endpoint the API no longer has"
@@ -81,17 +69,17 @@ def test_every_admin_endpoint_refuses_annotators_and_anonymous(ctx, server, ann)
     for method, path in sorted(admin_only):
         url = re.sub(r"\{[^}]+\}", "1", path)
         body = {} if method != "GET" else None
-        refused(client(server).request(method, url, json=body), 401)
-        refused(client(server, "not-a-token").request(method, url, json=body), 401)
+        refused(api().request(method, url, json=body), 401)
+        refused(api(token="not-a-token").request(method, url, json=body), 401)
         assert "admin" in refused(ann.request(method, url, json=body), 403)
     for method, path in sorted(NOT_ADMIN - {("GET", "/api/health")}):
-        refused(client(server).request(method, re.sub(r"\{[^}]+\}", "1", path)), 401)
+        refused(api().request(method, re.sub(r"\{[^}]+\}", "1", path)), 401)
     assert rows(ctx) == before
 
 
-def test_the_local_cli_token_administers_but_cannot_label(ctx, server, sample_items):
+def test_the_local_cli_token_administers_but_cannot_label(ctx, server, sample_items, api):
     (item_id,) = sample_items(1)
-    local = client(server, ctx.local_token)
+    local = api(token=ctx.local_token)
     assert local.get("/api/versions").status_code == 200
     refused(local.get("/api/items/next"), 403)
     refused(local.post(f"/api/items/{item_id}/ranking", json={"ranking": [1, 2, 3, 4]}), 403)

@@ -4,33 +4,15 @@ from __future__ import annotations
 
 import threading
 
-import httpx
-import pytest
 
-
-def client(server, token: str | None = None) -> httpx.Client:
-    headers = {"authorization": f"Bearer {token}"} if token else {}
-    return httpx.Client(base_url=server.url, headers=headers, timeout=60)
-
-
-@pytest.fixture
-def ann(server, accounts):
-    return client(server, accounts["ann"][1])
-
-
-@pytest.fixture
-def boss(server, accounts):
-    return client(server, accounts["boss"][1])
-
-
-def test_health_needs_no_token(server):
-    body = client(server).get("/api/health").json()
+def test_health_needs_no_token(server, api):
+    body = api().get("/api/health").json()
     assert body == {"status": "ok", "policy_version": 0, "labels": 0}
 
 
-def test_401_without_or_with_a_bad_token(server):
-    assert client(server).get("/api/items/next").status_code == 401
-    r = client(server, "not-a-token").get("/api/items/next")
+def test_401_without_or_with_a_bad_token(server, api):
+    assert api().get("/api/items/next").status_code == 401
+    r = api(token="not-a-token").get("/api/items/next")
     assert r.status_code == 401 and "error" in r.json()
 
 
@@ -38,13 +20,13 @@ def test_204_when_nothing_waits(ann):
     assert ann.get("/api/items/next").status_code == 204
 
 
-def test_next_item_is_reserved_and_stable(ctx, server, accounts, ann, sample_items):
+def test_next_item_is_reserved_and_stable(ctx, server, accounts, ann, sample_items, api):
     sample_items(2)
     first = ann.get("/api/items/next").json()
     assert set(first) == {"item_id", "prompt", "answers"}
     assert len(first["answers"]) == 4 and set(first["answers"][0]) == {"answer_id", "text"}
     assert ann.get("/api/items/next").json() == first  # a reload shows the same item, same order
-    other = client(server, accounts["bob"][1]).get("/api/items/next").json()
+    other = api("bob").get("/api/items/next").json()
     assert other["item_id"] != first["item_id"]  # reserved: not given to a second annotator (overlap 1)
 
 
@@ -113,11 +95,11 @@ def test_bad_prompts_write_nothing(ctx, boss):
     assert ctx.store.prompts.count() == before
 
 
-def test_admin_creates_users_and_exports(ctx, ann, boss, server, sample_items):
+def test_admin_creates_users_and_exports(ctx, ann, boss, server, sample_items, api):
     r = boss.post("/api/users", json={"name": "cleo", "role": "annotator"})
     assert r.status_code == 201
     token = r.json()["token"]
-    assert client(server, token).get("/api/me").json() == {"name": "cleo", "role": "annotator"}
+    assert api(token=token).get("/api/me").json() == {"name": "cleo", "role": "annotator"}
     assert ann.post("/api/users", json={"name": "eve", "role": "admin"}).status_code == 403
     sample_items(1)
     item = ann.get("/api/items/next").json()
@@ -149,14 +131,14 @@ def test_generate_shares_the_demo_limit(ctx, ann):
     assert ann.post("/api/generate", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
 
 
-def test_openapi_documents_the_api(server):
-    spec = client(server).get("/api/openapi.json").json()
+def test_openapi_documents_the_api(server, api):
+    spec = api().get("/api/openapi.json").json()
     for path in ("/api/items/next", "/api/items/{item_id}/ranking", "/api/answers/{answer_id}/feedback",
                  "/api/items/{item_id}/skip", "/api/prompts", "/api/health"):
         assert path in spec["paths"]
 
 
-def test_concurrent_annotators_every_acknowledged_label_stored_once(ctx, server, accounts, sample_items):
+def test_concurrent_annotators_every_acknowledged_label_stored_once(ctx, server, accounts, sample_items, api):
     sample_items(24)
     tokens = [ctx.store.users.add(f"worker{i}", "annotator", f"worker{i}-password")[2] for i in range(8)]
     acknowledged: list[int] = []
@@ -164,7 +146,7 @@ def test_concurrent_annotators_every_acknowledged_label_stored_once(ctx, server,
     lock = threading.Lock()
 
     def work(token: str) -> None:
-        with client(server, token) as c:
+        with api(token=token) as c:
             while True:
                 r = c.get("/api/items/next")
                 if r.status_code == 204:

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import httpx
-import pytest
 
-
-@pytest.fixture
-def boss(server, accounts):
-    return httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {accounts['boss'][1]}"}, timeout=60)
-
-
-def test_users_list_disable_and_enable(server, boss, accounts):
+def test_users_list_disable_and_enable(server, boss, accounts, api):
     names = {u["name"]: u for u in boss.get("/api/users").json()}
     assert names["ann"] == {"name": "ann", "role": "annotator", "disabled": False}
     assert boss.post("/api/users/ann/disable").status_code == 200
-    ann = httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {accounts['ann'][1]}"})
+    ann = api("ann")
     assert ann.get("/api/items/next").status_code == 401
     assert boss.post("/api/users/ann/disable", json={"disabled": False}).status_code == 200
     assert ann.get("/api/items/next").status_code == 204

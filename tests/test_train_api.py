@@ -34,10 +34,6 @@ def wait_run(c: httpx.Client, run_id: int, timeout: float = 300) -> dict:
     raise AssertionError(f"run {run_id} did not finish: {run}")
 
 
-@pytest.fixture
-def boss(server, accounts):
-    return httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {accounts['boss'][1]}"}, timeout=60)
-
 
 @pytest.mark.parametrize("algorithm", ["dpo", "kto"])
 def test_round_through_the_api_deploys_a_new_version(ctx, server, boss, accounts, sample_items, algorithm):
@@ -88,8 +84,8 @@ def test_bad_config_is_422_and_starts_nothing(ctx, server, boss):
     assert ctx.store.runs.list(10) == []
 
 
-def test_annotators_cannot_train_or_deploy(server, accounts):
-    ann = httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {accounts['ann'][1]}"})
+def test_annotators_cannot_train_or_deploy(server, accounts, api):
+    ann = api("ann")
     assert ann.post("/api/train", json={}).status_code == 403
     assert ann.get("/api/versions").status_code == 403
     assert ann.post("/api/versions/0/deploy").status_code == 403
