@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -121,7 +122,8 @@ class Scheduler:
                 if run_id in self._cancelled:
                     raise _Cancelled
                 self._process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                                 text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                                 text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                                 preexec_fn=_die_with_parent)
             drain = threading.Thread(target=lambda: stderr_tail.extend(self._process.stderr), daemon=True)
             drain.start()
             done = None
@@ -232,6 +234,25 @@ class Scheduler:
 
 class _Cancelled(Exception):
     """The admin cancelled the run."""
+
+
+def _prctl():
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+
+
+_PRCTL = _prctl()  # resolved here: between fork and exec the child should run as little Python as possible
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the round's process, before exec: be killed when the server dies (Linux), even by kill -9, so a crashed
+    server leaves no orphan round training on (and writing a version nobody registers). Elsewhere a no-op."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _event(line: str) -> dict | None:

@@ -122,3 +122,16 @@ def test_cancel_a_running_round(ctx, server, boss, sample_items):
     assert run["status"] == "cancelled"
     assert boss.post(f"/api/runs/{run_id}/cancel").status_code == 409
     assert boss.get("/api/health").json()["policy_version"] == 0
+
+
+def test_every_n_labels_starts_a_round_by_itself(ctx, server, boss, ann, sample_items):
+    r = boss.patch("/api/settings", json={"auto_train": {"every_labels": 3, "every_minutes": 0, "config": QUICK}})
+    assert r.status_code == 200
+    for item_id in sample_items(3):
+        assert ctx.store.runs.list(10) == []  # not before the third label
+        item = ann.get("/api/items/next").json()
+        ann.post(f"/api/items/{item['item_id']}/ranking", json={"ranking": [a["answer_id"] for a in item["answers"]]})
+    runs = boss.get("/api/runs").json()
+    assert len(runs) == 1
+    assert wait_run(boss, runs[0]["run_id"])["status"] == "succeeded"
+    assert boss.get("/api/health").json()["policy_version"] == 1
