@@ -59,8 +59,8 @@ class ItemBuffer:
             self._expire(now)
             held = [r for r in self._reservations.values() if r.user_id == user_id]
             for reservation in sorted(held, key=lambda r: r.since):  # a reload shows the same item again
-                if reservation.item_id in self.store.items.waiting(
-                        user_id, self.min_version, self.config.overlap, limit=10_000):
+                if self.store.items.waiting(user_id, self.min_version, self.config.overlap,
+                                            only=[reservation.item_id], limit=1):
                     return self.store.items.get(reservation.item_id)
                 self._release(reservation.item_id, user_id)
             busy = self._busy_items(exclude_user=user_id)

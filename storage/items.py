@@ -135,10 +135,11 @@ class Items:
         return self.db.cursor().execute("SELECT count(*) FROM items").fetchone()[0]
 
     def waiting(
-        self, user_id: int, min_version: int, overlap: int, exclude: Iterable[int] = frozenset(), limit: int = 20
+        self, user_id: int, min_version: int, overlap: int, exclude: Iterable[int] = frozenset(), limit: int = 20,
+        only: Iterable[int] | None = None,
     ) -> list[int]:
         """Ids of items `user_id` may label next, oldest first: policy_version >= min_version, done (ranked or
-        skipped) by fewer than `overlap` annotators, never by `user_id`, and not in `exclude`."""
+        skipped) by fewer than `overlap` annotators, never by `user_id`, not in `exclude`, and in `only` if given."""
         rows = self.db.cursor().execute(
             f"""WITH done AS ({_DONE}),
                 per_item AS (SELECT item_id, count(*) AS n, bool_or(user_id = $user_id) AS mine
@@ -148,6 +149,7 @@ class Items:
                   AND coalesce(d.n, 0) < $overlap
                   AND NOT coalesce(d.mine, false)
                   AND NOT list_contains($exclude::BIGINT[], i.item_id)
+                  AND ($only::BIGINT[] IS NULL OR list_contains($only::BIGINT[], i.item_id))
                 ORDER BY i.created_at, i.item_id
                 LIMIT $limit""",
             {
@@ -155,6 +157,7 @@ class Items:
                 "min_version": min_version,
                 "overlap": overlap,
                 "exclude": sorted(exclude),
+                "only": None if only is None else sorted(only),
                 "limit": limit,
             },
         ).fetchall()

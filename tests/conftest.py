@@ -179,3 +179,4 @@ def add_version(ctx, tiny_model_dir):
         return version
 
     return add
+
