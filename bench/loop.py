@@ -21,6 +21,7 @@ Prints the table (markdown) and asserts nothing.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -39,15 +40,20 @@ MODELS = ROOT / "prefloop-data" / "models"
 HELD_OUT = [  # never in the training pool (the starter set): the judge's prompts
     "What is a good way to start learning to draw?", "Why do cats purr?", "How does a bicycle stay upright?",
     "What should I pack for a weekend hike?", "Explain what inflation is.", "How do vaccines work?",
-    "What is the difference between weather and climate?", "Why is the ocean salty?", "How do I boil an egg?",
+    "Why do onions make people cry?", "Why is the ocean salty?", "How do I boil an egg?",
     "What makes a good password?", "Why do leaves change colour in autumn?", "What is a black hole?",
     "How can I improve my sleep?", "What is machine learning?", "How do bees make honey?",
-    "What causes thunder?", "How do I write a cover letter?", "Why do we have seasons?",
+    "What causes thunder?", "How do I write a cover letter?", "How do submarines dive and surface?",
     "What is the tallest animal?", "How does a refrigerator keep food cold?", "What is photosynthesis for?",
     "How do I make a cup of tea?", "Why is exercise good for you?", "What does a compiler do?",
 ]
 ROUND = {"max_new_tokens": 64}  # rollouts and eval answers of a round; everything else is RoundConfig's default
 DEFAULT_STEPS = 12  # RoundConfig's default steps per round (learner/config.py)
+
+
+def starter_prompts() -> set[str]:
+    with open(ROOT / "storage" / "starter_prompts.jsonl", encoding="utf-8") as f:
+        return {json.loads(line)["prompt"] for line in f if line.strip()}
 
 
 def start_server(data_dir: Path, max_staleness: int) -> tuple[subprocess.Popen, str]:
@@ -176,6 +182,9 @@ def main() -> None:
     p.add_argument("--arms", default="offline,semi-online,kto")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    overlap = set(HELD_OUT) & starter_prompts()
+    if overlap:
+        raise SystemExit(f"held-out prompts must not be in the training pool (the starter set): {sorted(overlap)}")
     if not (MODELS / "smollm2" / "config.json").is_file():
         raise SystemExit(f"run `make run` once (or bench.sampling) so that {MODELS / 'smollm2'} exists")
     print(f"machine: {os.cpu_count()} cores, no GPU; model SmolLM2-135M-Instruct; arms {args.arms}", flush=True)
