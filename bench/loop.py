@@ -1,7 +1,9 @@
 """The learning benchmark: at the same budget of human labels, does labelling the current policy (semi-online) beat
 labelling a stale one (offline)? A miniature of arXiv 2506.21495 / 2405.08448 on this CPU, end to end.
 
-    .venv/bin/python -m bench.loop [--persona concise] [--labels 48] [--every 16] [--eval-prompts 16]
+    .venv/bin/python -m bench.loop [--persona concise] [--labels 32] [--every 16] [--eval-prompts 12]
+
+With these defaults the whole table takes about 46 minutes on a 2-core CPU (docs/benchmarks.md).
 
 Every arm runs the real server (`prefloop serve`, a separate process, the real SmolLM2) and the real scheduler:
 simulated annotators label through the REST API only, rounds start with `POST /api/train`, and the gate decides what
@@ -173,11 +175,11 @@ def table(results: list[dict], args) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--persona", default="concise")
-    p.add_argument("--labels", type=int, default=48, help="label budget per arm (rankings)")
+    p.add_argument("--labels", type=int, default=32, help="label budget per arm (rankings)")
     p.add_argument("--every", type=int, default=16, help="labels between rounds in the semi-online arms")
     p.add_argument("--annotators", type=int, default=2)
     p.add_argument("--noise", type=float, default=0.0)
-    p.add_argument("--eval-prompts", type=int, default=16)
+    p.add_argument("--eval-prompts", type=int, default=12, help=f"held-out prompts judged (at most {len(HELD_OUT)})")
     p.add_argument("--samples", type=int, default=1, help="answers per held-out prompt and model")
     p.add_argument("--arms", default="offline,semi-online,kto")
     p.add_argument("--seed", type=int, default=0)
