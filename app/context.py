@@ -10,6 +10,7 @@ import hmac
 import json
 import secrets
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from app.buffer import ItemBuffer
 from app.config import ServeConfig
@@ -68,8 +69,6 @@ class AppContext:
         record = self.store.versions.get(version)  # NotFound -> 404
         if not record.path:
             raise NotFound(f"version {version} has no adapter on disk")
-        from pathlib import Path
-
         self.policy.register(version, Path(record.path) / "adapter")
 
     def set_overlap(self, overlap: int) -> None:
