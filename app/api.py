@@ -7,13 +7,13 @@ Each label is committed before the 201 leaves; a request that fails writes nothi
 from __future__ import annotations
 
 import json
-import random
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.buffer import shown_answers
 from app.context import AppContext
 from app.errors import ApiError
 from app.policy import MAX_GENERATE_TOKENS, with_max_new_tokens
@@ -99,10 +99,8 @@ Ctx = Annotated[AppContext, Depends(ctx)]
 
 def item_json(item: Item, user_id: int) -> dict:
     """The item as an annotator sees it: answers in an order of their own, no policy version."""
-    answers = list(item.answers)
-    random.Random(item.item_id * 1_000_003 + user_id).shuffle(answers)  # stable across reloads, differs per user
     return {"item_id": item.item_id, "prompt": item.prompt,
-            "answers": [{"answer_id": a.answer_id, "text": a.text} for a in answers]}
+            "answers": [{"answer_id": a.answer_id, "text": a.text} for a in shown_answers(item, user_id)]}
 
 
 @router.get("/health")

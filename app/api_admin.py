@@ -5,14 +5,11 @@ Each calls the same function as the Admin tab (`AppContext` or the store), so th
 
 from __future__ import annotations
 
-import json
-
 from fastapi import APIRouter
 from pydantic import Field
 
 from app.api import Admin, Body, Ctx
 from app.errors import ApiError
-from app.scheduler import TRIGGER_CONFIG, TRIGGER_LABELS, TRIGGER_MINUTES
 from app.ui.admin import GUIDELINES_SETTING, MAX_GUIDELINES_CHARS
 from app.ui.annotate import DEFAULT_GUIDELINES
 
@@ -64,12 +61,11 @@ def roll_back(user: Admin, c: Ctx, body: RollBackBody | None = None) -> dict:
 
 @router.get("/settings")
 def settings(user: Admin, c: Ctx) -> dict:
-    s = c.store.settings
+    auto = c.scheduler.auto_train()
     return {"overlap": c.config.overlap,
-            "guidelines": s.get(GUIDELINES_SETTING) or DEFAULT_GUIDELINES,
-            "auto_train": {"every_labels": int(s.get(TRIGGER_LABELS) or 0),
-                           "every_minutes": int(s.get(TRIGGER_MINUTES) or 0),
-                           "config": json.loads(s.get(TRIGGER_CONFIG) or "{}")}}
+            "guidelines": c.store.settings.get(GUIDELINES_SETTING) or DEFAULT_GUIDELINES,
+            "auto_train": {"every_labels": auto.every_labels, "every_minutes": auto.every_minutes,
+                           "config": auto.config}}
 
 
 @router.patch("/settings")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from app.config import ServeConfig
 from app.policy import PolicyService
-from storage.items import AnswerRecord, Item
+from storage.items import Answer, AnswerRecord, Item
 from storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,14 @@ class Reservation:
     item_id: int
     since: float  # time.monotonic() when handed out: the label's "seconds taken" counts from here
     until: float
+
+
+def shown_answers(item: Item, user_id: int) -> list[Answer]:
+    """The item's answers in the order this annotator sees them: shuffled so position carries no signal of which
+    sample came first, stable across reloads, different for each annotator (REST and UI show the same order)."""
+    answers = list(item.answers)
+    random.Random(item.item_id * 1_000_003 + user_id).shuffle(answers)
+    return answers
 
 
 class ItemBuffer:

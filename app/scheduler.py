@@ -21,7 +21,8 @@ import sys
 import threading
 import time
 from collections import deque
-from datetime import UTC
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from app.config import ServeConfig
@@ -36,6 +37,19 @@ log = logging.getLogger(__name__)
 TRIGGER_LABELS = "auto_train_every_labels"  # settings keys; "0" or missing = off
 TRIGGER_MINUTES = "auto_train_every_minutes"
 TRIGGER_CONFIG = "auto_train_config"  # JSON of RoundConfig overrides used by automatic rounds
+
+
+@dataclass(frozen=True)
+class AutoTrain:
+    """The automatic triggers as stored in settings."""
+
+    every_labels: int  # 0 = off
+    every_minutes: int  # 0 = off
+    config: dict  # RoundConfig overrides automatic rounds use
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.every_labels or self.every_minutes)
 
 
 class Scheduler:
@@ -198,8 +212,13 @@ class Scheduler:
         self.on_deploy(version)
 
     # -- automatic triggers -------------------------------------------------------------------------------------
+    def auto_train(self) -> AutoTrain:
+        s = self.store.settings
+        return AutoTrain(_int(s.get(TRIGGER_LABELS)), _int(s.get(TRIGGER_MINUTES)),
+                         json.loads(s.get(TRIGGER_CONFIG) or "{}"))
+
     def on_label(self) -> None:
-        every = _int(self.store.settings.get(TRIGGER_LABELS))
+        every = self.auto_train().every_labels
         if every and self.store.labels.total() - self._labels_at_last_round >= every:
             self._auto("labels")
 
@@ -219,14 +238,13 @@ class Scheduler:
 
     def _tick(self) -> None:
         while not self._stop.wait(10.0):
-            minutes = _int(self.store.settings.get(TRIGGER_MINUTES))
+            minutes = self.auto_train().every_minutes
             if minutes and time.monotonic() - self._last_round_at >= minutes * 60:
                 self._auto("timer")
 
     def _auto(self, why: str) -> None:
-        overrides = json.loads(self.store.settings.get(TRIGGER_CONFIG) or "{}")
         try:
-            run_id = self.start(overrides)
+            run_id = self.start(self.auto_train().config)
             log.info("automatic round %s started (%s)", run_id, why)
         except Conflict:
             pass  # a round is already running; the next trigger tries again
@@ -273,7 +291,5 @@ def _int(value: str | None) -> int:
         return 0
 
 
-def _now():
-    from datetime import datetime
-
+def _now() -> datetime:
     return datetime.now(UTC)

@@ -8,7 +8,6 @@ CLI (`ctx.scheduler`, `ctx.store`, `storage.imports`, `storage.exports`); this f
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,6 @@ from pathlib import Path
 import pandas as pd
 
 from app.context import AppContext
-from app.scheduler import TRIGGER_CONFIG, TRIGGER_LABELS, TRIGGER_MINUTES
 from app.ui.annotate import DEFAULT_GUIDELINES, UiError, user_of
 from app.ui.render import neutralise_html
 from learner.config import RoundConfig
@@ -175,13 +173,11 @@ class TriggersView:
 
 def triggers(ctx: AppContext, username: str | None, message: str = "") -> TriggersView:
     require_admin(ctx, username)
-    settings = ctx.store.settings
-    labels, minutes = _setting_int(settings.get(TRIGGER_LABELS)), _setting_int(settings.get(TRIGGER_MINUTES))
-    config = json.loads(settings.get(TRIGGER_CONFIG) or "{}")
-    if not message and (labels or minutes):
-        settings_used = ", ".join(f"{k}={v}" for k, v in config.items()) or "the defaults"
+    auto = ctx.scheduler.auto_train()
+    if not message and auto.enabled:
+        settings_used = ", ".join(f"{k}={v}" for k, v in auto.config.items()) or "the defaults"
         message = f"Automatic rounds are on, with {settings_used}."
-    return TriggersView(bool(labels or minutes), labels, minutes, config, message)
+    return TriggersView(auto.enabled, auto.every_labels, auto.every_minutes, auto.config, message)
 
 
 def save_triggers(ctx: AppContext, username: str | None, enabled: bool, every_labels: int | None,
@@ -197,10 +193,6 @@ def save_triggers(ctx: AppContext, username: str | None, enabled: bool, every_la
     message = (f"Automatic rounds on: every {labels or '-'} labels / {minutes or '-'} minutes."
                if enabled else "Automatic rounds off.")
     return triggers(ctx, username, message)
-
-
-def _setting_int(value: str | None) -> int:
-    return int(value) if value and value.isdigit() else 0
 
 
 # -- Versions ---------------------------------------------------------------------------------------------------

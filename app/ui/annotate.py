@@ -6,10 +6,10 @@ annotator must fix (shown as a toast), and let storage errors through for `block
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from app.buffer import shown_answers
 from app.context import AppContext
 from app.ui.render import quote_block
 from storage.items import Item
@@ -72,8 +72,7 @@ def next_view(ctx: AppContext, username: str | None, message: str = "") -> Annot
 
 
 def _item_view(ctx: AppContext, user: User, item: Item, message: str) -> AnnotateView:
-    answers = list(item.answers)
-    random.Random(item.item_id * 1_000_003 + user.user_id).shuffle(answers)  # the same order as the REST API
+    answers = shown_answers(item, user.user_id)
     texts = tuple(f"**{answer_label(i)}**\n\n{quote_block(a.text)}" for i, a in enumerate(answers))
     texts += ("",) * (ctx.config.k - len(answers))
     return AnnotateView(
