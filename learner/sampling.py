@@ -8,7 +8,7 @@ were drawn).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from threading import Thread
 
@@ -77,30 +77,75 @@ def eos_token_ids(tokenizer, model) -> set[int]:
 def sample_answers(model, tokenizer, prompt: str | list[dict], k: int, params: SamplingParams,
                    seed: int | None = None) -> list[SampledAnswer]:
     """K answers to one prompt from one batched `generate` call (the prompt repeated K times, so no padding)."""
+    return sample_many(model, tokenizer, [prompt], k, params, seed=seed)[0]
+
+
+class _ChosenLogprobs:
+    """A logits processor that records log p(chosen token) at temperature 1 without keeping every step's logits.
+
+    `generate` calls processors with the raw logits of step t before the temperature/top-p warpers (which it appends
+    after custom processors); at step t+1 the token drawn at t is the last column of `input_ids`, so the log-softmax
+    kept from step t is gathered then and dropped. Memory is one (rows, vocab) tensor instead of (rows, T, vocab):
+    8 items x K=4 x 64 tokens of SmolLM2's 49k vocabulary would otherwise hold 400 MB of logits.
+    """
+
+    def __init__(self) -> None:
+        self.previous: torch.Tensor | None = None  # (rows, vocab) log-softmax of the last step's raw logits
+        self.chosen: list[torch.Tensor] = []  # per step: (rows,) log p of the token drawn
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._collect(input_ids[:, -1])
+        self.previous = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def _collect(self, tokens: torch.Tensor) -> None:
+        if self.previous is not None:
+            self.chosen.append(self.previous.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
+
+    def finish(self, sequences: torch.Tensor, steps: int) -> torch.Tensor:
+        """(rows, steps) log-probs of the generated tokens, once `generate` returned `sequences`."""
+        if steps:
+            self._collect(sequences[:, -1])
+        self.previous = None
+        if not self.chosen:
+            return torch.zeros(sequences.shape[0], 0)
+        return torch.stack(self.chosen, dim=1)[:, :steps]
+
+
+@torch.no_grad()
+def sample_many(model, tokenizer, prompts: Sequence[str | list[dict]], k: int, params: SamplingParams,
+                seed: int | None = None) -> list[list[SampledAnswer]]:
+    """K answers to each of several prompts from ONE `generate` call: each prompt repeated K times, left-padded.
+
+    Left padding keeps every row's last prompt token at the same position, where generation continues. Batching
+    items is what makes a CPU keep up with annotators: the weights are read once per token for every row.
+    """
     if k < 1:
         raise ConfigError(f"k must be >= 1, got {k}")
+    if not prompts:
+        return []
     device = next(model.parameters()).device
-    prompt_ids = torch.tensor([encode_prompt(tokenizer, prompt)] * k, device=device)
+    rows = [ids for ids in (encode_prompt(tokenizer, p) for p in prompts) for _ in range(k)]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, ids in enumerate(rows):
+        input_ids[i, width - len(ids):] = torch.tensor(ids)
+        attention_mask[i, width - len(ids):] = 1
     if seed is not None:
         torch.manual_seed(seed)
-    out = model.generate(
-        input_ids=prompt_ids,
-        attention_mask=torch.ones_like(prompt_ids),
-        do_sample=True,
-        temperature=params.temperature,
-        top_p=params.top_p,
-        top_k=0,
-        max_new_tokens=params.max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=sorted(eos_token_ids(tokenizer, model)),
-        output_logits=True,  # raw logits: log-probs at temperature 1, before top-p
-        return_dict_in_generate=True,
+    eos_ids = eos_token_ids(tokenizer, model)
+    recorder = _ChosenLogprobs()
+    sequences = model.generate(
+        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=True,
+        temperature=params.temperature, top_p=params.top_p, top_k=0, max_new_tokens=params.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos_ids),
+        logits_processor=[recorder],  # log-probs at temperature 1, before top-p
     )
-    new_tokens = out.sequences[:, prompt_ids.shape[1]:]  # (k, T)
-    logits = torch.stack(out.logits, dim=1).float()  # (k, T, vocab)
-    token_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
-    return [_answer(tokenizer, new_tokens[i], token_logprobs[i], eos_token_ids(tokenizer, model))
-            for i in range(k)]
+    new_tokens = sequences[:, width:]  # (rows, T)
+    token_logprobs = recorder.finish(sequences, new_tokens.shape[1]).cpu()
+    answers = [_answer(tokenizer, new_tokens[i].cpu(), token_logprobs[i], eos_ids) for i in range(len(rows))]
+    return [answers[p * k:(p + 1) * k] for p in range(len(prompts))]
 
 
 def _answer(tokenizer, tokens: torch.Tensor, logprobs: torch.Tensor, eos_ids: set[int]) -> SampledAnswer:

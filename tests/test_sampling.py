@@ -47,3 +47,23 @@ def test_stream_yields_growing_text(tiny_model, tiny_tokenizer):
                                  SamplingParams(max_new_tokens=10, temperature=1.0)))
     assert len(updates) > 1
     assert all(later.startswith(earlier) for earlier, later in zip(updates, updates[1:]))
+
+
+def test_several_prompts_in_one_call_match_one_prompt_at_a_time(tiny_model, tiny_tokenizer):
+    """Left padding must not change an answer: near-greedy sampling of prompts of different lengths in one batch
+    gives each prompt the same text and log-prob as sampling it alone."""
+    from learner.sampling import sample_many
+
+    params = SamplingParams(max_new_tokens=10, temperature=1e-4, top_p=1.0)
+    prompts = ["hi", "Explain in detail how a hash table resolves collisions, with an example."]
+    batched = sample_many(tiny_model, tiny_tokenizer, prompts, k=2, params=params, seed=0)
+    assert [len(answers) for answers in batched] == [2, 2]
+    for prompt, answers in zip(prompts, batched):
+        (alone,) = sample_answers(tiny_model, tiny_tokenizer, prompt, k=1, params=params, seed=0)
+        # Log-probs are of the raw distribution (temperature 1), not of the near-greedy one the tokens came from,
+        # where every token would score ~0: a random model gives each token a log-prob of about -10.
+        assert alone.logprob_sum < -alone.token_count
+        for answer in answers:
+            assert answer.text == alone.text
+            assert answer.token_count == alone.token_count
+            assert answer.logprob_sum == pytest.approx(alone.logprob_sum, abs=1e-3)
