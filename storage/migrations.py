@@ -13,6 +13,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from storage.errors import Conflict
+
 if TYPE_CHECKING:
     from storage.db import Cursor, Database
 
@@ -238,3 +240,20 @@ def m007_runs(cur: Cursor) -> None:
 @migration
 def m008_settings(cur: Cursor) -> None:
     cur.execute("CREATE TABLE settings (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)")
+
+
+@migration
+def m009_user_names_unique_ignoring_case(cur: Cursor) -> None:
+    # Issue 8: 'ADMIN' beside 'admin' let one account pass for another. Names stay as typed and login matches
+    # them exactly; this index only forbids two names that differ in case alone.
+    rows = cur.execute("""
+        SELECT list(name ORDER BY user_id) FROM users GROUP BY lower(name) HAVING count(*) > 1
+        ORDER BY min(user_id)""").fetchall()
+    if rows:
+        clashes = "; ".join(", ".join(repr(name) for name in names) for (names,) in rows)
+        raise Conflict(
+            "cannot make user names unique regardless of case: these names differ only in case: "
+            f"{clashes}. Rename all but one of each group (e.g. in the duckdb shell: UPDATE users SET name = "
+            "'alice2' WHERE name = 'Alice'), then open the data dir again; nothing was changed."
+        )
+    cur.execute("CREATE UNIQUE INDEX users_name_ignoring_case ON users (lower(name))")
