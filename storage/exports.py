@@ -1,5 +1,19 @@
 """Exports for other tools (DPO / KTO JSONL as TRL reads them, raw rankings) and the Parquet snapshots a training
-round reads. Everything is written to a temporary name and renamed into place, so a crash never leaves half a file."""
+round reads. Everything is written to a temporary name and renamed into place, so a crash never leaves half a file.
+
+DPO and KTO rows are in TRL's *conversational* format by default: `prompt` is the list of messages prefloop sampled
+from ([{"role": "user", "content": ...}]) and `chosen` / `rejected` / `completion` are one assistant message each, so
+TRL renders them with the model's own chat template, exactly as prefloop did when it sampled the answers. The
+`plain` style writes strings instead (TRL then trains on the untemplated prompt and appends EOS itself).
+
+Every row also carries, beside TRL's columns (which TRL's chat-template step ignores):
+- the finish reason of each answer ("eos", or "length" when `max_new_tokens` cut it off). TRL closes every assistant
+  turn with the template's end-of-turn token (and appends EOS in the plain style), so a cut-off answer is trained as if
+  the model had chosen to stop there. Drop such rows (`drop_truncated`) or filter on these columns before training.
+- `policy_version`: the version that generated the answers (0 = the base model).
+- `annotator_id`: the store's integer user id, never the name. Datasets travel (a hub upload, a paper's artefact); an
+  id is enough to group labels by person and for agreement, and it names nobody. The names stay in the DuckDB file.
+"""
 
 from __future__ import annotations
 
@@ -20,67 +34,127 @@ if TYPE_CHECKING:
 
 FETCH_ROWS = 1000  # rows per fetchmany: exports stream, the whole table never sits in memory
 
+# "conversational" is the default: TRL applies the chat template prefloop sampled with (issue 11).
+STYLES = ("conversational", "plain")
+
+# $drop: when true, leave out every row with an answer cut off by max_new_tokens (finish_reason "length").
+_DPO_SQL = """
+    SELECT p.prompt, p.chosen, p.rejected, ca.finish_reason, ja.finish_reason, p.policy_version, p.annotator_id,
+           p.ranking_id, p.item_id
+    FROM pairs p
+    JOIN answers ca ON ca.answer_id = p.chosen_answer_id
+    JOIN answers ja ON ja.answer_id = p.rejected_answer_id
+    WHERE NOT $drop OR (ca.finish_reason <> 'length' AND ja.finish_reason <> 'length')
+    ORDER BY p.ranking_id, p.chosen_rank, p.rejected_rank"""
+
+_KTO_SQL = """
+    SELECT u.prompt, u.completion, u.label, a.finish_reason, u.policy_version, f.user_id, u.feedback_id, u.item_id
+    FROM unary u
+    JOIN answers a ON a.answer_id = u.answer_id
+    JOIN feedback f ON f.feedback_id = u.feedback_id
+    WHERE NOT $drop OR a.finish_reason <> 'length'
+    ORDER BY u.feedback_id"""
+
 _RANKINGS_SQL = """
-    SELECT r.ranking_id, r.item_id, u.name, i.policy_version, p.text,
-           list(a.text ORDER BY ra.rank), list(a.answer_id ORDER BY ra.rank), r.seconds, r.created_at
+    SELECT r.ranking_id, r.item_id, r.user_id, i.policy_version, p.text,
+           list(a.text ORDER BY ra.rank), list(a.answer_id ORDER BY ra.rank),
+           list(a.finish_reason ORDER BY ra.rank), r.seconds, r.created_at
     FROM rankings r
     JOIN ranking_answers ra ON ra.ranking_id = r.ranking_id
     JOIN answers a ON a.answer_id = ra.answer_id
     JOIN items i ON i.item_id = r.item_id
     JOIN prompts p ON p.prompt_id = i.prompt_id
-    JOIN users u ON u.user_id = r.user_id
     GROUP BY ALL
+    HAVING NOT $drop OR bool_and(a.finish_reason <> 'length')
     ORDER BY r.ranking_id"""
 
 
-def _ranking(row: tuple) -> dict:
+def _user(text: str, conversational: bool) -> str | list[dict]:
+    """The prompt as prefloop sampled it: one user turn (learner.sampling.chat_messages), or the bare string."""
+    return [{"role": "user", "content": text}] if conversational else text
+
+
+def _assistant(text: str, conversational: bool) -> str | list[dict]:
+    return [{"role": "assistant", "content": text}] if conversational else text
+
+
+def _dpo(row: tuple, conversational: bool) -> dict:
+    return {
+        "prompt": _user(row[0], conversational),
+        "chosen": _assistant(row[1], conversational),
+        "rejected": _assistant(row[2], conversational),
+        "chosen_finish_reason": row[3],
+        "rejected_finish_reason": row[4],
+        "policy_version": row[5],
+        "annotator_id": row[6],
+        "ranking_id": row[7],
+        "item_id": row[8],
+    }
+
+
+def _kto(row: tuple, conversational: bool) -> dict:
+    return {
+        "prompt": _user(row[0], conversational),
+        "completion": _assistant(row[1], conversational),
+        "label": row[2],
+        "finish_reason": row[3],
+        "policy_version": row[4],
+        "annotator_id": row[5],
+        "feedback_id": row[6],
+        "item_id": row[7],
+    }
+
+
+def _ranking(row: tuple, conversational: bool) -> dict:
+    """A whole ranking, best first; raw strings in either style (no trainer reads this format as is)."""
     return {
         "ranking_id": row[0],
         "item_id": row[1],
-        "annotator": row[2],
+        "annotator_id": row[2],
         "policy_version": row[3],
         "prompt": row[4],
         "answers": row[5],  # best first
         "answer_ids": row[6],
-        "seconds": row[7],
-        "created_at": utc(row[8]).isoformat(),
+        "finish_reasons": row[7],
+        "seconds": row[8],
+        "created_at": utc(row[9]).isoformat(),
     }
 
 
-# Format -> (query, row -> record). "dpo" and "kto" are the column names TRL's DPOTrainer / KTOTrainer expect.
-FORMATS: dict[str, tuple[str, Callable[[tuple], dict]]] = {
-    "dpo": (
-        "SELECT prompt, chosen, rejected FROM pairs ORDER BY ranking_id, chosen_rank, rejected_rank",
-        lambda row: {"prompt": row[0], "chosen": row[1], "rejected": row[2]},
-    ),
-    "kto": (
-        "SELECT prompt, completion, label FROM unary ORDER BY feedback_id",
-        lambda row: {"prompt": row[0], "completion": row[1], "label": row[2]},
-    ),
+# Format -> (query, (row, conversational) -> record). "dpo" and "kto" hold the columns TRL's DPOTrainer / KTOTrainer
+# read (prompt, chosen, rejected / prompt, completion, label); "rankings" holds each ranking whole.
+FORMATS: dict[str, tuple[str, Callable[[tuple, bool], dict]]] = {
+    "dpo": (_DPO_SQL, _dpo),
+    "kto": (_KTO_SQL, _kto),
     "rankings": (_RANKINGS_SQL, _ranking),
 }
 
 
-def iter_export(store: Store, fmt: str) -> Iterator[dict]:
-    """The records of export format `fmt` ("dpo", "kto" or "rankings"), streamed from one consistent read."""
+def iter_export(store: Store, fmt: str, style: str = "conversational", drop_truncated: bool = False) -> Iterator[dict]:
+    """The records of export format `fmt` ("dpo", "kto" or "rankings"), streamed from one consistent read.
+
+    style: "conversational" (TRL's messages) or "plain" (strings); drop_truncated: leave out every row that holds an
+    answer cut off by max_new_tokens. Bad arguments raise InvalidValue before anything is read."""
     if fmt not in FORMATS:
         raise InvalidValue(f"unknown export format {fmt!r}, expected one of {', '.join(FORMATS)}")
+    if style not in STYLES:
+        raise InvalidValue(f"unknown export style {style!r}, expected one of {', '.join(STYLES)}")
     sql, record = FORMATS[fmt]
-    return _stream(store, sql, record)
+    return _stream(store, sql, {"drop": bool(drop_truncated)}, lambda row: record(row, style == "conversational"))
 
 
-def _stream(store: Store, sql: str, record: Callable[[tuple], dict]) -> Iterator[dict]:
+def _stream(store: Store, sql: str, params: dict, record: Callable[[tuple], dict]) -> Iterator[dict]:
     with store.db.reader() as cur:
-        cur.execute(sql)
+        cur.execute(sql, params)
         while rows := cur.fetchmany(FETCH_ROWS):
             for row in rows:
                 yield record(row)
 
 
-def export_jsonl(store: Store, fmt: str, out: Path) -> int:
-    """Write export format `fmt` to `out` as JSON lines; returns the number of rows."""
+def export_jsonl(store: Store, fmt: str, out: Path, style: str = "conversational", drop_truncated: bool = False) -> int:
+    """Write export format `fmt` to `out` as JSON lines (see iter_export); returns the number of rows."""
     out = Path(out)
-    records = iter_export(store, fmt)  # raises on an unknown format before any file exists
+    records = iter_export(store, fmt, style, drop_truncated)  # raises on bad arguments before any file exists
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     try:
         count = 0
