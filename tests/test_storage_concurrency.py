@@ -40,7 +40,7 @@ def test_write_rolls_back_on_error_and_does_not_nest(tmp_path):
 
 def test_eight_threads_labelling_at_once_store_each_label_exactly_once(tmp_path):
     store = Store.open(tmp_path)
-    users = [store.users.add(f"annotator{n}", "annotator", password="pw")[0] for n in range(THREADS)]
+    users = [store.users.add(f"annotator{n}", "annotator", password="password")[0] for n in range(THREADS)]
     prompt_ids = store.prompts.add([f"Question {n}?" for n in range(ITEMS)]).prompt_ids
     items = [
         store.items.add(p, 0, {}, [AnswerRecord(f"answer {k}", 5, "eos", -2.0) for k in range(4)]) for p in prompt_ids
@@ -107,7 +107,7 @@ LABELLER = """
     from storage.store import Store
 
     store = Store(Path(sys.argv[1]))
-    user, _, _ = store.users.add("alice", "annotator", password="pw")
+    user, _, _ = store.users.add("alice", "annotator", password="password")
     for n in range(100_000):
         prompt_id = store.prompts.add([f"Question {n}?"]).prompt_ids[0]
         item = store.items.add(prompt_id, 0, {}, [AnswerRecord(f"a{k}", 3, "eos", -1.0) for k in range(3)])
