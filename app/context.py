@@ -14,6 +14,7 @@ from pathlib import Path
 
 from app.buffer import ItemBuffer
 from app.config import ServeConfig
+from app.login import Sessions
 from app.policy import GenerationSlots, PolicyService
 from app.scheduler import TRIGGER_CONFIG, TRIGGER_LABELS, TRIGGER_MINUTES, Scheduler
 from learner.config import RoundConfig
@@ -36,6 +37,7 @@ class AppContext:
     scheduler: Scheduler
     local_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     generation_slots: GenerationSlots = field(default_factory=GenerationSlots)  # Demo tab + /api/generate
+    sessions: Sessions = field(default_factory=Sessions)  # browser logins for /ui and /admin (app/web_guard.py)
 
     @classmethod
     def build(cls, config: ServeConfig, store: Store, policy: PolicyService) -> AppContext:
