@@ -165,9 +165,13 @@ def add_user(body: UserBody, user: Admin, c: Ctx) -> dict:
 
 
 @router.get("/export")
-def export(user: Admin, c: Ctx, format: Annotated[Literal["dpo", "kto", "rankings"], Query()] = "dpo"):
-    """Labels as JSONL in the formats TRL reads (dpo, kto) or raw rankings."""
-    rows = list(iter_export(c.store, format))  # read before streaming, so a failure is a clean error status
+def export(user: Admin, c: Ctx, format: Annotated[Literal["dpo", "kto", "rankings"], Query()] = "dpo",
+           style: Annotated[Literal["conversational", "plain"], Query(
+               description="dpo/kto: TRL's chat messages (default) or plain strings")] = "conversational",
+           drop_truncated: Annotated[bool, Query(
+               description="leave out rows holding an answer cut off by max_new_tokens")] = False):
+    """Labels as JSONL in the formats TRL reads (dpo, kto) or raw rankings (storage/exports.py: the columns)."""
+    rows = list(iter_export(c.store, format, style, drop_truncated))  # read first: a failure is a clean status
     lines = (json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     return StreamingResponse(lines, media_type="application/jsonl",
                              headers={"content-disposition": f'attachment; filename="prefloop-{format}.jsonl"'})

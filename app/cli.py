@@ -73,6 +73,10 @@ def parser() -> argparse.ArgumentParser:
     exp = command("export", "write labels as JSONL: dpo / kto (TRL's formats) or raw rankings", run_export)
     exp.add_argument("--format", choices=["dpo", "kto", "rankings"], required=True)
     exp.add_argument("--out", type=Path, required=True)
+    exp.add_argument("--plain", dest="style", action="store_const", const="plain", default="conversational",
+                     help="dpo/kto: plain strings instead of TRL's chat messages (TRL then skips the chat template)")
+    exp.add_argument("--drop-truncated", action="store_true",
+                     help="leave out rows holding an answer cut off by max_new_tokens (finish_reason 'length')")
 
     from app.simulate import add_arguments as add_simulate_arguments  # httpx and the standard library only
 
@@ -156,10 +160,10 @@ def run_export(args) -> None:
 
     store, remote = open_store_or_server(data_dir(args))
     if remote:
-        rows = remote.export(args.format, args.out)
+        rows = remote.export(args.format, args.out, args.style, args.drop_truncated)
     else:
         with store:
-            rows = export_jsonl(store, args.format, args.out)
+            rows = export_jsonl(store, args.format, args.out, args.style, args.drop_truncated)
     print(f"wrote {rows} {args.format} rows to {args.out}")
 
 

@@ -49,8 +49,9 @@ class RemoteServer:
     def add_prompts(self, prompts: list[str]) -> dict:
         return self._call("POST", "/api/prompts", json={"prompts": prompts}).json()
 
-    def export(self, fmt: str, out: Path) -> int:
-        response = self._call("GET", "/api/export", params={"format": fmt})
+    def export(self, fmt: str, out: Path, style: str = "conversational", drop_truncated: bool = False) -> int:
+        params = {"format": fmt, "style": style, "drop_truncated": str(drop_truncated).lower()}
+        response = self._call("GET", "/api/export", params=params)
         tmp = out.with_name(out.name + ".partial")
         tmp.write_bytes(response.content)
         os.replace(tmp, out)
