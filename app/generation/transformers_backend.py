@@ -1,0 +1,106 @@
+"""The in-process transformers backend: one base model, one serving copy per version with its adapter merged.
+
+Why merged copies: serving a LoRA adapter unmerged costs two extra small matmuls per linear layer at every token;
+merged, a version runs at the base model's speed (bench/serving.py prints both). A copy per version also lets the
+item sampler and an on-demand answer (Demo, /api/generate) use different versions at once without switching adapters
+under a lock. The cost is one model's memory per served version (SmolLM2-135M: ~0.5 GB in fp32); the app's
+PolicyService bounds how many it keeps and drops the rest, and large models belong on the OpenAI-compatible backend
+(vLLM keeps one base and many adapters).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from app.generation.backend import ItemRequest, group_by_version
+from learner.errors import ModelError
+from learner.model import Device, load_base_model, load_tokenizer
+from learner.sampling import SampledAnswer, SamplingParams, sample_many, stream_answer
+
+
+class TransformersBackend:
+    def __init__(self, model_path: Path, device: Device, merge: bool = True):
+        self.model_path = model_path
+        self.device = device
+        self.merge = merge  # False: serve the adapter unmerged (bench/serving.py measures the difference)
+        self.tokenizer = load_tokenizer(model_path)
+        self.base = load_base_model(model_path, device)
+        self._models: dict[int, torch.nn.Module] = {0: self.base}
+        self._adapters: dict[int, Path] = {}
+        self._lock = threading.Lock()  # guards the dicts; generation itself runs outside it
+
+    def load_version(self, version: int, adapter_dir: Path | None) -> None:
+        if version == 0:
+            return
+        with self._lock:
+            if version in self._models:
+                return
+        if adapter_dir is None or not (Path(adapter_dir) / "adapter_config.json").is_file():
+            raise ModelError(f"version {version}: {adapter_dir} holds no LoRA adapter (adapter_config.json missing)")
+        model = self._build(Path(adapter_dir))
+        with self._lock:
+            self._models.setdefault(version, model)
+            self._adapters[version] = Path(adapter_dir)
+
+    def drop_version(self, version: int) -> None:
+        if version == 0:
+            return
+        with self._lock:
+            self._models.pop(version, None)
+            self._adapters.pop(version, None)
+
+    def loaded_versions(self) -> list[int]:
+        with self._lock:
+            return sorted(self._models)
+
+    def sample_items(self, requests: Sequence[ItemRequest], params: SamplingParams) -> list[list[SampledAnswer]]:
+        out: list[list[SampledAnswer] | None] = [None] * len(requests)
+        for version, indices in group_by_version(requests).items():
+            model = self._model(version)
+            ks = {requests[i].k for i in indices}
+            if len(ks) != 1:
+                raise ModelError(f"one batch needs one k, got {sorted(ks)}")
+            answers = sample_many(model, self.tokenizer, [requests[i].prompt for i in indices], ks.pop(), params,
+                                  seed=requests[indices[0]].seed)
+            for i, item_answers in zip(indices, answers):
+                out[i] = item_answers
+        return out  # type: ignore[return-value]
+
+    def stream(self, messages: list[dict], params: SamplingParams, version: int,
+               seed: int | None = None) -> Iterator[str]:
+        model = self._model(version)
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield from stream_answer(model, self.tokenizer, messages, params)
+
+    def close(self) -> None:
+        with self._lock:
+            self._models = {0: self.base}
+
+    # -- internals ------------------------------------------------------------------------------------------------
+    def _model(self, version: int) -> torch.nn.Module:
+        with self._lock:
+            if version not in self._models:
+                raise ModelError(f"version {version} is not loaded in the policy backend")
+            return self._models[version]
+
+    def _build(self, adapter_dir: Path) -> torch.nn.Module:
+        """A serving copy of the base with the adapter applied (merged into the weights unless `merge` is off)."""
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(copy.deepcopy(self.base), adapter_dir, is_trainable=False)
+            if self.merge:
+                model = model.merge_and_unload()
+        except Exception as exc:  # peft/safetensors raise many types for a broken adapter; name the directory
+            raise ModelError(f"the adapter in {adapter_dir} could not be loaded: {type(exc).__name__}: {exc}") from exc
+        model.eval()
+        for param in model.parameters():
+            param.requires_grad_(False)
+        return model
+

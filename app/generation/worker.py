@@ -1,0 +1,251 @@
+"""The policy worker: the transformers backend in its own process, so the web process never runs the model.
+
+    web process (FastAPI, Gradio, DuckDB)  --pipe-->  worker process (model, merged serving copies)
+        WorkerBackend.sample_items / stream / load_version        TransformersBackend
+
+The app still owns the DuckDB file (one writer): the worker only hands answers back. Inside the worker three kinds
+of work never wait for each other: item batches run one at a time on their own thread; on-demand answers (Demo,
+/api/generate) each get a thread of their own, so a chat starts streaming while an item batch is in flight (both
+share the cores; batches are sized to take a few seconds, see app/config.py `batch_items`); loading a version (a
+merge takes ~1 s) runs on a third. A worker that dies is restarted on the next call, with the versions it held.
+The worker dies with the web process (PR_SET_PDEATHSIG), even on kill -9.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from app.child import die_with_parent
+from app.generation.backend import ItemRequest
+from learner.errors import ConfigError, ModelError
+from learner.sampling import SampledAnswer, SamplingParams
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 600.0  # the first start may convert nothing (the app converts the GGUF first) but loads a model
+ON_DEMAND_THREADS = 2  # matches the app's generation slots: more on-demand answers than this are refused upstream
+_ERRORS = {"ModelError": ModelError, "ConfigError": ConfigError}
+
+
+class WorkerError(RuntimeError):
+    """The policy worker failed or died; the caller may retry (a dead worker restarts on the next call)."""
+
+
+class WorkerBackend:
+    """A `PolicyBackend` whose model lives in a child process."""
+
+    def __init__(self, model_path: Path, device: str | None = None, merge: bool = True, threads: int | None = None):
+        self.model_path = Path(model_path)
+        self._device_name = device
+        self.merge = merge
+        self._threads = threads
+        self._adapters: dict[int, Path] = {}  # what to reload if the worker restarts
+        self._send_lock = threading.Lock()
+        self._start_lock = threading.Lock()
+        self._pending: dict[int, queue.Queue] = {}
+        self._ids = itertools.count(1)
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self.device = ""
+        self._start()
+
+    # -- PolicyBackend ----------------------------------------------------------------------------------------------
+    def load_version(self, version: int, adapter_dir: Path | None) -> None:
+        self._call("load_version", version, None if adapter_dir is None else str(adapter_dir))
+        if version != 0 and adapter_dir is not None:
+            self._adapters[version] = Path(adapter_dir)
+
+    def drop_version(self, version: int) -> None:
+        self._adapters.pop(version, None)
+        self._call("drop_version", version)
+
+    def loaded_versions(self) -> list[int]:
+        return self._call("loaded_versions")
+
+    def sample_items(self, requests: Sequence[ItemRequest], params: SamplingParams) -> list[list[SampledAnswer]]:
+        return self._call("sample_items", list(requests), params)
+
+    def stream(self, messages: list[dict], params: SamplingParams, version: int,
+               seed: int | None = None) -> Iterator[str]:
+        replies = self._request("stream", messages, params, version, seed)
+        while True:
+            kind, payload = replies.get()
+            if kind == "piece":
+                yield payload
+            elif kind == "ok":
+                return
+            else:
+                raise _error(payload)
+
+    def set_threads(self, threads: int) -> None:
+        """torch threads the worker uses (a round takes the other cores while it runs)."""
+        self._threads = threads
+        self._call("set_threads", threads)
+
+    def close(self) -> None:
+        process = self._process
+        if process is None:
+            return
+        try:
+            with self._send_lock:
+                self._conn.send((0, "exit", ()))
+        except OSError:
+            pass
+        process.join(10)
+        if process.is_alive():
+            process.kill()
+            process.join(5)
+        self._process = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    # -- plumbing ---------------------------------------------------------------------------------------------------
+    def _start(self) -> None:
+        context = multiprocessing.get_context("spawn")  # fork would copy the web process's threads and locks
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=serve_worker, name="prefloop-policy-worker", daemon=True,
+                                        args=(child, str(self.model_path), self._device_name, self.merge,
+                                              self._threads))
+        self._process.start()
+        child.close()
+        if not self._conn.poll(START_TIMEOUT_S):
+            self._process.kill()
+            raise WorkerError(f"the policy worker did not start within {START_TIMEOUT_S:.0f} s")
+        try:
+            _, kind, payload = self._conn.recv()
+        except EOFError:
+            raise WorkerError(f"the policy worker exited while starting (exit code {self._process.exitcode})") from None
+        if kind != "ok":
+            self._process.join(5)
+            raise _error(payload)
+        self.device = payload["device"]
+        threading.Thread(target=self._read, args=(self._conn,), name="policy-worker-reader", daemon=True).start()
+        for version, adapter_dir in list(self._adapters.items()):  # a restart serves what the last worker did
+            self._wait(self._send("load_version", version, str(adapter_dir)))
+
+    def _ensure_alive(self) -> None:
+        with self._start_lock:
+            if self._process is not None and self._process.is_alive():
+                return
+            log.warning("the policy worker is not running (exit code %s); restarting it",
+                        None if self._process is None else self._process.exitcode)
+            self._start()
+
+    def _request(self, op: str, *args) -> queue.Queue:
+        self._ensure_alive()
+        return self._send(op, *args)
+
+    def _send(self, op: str, *args) -> queue.Queue:
+        request_id = next(self._ids)
+        replies: queue.Queue = queue.Queue()
+        self._pending[request_id] = replies
+        try:
+            with self._send_lock:
+                self._conn.send((request_id, op, args))
+        except (OSError, ValueError) as exc:
+            self._pending.pop(request_id, None)
+            raise WorkerError(f"the policy worker cannot be reached: {exc}") from exc
+        return replies
+
+    def _call(self, op: str, *args):
+        return self._wait(self._request(op, *args))
+
+    @staticmethod
+    def _wait(replies: queue.Queue):
+        kind, payload = replies.get()
+        if kind == "ok":
+            return payload
+        raise _error(payload)
+
+    def _read(self, conn) -> None:
+        """Route the worker's replies to the waiting callers; when it dies, fail every pending call at once."""
+        while True:
+            try:
+                request_id, kind, payload = conn.recv()
+            except (EOFError, OSError):
+                break
+            replies = self._pending.get(request_id)
+            if replies is None:
+                continue
+            if kind != "piece":
+                self._pending.pop(request_id, None)
+            replies.put((kind, payload))
+        code = None if self._process is None else self._process.exitcode
+        for request_id in list(self._pending):
+            self._pending.pop(request_id).put(("error", ("WorkerError", f"the policy worker died (exit code {code})")))
+
+
+def _error(payload) -> Exception:
+    name, message = payload
+    return _ERRORS.get(name, WorkerError)(message if name in _ERRORS else f"{name}: {message}")
+
+
+# -- the child process ----------------------------------------------------------------------------------------------
+def serve_worker(conn, model_path: str, device_name: str | None, merge: bool, threads: int | None) -> None:
+    """The worker's main loop: load the model, then answer requests until the pipe closes or "exit" arrives."""
+    die_with_parent()
+    import torch
+
+    from app.generation.transformers_backend import TransformersBackend
+    from learner.model import pick_device
+
+    send_lock = threading.Lock()
+
+    def send(request_id: int, kind: str, payload) -> None:
+        with send_lock:
+            conn.send((request_id, kind, payload))
+
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        device = pick_device(device_name)
+        backend = TransformersBackend(Path(model_path), device, merge=merge)
+    except Exception as exc:
+        send(0, "error", (type(exc).__name__, str(exc)))
+        return
+    send(0, "ok", {"device": str(device.torch_device)})
+    lanes = {"items": ThreadPoolExecutor(1, "items"), "demand": ThreadPoolExecutor(ON_DEMAND_THREADS, "demand"),
+             "control": ThreadPoolExecutor(1, "control")}
+    while True:
+        try:
+            request_id, op, args = conn.recv()
+        except (EOFError, OSError):
+            break
+        if op == "exit":
+            break
+        lane = {"sample_items": "items", "stream": "demand"}.get(op, "control")
+        lanes[lane].submit(_handle, backend, send, request_id, op, args)
+    for pool in lanes.values():
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _handle(backend, send, request_id: int, op: str, args: tuple) -> None:
+    import torch
+
+    try:
+        if op == "stream":
+            for piece in backend.stream(*args):
+                send(request_id, "piece", piece)
+            result = None
+        elif op == "set_threads":
+            torch.set_num_threads(int(args[0]))
+            result = None
+        elif op == "load_version":
+            version, adapter_dir = args
+            result = backend.load_version(version, None if adapter_dir is None else Path(adapter_dir))
+        elif op in ("drop_version", "loaded_versions", "sample_items"):
+            result = getattr(backend, op)(*args)
+        else:
+            raise WorkerError(f"unknown request {op!r}")
+        send(request_id, "ok", result)
+    except Exception as exc:  # every failure goes back to the caller, who turns it into a message
+        log.exception("policy worker: %s failed", op)
+        send(request_id, "error", (type(exc).__name__, str(exc)))

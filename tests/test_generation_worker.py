@@ -1,0 +1,100 @@
+"""The policy backends on the tiny model: in-process transformers (merged and unmerged) and the worker process."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+from app.generation.backend import ItemRequest
+from app.generation.transformers_backend import TransformersBackend
+from app.generation.worker import WorkerBackend
+from learner.errors import ModelError
+from learner.model import Device
+from learner.sampling import SamplingParams
+
+CPU = Device(torch.device("cpu"), torch.float32)
+PARAMS = SamplingParams(max_new_tokens=8, temperature=1.0)
+GREEDY = SamplingParams(max_new_tokens=8, temperature=1e-4, top_p=1.0)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, tiny_model_dir):
+    """A LoRA adapter on the tiny model with large random B weights, so it really changes the answers."""
+    from peft import LoraConfig, get_peft_model
+
+    from learner.model import load_base_model
+
+    model = get_peft_model(load_base_model(tiny_model_dir, CPU),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    out = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(out)
+    return out
+
+
+def test_merged_and_unmerged_serving_give_the_same_answers(tiny_model_dir, adapter_dir):
+    merged = TransformersBackend(tiny_model_dir, CPU, merge=True)
+    unmerged = TransformersBackend(tiny_model_dir, CPU, merge=False)
+    for backend in (merged, unmerged):
+        backend.load_version(1, adapter_dir)
+    requests = [ItemRequest("What is 2 + 2?", 2, 1, seed=0), ItemRequest("hi", 2, 0, seed=0)]
+    a, b = merged.sample_items(requests, GREEDY), unmerged.sample_items(requests, GREEDY)
+    for item_a, item_b in zip(a, b):
+        assert [x.text for x in item_a] == [x.text for x in item_b]
+        for x, y in zip(item_a, item_b):
+            assert x.logprob_sum == pytest.approx(y.logprob_sum, abs=1e-3)
+    # The adapter changes the model: version 1 and the base answer differently to the same prompt.
+    (v1,), (v0,) = merged.sample_items([ItemRequest("hi", 1, 1, 0), ItemRequest("hi", 1, 0, 0)], GREEDY)
+    assert v1.logprob_sum != pytest.approx(v0.logprob_sum, abs=1e-3)
+
+
+def test_a_broken_adapter_is_a_model_error_naming_the_directory(tiny_model_dir, tmp_path):
+    backend = TransformersBackend(tiny_model_dir, CPU)
+    with pytest.raises(ModelError, match="adapter_config.json missing"):
+        backend.load_version(1, tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ModelError, match=str(tmp_path)):
+        backend.load_version(1, tmp_path)
+    with pytest.raises(ModelError, match="version 1 is not loaded"):
+        backend.sample_items([ItemRequest("hi", 2, 1, 0)], PARAMS)
+
+
+@pytest.fixture
+def worker(tiny_model_dir):
+    backend = WorkerBackend(tiny_model_dir, device="cpu", threads=1)
+    yield backend
+    backend.close()
+
+
+def test_the_worker_process_samples_streams_and_serves_two_versions(worker, adapter_dir):
+    assert worker.pid != os.getpid()
+    worker.load_version(1, adapter_dir)
+    assert worker.loaded_versions() == [0, 1]
+    items = worker.sample_items([ItemRequest("a", 4, 0, 1), ItemRequest("b", 4, 1, 2), ItemRequest("c", 4, 0, 3)],
+                                PARAMS)
+    assert [len(answers) for answers in items] == [4, 4, 4]
+    assert all(a.finish_reason in ("eos", "length") and a.logprob_sum < 0 for answers in items for a in answers)
+    pieces = list(worker.stream([{"role": "user", "content": "hi"}], PARAMS, version=1, seed=0))
+    assert pieces and all(later.startswith(earlier) for earlier, later in zip(pieces, pieces[1:]))
+    with pytest.raises(ModelError, match="version 7 is not loaded"):
+        worker.sample_items([ItemRequest("a", 2, 7, 0)], PARAMS)
+    worker.drop_version(1)
+    assert worker.loaded_versions() == [0]
+
+
+def test_a_killed_worker_restarts_with_its_versions(worker, adapter_dir):
+    worker.load_version(1, adapter_dir)
+    first = worker.pid
+    os.kill(first, signal.SIGKILL)
+    worker._process.join(10)
+    items = worker.sample_items([ItemRequest("a", 2, 1, 0)], PARAMS)  # restarts, reloads version 1
+    assert worker.pid != first
+    assert len(items[0]) == 2
+    assert worker.loaded_versions() == [0, 1]
