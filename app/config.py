@@ -1,7 +1,7 @@
 """The server's configuration: one frozen dataclass, defaults that work on a 2-core CPU, overridable by flags and env.
 
-Every field can be set by a CLI flag (`--max-staleness 3`) or an environment variable (`PREFLOOP_MAX_STALENESS=3`);
-flags win over env, env over the defaults here.
+Every field can be set by an environment variable (`PREFLOOP_MAX_ITEM_STALENESS=3`), the main ones by a CLI flag
+(`--overlap 2`); flags win over env, env over the defaults here.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ class ServeConfig:
     overlap: int = 1  # distinct annotators who rank each item; >1 measures agreement at the cost of throughput
     buffer_size: int = 4  # ready items kept ahead of annotators (each costs ~6 s of CPU to sample)
     reserve_seconds: float = 600.0  # an item handed to an annotator is kept from others this long
-    max_staleness: int = 2  # items sampled more than this many versions before the deployed one are not served
+    # Items sampled by a version more than this many deployed versions back along the serving lineage are not
+    # served: 2 keeps the buffer's items through two quick deploys, then annotators judge the current policy again.
+    max_item_staleness: int = 2
     sampling: SamplingParams = field(default_factory=SamplingParams)
     device: str | None = None  # "cpu" or "cuda"; None picks CUDA when present
     prefetch: bool = True  # sample items in the background; tests turn it off to drive sampling by hand
@@ -39,7 +41,7 @@ class ServeConfig:
             "overlap": (self.overlap >= 1, "overlap must be >= 1"),
             "buffer_size": (self.buffer_size >= 0, "buffer_size must be >= 0"),
             "reserve_seconds": (self.reserve_seconds > 0, "reserve_seconds must be > 0"),
-            "max_staleness": (self.max_staleness >= 0, "max_staleness must be >= 0"),
+            "max_item_staleness": (self.max_item_staleness >= 0, "max_item_staleness must be >= 0"),
             "port": (0 <= self.port <= 65535, "port must be in 0..65535"),
         }
         for name, (ok, message) in checks.items():
@@ -71,6 +73,9 @@ SERVE_FIELDS = {f.name for f in fields(ServeConfig)} - {"sampling"}
 def build_config(overrides: dict, env: dict[str, str] | None = None) -> ServeConfig:
     """Defaults, then PREFLOOP_* env vars, then `overrides` (CLI flags; None values are ignored). Unknown keys fail."""
     env = os.environ if env is None else env
+    if env.get("PREFLOOP_MAX_STALENESS") not in (None, ""):
+        raise ConfigError("PREFLOOP_MAX_STALENESS was renamed PREFLOOP_MAX_ITEM_STALENESS (the round's own knob is "
+                          "max_label_staleness); set that instead")
     values: dict = {}
     for name in SERVE_FIELDS | SAMPLING_FIELDS:
         raw = env.get(f"PREFLOOP_{name.upper()}")

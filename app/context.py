@@ -10,16 +10,15 @@ import hmac
 import json
 import secrets
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from app.buffer import ItemBuffer
 from app.config import ServeConfig
+from app.deployments import Deployments
 from app.login import Sessions
 from app.policy import GenerationSlots, PolicyService
 from app.scheduler import TRIGGER_CONFIG, TRIGGER_LABELS, TRIGGER_MINUTES, Scheduler
 from learner.config import RoundConfig
 from learner.errors import ConfigError
-from storage.errors import Conflict, NotFound
 from storage.store import Store
 from storage.users import User
 
@@ -35,6 +34,7 @@ class AppContext:
     policy: PolicyService
     buffer: ItemBuffer
     scheduler: Scheduler
+    deployments: Deployments  # which version serves, the canary: the one home of both
     local_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     generation_slots: GenerationSlots = field(default_factory=GenerationSlots)  # Demo tab + /api/generate
     sessions: Sessions = field(default_factory=Sessions)  # browser logins for /ui and /admin (app/web_guard.py)
@@ -43,10 +43,12 @@ class AppContext:
     def build(cls, config: ServeConfig, store: Store, policy: PolicyService) -> AppContext:
         if store.settings.get(OVERLAP_SETTING):
             config = replace(config, overlap=int(store.settings.get(OVERLAP_SETTING)))
-        buffer = ItemBuffer(store, policy, config)
-        # A new version makes older items stale: wake the sampler to replace them with the new version's answers.
-        scheduler = Scheduler(store, policy, config, on_deploy=lambda version: buffer.wake())
-        return cls(config, store, policy, buffer, scheduler)
+        deployments = Deployments(store, policy)
+        buffer = ItemBuffer(store, policy, config, deployments)
+        # A new version makes older items stale, a canary wants items of its own: wake the sampler either way.
+        deployments.on_change = buffer.wake
+        scheduler = Scheduler(store, policy, config, deployments)
+        return cls(config, store, policy, buffer, scheduler, deployments)
 
     def stop(self) -> None:
         self.scheduler.stop()
@@ -61,17 +63,9 @@ class AppContext:
         return self.store.users.verify_password(name, password)
 
     def on_label(self) -> None:
-        """Called after every stored label: the scheduler's "every N labels" trigger."""
+        """Called after every stored label: the canary's decision rule, then the scheduler's "every N labels"."""
+        self.deployments.evaluate()
         self.scheduler.on_label()
-
-    def ensure_version_loadable(self, version: int) -> None:
-        """404 unless `version` is the base model or a version whose adapter the policy service can load."""
-        if version == 0 or version in self.policy.loaded_versions:
-            return
-        record = self.store.versions.get(version)  # NotFound -> 404
-        if not record.path:
-            raise NotFound(f"version {version} has no adapter on disk")
-        self.policy.register(version, Path(record.path) / "adapter")
 
     def set_overlap(self, overlap: int) -> None:
         """Distinct annotators per item from now on; stored, so a restart keeps it. ConfigError below 1."""
@@ -82,15 +76,6 @@ class AppContext:
         # ServeConfig is frozen; the buffer reads `config.overlap` on every call, so swapping the object is enough.
         self.config = self.buffer.config = self.scheduler.config = config
         self.buffer.wake()
-
-    def roll_back(self, reason: str) -> int:
-        """Deploy the parent of the deployed version and mark the one taken down `rolled_back`; returns the parent."""
-        current = self.store.versions.deployed()
-        if current.parent is None:
-            raise Conflict("the base model (version 0) is deployed; there is nothing to roll back to")
-        self.scheduler.deploy(current.parent)
-        self.store.versions.set_status(current.version, "rolled_back", reason)
-        return current.parent
 
     def set_auto_train(self, every_labels: int, every_minutes: int, overrides: dict) -> None:
         """Automatic rounds every N new labels and/or T minutes (0 = off), with these RoundConfig overrides."""

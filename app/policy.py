@@ -1,8 +1,11 @@
-"""The policy service: the deployed model, shared by item sampling, the Demo tab and /api/generate.
+"""The policy service: the base model and the LoRA adapters loaded onto it, shared by item sampling, the Demo tab
+and /api/generate.
 
 One base model stays in memory; each policy version is a LoRA adapter loaded onto it by name (`v3`), and version 0
-is the base model itself (adapters disabled). Every use of the model holds `_lock`, so a hot swap waits for the
-generation in flight to finish on the old version, then switches: no request fails and none sees half a swap.
+is the base model itself (adapters disabled). Every call names the version it wants (which version serves is
+app/deployments.py's to say, nobody else's) and gets back the version that generated. Every use of the model holds
+`_lock`, so a hot swap (Deployments switching the version it names) never changes the adapter under a generation in
+flight: that one finishes on the old version, no request fails and none sees half a swap.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ class GenerationSlots:
 
 
 class PolicyService:
-    """Holds the base model and the loaded adapters; `version` is the deployed policy version."""
+    """Holds the base model and the loaded adapters; callers name the version for each generation."""
 
     def __init__(self, model, tokenizer, device: Device, base_model_dir: Path):
         self.model = model
@@ -59,8 +62,8 @@ class PolicyService:
         self.device = device
         self.base_model_dir = base_model_dir
         self._lock = threading.Lock()
-        self._version = 0
-        self._adapters: dict[int, Path] = {}  # version -> adapter dir, for versions loaded onto the model
+        self._adapters: dict[int, Path] = {}  # version -> adapter dir, for versions known to the service
+        self._pinned: frozenset[int] = frozenset()  # never evicted: the serving version and the canary
 
     @classmethod
     def load(cls, model: str, cache_dir: Path, device: str | None = None) -> PolicyService:
@@ -70,69 +73,67 @@ class PolicyService:
         return cls(load_base_model(path, chosen), load_tokenizer(path), chosen, path)
 
     @property
-    def version(self) -> int:
-        return self._version
-
-    @property
     def loaded_versions(self) -> list[int]:
         return [0, *sorted(self._adapters)]
 
-    def deploy(self, version: int, adapter_dir: Path | None) -> None:
-        """Make `version` the one served. Waits for the generation in flight (the lock), then switches."""
+    def load_adapter(self, version: int, adapter_dir: Path | None) -> None:
+        """Load `version`'s adapter now (waiting for the generation in flight), so the first request for it does not
+        pay for the load. Version 0 is the base model and needs none."""
+        if version == 0:
+            return
+        if adapter_dir is not None:
+            self.register(version, adapter_dir)
         with self._lock:
-            if version != 0:
-                self._ensure_loaded(version, adapter_dir)
-            self._version = version
-            self._evict()
+            self._ensure_loaded(version, None)
 
-    def sample(self, prompt: str, k: int, params: SamplingParams, version: int | None = None,
+    def pin(self, versions: set[int]) -> None:
+        """Versions whose adapters stay loaded (the serving one and the canary): a swap to them is instant."""
+        self._pinned = frozenset(versions)
+
+    def sample(self, prompt: str, k: int, params: SamplingParams, version: int,
                seed: int | None = None) -> tuple[int, list[SampledAnswer]]:
-        """K answers in one batched call; returns the version that actually generated them."""
+        """K answers from `version` in one batched call; returns the version that generated them."""
         with self._use(version) as (model, used):
             return used, sample_answers(model, self.tokenizer, prompt, k, params, seed=seed)
 
-    def generate(self, prompt: str | list[dict], params: SamplingParams, version: int | None = None) -> tuple[int, str]:
-        """One answer (the last streamed text) from `version` (default: deployed)."""
+    def generate(self, prompt: str | list[dict], params: SamplingParams, version: int) -> tuple[int, str]:
+        """One answer (the last streamed text) from `version`; returns the version that generated it."""
         text = ""
-        used = self.version if version is None else version
         for piece in self.stream(prompt, params, version):
             text = piece
-        return used, text
+        return version, text
 
-    def stream(self, prompt: str | list[dict], params: SamplingParams, version: int | None = None) -> Iterator[str]:
-        """The growing text of one answer. Holds the model for the whole answer."""
+    def stream(self, prompt: str | list[dict], params: SamplingParams, version: int) -> Iterator[str]:
+        """The growing text of one answer from `version`. Holds the model for the whole answer."""
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         with self._use(version) as (model, _):
             yield from stream_answer(model, self.tokenizer, messages, params)
 
     def register(self, version: int, adapter_dir: Path) -> None:
-        """Remember where a version's adapter lives, so the Demo can ask for it by number later."""
+        """Remember where a version's adapter lives, so it can be asked for by number later."""
         if not (adapter_dir / "adapter_config.json").is_file():
             raise ModelError(f"version {version}: {adapter_dir} holds no LoRA adapter (adapter_config.json missing)")
         self._adapters.setdefault(version, adapter_dir)
 
     @contextmanager
-    def _use(self, version: int | None):
-        """The model set to `version` (None = deployed), held for the duration; restores the deployed adapter."""
+    def _use(self, version: int):
+        """The model set to `version`, held for the duration."""
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise ModelError(f"a policy version is an int >= 0, got {version!r}")
         with self._lock:
-            wanted = self._version if version is None else version
-            if wanted == 0:
+            if version == 0:
                 if hasattr(self.model, "disable_adapter"):
                     with self.model.disable_adapter():
                         yield self.model, 0
                 else:
                     yield self.model, 0
                 return
-            self._ensure_loaded(wanted, None)
-            self.model.set_adapter(f"v{wanted}")
-            try:
-                yield self.model, wanted
-            finally:
-                if self._version != 0:
-                    self.model.set_adapter(f"v{self._version}")
+            self._ensure_loaded(version, None)
+            self.model.set_adapter(f"v{version}")
+            yield self.model, version
 
     def _ensure_loaded(self, version: int, adapter_dir: Path | None) -> None:
-        """Load `version`'s adapter onto the model under its name (caller holds the lock)."""
+        """Load `version`'s adapter onto the model under its name (caller holds the lock), then evict old ones."""
         from peft import PeftModel
 
         name = f"v{version}"
@@ -146,15 +147,15 @@ class PolicyService:
         self._adapters[version] = adapter_dir
         self.model.set_adapter(name)
         self.model.eval()
+        self._evict(keep=version)
 
-    def _evict(self) -> None:
-        """Unload the oldest adapters beyond MAX_LOADED_ADAPTERS (never the deployed one)."""
-        if not hasattr(self.model, "peft_config"):
-            return
+    def _evict(self, keep: int) -> None:
+        """Unload the oldest adapters beyond MAX_LOADED_ADAPTERS, never `keep` or a pinned one (caller holds the
+        lock); an evicted version is loaded again from its directory when asked for."""
         loaded = sorted(int(n[1:]) for n in self.model.peft_config)
-        for version in loaded[: max(0, len(loaded) - MAX_LOADED_ADAPTERS)]:
-            if version != self._version:
-                self.model.delete_adapter(f"v{version}")
+        spare = [v for v in loaded if v != keep and v not in self._pinned]
+        for version in spare[: max(0, len(loaded) - MAX_LOADED_ADAPTERS)]:
+            self.model.delete_adapter(f"v{version}")
 
 
 def with_max_new_tokens(params: SamplingParams, max_new_tokens: int | None) -> SamplingParams:

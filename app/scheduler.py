@@ -1,10 +1,10 @@
 """The scheduler: one training round at a time, in a subprocess, from a snapshot of the store to a deployed version.
 
     start() -> snapshot (Parquet, written by storage) -> `python -m learner.round` (subprocess; progress as JSON lines
-    on its stdout, stored per step) -> version dir renamed into place by the learner -> registered in the store ->
-    deployed (hot swap) if the gate passed, kept as `rejected` if not.
+    on its stdout, stored per step) -> version dir renamed into place by the learner -> handed to Deployments, which
+    registers it and, if the gate passed, deploys it or starts its canary (app/deployments.py).
 
-A failed, cancelled or killed round leaves the registry as it was and the deployed version serving: the learner
+A failed, cancelled or killed round leaves the registry as it was and the same version serving: the learner
 writes `<out>.partial` and renames only a complete version, and the store records a version only after that.
 Automatic triggers (every N new labels, every T minutes) are off by default and set from Admin or the API.
 """
@@ -26,9 +26,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from app.config import ServeConfig
+from app.deployments import Deployments
 from app.policy import PolicyService
 from learner.config import RoundConfig
-from storage.errors import Conflict, NotFound
+from storage.errors import Conflict
 from storage.exports import write_snapshot
 from storage.store import Store
 
@@ -53,11 +54,11 @@ class AutoTrain:
 
 
 class Scheduler:
-    def __init__(self, store: Store, policy: PolicyService, config: ServeConfig, on_deploy=None):
+    def __init__(self, store: Store, policy: PolicyService, config: ServeConfig, deployments: Deployments):
         self.store = store
         self.policy = policy
         self.config = config
-        self.on_deploy = on_deploy or (lambda version: None)
+        self.deployments = deployments
         self._lock = threading.Lock()
         self._process: subprocess.Popen | None = None
         self._run_id: int | None = None
@@ -113,7 +114,7 @@ class Scheduler:
 
     def _execute(self, run_id: int, round_config: RoundConfig) -> None:
         runs = self.store.runs
-        parent = self.store.versions.deployed()
+        parent = self.store.versions.get(self.deployments.serving)
         version = self.store.versions.next_number()
         work = self.config.data_dir / "runs" / f"run-{run_id}"
         out_dir = self.config.versions_dir / f"v{version}"
@@ -186,30 +187,12 @@ class Scheduler:
                   done: dict | None) -> None:
         metrics = json.loads((out_dir / "metrics.json").read_text())
         gate = metrics.get("gate") or {}
-        status = "candidate" if gate.get("passed") else "rejected"
-        self.store.versions.add(version, parent, round_config.algorithm, status, str(out_dir),
-                                round_config.to_dict(), metrics, int(metrics.get("labels_used", 0)),
-                                reason=gate.get("reason"))
-        if status == "candidate":
-            self.deploy(version)
-        self.store.runs.update(run_id, status="succeeded" if status == "candidate" else "rejected",
+        passed = bool(gate.get("passed"))
+        self.deployments.register(version, parent, round_config.algorithm, out_dir, round_config.to_dict(), metrics,
+                                  gate_passed=passed, reason=gate.get("reason"))
+        self.store.runs.update(run_id, status="succeeded" if passed else "rejected",
                                finished_at=_now(), version=version, metrics=metrics, progress=1.0,
-                               error=gate.get("reason") if status == "rejected" else None)
-
-    # -- registry -----------------------------------------------------------------------------------------------
-    def deploy(self, version: int, force: bool = False) -> None:
-        """Roll forward or back: load the adapter (hot swap under the policy lock), then record it."""
-        record = self.store.versions.get(version)  # NotFound -> 404
-        if record.status == "rejected" and not force:
-            raise Conflict(f"version {version} was rejected by the gate ({record.reason}); deploy with force")
-        if version != 0:
-            if not record.path:
-                raise NotFound(f"version {version} has no adapter on disk")
-            self.policy.deploy(version, Path(record.path) / "adapter")
-        else:
-            self.policy.deploy(0, None)
-        self.store.versions.deploy(version, force=force)
-        self.on_deploy(version)
+                               error=None if passed else gate.get("reason"))
 
     # -- automatic triggers -------------------------------------------------------------------------------------
     def auto_train(self) -> AutoTrain:

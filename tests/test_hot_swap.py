@@ -30,7 +30,7 @@ def test_adapters_change_the_logits(ctx, add_version):
     import torch
 
     v1 = add_version()
-    ctx.ensure_version_loadable(v1)
+    ctx.deployments.ensure_loadable(v1)
     ids = torch.tensor([[1, 2, 3, 4]])
     with ctx.policy._use(0) as (model, _):
         base = model(ids).logits
@@ -56,26 +56,26 @@ def test_no_request_fails_during_swaps(ctx, server, accounts, add_version):
     for t in threads:
         t.start()
     for v in [*versions, 0, versions[0]]:
-        ctx.scheduler.deploy(v)
+        ctx.deployments.deploy(v)
     stop.set()
     for t in threads:
         t.join(120)
     assert results and all(status == 200 for status, _ in results)
     assert {version for _, version in results} <= {0, *versions}
-    assert ctx.policy.version == versions[0]
+    assert ctx.deployments.serving == versions[0]
 
 
 def test_stale_items_stop_being_served_after_a_deploy(ctx, accounts, add_version, sample_items):
     sample_items(1)  # sampled by version 0
     annotator = ctx.store.users.get("ann").user_id
     assert ctx.buffer.waiting_count() == 1
-    for _ in range(3):  # max_staleness is 2: three versions later, version 0's item is stale
-        ctx.scheduler.deploy(add_version())
+    for _ in range(3):  # max_item_staleness is 2: three deployed versions later, version 0's item is stale
+        ctx.deployments.deploy(add_version())
     assert ctx.buffer.waiting_count() == 0
     assert ctx.buffer.next_for(annotator) is None
     assert ctx.buffer.fill_once()  # the sampler replaces it with an item of the deployed version
     item = ctx.buffer.next_for(annotator)
-    assert item is not None and item.policy_version == ctx.policy.version
+    assert item is not None and item.policy_version == ctx.deployments.serving
 
 
 def test_rejected_version_needs_force(ctx, add_version):
@@ -83,5 +83,5 @@ def test_rejected_version_needs_force(ctx, add_version):
 
     v = add_version(status="rejected")
     with pytest.raises(Conflict, match="rejected"):
-        ctx.scheduler.deploy(v)
-    assert ctx.policy.version == 0
+        ctx.deployments.deploy(v)
+    assert ctx.deployments.serving == 0

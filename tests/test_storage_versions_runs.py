@@ -47,13 +47,47 @@ def test_nan_metrics_are_kept_as_null(store):
     assert version.metrics == {"kl": None, "loss": [1.0, None]}
 
 
-def test_rejected_versions_need_force(store):
+def test_deploy_records_what_it_is_told_and_who_was_taken_down(store):
+    # Who may deploy a rejected version is the app's Deployments service's call (tests/test_deployments.py); the
+    # registry records it and keeps exactly one version deployed.
     add_version(store, 1, 0, status="rejected", reason="KL 3.2 above the bound 1.0")
-    with pytest.raises(InvalidValue, match=r"version 1 was rejected \(KL 3.2 above the bound 1.0\)"):
+    add_version(store, 2, 0)
+    assert store.versions.deploy(1).status == "deployed"
+    store.versions.deploy(2, taken_down="rolled_back", reason="worse answers")
+    assert [(v.version, v.status, v.reason) for v in store.versions.list()] == [
+        (0, "candidate", None), (1, "rolled_back", "worse answers"), (2, "deployed", None)]
+    with pytest.raises(InvalidValue, match="taken_down must be rolled_back or rejected"):
+        store.versions.deploy(0, taken_down="deployed")
+
+
+def test_a_canary_is_one_transaction_at_every_step(store):
+    add_version(store, 1, 0)
+    add_version(store, 2, 0)
+    canary = store.versions.start_canary(1)
+    assert (canary.version, canary.serving, canary.decision, canary.comparisons) == (1, 0, "pending", None)
+    assert store.versions.get(1).status == "canary" and store.versions.active_canary() == canary
+    with pytest.raises(InvalidValue, match="only a candidate can become the canary; version 1 is canary"):
+        store.versions.start_canary(1)
+    with pytest.raises(InvalidValue, match="version 1 is the canary: promote it"):
         store.versions.deploy(1)
-    assert store.versions.deployed().version == 0
-    assert store.versions.deploy(1, force=True).status == "deployed"
-    assert store.versions.get(0).status == "candidate"
+    with pytest.raises(InvalidValue, match="version 1 is canary"):
+        store.versions.set_status(1, "rejected")
+    # A second canary supersedes the first, which ends undecided and is a candidate again.
+    store.versions.start_canary(2)
+    assert store.versions.get(1).status == "candidate" and store.versions.canaries()[1].decision == "undecided"
+    assert "superseded by the canary v2" in store.versions.canaries()[1].reason
+    with pytest.raises(Conflict, match="version 1 is not the canary \\(v2 is\\)"):
+        store.versions.decide_canary(1, "promoted", 64, 0.7, (0.6, 0.8), "test")
+    decided = store.versions.decide_canary(2, "promoted", 64, 0.7, (0.6, 0.8), "promoted: interval above 0.5")
+    assert (decided.decision, decided.comparisons, decided.ci95) == ("promoted", 64, (0.6, 0.8))
+    assert store.versions.deployed().version == 2 and store.versions.get(0).status == "candidate"
+    assert store.versions.active_canary() is None and store.versions.lineage(2) == [2, 0]
+    # Deploying anything else ends a running canary: it was compared with the version that no longer serves.
+    add_version(store, 3, 2)
+    store.versions.start_canary(3)
+    store.versions.deploy(0)
+    assert store.versions.get(3).status == "candidate" and store.versions.canaries()[3].decision == "undecided"
+    assert store.versions.lineage(3) == [3, 2, 0]
 
 
 def test_version_errors(store):

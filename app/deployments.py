@@ -1,0 +1,251 @@
+"""Deployments: the one place that says which policy version serves everyone, and the only code that changes it.
+
+    a round's version -> register() -> gate failed: "rejected"
+                                    -> deploy_policy "immediate": deploy()  (hot swap)
+                                    -> deploy_policy "canary": start_canary() -> share of new items mix its answers
+                                       -> evaluate() after every label: promoted (hot swap) | rolled_back | undecided
+    admin: deploy(v, force) / roll_back() / promote(v) / reject_canary(v)
+
+The store's versions table is the record (each change one transaction: a crash leaves the state before or after it,
+never half of one); `serving` is its in-memory copy, set only here, after the adapter is loaded and the store
+written. The policy service holds no notion of a deployed version: callers name the version they want, so a swap is
+Deployments naming another one, and the generation in flight finishes on the old one. Who may deploy what is
+decided here once: a version the gate rejected needs `force`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.canary import CanaryConfig, WinRate, decide, should_mix, win_rate
+from app.policy import PolicyService
+from storage.errors import Conflict, NotFound
+from storage.store import Store
+from storage.versions import Canary, PolicyVersion
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CanaryStatus:
+    """A canary's evidence as Admin and GET /api/versions show it."""
+
+    version: int
+    serving: int  # the version it is compared with
+    stats: WinRate  # live while it is the canary; as recorded at the decision afterwards
+    items_ranked: int  # canary items with at least one ranking (what canary_max_items counts)
+    decision: str  # pending | promoted | rolled_back | undecided
+    reason: str | None
+
+    def to_json(self) -> dict:
+        return {"comparisons": self.stats.comparisons, "win_rate": self.stats.win_rate,
+                "ci95": None if self.stats.ci95 is None else list(self.stats.ci95), "decision": self.decision}
+
+
+class Deployments:
+    def __init__(self, store: Store, policy: PolicyService, on_change: Callable[[], None] | None = None):
+        self.store = store
+        self.policy = policy
+        self.on_change = on_change or (lambda: None)  # the buffer's wake-up: new items for the new state
+        self._lock = threading.RLock()  # one change of what serves at a time
+        self.canary_config = CanaryConfig.from_settings(store.settings.all())
+        deployed = store.versions.deployed()
+        self._load(deployed)
+        self._serving = deployed.version
+        self._lineage = store.versions.lineage(deployed.version)
+        self._canary = store.versions.active_canary()
+        if self._canary is not None:
+            self._restore_canary(self._canary)
+        self._pin()
+
+    # -- what serves ----------------------------------------------------------------------------------------------
+    @property
+    def serving(self) -> int:
+        """The version serving everyone: annotators' items (but canary answers), the Demo, /api/generate."""
+        return self._serving
+
+    @property
+    def canary(self) -> Canary | None:
+        """The version under test (pending, or undecided waiting for an admin), or None."""
+        return self._canary
+
+    def served_versions(self, max_item_staleness: int) -> list[int]:
+        """Versions whose items are still served: the serving one and the `max_item_staleness` versions that served
+        before it along its lineage (parent chain). Rejected or rolled-back versions off the line never count."""
+        return self._lineage[: max_item_staleness + 1]
+
+    def ensure_loadable(self, version: int) -> None:
+        """NotFound unless `version` is the base model or a version whose adapter the policy service can load."""
+        if version == 0 or version in self.policy.loaded_versions:
+            return
+        record = self.store.versions.get(version)  # NotFound -> 404
+        if not record.path:
+            raise NotFound(f"version {version} has no adapter on disk")
+        self.policy.register(version, Path(record.path) / "adapter")
+
+    # -- changes ------------------------------------------------------------------------------------------------
+    def register(self, version: int, parent: int, algorithm: str, path: Path, config: dict, metrics: dict,
+                 gate_passed: bool, reason: str | None) -> str:
+        """Record a round's version and act on it by the deploy policy; returns its status afterwards."""
+        self.store.versions.add(version, parent, algorithm, "candidate" if gate_passed else "rejected", str(path),
+                                config, metrics, int(metrics.get("labels_used", 0)), reason=reason)
+        if not gate_passed:
+            return "rejected"
+        if self.canary_config.deploy_policy == "immediate":
+            self.deploy(version)
+        else:
+            self.start_canary(version)
+        return self.store.versions.get(version).status
+
+    def deploy(self, version: int, force: bool = False, by: str = "an admin") -> PolicyVersion:
+        """Roll forward or back to `version` (hot swap). The canary itself is promoted; a version the gate rejected
+        needs `force` (Conflict otherwise); a canary running against the old version ends undecided."""
+        with self._lock:
+            if self._canary is not None and self._canary.version == version:
+                self.promote(version, by=by)
+                return self.store.versions.get(version)
+            record = self.store.versions.get(version)  # NotFound -> 404
+            if record.status == "rejected" and not force:
+                raise Conflict(f"version {version} was rejected by the gate ({record.reason or 'no reason given'}); "
+                               "deploy it with force")
+            return self._switch(record)
+
+    def roll_back(self, reason: str) -> int:
+        """Deploy the serving version's parent and mark the one taken down rolled_back; returns the parent."""
+        with self._lock:
+            current = self.store.versions.get(self._serving)
+            if current.parent is None:
+                raise Conflict("the base model (version 0) is deployed; there is nothing to roll back to")
+            self._switch(self.store.versions.get(current.parent), taken_down="rolled_back", reason=reason)
+            return current.parent
+
+    def start_canary(self, version: int) -> Canary:
+        """Make candidate `version` the canary: from the next item on, a share of new items mix its answers."""
+        with self._lock:
+            record = self.store.versions.get(version)  # NotFound -> 404
+            if record.status != "candidate":
+                raise Conflict(f"only a candidate can become the canary; version {version} is {record.status}")
+            self._load(record)
+            self._canary = self.store.versions.start_canary(version)
+            self._pin()
+        self.on_change()
+        return self._canary
+
+    def promote(self, version: int, by: str = "an admin") -> CanaryStatus:
+        """Promote the canary by hand (pending or undecided): it serves everyone from now on."""
+        return self._decide(version, "promoted", f"promoted by {by}")
+
+    def reject_canary(self, version: int, by: str = "an admin") -> CanaryStatus:
+        """Roll the canary back by hand: the serving version stays, the canary is marked rolled_back."""
+        return self._decide(version, "rolled_back", f"rolled back by {by}")
+
+    def evaluate(self) -> str | None:
+        """After every stored label: decide the pending canary if its evidence allows; returns the decision."""
+        canary = self._canary
+        if canary is None or not canary.mixing:
+            return None
+        with self._lock:
+            status = self.canary_status(canary)
+            decision = decide(status.stats, status.items_ranked, self.canary_config)
+            if decision == "pending" or self._canary is None or self._canary.version != canary.version:
+                return decision
+            low, high = status.stats.ci95 or (None, None)
+            why = {"promoted": f"promoted: win-rate 95% interval above {self.canary_config.canary_threshold}",
+                   "rolled_back": f"rolled back: win-rate 95% interval below {self.canary_config.canary_threshold}",
+                   "undecided": f"undecided after {status.items_ranked} ranked canary items: an admin decides"}
+            self._decide(canary.version, decision, f"{why[decision]} (n={status.stats.comparisons} comparisons, "
+                                                   f"[{_fmt(low)}, {_fmt(high)}])")
+            return decision
+
+    def set_canary_config(self, changes: Mapping[str, object]) -> CanaryConfig:
+        """Change any canary setting; all validated before any is stored (ConfigError names the bad one)."""
+        with self._lock:
+            config = self.canary_config.replace(changes)
+            for key, value in config.to_settings().items():
+                self.store.settings.set(key, value)
+            self.canary_config = config
+        return config
+
+    # -- the canary's evidence ----------------------------------------------------------------------------------
+    def canary_status(self, canary: Canary) -> CanaryStatus:
+        """Live evidence while `canary` is the canary (or has no recorded one); the recorded evidence once decided."""
+        rows = self.store.versions.canary_comparisons(canary)
+        items_ranked = len({item_id for item_id, _, _ in rows})
+        if canary.comparisons is not None and canary.decision != "undecided":
+            stats = WinRate(len(rows), canary.comparisons, canary.win_rate, canary.ci95)
+        else:
+            stats = win_rate([(wins, n) for _, wins, n in rows])
+        return CanaryStatus(canary.version, canary.serving, stats, items_ranked, canary.decision, canary.reason)
+
+    def canary_statuses(self) -> dict[int, CanaryStatus]:
+        """version -> its canary status, for every version that was ever a canary."""
+        return {v: self.canary_status(c) for v, c in self.store.versions.canaries().items()}
+
+    def mix_next_item(self) -> int | None:
+        """The canary version when the next sampled item should mix its answers, else None (see should_mix)."""
+        canary = self._canary
+        if canary is None or not canary.mixing:
+            return None
+        mixed, total = self.store.versions.canary_items(canary)
+        return canary.version if should_mix(mixed, total, self.canary_config.canary_share) else None
+
+    # -- internals ----------------------------------------------------------------------------------------------
+    def _decide(self, version: int, decision: str, reason: str) -> CanaryStatus:
+        with self._lock:
+            if self._canary is None or self._canary.version != version:
+                running = f" (v{self._canary.version} is)" if self._canary else " (no canary is running)"
+                raise Conflict(f"version {version} is not the canary{running}")
+            status = self.canary_status(self._canary)
+            stats = status.stats
+            decided = self.store.versions.decide_canary(version, decision, stats.comparisons, stats.win_rate,
+                                                        stats.ci95, reason)
+            log.info("canary v%s: %s", version, reason)
+            if decision == "promoted":
+                self._set_serving(version)
+            self._canary = decided if decision == "undecided" else None
+            self._pin()
+        self.on_change()
+        return self.canary_status(decided)
+
+    def _switch(self, record: PolicyVersion, taken_down: str | None = None, reason: str | None = None):
+        """Load `record`'s adapter (waiting for the generation in flight), record the deploy, then serve it."""
+        self._load(record)
+        deployed = self.store.versions.deploy(record.version, taken_down=taken_down, reason=reason)
+        self._set_serving(record.version)
+        self._canary = self.store.versions.active_canary()  # a canary against the old version has ended
+        self._pin()
+        self.on_change()
+        return deployed
+
+    def _set_serving(self, version: int) -> None:
+        self._lineage = self.store.versions.lineage(version)
+        self._serving = version
+
+    def _load(self, record: PolicyVersion) -> None:
+        if record.version == 0:
+            return
+        if not record.path:
+            raise NotFound(f"version {record.version} has no adapter on disk")
+        self.policy.load_adapter(record.version, Path(record.path) / "adapter")
+
+    def _restore_canary(self, canary: Canary) -> None:
+        """After a restart: load the canary's adapter; if it is gone, stop mixing and leave the call to an admin."""
+        try:
+            self._load(self.store.versions.get(canary.version))
+        except Exception as exc:  # noqa: BLE001 - recorded on the canary, shown in Admin; serving is unaffected
+            if canary.mixing:
+                status = self.canary_status(canary)
+                self._canary = self.store.versions.decide_canary(
+                    canary.version, "undecided", status.stats.comparisons, status.stats.win_rate, status.stats.ci95,
+                    f"undecided: its adapter could not be loaded at start ({exc})")
+
+    def _pin(self) -> None:
+        self.policy.pin({self._serving} | ({self._canary.version} if self._canary else set()))
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
