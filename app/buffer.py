@@ -3,10 +3,15 @@
 Ready items live in the store (an item is "waiting" until `overlap` annotators ranked or skipped it), so a restart
 loses none of them. A background thread keeps `buffer_size` items waiting, plus one for every item currently
 reserved, so fetching the next item is a database read and never waits for generation while the buffer holds one.
-Items sampled more than `max_staleness` versions before the deployed one stop being served; the thread replaces them.
+Items sampled by a version more than `max_item_staleness` deployed versions back along the serving version's lineage
+(or off it: a rolled-back version) stop being served; the thread replaces them. While a canary runs, a share of new
+items mix its answers with the serving version's (app/deployments.py decides which, app/canary.py how many).
 
-Reservations are in memory: an item handed to an annotator is kept from others for `reserve_seconds`. Losing them
-in a crash only means an item may be shown to a second annotator, never that a label is lost.
+Reservations are in memory: an item handed to an annotator is kept from others for `reserve_seconds`. They are also
+the proof of what was handed to whom: a ranking, thumbs or skip is accepted only on an item `next_for` handed to that
+annotator (`check_handed`). Once a reservation expires the item may go to someone else; until then, or if nobody
+took its slot, the first annotator can still submit it. Losing reservations in a restart only means an annotator
+fetches their item again (GET /api/items/next hands it back while it still waits), never that a label is lost.
 """
 
 from __future__ import annotations
@@ -18,11 +23,17 @@ import time
 from dataclasses import dataclass
 
 from app.config import ServeConfig
+from app.deployments import Deployments
 from app.policy import PolicyService
+from storage.errors import NotHanded
 from storage.items import Answer, AnswerRecord, Item
 from storage.store import Store
 
 log = logging.getLogger(__name__)
+
+# How long an expired reservation is remembered, so its annotator can still submit the item when nobody else took
+# its slot (a long lunch, a night): one record per annotator and item handed, dropped when they rank or skip it.
+HANDED_MEMORY_SECONDS = 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -30,7 +41,10 @@ class Reservation:
     user_id: int
     item_id: int
     since: float  # time.monotonic() when handed out: the label's "seconds taken" counts from here
-    until: float
+    until: float  # kept from others until then; remembered as handed until HANDED_MEMORY_SECONDS later
+
+    def live(self, now: float) -> bool:
+        return now < self.until
 
 
 def shown_answers(item: Item, user_id: int) -> list[Answer]:
@@ -44,12 +58,13 @@ def shown_answers(item: Item, user_id: int) -> list[Answer]:
 class ItemBuffer:
     """Hands annotators their next item and keeps the buffer full in a background thread."""
 
-    def __init__(self, store: Store, policy: PolicyService, config: ServeConfig):
+    def __init__(self, store: Store, policy: PolicyService, config: ServeConfig, deployments: Deployments):
         self.store = store
         self.policy = policy
         self.config = config
+        self.deployments = deployments
         self._lock = threading.Lock()
-        self._reservations: dict[tuple[int, int], Reservation] = {}  # (item_id, user_id) -> reservation
+        self._reservations: dict[tuple[int, int], Reservation] = {}  # (item_id, user_id) -> live or expired one
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -57,22 +72,23 @@ class ItemBuffer:
 
     # -- annotators ---------------------------------------------------------------------------------------------
     @property
-    def min_version(self) -> int:
-        return max(0, self.policy.version - self.config.max_staleness)
+    def served_versions(self) -> list[int]:
+        """Versions whose items annotators still get (see Deployments.served_versions)."""
+        return self.deployments.served_versions(self.config.max_item_staleness)
 
     def next_for(self, user_id: int) -> Item | None:
         """The item this annotator should rank now, reserved for them; None when nothing waits."""
         with self._lock:
             now = time.monotonic()
-            self._expire(now)
-            held = [r for r in self._reservations.values() if r.user_id == user_id]
+            self._forget(now)
+            held = [r for r in self._reservations.values() if r.user_id == user_id and r.live(now)]
             for reservation in sorted(held, key=lambda r: r.since):  # a reload shows the same item again
-                if self.store.items.waiting(user_id, self.min_version, self.config.overlap,
+                if self.store.items.waiting(user_id, self.served_versions, self.config.overlap,
                                             only=[reservation.item_id], limit=1):
                     return self.store.items.get(reservation.item_id)
                 self._release(reservation.item_id, user_id)
-            busy = self._busy_items(exclude_user=user_id)
-            for item_id in self.store.items.waiting(user_id, self.min_version, self.config.overlap, exclude=busy,
+            busy = self._busy_items(exclude_user=user_id, now=now)
+            for item_id in self.store.items.waiting(user_id, self.served_versions, self.config.overlap, exclude=busy,
                                                     limit=1):
                 self._reservations[(item_id, user_id)] = Reservation(
                     user_id, item_id, now, now + self.config.reserve_seconds)
@@ -80,6 +96,24 @@ class ItemBuffer:
                 return self.store.items.get(item_id)
         self._wake.set()
         return None
+
+    def check_handed(self, item_id: int, user_id: int) -> None:
+        """NotHanded unless `next_for` handed item `item_id` to this annotator and it is still theirs: the reservation
+        is live, or it expired and the item still has a free slot (annotators done plus other annotators' live
+        reservations below `overlap`). The store checks the overlap again inside the label's own transaction."""
+        with self._lock:
+            now = time.monotonic()
+            self._forget(now)
+            reservation = self._reservations.get((item_id, user_id))
+            if reservation is None:
+                raise NotHanded(f"item {item_id} was not handed to you; fetch your next item with GET /api/items/next"
+                                " (Next item in the Annotate tab)")
+            if reservation.live(now):
+                return
+            others = sum(1 for (i, u), r in self._reservations.items() if i == item_id and u != user_id and r.live(now))
+            if self.store.items.annotators_done(item_id) + others >= self.config.overlap:
+                raise NotHanded(f"your reservation of item {item_id} expired and another annotator took its slot; "
+                                "fetch your next item with GET /api/items/next (Next item in the Annotate tab)")
 
     def seconds_taken(self, item_id: int, user_id: int) -> float | None:
         """Seconds since the item was handed to this annotator, or None if it was not (e.g. a script's guess)."""
@@ -94,26 +128,28 @@ class ItemBuffer:
         self._wake.set()
 
     def reserved_count(self) -> int:
+        """Live reservations: items someone is working on now."""
         with self._lock:
-            self._expire(time.monotonic())
-            return len(self._reservations)
+            now = time.monotonic()
+            return sum(1 for r in self._reservations.values() if r.live(now))
 
     def waiting_count(self) -> int:
-        return self.store.items.count_waiting(self.min_version, self.config.overlap)
+        return self.store.items.count_waiting(self.served_versions, self.config.overlap)
 
-    def _busy_items(self, exclude_user: int) -> set[int]:
-        """Items reserved by `overlap` or more other annotators."""
+    def _busy_items(self, exclude_user: int, now: float) -> set[int]:
+        """Items with live reservations of `overlap` or more other annotators."""
         counts: dict[int, int] = {}
-        for (item_id, user_id) in self._reservations:
-            if user_id != exclude_user:
+        for (item_id, user_id), reservation in self._reservations.items():
+            if user_id != exclude_user and reservation.live(now):
                 counts[item_id] = counts.get(item_id, 0) + 1
         return {item_id for item_id, n in counts.items() if n >= self.config.overlap}
 
     def _release(self, item_id: int, user_id: int) -> None:
         self._reservations.pop((item_id, user_id), None)
 
-    def _expire(self, now: float) -> None:
-        for key in [k for k, r in self._reservations.items() if r.until <= now]:
+    def _forget(self, now: float) -> None:
+        """Drop reservations expired for longer than HANDED_MEMORY_SECONDS."""
+        for key in [k for k, r in self._reservations.items() if r.until + HANDED_MEMORY_SECONDS <= now]:
             del self._reservations[key]
 
     # -- sampling -----------------------------------------------------------------------------------------------
@@ -127,14 +163,26 @@ class ItemBuffer:
             return False
         prompt = prompts[0]
         seed = random.randrange(2**31)
-        version, answers = self.policy.sample(prompt.text, self.config.k, self.config.sampling, seed=seed)
-        self.store.items.add(
-            prompt.prompt_id,
-            version,
-            {**self.config.sampling.to_dict(), "k": self.config.k, "seed": seed},
-            [AnswerRecord(a.text, a.token_count, a.finish_reason, a.logprob_sum) for a in answers],
-        )
+        serving, canary = self.deployments.serving, self.deployments.mix_next_item()
+        params = {**self.config.sampling.to_dict(), "k": self.config.k, "seed": seed}
+        if canary is not None:
+            params["canary"] = canary
+        self.store.items.add(prompt.prompt_id, serving, params, self._sample(prompt.text, serving, canary, seed))
         return True
+
+    def _sample(self, prompt: str, serving: int, canary: int | None, seed: int) -> list[AnswerRecord]:
+        """K answers from the serving version; for a canary item K/2 from the canary and the rest from the serving
+        version, stored in a shuffled order so neither positions nor answer ids tell the versions apart. The item
+        keeps the serving version as its own (staleness, labels); each answer records the one that generated it."""
+        k, params = self.config.k, self.config.sampling
+        halves = [(serving, k, seed)] if canary is None else [(canary, k // 2, seed), (serving, k - k // 2, seed + 1)]
+        records = []
+        for version, n, half_seed in halves:
+            used, answers = self.policy.sample(prompt, n, params, version, seed=half_seed)
+            records += [AnswerRecord(a.text, a.token_count, a.finish_reason, a.logprob_sum, used) for a in answers]
+        if canary is not None:
+            random.Random(seed).shuffle(records)
+        return records
 
     def start(self) -> None:
         if self._thread is None:

@@ -27,6 +27,14 @@ class InvalidValue(StorageError):
     """A field value that is not allowed (role, name, prompt text ...)."""
 
 
+class NotHanded(StorageError):
+    """A label on an item that was not handed to the annotator (or whose slot someone else holds now)."""
+
+
+class RateLimited(StorageError):
+    """More requests of one kind from one user than its limit allows for now; the message says when to retry."""
+
+
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong with a prompts file: where (file name, 1-based line or row, None for the whole file) and what."""
@@ -53,6 +61,10 @@ class PromptFileError(StorageError):
         if len(self.problems) > self.SHOWN:
             lines.append(f"... and {len(self.problems) - self.SHOWN} more problems")
         super().__init__("; ".join(lines) if lines else "the prompts file cannot be imported")
+
+
+class StorageFull(StorageError):
+    """The disk (or quota) holding the DuckDB file is full: the write was rolled back; free space and retry."""
 
 
 class DataDirBusy(StorageError):

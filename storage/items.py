@@ -21,6 +21,7 @@ class AnswerRecord:
     token_count: int
     finish_reason: str  # "eos" | "length"
     logprob_sum: float  # sum of the answer's token log-probs under the generating policy
+    policy_version: int | None = None  # the version that generated it (a canary item mixes two); None = the item's
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Answer:
     token_count: int
     finish_reason: str
     logprob_sum: float
+    policy_version: int  # the version that generated this answer (canary items mix the candidate and the serving one)
 
 
 @dataclass(frozen=True)
@@ -45,11 +47,23 @@ class Item:
     answers: tuple[Answer, ...]
 
 
-_ANSWER_COLUMNS = "answer_id, item_id, position, text, token_count, finish_reason, logprob_sum"
+_ANSWER_COLUMNS = "answer_id, item_id, position, text, token_count, finish_reason, logprob_sum, policy_version"
 
 # (item, annotator) pairs where the annotator is done with the item: ranked it or skipped it. UNION removes the
 # duplicate when one did both, so count(*) per item counts distinct annotators.
 _DONE = "SELECT item_id, user_id FROM rankings UNION SELECT item_id, user_id FROM skips"
+
+
+def annotators_done(cur: Cursor, item_id: int) -> int:
+    """How many distinct annotators are done with (ranked or skipped) item `item_id`: what `overlap` bounds. Read
+    through `cur`, so a writer counts inside its own transaction."""
+    return cur.execute(f"SELECT count(*) FROM ({_DONE}) WHERE item_id = ?", [item_id]).fetchone()[0]
+
+
+def is_done_by(cur: Cursor, item_id: int, user_id: int) -> bool:
+    """Whether `user_id` ranked or skipped item `item_id`."""
+    return cur.execute(f"SELECT count(*) FROM ({_DONE}) WHERE item_id = ? AND user_id = ?",
+                       [item_id, user_id]).fetchone()[0] > 0
 
 
 def _check_answer(index: int, answer: AnswerRecord) -> None:
@@ -64,6 +78,8 @@ def _check_answer(index: int, answer: AnswerRecord) -> None:
     # -inf is a legitimate log-prob sum (a token of probability 0 under top-k/top-p); NaN never is.
     if not (is_number(answer.logprob_sum) or answer.logprob_sum == -math.inf):
         raise InvalidValue(f"answer {index}: logprob_sum must be a number, got {answer.logprob_sum!r}")
+    if answer.policy_version is not None and not (is_int(answer.policy_version) and answer.policy_version >= 0):
+        raise InvalidValue(f"answer {index}: policy_version must be an int >= 0, got {answer.policy_version!r}")
 
 
 def read_item(cur: Cursor, item_id: int) -> Item:
@@ -110,11 +126,12 @@ class Items:
                 [prompt_id, policy_version, params_json],
             ).fetchone()
             # One multi-row INSERT: K is small, and executemany would run K statements.
-            values = ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(answers))
-            columns = "item_id, position, text, token_count, finish_reason, logprob_sum"
+            values = ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(answers))
+            columns = "item_id, position, text, token_count, finish_reason, logprob_sum, policy_version"
             params: list = []
             for position, a in enumerate(answers):
-                params += [item_id, position, a.text, a.token_count, a.finish_reason, float(a.logprob_sum)]
+                version = policy_version if a.policy_version is None else a.policy_version
+                params += [item_id, position, a.text, a.token_count, a.finish_reason, float(a.logprob_sum), version]
             cur.execute(
                 f"INSERT INTO answers ({columns}) VALUES {values}",
                 params,
@@ -134,18 +151,30 @@ class Items:
     def count(self) -> int:
         return self.db.cursor().execute("SELECT count(*) FROM items").fetchone()[0]
 
+    def annotators_done(self, item_id: int) -> int:
+        """Distinct annotators who ranked or skipped item `item_id` (see the module function)."""
+        return annotators_done(self.db.cursor(), item_id)
+
+    def is_done_by(self, item_id: int, user_id: int) -> bool:
+        """Whether `user_id` ranked or skipped item `item_id`; NotFound if there is no such item."""
+        cur = self.db.cursor()
+        if not cur.execute("SELECT 1 FROM items WHERE item_id = ?", [item_id]).fetchone():
+            raise NotFound(f"no item with id {item_id}")
+        return is_done_by(cur, item_id, user_id)
+
     def waiting(
-        self, user_id: int, min_version: int, overlap: int, exclude: Iterable[int] = frozenset(), limit: int = 20,
-        only: Iterable[int] | None = None,
+        self, user_id: int, versions: Iterable[int], overlap: int, exclude: Iterable[int] = frozenset(),
+        limit: int = 20, only: Iterable[int] | None = None,
     ) -> list[int]:
-        """Ids of items `user_id` may label next, oldest first: policy_version >= min_version, done (ranked or
-        skipped) by fewer than `overlap` annotators, never by `user_id`, not in `exclude`, and in `only` if given."""
+        """Ids of items `user_id` may label next, oldest first: sampled by one of `versions` (the ones still served),
+        done (ranked or skipped) by fewer than `overlap` annotators, never by `user_id`, not in `exclude`, and in
+        `only` if given."""
         rows = self.db.cursor().execute(
             f"""WITH done AS ({_DONE}),
                 per_item AS (SELECT item_id, count(*) AS n, bool_or(user_id = $user_id) AS mine
                              FROM done GROUP BY item_id)
                 SELECT i.item_id FROM items i LEFT JOIN per_item d USING (item_id)
-                WHERE i.policy_version >= $min_version
+                WHERE list_contains($versions::INTEGER[], i.policy_version)
                   AND coalesce(d.n, 0) < $overlap
                   AND NOT coalesce(d.mine, false)
                   AND NOT list_contains($exclude::BIGINT[], i.item_id)
@@ -154,7 +183,7 @@ class Items:
                 LIMIT $limit""",
             {
                 "user_id": user_id,
-                "min_version": min_version,
+                "versions": sorted(versions),
                 "overlap": overlap,
                 "exclude": sorted(exclude),
                 "only": None if only is None else sorted(only),
@@ -163,13 +192,13 @@ class Items:
         ).fetchall()
         return [item_id for (item_id,) in rows]
 
-    def count_waiting(self, min_version: int, overlap: int) -> int:
-        """How many items still need labels from anyone: policy_version >= min_version, done by < `overlap` people."""
+    def count_waiting(self, versions: Iterable[int], overlap: int) -> int:
+        """How many items still need labels from anyone: sampled by one of `versions`, done by < `overlap` people."""
         return self.db.cursor().execute(
             f"""WITH done AS ({_DONE}), per_item AS (SELECT item_id, count(*) AS n FROM done GROUP BY item_id)
                 SELECT count(*) FROM items i LEFT JOIN per_item d USING (item_id)
-                WHERE i.policy_version >= ? AND coalesce(d.n, 0) < ?""",
-            [min_version, overlap],
+                WHERE list_contains(?::INTEGER[], i.policy_version) AND coalesce(d.n, 0) < ?""",
+            [sorted(versions), overlap],
         ).fetchone()[0]
 
     def stale(self, min_version: int) -> list[int]:

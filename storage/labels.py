@@ -9,6 +9,7 @@ from datetime import datetime
 from storage._common import as_aware, is_int, is_number
 from storage.db import Cursor, Database
 from storage.errors import Conflict, LabelError, NotFound
+from storage.items import annotators_done, is_done_by
 
 MAX_REASON_CHARS = 2000  # a skip or flag reason: a sentence or two for the admin who reviews it
 
@@ -38,6 +39,33 @@ def _item_answers(cur: Cursor, item_id: int) -> list[int]:
 def _check_user(cur: Cursor, user_id: int) -> None:
     if not cur.execute("SELECT 1 FROM users WHERE user_id = ?", [user_id]).fetchone():
         raise NotFound(f"no user with id {user_id}")
+
+
+def _check_room(cur: Cursor, item_id: int, overlap: int | None) -> None:
+    """Conflict when `overlap` annotators are already done with the item (None: no bound, for scripts and tests that
+    write labels directly). Called inside the write transaction, so two racers for the last slot cannot both pass."""
+    if overlap is None:
+        return
+    done = annotators_done(cur, item_id)
+    if done >= overlap:
+        raise Conflict(f"item {item_id} already has its {done} annotator(s) (overlap {overlap}); "
+                       "fetch your next item with GET /api/items/next")
+
+
+def _check_not_done(cur: Cursor, item_id: int, user_id: int) -> None:
+    if cur.execute("SELECT 1 FROM rankings WHERE item_id = ? AND user_id = ?", [item_id, user_id]).fetchone():
+        raise Conflict(f"item {item_id} is already ranked by you")
+    if cur.execute("SELECT 1 FROM skips WHERE item_id = ? AND user_id = ?", [item_id, user_id]).fetchone():
+        raise Conflict(f"item {item_id} is already skipped by you")
+
+
+def _insert_skip(cur: Cursor, item_id: int, user_id: int, reason: str | None, overlap: int | None) -> int:
+    _check_not_done(cur, item_id, user_id)
+    _check_room(cur, item_id, overlap)
+    (skip_id,) = cur.execute(
+        "INSERT INTO skips (item_id, user_id, reason) VALUES (?, ?, ?) RETURNING skip_id", [item_id, user_id, reason]
+    ).fetchone()
+    return skip_id
 
 
 def _check_feedback_value(answer_id: int, value: object) -> None:
@@ -72,9 +100,11 @@ class Labels:
         ranking: list[int],
         seconds: float | None = None,
         feedback: dict[int, str] | None = None,
+        overlap: int | None = None,
     ) -> int:
         """Store `user_id`'s ranking of item `item_id` (answer ids, best first) and optional thumbs
-        {answer_id: "up"|"down"} in one transaction; returns the ranking id."""
+        {answer_id: "up"|"down"} in one transaction; returns the ranking id. Conflict if the user already ranked or
+        skipped the item, or if `overlap` annotators are done with it."""
         if seconds is not None and not (is_number(seconds) and seconds >= 0):
             raise LabelError(f"seconds must be a number >= 0, got {seconds!r}")
         feedback = {} if feedback is None else feedback
@@ -88,8 +118,8 @@ class Labels:
                 if not is_int(answer_id) or answer_id not in answer_ids:
                     raise LabelError(f"feedback names answer {answer_id!r}, which is not an answer of item {item_id}")
                 _check_feedback_value(answer_id, value)
-            if cur.execute("SELECT 1 FROM rankings WHERE item_id = ? AND user_id = ?", [item_id, user_id]).fetchone():
-                raise Conflict(f"item {item_id} is already ranked by you")
+            _check_not_done(cur, item_id, user_id)
+            _check_room(cur, item_id, overlap)
             for answer_id in feedback:
                 if cur.execute(
                     "SELECT 1 FROM feedback WHERE answer_id = ? AND user_id = ?", [answer_id, user_id]
@@ -113,8 +143,9 @@ class Labels:
                 )
         return ranking_id
 
-    def add_feedback(self, answer_id: int, user_id: int, value: str) -> int:
-        """Store a thumbs up/down on one answer; returns the feedback id."""
+    def add_feedback(self, answer_id: int, user_id: int, value: str, overlap: int | None = None) -> int:
+        """Store a thumbs up/down on one answer; returns the feedback id. With `overlap`, Conflict when that many
+        annotators are done with the answer's item and the user is not one of them."""
         _check_feedback_value(answer_id, value)
         with self.db.write() as cur:
             row = cur.execute("SELECT item_id FROM answers WHERE answer_id = ?", [answer_id]).fetchone()
@@ -124,39 +155,39 @@ class Labels:
             given = cur.execute("SELECT 1 FROM feedback WHERE answer_id = ? AND user_id = ?", [answer_id, user_id])
             if given.fetchone():
                 raise Conflict(f"answer {answer_id} already has your feedback")
+            if not is_done_by(cur, row[0], user_id):
+                _check_room(cur, row[0], overlap)
             (feedback_id,) = cur.execute(
                 "INSERT INTO feedback (answer_id, item_id, user_id, value) VALUES (?, ?, ?, ?) RETURNING feedback_id",
                 [answer_id, row[0], user_id, value],
             ).fetchone()
         return feedback_id
 
-    def add_skip(self, item_id: int, user_id: int, reason: str | None = None) -> int:
-        """Record that `user_id` is done with an item without ranking it; returns the skip id."""
+    def add_skip(self, item_id: int, user_id: int, reason: str | None = None, overlap: int | None = None) -> int:
+        """Record that `user_id` is done with an item without ranking it; returns the skip id. Conflict if the user
+        already ranked or skipped it, or if `overlap` annotators are done with it."""
         if reason is not None and not isinstance(reason, str):
             raise LabelError(f"skip reason must be a string, got {type(reason).__name__}")
         _check_reason_length("skip", reason)
         with self.db.write() as cur:
             _item_answers(cur, item_id)
             _check_user(cur, user_id)
-            if cur.execute("SELECT 1 FROM rankings WHERE item_id = ? AND user_id = ?", [item_id, user_id]).fetchone():
-                raise Conflict(f"item {item_id} is already ranked by you")
-            if cur.execute("SELECT 1 FROM skips WHERE item_id = ? AND user_id = ?", [item_id, user_id]).fetchone():
-                raise Conflict(f"item {item_id} is already skipped by you")
-            (skip_id,) = cur.execute(
-                "INSERT INTO skips (item_id, user_id, reason) VALUES (?, ?, ?) RETURNING skip_id",
-                [item_id, user_id, reason],
-            ).fetchone()
-        return skip_id
+            return _insert_skip(cur, item_id, user_id, reason, overlap)
 
-    def add_flag(self, item_id: int, user_id: int, reason: str) -> int:
-        """Flag an item for an admin (harmful, broken ...). A flag does not take the item out of the user's queue:
-        the app adds a skip for that."""
+    def add_flag(self, item_id: int, user_id: int, reason: str, skip: bool = False, overlap: int | None = None) -> int:
+        """Flag an item for an admin (harmful, broken ...), once per item and user; returns the flag id. A flag alone
+        does not take the item out of the user's queue: `skip=True` also skips it, in the same transaction (the
+        Annotate tab's Flag button), under add_skip's checks and `overlap`."""
         if not isinstance(reason, str) or not reason.strip():
             raise LabelError("a flag needs a reason")
         _check_reason_length("flag", reason)
         with self.db.write() as cur:
             _item_answers(cur, item_id)
             _check_user(cur, user_id)
+            if cur.execute("SELECT 1 FROM flags WHERE item_id = ? AND user_id = ?", [item_id, user_id]).fetchone():
+                raise Conflict(f"you already flagged item {item_id}")
+            if skip:
+                _insert_skip(cur, item_id, user_id, "flagged", overlap)
             (flag_id,) = cur.execute(
                 "INSERT INTO flags (item_id, user_id, reason) VALUES (?, ?, ?) RETURNING flag_id",
                 [item_id, user_id, reason.strip()],

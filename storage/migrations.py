@@ -257,3 +257,42 @@ def m009_user_names_unique_ignoring_case(cur: Cursor) -> None:
             "'alice2' WHERE name = 'Alice'), then open the data dir again; nothing was changed."
         )
     cur.execute("CREATE UNIQUE INDEX users_name_ignoring_case ON users (lower(name))")
+
+
+@migration
+def m010_canary(cur: Cursor) -> None:
+    # Issue 9: a canary item mixes answers from the candidate and the serving version, so each answer records the
+    # version that generated it (the item's policy_version stays the serving one: staleness and labels follow it).
+    cur.execute("ALTER TABLE answers ADD COLUMN policy_version INTEGER")
+    cur.execute("UPDATE answers SET policy_version = i.policy_version FROM items i WHERE i.item_id = answers.item_id")
+    cur.execute("""
+        CREATE TABLE canaries (
+            version     INTEGER PRIMARY KEY,  -- the candidate under test (versions.status = 'canary' while active)
+            serving     INTEGER NOT NULL,     -- the version it is compared with: the one serving when it started
+            after_item  BIGINT NOT NULL,      -- items with a larger id were sampled while it ran
+            decision    VARCHAR NOT NULL,     -- pending | promoted | rolled_back | undecided
+            reason      VARCHAR,              -- who or what decided, or why it ended
+            comparisons INTEGER,              -- the evidence at the decision (NULL while pending)
+            win_rate    DOUBLE,
+            ci_low      DOUBLE,
+            ci_high     DOUBLE,
+            started_at  TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
+            decided_at  TIMESTAMPTZ
+        )""")
+
+
+@migration
+def m011_suggestions(cur: Cursor) -> None:
+    # Issue 8 item 4: prompts annotators send from the Demo wait here for an admin instead of entering the pool.
+    cur.execute("CREATE SEQUENCE suggestions_seq START 1")
+    cur.execute("""
+        CREATE TABLE suggestions (
+            suggestion_id BIGINT PRIMARY KEY DEFAULT nextval('suggestions_seq'),
+            user_id       BIGINT NOT NULL,   -- who suggested it
+            text          VARCHAR NOT NULL,  -- stripped, as it would enter the pool
+            status        VARCHAR NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'approved', 'rejected')),
+            created_at    TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
+            decided_by    BIGINT,            -- the admin who approved or rejected it
+            decided_at    TIMESTAMPTZ,
+            prompt_id     BIGINT             -- the pool prompt an approval added (or found there already)
+        )""")

@@ -157,25 +157,25 @@ def test_waiting_respects_overlap_exclude_and_own_labels(store):
     items = [make_item(store, version=1, prompt=f"p{n}?") for n in range(3)]
     ids = [item.item_id for item in items]
 
-    assert store.items.waiting(alice.user_id, min_version=1, overlap=2) == ids  # oldest first, version >= 1
-    assert store.items.waiting(alice.user_id, min_version=0, overlap=2, limit=2) == [old.item_id, ids[0]]
-    assert store.items.waiting(alice.user_id, min_version=1, overlap=2, exclude={ids[1]}) == [ids[0], ids[2]]
-    assert store.items.count_waiting(min_version=1, overlap=2) == 3
+    assert store.items.waiting(alice.user_id, versions=[1], overlap=2) == ids  # oldest first, served versions only
+    assert store.items.waiting(alice.user_id, versions=[0, 1], overlap=2, limit=2) == [old.item_id, ids[0]]
+    assert store.items.waiting(alice.user_id, versions=[1], overlap=2, exclude={ids[1]}) == [ids[0], ids[2]]
+    assert store.items.count_waiting(versions=[1], overlap=2) == 3
 
     store.labels.add_ranking(ids[0], alice.user_id, [a.answer_id for a in items[0].answers])
     store.labels.add_skip(ids[1], alice.user_id)
     store.labels.add_feedback(items[2].answers[0].answer_id, alice.user_id, "up")  # thumbs alone leave it queued
-    assert store.items.waiting(alice.user_id, 1, overlap=2) == [ids[2]]
-    assert store.items.waiting(bob.user_id, 1, overlap=2) == ids
-    assert store.items.count_waiting(1, overlap=2) == 3
+    assert store.items.waiting(alice.user_id, [1], overlap=2) == [ids[2]]
+    assert store.items.waiting(bob.user_id, [1], overlap=2) == ids
+    assert store.items.count_waiting([1], overlap=2) == 3
 
     store.labels.add_ranking(ids[0], bob.user_id, [a.answer_id for a in items[0].answers][::-1])
-    assert store.items.waiting(carol.user_id, 1, overlap=2) == ids[1:]  # ids[0] has its 2 annotators
-    assert store.items.waiting(carol.user_id, 1, overlap=3) == ids
-    assert store.items.count_waiting(1, overlap=2) == 2
+    assert store.items.waiting(carol.user_id, [1], overlap=2) == ids[1:]  # ids[0] has its 2 annotators
+    assert store.items.waiting(carol.user_id, [1], overlap=3) == ids
+    assert store.items.count_waiting([1], overlap=2) == 2
     # A flag alone does not take the item out of anyone's queue.
     store.labels.add_flag(ids[2], carol.user_id, "harmful")
-    assert ids[2] in store.items.waiting(carol.user_id, 1, overlap=2)
+    assert ids[2] in store.items.waiting(carol.user_id, [1], overlap=2)
 
 
 def test_stale_items_are_untouched_and_older_than_min_version(store):
@@ -190,3 +190,60 @@ def test_stale_items_are_untouched_and_older_than_min_version(store):
     assert store.items.stale(min_version=2) == [untouched.item_id]
     assert store.items.stale(min_version=0) == []
     assert store.items.stale(min_version=3) == [untouched.item_id, fresh.item_id]
+
+
+def test_overlap_is_checked_inside_the_label_transaction(store):
+    alice, _, _ = store.users.add("alice", "annotator")
+    bob, _, _ = store.users.add("bob", "annotator")
+    carol, _, _ = store.users.add("carol", "annotator")
+    item = make_item(store)
+    a = [answer.answer_id for answer in item.answers]
+    store.labels.add_ranking(item.item_id, alice.user_id, a, overlap=2)
+    store.labels.add_skip(item.item_id, bob.user_id, overlap=2)
+    before = label_rows(store)
+    full = f"item {item.item_id} already has its 2 annotator\\(s\\) \\(overlap 2\\)"
+    for call in (lambda: store.labels.add_ranking(item.item_id, carol.user_id, a, overlap=2),
+                 lambda: store.labels.add_skip(item.item_id, carol.user_id, overlap=2),
+                 lambda: store.labels.add_feedback(a[0], carol.user_id, "up", overlap=2),
+                 lambda: store.labels.add_flag(item.item_id, carol.user_id, "broken", skip=True, overlap=2)):
+        with pytest.raises(Conflict, match=full):
+            call()
+        assert label_rows(store) == before
+    # Those done with the item may still give thumbs on it; a flag alone needs no slot.
+    store.labels.add_feedback(a[1], alice.user_id, "down", overlap=2)
+    store.labels.add_feedback(a[1], bob.user_id, "up", overlap=2)
+    store.labels.add_flag(item.item_id, carol.user_id, "broken", overlap=2)
+
+
+def test_a_skipped_item_cannot_be_ranked_and_an_item_is_flagged_once(store):
+    alice, _, _ = store.users.add("alice", "annotator")
+    item = make_item(store)
+    a = [answer.answer_id for answer in item.answers]
+    store.labels.add_flag(item.item_id, alice.user_id, "looks broken", skip=True)
+    before = label_rows(store)
+    assert (before["flags"], before["skips"]) == (1, 1)
+    with pytest.raises(Conflict, match=f"item {item.item_id} is already skipped by you"):
+        store.labels.add_ranking(item.item_id, alice.user_id, a)
+    with pytest.raises(Conflict, match=f"you already flagged item {item.item_id}"):
+        store.labels.add_flag(item.item_id, alice.user_id, "still broken")
+    assert label_rows(store) == before
+    # flag + skip is one transaction: a refused skip leaves no flag behind.
+    other = make_item(store, prompt="Another?")
+    store.labels.add_skip(other.item_id, alice.user_id)
+    with pytest.raises(Conflict, match="already skipped by you"):
+        store.labels.add_flag(other.item_id, alice.user_id, "broken", skip=True)
+    assert label_rows(store)["flags"] == 1
+
+
+def test_done_counts_distinct_annotators(store):
+    alice, _, _ = store.users.add("alice", "annotator")
+    bob, _, _ = store.users.add("bob", "annotator")
+    item = make_item(store)
+    assert store.items.annotators_done(item.item_id) == 0
+    assert not store.items.is_done_by(item.item_id, alice.user_id)
+    store.labels.add_ranking(item.item_id, alice.user_id, [x.answer_id for x in item.answers])
+    store.labels.add_feedback(item.answers[0].answer_id, bob.user_id, "up")  # thumbs alone: not done
+    assert store.items.annotators_done(item.item_id) == 1
+    assert store.items.is_done_by(item.item_id, alice.user_id) and not store.items.is_done_by(item.item_id, bob.user_id)
+    with pytest.raises(NotFound, match="no item with id 999"):
+        store.items.is_done_by(999, alice.user_id)

@@ -6,7 +6,8 @@ from storage.store import Store
 
 TABLES = {
     "_migrations", "users", "prompts", "items", "answers", "rankings", "ranking_answers", "feedback", "skips",
-    "flags", "versions", "runs", "run_steps", "settings",
+    "flags", "versions", "runs", "run_steps", "settings", "canaries",
+    "suggestions",
 }
 
 
