@@ -45,6 +45,7 @@ class SampledAnswer:
     token_count: int
     finish_reason: str  # "eos" or "length"
     logprob_sum: float  # sum of log p(token) under the generating model at temperature 1
+    token_logprobs: tuple[float, ...] = ()  # the terms of logprob_sum (answer tokens, then the eos if it ended)
 
 
 def chat_messages(prompt: str | list[dict]) -> list[dict]:
@@ -160,6 +161,7 @@ def _answer(tokenizer, tokens: torch.Tensor, logprobs: torch.Tensor, eos_ids: se
         token_count=length,
         finish_reason="eos" if ended else "length",
         logprob_sum=float(logprobs[:scored].sum()),
+        token_logprobs=tuple(float(x) for x in logprobs[:scored]),
     )
 
 
