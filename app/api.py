@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from app import labelling, suggestions
 from app.buffer import shown_answers
 from app.context import AppContext
 from app.errors import ApiError
@@ -20,6 +21,7 @@ from app.policy import MAX_GENERATE_TOKENS, with_max_new_tokens
 from storage.exports import iter_export
 from storage.items import Item
 from storage.labels import MAX_REASON_CHARS
+from storage.prompts import MAX_PROMPT_CHARS
 from storage.users import User
 
 router = APIRouter(prefix="/api")
@@ -50,6 +52,10 @@ class FlagBody(Body):
 
 class PromptsBody(Body):
     prompts: list[str] = Field(min_length=1, max_length=10_000)
+
+
+class SuggestionBody(Body):
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
 
 
 class UserBody(Body):
@@ -123,31 +129,27 @@ def next_item(user: Annotator, c: Ctx):
 
 @router.post("/items/{item_id}/ranking", status_code=201)
 def rank(item_id: int, body: RankingBody, user: Annotator, c: Ctx) -> dict:
-    ranking_id = c.store.labels.add_ranking(item_id, user.user_id, body.ranking,
-                                            seconds=c.buffer.seconds_taken(item_id, user.user_id))
-    c.buffer.done(item_id, user.user_id)
-    c.on_label()
-    return {"ranking_id": ranking_id}
+    """Rank an item `GET /api/items/next` handed to you (403 otherwise; 409 once it has its `overlap` annotators)."""
+    return {"ranking_id": labelling.rank(c, user, item_id, body.ranking)}
 
 
 @router.post("/answers/{answer_id}/feedback", status_code=201)
 def feedback(answer_id: int, body: FeedbackBody, user: Annotator, c: Ctx) -> dict:
-    feedback_id = c.store.labels.add_feedback(answer_id, user.user_id, body.value)
-    c.on_label()
-    return {"feedback_id": feedback_id}
+    """Thumbs on an answer of an item handed to you (or one you ranked)."""
+    return {"feedback_id": labelling.thumb(c, user, answer_id, body.value)}
 
 
 @router.post("/items/{item_id}/skip", status_code=201)
 def skip(item_id: int, user: Annotator, c: Ctx, body: SkipBody | None = None) -> dict:
-    skip_id = c.store.labels.add_skip(item_id, user.user_id, body.reason if body else None)
-    c.buffer.done(item_id, user.user_id)
-    return {"skip_id": skip_id}
+    """Be done with an item handed to you without ranking it."""
+    return {"skip_id": labelling.skip(c, user, item_id, body.reason if body else None)}
 
 
 @router.post("/items/{item_id}/flag", status_code=201)
 def flag(item_id: int, body: FlagBody, user: Annotator, c: Ctx) -> dict:
-    """Flag an item for an admin to review (harmful, broken, off-topic). It stays in your queue unless skipped."""
-    return {"flag_id": c.store.labels.add_flag(item_id, user.user_id, body.reason)}
+    """Flag an item handed to you for an admin to review (harmful, broken, off-topic), once. It stays in your queue
+    unless skipped."""
+    return {"flag_id": labelling.flag(c, user, item_id, body.reason)}
 
 
 @router.post("/prompts", status_code=201)
@@ -155,6 +157,15 @@ def add_prompts(body: PromptsBody, user: Admin, c: Ctx) -> dict:
     result = c.store.prompts.add(body.prompts, source=f"api:{user.name}")
     c.buffer.wake()
     return {"added": result.added, "duplicates": result.duplicates}
+
+
+@router.post("/suggestions", status_code=201)
+def suggest(body: SuggestionBody, user: Annotated[User, Depends(current_user)], c: Ctx) -> dict:
+    """Suggest a prompt for the annotation pool (the Demo's "Send to annotation"): it waits for an admin's review
+    (`status` "pending"), within per-user limits; an admin's own goes straight to the pool (`status` "added")."""
+    sent = suggestions.send_to_annotation(c, user, body.prompt)
+    return {"status": sent.status, "suggestion_id": sent.suggestion_id, "prompt_id": sent.prompt_id,
+            "message": sent.message}
 
 
 @router.post("/users", status_code=201)

@@ -5,13 +5,17 @@ Each calls the same function as the Admin tab (`AppContext` or the store), so th
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter
 from pydantic import Field
 
+from app import suggestions
 from app.api import Admin, Body, Ctx
 from app.errors import ApiError
 from app.ui.admin import GUIDELINES_SETTING, MAX_GUIDELINES_CHARS
 from app.ui.annotate import DEFAULT_GUIDELINES
+from storage.suggestions import Suggestion
 
 router = APIRouter(prefix="/api")
 
@@ -79,3 +83,28 @@ def update_settings(body: SettingsBody, user: Admin, c: Ctx) -> dict:
     if body.guidelines is not None:
         c.store.settings.set(GUIDELINES_SETTING, body.guidelines.strip())
     return settings(user, c)
+
+
+def suggestion_json(s: Suggestion) -> dict:
+    return {"suggestion_id": s.suggestion_id, "user": s.user, "prompt": s.text, "status": s.status,
+            "created_at": s.created_at.isoformat(), "decided_by": s.decided_by,
+            "decided_at": s.decided_at.isoformat() if s.decided_at else None, "prompt_id": s.prompt_id}
+
+
+@router.get("/suggestions")
+def list_suggestions(user: Admin, c: Ctx,
+                     status: Literal["pending", "approved", "rejected", "all"] = "pending") -> list[dict]:
+    """Prompts annotators suggested for the pool, newest first (pending ones by default)."""
+    return [suggestion_json(s) for s in c.store.suggestions.list(None if status == "all" else status)]
+
+
+@router.post("/suggestions/{suggestion_id}/approve")
+def approve_suggestion(suggestion_id: int, user: Admin, c: Ctx) -> dict:
+    """Add the suggested prompt to the annotation pool (409 unless the suggestion is pending)."""
+    return suggestion_json(suggestions.decide(c, suggestion_id, user, approve=True))
+
+
+@router.post("/suggestions/{suggestion_id}/reject")
+def reject_suggestion(suggestion_id: int, user: Admin, c: Ctx) -> dict:
+    """Reject a pending suggestion: nothing enters the pool (409 unless it is pending)."""
+    return suggestion_json(suggestions.decide(c, suggestion_id, user, approve=False))

@@ -9,7 +9,17 @@ from starlette.exceptions import HTTPException
 
 from app.policy import PolicyBusy
 from learner.errors import ConfigError, LearnerError, ModelError
-from storage.errors import Conflict, DataDirBusy, InvalidValue, LabelError, NotFound, PromptFileError, StorageError
+from storage.errors import (
+    Conflict,
+    DataDirBusy,
+    InvalidValue,
+    LabelError,
+    NotFound,
+    NotHanded,
+    PromptFileError,
+    RateLimited,
+    StorageError,
+)
 
 
 class ApiError(Exception):
@@ -25,6 +35,8 @@ class ApiError(Exception):
 STATUS = [
     (NotFound, 404),
     (Conflict, 409),
+    (NotHanded, 403),  # the item is not this annotator's to label (issue 8 item 4)
+    (RateLimited, 429),
     (LabelError, 422),
     (InvalidValue, 422),
     (PromptFileError, 422),

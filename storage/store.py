@@ -13,6 +13,7 @@ from storage.labels import Labels
 from storage.prompts import Prompts
 from storage.runs import Runs
 from storage.settings import Settings
+from storage.suggestions import Suggestions
 from storage.users import Users
 from storage.versions import Versions
 
@@ -33,6 +34,7 @@ class Store:
         self.versions = Versions(self.db)
         self.runs = Runs(self.db)
         self.settings = Settings(self.db)
+        self.suggestions = Suggestions(self.db)
 
     @classmethod
     def open(cls, data_dir: Path) -> Store:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from app import labelling
 from app.buffer import shown_answers
 from app.context import AppContext
 from app.ui.render import quote_block
@@ -116,11 +117,7 @@ def submit(ctx: AppContext, username: str | None, session: Session, ranks: list[
             if value not in THUMBS:
                 raise UiError(f"{answer_label(slot)}: thumbs must be up or down, got {value!r}")
             feedback[session.answer_ids[slot]] = value
-    ctx.store.labels.add_ranking(session.item_id, user.user_id, ranking,
-                                 seconds=ctx.buffer.seconds_taken(session.item_id, user.user_id),
-                                 feedback=feedback or None)
-    ctx.buffer.done(session.item_id, user.user_id)
-    ctx.on_label()
+    labelling.rank(ctx, user, session.item_id, ranking, feedback or None)
     return next_view(ctx, username, "Saved. Here is the next one.")
 
 
@@ -128,8 +125,7 @@ def skip(ctx: AppContext, username: str | None, session: Session, reason: str = 
     user = user_of(ctx, username)
     if session.item_id is None:
         return next_view(ctx, username)
-    ctx.store.labels.add_skip(session.item_id, user.user_id, reason.strip() or None)
-    ctx.buffer.done(session.item_id, user.user_id)
+    labelling.skip(ctx, user, session.item_id, reason.strip() or None)
     return next_view(ctx, username, "Skipped.")
 
 
@@ -140,9 +136,7 @@ def flag(ctx: AppContext, username: str | None, session: Session, reason: str) -
         raise UiError("there is no item to flag")
     if not reason.strip():
         raise UiError("say why you flag it (harmful, broken, off-topic...)")
-    ctx.store.labels.add_flag(session.item_id, user.user_id, reason.strip())
-    ctx.store.labels.add_skip(session.item_id, user.user_id, "flagged")
-    ctx.buffer.done(session.item_id, user.user_id)
+    labelling.flag(ctx, user, session.item_id, reason.strip(), and_skip=True)
     return next_view(ctx, username, "Flagged for review, thank you.")
 
 

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from app import suggestions
 from app.context import AppContext
 from app.policy import MAX_GENERATE_TOKENS, GenerationSlots, with_max_new_tokens
 from app.ui.admin import version_name
@@ -171,10 +172,7 @@ def side_by_side(ctx: AppContext, slots: GenerationSlots, username: str | None, 
 
 
 def send_to_annotation(ctx: AppContext, username: str | None, prompt: str) -> str:
-    """Add the prompt to the pool annotators' items are sampled from (the store call POST /api/prompts makes)."""
+    """Suggest the prompt for the annotation pool: an admin reviews an annotator's suggestion first, an admin's own
+    goes straight in (app/suggestions.py, the same call as POST /api/suggestions). Returns the line to show."""
     user = user_of(ctx, username)
-    result = ctx.store.prompts.add([_check_prompt(prompt)], source=f"demo:{user.name}")
-    ctx.buffer.wake()
-    if result.added:
-        return "Sent: annotators will rank answers to this prompt soon."
-    return "This prompt is already in the annotation pool."
+    return suggestions.send_to_annotation(ctx, user, _check_prompt(prompt)).message
