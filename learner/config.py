@@ -33,8 +33,8 @@ class RoundConfig:
     label_smoothing: float = 0.0  # assumed fraction of flipped labels, used by loss_type "robust" only
     desirable_weight: float = 1.0  # KTO's λ_D; the paper's default with balanced thumbs (arXiv 2402.01306)
     undesirable_weight: float = 1.0  # KTO's λ_U; keep λ_D·n_D / (λ_U·n_U) in [1, 4/3] (Eq. 9 of the KTO paper)
-    steps: int = 12  # optimizer steps per round: ~2 min of DPO on a 2-core CPU; rounds repeat as labels arrive
-    batch_size: int = 4  # pairs per step = 8 sequences for DPO, the size timed above; KTO needs >= 2 (z_ref)
+    steps: int = 12  # optimizer steps per round; rounds repeat as labels arrive
+    batch_size: int = 4  # examples per forward pass (memory); a step accumulates over as many as its share needs
     learning_rate: float = 1e-4  # LoRA's usual rate; a round is only a dozen steps, the KL gate catches overshoot
     adam_eps: float = 1e-5  # larger than torch's 1e-8: stops tiny second moments of fresh LoRA B blowing up steps
     max_grad_norm: float = 1.0  # DPO's gradients spike when a pair flips; clipping keeps one pair from a big jump
@@ -43,10 +43,17 @@ class RoundConfig:
     lora_dropout: float = 0.0  # dropout makes policy and reference disagree at step 0; TRL's DPO docs advise off
     lora_target_modules: str = "all-linear"  # every linear layer but the output head, as the design says
 
-    # --- which data: human labels and on-policy rollouts
-    max_staleness: int | None = 2  # use labels on answers from at most 2 versions back; None = all (offline)
-    sync_every: int = 4  # regenerate on-policy pairs every 4 optimizer steps: semi-online (arXiv 2506.21495)
-    rollout_prompts: int = 4  # prompts sampled per regeneration: 4 x 4 answers ~ 15 s of sampling on a CPU
+    # --- which data: human labels and on-policy rollouts (learner/data.py plans every step's batch)
+    max_label_staleness: int | None = 2  # human labels on answers from at most 2 DEPLOYED versions back along the
+    #   serving lineage (storage computes each label's `staleness`); None = all labels (offline)
+    human_epochs: int = 1  # passes over the human labels per round, in shuffled epoch order split evenly over the
+    #   steps: every label is seen exactly this often (1: a round's labels are few and rounds repeat as they grow)
+    onpolicy_fraction: float = 0.5  # share of each step's examples that are on-policy (the semi-online paper mixes
+    #   fresh and human data; half keeps the human signal dominant per label while the policy sees its own answers)
+    sync_every: int = 4  # regenerate on-policy pairs every 4 optimizer steps: semi-online (arXiv 2506.21495);
+    #   1 = online (fresh rollouts every step), >= steps = offline (one generation before the first step)
+    rollout_prompts: int = 4  # prompts sampled per regeneration: 4 x 4 answers ~ 15 s of sampling on a CPU; each
+    #   on-policy example is reused within its sync window when a window needs more than a regeneration makes
     rollout_n: int = 4  # answers per prompt, best vs worst by the reward model (K=4 as annotators see)
     max_new_tokens: int = 64  # rollout and eval answers; shorter than the app's 96 to keep a CPU round quick
     temperature: float = 0.8  # the policy service's temperature, so rollouts look like what annotators rank
@@ -58,14 +65,17 @@ class RoundConfig:
     reward_batch_items: int = 2  # rankings per step; a K=4 ranking has 6 pairs but only 4 sequences to score
     reward_learning_rate: float = 2e-4  # the fresh scalar head needs a larger rate than the policy's LoRA
     reward_centering: float = 0.01  # c·mean((r_w + r_l)^2) keeps scores near 0 (TRL's value, arXiv 2312.09244)
-    reward_heldout_fraction: float = 0.2  # rankings held out (by a hash of item_id) for pair accuracy
+    heldout_fraction: float = 0.2  # prompts (by a hash of the prompt text) whose human labels are never trained
+    #   on, by the policy or the reward model: the held-out pair accuracies are measured on them
 
     # --- evaluation and gate
     eval_prompts: int = 4  # held-out prompts scored per round: ~20 s of sampling for policy, parent and base
     eval_n: int = 2  # answers per prompt and model; win-rates compare all policy x other answers of a prompt
-    eval_fraction: float = 0.1  # prompts (by a hash of prompt_id) never used for rollouts, kept for evaluation
+    eval_fraction: float = 0.1  # prompts (by a hash of the prompt text) kept for evaluation: never used for rollouts,
+    #   and their human labels are neither trained on nor in the held-out label set
     max_kl: float = 15.0  # nats per answer (~0.25 per token of 64): beyond that a 135M model's text degrades
-    min_win_rate: float = 0.4  # vs parent by the reward model; 0.5 would reject half the no-change rounds by noise
+    min_win_rate: float = 0.4  # vs parent by the reward model, ADVISORY: the gate refuses only when the win-rate's
+    #   95% upper bound is below it (8 comparisons cannot show a version is better; the canary decides that)
 
     def __post_init__(self) -> None:
         problems = _problems(self)
@@ -140,7 +150,10 @@ def _problems(c: RoundConfig) -> list[str]:
         (c.lora_r >= 1, f"lora_r must be >= 1, got {c.lora_r}"),
         (c.lora_alpha > 0, f"lora_alpha must be > 0, got {c.lora_alpha}"),
         (0 <= c.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {c.lora_dropout}"),
-        (c.max_staleness is None or c.max_staleness >= 0, f"max_staleness must be >= 0 or null, got {c.max_staleness}"),
+        (c.max_label_staleness is None or c.max_label_staleness >= 0,
+         f"max_label_staleness must be >= 0 or null, got {c.max_label_staleness}"),
+        (c.human_epochs >= 1, f"human_epochs must be >= 1, got {c.human_epochs}"),
+        (0 <= c.onpolicy_fraction < 1, f"onpolicy_fraction must be in [0, 1), got {c.onpolicy_fraction}"),
         (c.sync_every >= 1, f"sync_every must be >= 1, got {c.sync_every}"),
         (c.rollout_prompts >= 0, f"rollout_prompts must be >= 0, got {c.rollout_prompts}"),
         (c.rollout_n >= 2, f"rollout_n must be >= 2 (best vs worst needs two answers), got {c.rollout_n}"),
@@ -153,8 +166,10 @@ def _problems(c: RoundConfig) -> list[str]:
         (math.isfinite(c.reward_learning_rate) and c.reward_learning_rate > 0,
          f"reward_learning_rate must be > 0, got {c.reward_learning_rate}"),
         (c.reward_centering >= 0, f"reward_centering must be >= 0, got {c.reward_centering}"),
-        (0 <= c.reward_heldout_fraction < 1,
-         f"reward_heldout_fraction must be in [0, 1), got {c.reward_heldout_fraction}"),
+        (0 <= c.heldout_fraction < 1, f"heldout_fraction must be in [0, 1), got {c.heldout_fraction}"),
+        (c.eval_fraction + c.heldout_fraction < 1,
+         f"eval_fraction + heldout_fraction must be < 1 (some prompts must train), got "
+         f"{c.eval_fraction} + {c.heldout_fraction}"),
         (c.eval_prompts >= 0, f"eval_prompts must be >= 0, got {c.eval_prompts}"),
         (c.eval_n >= 1, f"eval_n must be >= 1, got {c.eval_n}"),
         (0 <= c.eval_fraction < 1, f"eval_fraction must be in [0, 1), got {c.eval_fraction}"),

@@ -1,9 +1,10 @@
 """Summed log-probs of answers given prompts: the one helper every loss, the reward model and evaluation use.
 
 An answer is scored as the chat template renders it: the prompt with the assistant's turn opened, then the
-answer's tokens, then the eos token that ends the turn (the model chose to stop; `learner.sampling` counts it the
-same way). Only answer tokens (eos included) are scored. Sequences are right-padded, and the answers of a batch
-(chosen and rejected together) go through ONE forward pass.
+answer's tokens, then the eos token that ends the turn when the model chose to stop (finish_reason "eos";
+`learner.sampling` counts it the same way). An answer cut at max_new_tokens (finish_reason "length") gets no eos:
+training must not teach the model to stop where it never did. Only answer tokens (eos included) are scored.
+Sequences are right-padded, and the answers of a batch (chosen and rejected together) go through ONE forward pass.
 """
 
 from __future__ import annotations
@@ -25,14 +26,23 @@ class EncodedAnswer:
     input_ids: tuple[int, ...]
     prompt_length: int  # index of the first answer token
     truncated: bool  # the answer was cut from the end to fit max_length (its eos is then missing)
+    ended: bool = True  # the answer ended with eos when sampled (finish_reason "eos"), so an eos is scored
 
     @property
     def answer_length(self) -> int:
         return len(self.input_ids) - self.prompt_length
 
 
-def encode_answer(tokenizer, prompt: str | list[dict], answer: str, max_length: int) -> EncodedAnswer:
-    """Tokenize prompt and prompt + answer; raise TokenizationError when they do not line up.
+def finish_ended(finish_reason: str) -> bool:
+    """Whether an answer with this finish_reason ended with eos ("eos") or was cut at max_new_tokens ("length")."""
+    if finish_reason not in ("eos", "length"):
+        raise TokenizationError(f"finish_reason must be 'eos' or 'length', got {finish_reason!r}")
+    return finish_reason == "eos"
+
+
+def encode_answer(tokenizer, prompt: str | list[dict], answer: str, max_length: int,
+                  ended: bool = True) -> EncodedAnswer:
+    """Tokenize prompt and prompt + answer (+ eos when `ended`); raise TokenizationError when they do not line up.
 
     The full text is tokenized in one piece (as the model would read it), so a merge across the prompt/answer
     boundary, or a template that renders differently as text than as ids, would shift the answer mask onto
@@ -43,7 +53,8 @@ def encode_answer(tokenizer, prompt: str | list[dict], answer: str, max_length: 
     prompt_ids = encode_prompt(tokenizer, prompt)
     prompt_text = tokenizer.apply_chat_template(chat_messages(prompt), add_generation_prompt=True, tokenize=False)
     full_ids = list(tokenizer(prompt_text + answer, add_special_tokens=False)["input_ids"])
-    full_ids.append(tokenizer.eos_token_id)
+    if ended:
+        full_ids.append(tokenizer.eos_token_id)
     n = len(prompt_ids)
     if full_ids[:n] != prompt_ids:
         mismatch = next(i for i, (a, b) in enumerate(zip(prompt_ids, full_ids + [None] * n)) if a != b)
@@ -57,7 +68,7 @@ def encode_answer(tokenizer, prompt: str | list[dict], answer: str, max_length: 
             f"the prompt has {n} tokens with its chat template, max_length is {max_length}: no room for the answer; "
             "raise max_length or shorten the prompt"
         )
-    return EncodedAnswer(tuple(full_ids[:max_length]), n, truncated=len(full_ids) > max_length)
+    return EncodedAnswer(tuple(full_ids[:max_length]), n, truncated=len(full_ids) > max_length, ended=ended)
 
 
 def collate(encoded: Sequence[EncodedAnswer], pad_token_id: int,
@@ -123,7 +134,8 @@ def sequence_logprobs(model, encoded: Sequence[EncodedAnswer], pad_token_id: int
 
 
 def answer_logprobs(model, tokenizer, prompts: Sequence[str | list[dict]], answers: Sequence[str], max_length: int,
-                    with_entropy: bool = False) -> SequenceLogprobs:
-    """Encode (prompt, answer) pairs and score them in one forward pass."""
-    encoded = [encode_answer(tokenizer, p, a, max_length) for p, a in zip(prompts, answers, strict=True)]
+                    with_entropy: bool = False, ended: Sequence[bool] | None = None) -> SequenceLogprobs:
+    """Encode (prompt, answer) pairs (each with eos unless `ended` says it was cut) and score them in one pass."""
+    ended = [True] * len(answers) if ended is None else ended
+    encoded = [encode_answer(tokenizer, p, a, max_length, e) for p, a, e in zip(prompts, answers, ended, strict=True)]
     return sequence_logprobs(model, encoded, tokenizer.pad_token_id, with_entropy=with_entropy)

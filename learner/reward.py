@@ -13,8 +13,8 @@ never computed.
 
 from __future__ import annotations
 
+import json
 import os
-import random
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,12 +24,14 @@ import torch
 from torch import Tensor
 
 from learner.errors import ModelError
-from learner.logprobs import EncodedAnswer, collate, encode_answer
+from learner.logprobs import EncodedAnswer, collate, encode_answer, finish_ended
 from learner.losses import bradley_terry_loss
-from learner.train import TrainResult, in_heldout, train_loop, training_adapter, use_adapter
+from learner.stats import Proportion, proportion
+from learner.train import TrainResult, train_loop, training_adapter, use_adapter
 
 REWARD_ADAPTER = "reward"
 HEAD_FILE = "reward_head.safetensors"
+INFO_FILE = "prefloop_reward.json"  # {"trained_pairs": n}: how many human pairs this reward model has learned from
 
 
 @dataclass
@@ -60,8 +62,8 @@ class RewardModel:
         h_last = hidden[torch.arange(len(encoded), device=device), last]
         return self.head(h_last.float()).squeeze(-1)
 
-    def encode(self, prompt: str, answer: str) -> EncodedAnswer:
-        return encode_answer(self.tokenizer, prompt, answer, self.max_length)
+    def encode(self, prompt: str, answer: str, ended: bool = True) -> EncodedAnswer:
+        return encode_answer(self.tokenizer, prompt, answer, self.max_length, ended)
 
 
 def _new_head(hidden_size: int, device) -> torch.nn.Linear:
@@ -101,8 +103,16 @@ def _load_head(path: Path, device) -> torch.nn.Linear:
     return head.to(device)
 
 
-def save_reward_model(reward_model: RewardModel, out_dir: Path) -> None:
-    """Save the reward adapter (peft's save_pretrained) and the head into `out_dir`."""
+def trained_pairs(reward_dir: Path | None) -> int:
+    """Human pairs a saved reward model has been trained on, over all its rounds; 0 for none, or for a reward model
+    saved before this was recorded (it cannot be shown to be trained, so it is not trusted to judge)."""
+    if reward_dir is None or not (Path(reward_dir) / INFO_FILE).is_file():
+        return 0
+    return int(json.loads((Path(reward_dir) / INFO_FILE).read_text()).get("trained_pairs", 0))
+
+
+def save_reward_model(reward_model: RewardModel, out_dir: Path, pairs_trained: int = 0) -> None:
+    """Save the reward adapter (peft's save_pretrained), the head and how many pairs it learned from into `out_dir`."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -113,6 +123,7 @@ def save_reward_model(reward_model: RewardModel, out_dir: Path) -> None:
         saved = Path(tmp) / reward_model.adapter
         state = {k: v.detach().cpu().contiguous() for k, v in reward_model.head.state_dict().items()}
         save_file(state, str(saved / HEAD_FILE))
+        (saved / INFO_FILE).write_text(json.dumps({"trained_pairs": int(pairs_trained)}) + "\n")
         os.replace(saved, out_dir)
 
 
@@ -133,12 +144,14 @@ def load_reward_model(reward_dir: Path, model, tokenizer, max_length: int = 512)
 
 @torch.no_grad()
 def score(reward_model: RewardModel, prompts: Sequence[str], answers: Sequence[str],
-          batch_size: int = 8) -> list[float]:
-    """Scores of (prompt, answer) pairs, `batch_size` answers per forward pass."""
-    pairs = list(zip(prompts, answers, strict=True))
+          batch_size: int = 8, ended: Sequence[bool] | None = None) -> list[float]:
+    """Scores of (prompt, answer) pairs, `batch_size` answers per forward pass; `ended` False for an answer cut at
+    max_new_tokens (scored without an eos)."""
+    ended = [True] * len(answers) if ended is None else ended
+    pairs = list(zip(prompts, answers, ended, strict=True))
     scores: list[float] = []
     for start in range(0, len(pairs), batch_size):
-        encoded = [reward_model.encode(p, a) for p, a in pairs[start:start + batch_size]]
+        encoded = [reward_model.encode(p, a, e) for p, a, e in pairs[start:start + batch_size]]
         scores.extend(reward_model.rewards(encoded).tolist())
     return scores
 
@@ -153,33 +166,36 @@ class RankedItem:
     prompt: str
     answers: tuple[str, ...]
     pairs: tuple[tuple[int, int], ...]  # (chosen, rejected)
+    ended: tuple[bool, ...] = ()  # per answer: finish_reason "eos" (scored with its eos); empty = all ended
+
+    def answer_ended(self, index: int) -> bool:
+        return self.ended[index] if self.ended else True
 
 
 def items_from_pairs(pairs) -> list[RankedItem]:
-    """Group a pairs DataFrame (pairs.parquet columns) by item_id; answers deduplicated by answer id."""
+    """Group a pairs DataFrame (pairs.parquet columns) by item_id; answers deduplicated by answer id. Finish reasons
+    come from chosen_finish_reason / rejected_finish_reason when the frame has them."""
     items = []
+    has_finish = "chosen_finish_reason" in pairs.columns
     for item_id, rows in pairs.groupby("item_id", sort=True):
         index: dict[str, int] = {}
         texts: list[str] = []
+        ended: list[bool] = []
         item_pairs = []
         for row in rows.itertuples():
             ids = []
-            for answer_id, text in ((row.chosen_answer_id, row.chosen), (row.rejected_answer_id, row.rejected)):
+            sides = ((row.chosen_answer_id, row.chosen, row.chosen_finish_reason if has_finish else "eos"),
+                     (row.rejected_answer_id, row.rejected, row.rejected_finish_reason if has_finish else "eos"))
+            for answer_id, text, finish in sides:
                 if str(answer_id) not in index:
                     index[str(answer_id)] = len(texts)
                     texts.append(text)
+                    ended.append(finish_ended(finish))
                 ids.append(index[str(answer_id)])
             item_pairs.append((ids[0], ids[1]))
-        items.append(RankedItem(str(item_id), rows["prompt"].iloc[0], tuple(texts), tuple(item_pairs)))
+        items.append(RankedItem(str(item_id), rows["prompt"].iloc[0], tuple(texts), tuple(item_pairs),
+                                tuple(ended)))
     return items
-
-
-def split_items(items: Sequence[RankedItem], heldout_fraction: float) -> tuple[list[RankedItem], list[RankedItem]]:
-    """(train, heldout) by a hash of item_id, so an item never sits on both sides. With too few items for both
-    sides, everything trains and nothing is held out (accuracy is then reported as None)."""
-    heldout = [i for i in items if in_heldout(i.item_id, heldout_fraction)]
-    train = [i for i in items if not in_heldout(i.item_id, heldout_fraction)]
-    return (train, heldout) if train else (list(items), [])
 
 
 def _item_batch_scores(reward_model: RewardModel, items: Sequence[RankedItem]) -> tuple[Tensor, Tensor, Tensor]:
@@ -187,7 +203,7 @@ def _item_batch_scores(reward_model: RewardModel, items: Sequence[RankedItem]) -
     encoded, chosen, rejected, groups = [], [], [], []
     for g, item in enumerate(items):
         offset = len(encoded)
-        encoded.extend(reward_model.encode(item.prompt, a) for a in item.answers)
+        encoded.extend(reward_model.encode(item.prompt, a, item.answer_ended(i)) for i, a in enumerate(item.answers))
         for c, r in item.pairs:
             chosen.append(offset + c)
             rejected.append(offset + r)
@@ -199,27 +215,30 @@ def _item_batch_scores(reward_model: RewardModel, items: Sequence[RankedItem]) -
 
 
 @torch.no_grad()
-def pair_accuracy(reward_model: RewardModel, items: Sequence[RankedItem], batch_items: int = 4) -> float | None:
-    """Fraction of pairs whose chosen answer scores higher; None without pairs."""
+def pair_accuracy(reward_model: RewardModel, items: Sequence[RankedItem], batch_items: int = 4) -> Proportion:
+    """Share of pairs whose chosen answer scores higher, with n (pairs) and a 95% Wilson interval."""
     correct = total = 0
     for start in range(0, len(items), batch_items):
         chosen, rejected, _ = _item_batch_scores(reward_model, items[start:start + batch_items])
         correct += int((chosen > rejected).sum())
         total += len(chosen)
-    return correct / total if total else None
+    return proportion(correct, total)
 
 
 def train_reward_model(reward_model: RewardModel, items: Sequence[RankedItem], steps: int, batch_items: int,
                        learning_rate: float, adam_eps: float, max_grad_norm: float, centering: float, seed: int,
                        accelerator=None, on_step: Callable[[dict], None] | None = None) -> TrainResult:
-    """Bradley-Terry training: each step draws `batch_items` rankings, all C(K,2) pairs of a ranking in one
-    batch element (`bradley_terry_loss`)."""
-    rng = random.Random(seed)
+    """Bradley-Terry training: each step takes `batch_items` rankings in epoch order (learner.data.reward_batches:
+    under accelerate every rank its own), all C(K,2) pairs of a ranking in one batch element (`bradley_terry_loss`)."""
+    from learner.data import reward_batches
+
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    plan = reward_batches(len(items), batch_items, steps, seed, rank, world)
 
     def step_loss(step: int):
-        batch = rng.sample(list(items), min(batch_items, len(items)))
-        chosen, rejected, groups = _item_batch_scores(reward_model, batch)
-        return bradley_terry_loss(chosen, rejected, groups, centering=centering)
+        chosen, rejected, groups = _item_batch_scores(reward_model, [items[i] for i in plan[step]])
+        loss, metrics = bradley_terry_loss(chosen, rejected, groups, centering=centering)
+        yield loss, 1.0, metrics
 
     with training_adapter(reward_model.model, reward_model.adapter):
         return train_loop(reward_model.parameters(), step_loss, steps, learning_rate, adam_eps, max_grad_norm,

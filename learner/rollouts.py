@@ -1,14 +1,13 @@
 """The policy's training data: human labels as examples, and on-policy examples the round makes itself.
 
 On-policy: sample N answers for several prompts in one batched generate, score them with the reward model, and
-turn each prompt's answers into examples (best vs worst for DPO, around the median for KTO). `ExamplePool` mixes
-both and regenerates the on-policy part every `sync_every` optimizer steps (arXiv 2506.21495: 1 = online,
-large = offline).
+turn each prompt's answers into examples (best vs worst for DPO, around the median for KTO). Every answer keeps its
+finish reason, so one cut at max_new_tokens is scored and trained without an eos. How the two kinds mix in each
+step is learner/data.py's plan.
 """
 
 from __future__ import annotations
 
-import random
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,11 +15,12 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from learner.errors import LearnerError, TokenizationError
-from learner.logprobs import encode_answer
+from learner.data import EVAL, TRAIN, PromptSplit
+from learner.errors import TokenizationError
+from learner.logprobs import encode_answer, finish_ended
 from learner.reward import RewardModel, score
 from learner.sampling import SamplingParams, encode_prompt, eos_token_ids
-from learner.train import PairExample, UnaryExample, hash_fraction, in_heldout
+from learner.train import PairExample, UnaryExample, hash_fraction
 
 
 @dataclass(frozen=True)
@@ -77,23 +77,26 @@ def sample_batch(model, tokenizer, prompts: Sequence[str], n: int, params: Sampl
     return out
 
 
-def best_vs_worst(prompt: str, answers: Sequence[str], scores: Sequence[float]) -> list[PairExample]:
+def best_vs_worst(prompt: str, answers: Sequence[Rollout], scores: Sequence[float]) -> list[PairExample]:
     """The highest- vs the lowest-scored answer; nothing when they tie (no preference to learn)."""
     best = max(range(len(answers)), key=lambda i: scores[i])
     worst = min(range(len(answers)), key=lambda i: scores[i])
-    if scores[best] == scores[worst] or answers[best] == answers[worst]:
+    if scores[best] == scores[worst] or answers[best].text == answers[worst].text:
         return []
-    return [PairExample(prompt, answers[best], answers[worst], source="onpolicy")]
+    b, w = answers[best], answers[worst]
+    return [PairExample(prompt, b.text, w.text, source="onpolicy", chosen_ended=b.finish_reason == "eos",
+                        rejected_ended=w.finish_reason == "eos", group=f"onpolicy:{prompt}")]
 
 
-def around_median(prompt: str, answers: Sequence[str], scores: Sequence[float]) -> list[UnaryExample]:
+def around_median(prompt: str, answers: Sequence[Rollout], scores: Sequence[float]) -> list[UnaryExample]:
     """Answers above the prompt's median score are desirable, below undesirable; those on the median dropped."""
     median = statistics.median(scores)
-    return [UnaryExample(prompt, a, desirable=s > median, source="onpolicy")
+    return [UnaryExample(prompt, a.text, desirable=s > median, source="onpolicy", ended=a.finish_reason == "eos",
+                         group=f"onpolicy:{prompt}")
             for a, s in zip(answers, scores, strict=True) if s != median]
 
 
-OnPolicyBuilder = Callable[[str, Sequence[str], Sequence[float]], list]
+OnPolicyBuilder = Callable[[str, Sequence[Rollout], Sequence[float]], list]
 ONPOLICY_BUILDERS: dict[str, OnPolicyBuilder] = {"dpo": best_vs_worst, "kto": around_median}
 
 
@@ -113,27 +116,38 @@ def onpolicy_examples(model, reward_model: RewardModel, tokenizer, prompts: Sequ
     build = ONPOLICY_BUILDERS[algorithm]
     examples, dropped = [], 0
     for prompt, group in zip(prompts, rollouts, strict=True):
-        texts = []
+        kept = []
         for r in group:
             try:
-                reward_model.encode(prompt, r.text)
+                reward_model.encode(prompt, r.text, r.finish_reason == "eos")
             except TokenizationError:  # a rare boundary merge: skip this answer, count it, keep the round going
                 dropped += 1
                 continue
-            texts.append(r.text)
-        if len(texts) < 2:
+            kept.append(r)
+        if len(kept) < 2:
             continue
-        scores = score(reward_model, [prompt] * len(texts), texts, batch_size=max(len(texts), 1))
-        examples.extend(build(prompt, texts, scores))
+        scores = score(reward_model, [prompt] * len(kept), [r.text for r in kept], batch_size=max(len(kept), 1),
+                       ended=[r.finish_reason == "eos" for r in kept])
+        examples.extend(build(prompt, kept, scores))
     return OnPolicyBatch(examples, answers=sum(len(g) for g in rollouts), dropped_tokenization=dropped)
 
 
 # --- human labels ---------------------------------------------------------------------------------------------
 
+def _pairs(frame: pd.DataFrame) -> list[PairExample]:
+    return [PairExample(r.prompt, r.chosen, r.rejected, "human", finish_ended(r.chosen_finish_reason),
+                        finish_ended(r.rejected_finish_reason), group=str(r.item_id)) for r in frame.itertuples()]
+
+
+def _unary(frame: pd.DataFrame) -> list[UnaryExample]:
+    return [UnaryExample(r.prompt, r.completion, bool(r.label), "human", finish_ended(r.finish_reason),
+                         group=str(r.item_id)) for r in frame.itertuples()]
+
+
 HUMAN_DATA: dict[str, tuple[str, Callable[[pd.DataFrame], list]]] = {
     # algorithm: (snapshot table, rows -> examples)
-    "dpo": ("pairs", lambda f: [PairExample(r.prompt, r.chosen, r.rejected, "human") for r in f.itertuples()]),
-    "kto": ("unary", lambda f: [UnaryExample(r.prompt, r.completion, bool(r.label), "human") for r in f.itertuples()]),
+    "dpo": ("pairs", _pairs),
+    "kto": ("unary", _unary),
 }
 
 
@@ -143,8 +157,8 @@ def human_examples(frame: pd.DataFrame, algorithm: str, tokenizer, max_length: i
     examples, dropped = [], {}
     for example in HUMAN_DATA[algorithm][1](frame):
         try:
-            for prompt, answer in example.texts():
-                encode_answer(tokenizer, prompt, answer, max_length)
+            for prompt, answer, ended in example.texts():
+                encode_answer(tokenizer, prompt, answer, max_length, ended)
         except TokenizationError as exc:
             reason = "prompt_too_long" if "no room" in str(exc) else "tokenization"
             dropped[reason] = dropped.get(reason, 0) + 1
@@ -153,36 +167,13 @@ def human_examples(frame: pd.DataFrame, algorithm: str, tokenizer, max_length: i
     return examples, dropped
 
 
-def split_prompts(prompts: pd.DataFrame, eval_fraction: float, eval_prompts: int, tokenizer,
-                  max_length: int) -> tuple[list[str], list[str]]:
-    """(rollout prompts, eval prompts): a fixed split by a hash of prompt_id, at most `eval_prompts` held out;
-    prompts too long for max_length are left out of both. When no prompt hashes into the held-out fraction
-    (a tiny prompt set), the one with the smallest hash is held out."""
-    usable = [(str(r.prompt_id), r.prompt) for r in prompts.itertuples()
-              if len(encode_prompt(tokenizer, r.prompt)) < max_length - 1]
-    heldout = [p for p in usable if in_heldout(p[0], eval_fraction)]
-    if not heldout and usable and eval_prompts:
-        heldout = [min(usable, key=lambda p: hash_fraction(p[0]))]
-    heldout = sorted(heldout, key=lambda p: hash_fraction(p[0]))[:eval_prompts]
-    eval_ids = {p[0] for p in heldout}
-    return [p[1] for p in usable if p[0] not in eval_ids], [p[1] for p in heldout]
+def usable_prompts(prompts: pd.DataFrame, tokenizer, max_length: int) -> list[str]:
+    """The prompts of prompts.parquet that leave room for an answer within max_length."""
+    return [r.prompt for r in prompts.itertuples() if len(encode_prompt(tokenizer, r.prompt)) < max_length - 1]
 
 
-class ExamplePool:
-    """Human examples plus on-policy ones regenerated every `sync_every` steps; batches drawn shuffled
-    (KTO's z_ref needs answers from different prompts in a batch, TRL issue #2554)."""
-
-    def __init__(self, human: list, regenerate: Callable[[int], list] | None, sync_every: int, seed: int):
-        self.human, self.onpolicy = human, []
-        self.regenerate, self.sync_every = regenerate, sync_every
-        self.rng = random.Random(seed)
-
-    def batch(self, step: int, size: int) -> list:
-        if self.regenerate is not None and step % self.sync_every == 0:
-            # A regeneration where every prompt tied keeps the previous on-policy examples rather than none.
-            self.onpolicy = self.regenerate(step) or self.onpolicy
-        pool = self.human + self.onpolicy
-        if not pool:
-            raise LearnerError("no training examples: no human labels within max_staleness and the on-policy "
-                               "rollouts gave none (no prompts in prompts.parquet, or rollout_prompts = 0?)")
-        return self.rng.sample(pool, min(size, len(pool)))
+def split_prompts(usable: list[str], split: PromptSplit, eval_prompts: int) -> tuple[list[str], list[str]]:
+    """(rollout prompts, eval prompts): rollouts only on training prompts; at most `eval_prompts` of the split's
+    eval prompts (the same ones every round: the smallest hashes first)."""
+    held = sorted((p for p in usable if split.role(p) == EVAL), key=hash_fraction)[:eval_prompts]
+    return [p for p in usable if split.role(p) == TRAIN], held

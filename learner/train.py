@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -19,10 +19,10 @@ import torch
 from torch import Tensor
 
 from learner.config import RoundConfig
-from learner.logprobs import EncodedAnswer, encode_answer, sequence_logprobs
+from learner.logprobs import EncodedAnswer, SequenceLogprobs, encode_answer, sequence_logprobs
 from learner.losses import dpo_loss, kto_loss
 
-StepLoss = Callable[[int], tuple[Tensor, dict]]
+StepLoss = Callable[[int], Iterable[tuple[Tensor, float, dict]]]
 
 
 def hash_fraction(key: str) -> float:
@@ -87,10 +87,24 @@ class TrainResult:
     failure: str | None  # why training stopped early (a non-finite loss or gradient), else None
 
 
+def _weighted_metrics(parts: list[tuple[float, dict]]) -> dict:
+    """The micro-batches' metrics averaged with their weights (a key missing from a part is averaged over the rest)."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for weight, metrics in parts:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                sums[key] = sums.get(key, 0.0) + weight * value
+                weights[key] = weights.get(key, 0.0) + weight
+    return {key: sums[key] / weights[key] for key in sums if weights[key]}
+
+
 def train_loop(params: Sequence[torch.nn.Parameter], step_loss: StepLoss, steps: int, learning_rate: float,
                adam_eps: float, max_grad_norm: float, accelerator=None,
                on_step: Callable[[dict], None] | None = None) -> TrainResult:
-    """AdamW on `params` for `steps` steps of `step_loss(step) -> (loss, metrics)`, clipping the gradient norm.
+    """AdamW on `params` for `steps` steps, clipping the gradient norm. `step_loss(step)` yields the step's
+    micro-batches as (loss, weight, metrics); the step's loss is sum(weight * loss) (weights summing to 1), and each
+    micro-batch is backpropagated as soon as it is computed, so a step's memory is one micro-batch's.
 
     Stops at the first non-finite loss or gradient norm without applying that update: one NaN step would
     poison every weight it touches, and the gate rejects the round anyway.
@@ -102,22 +116,29 @@ def train_loop(params: Sequence[torch.nn.Parameter], step_loss: StepLoss, steps:
     optimizer = torch.optim.AdamW(params, lr=learning_rate, eps=adam_eps, weight_decay=0.0)
     history: list[dict] = []
     for step in range(steps):
-        loss, metrics = step_loss(step)
-        record = {"step": step, **metrics, "loss": loss.item()}
-        finite = math.isfinite(record["loss"])
+        parts, total, device = [], 0.0, None
+        for loss, weight, metrics in step_loss(step):
+            total += weight * loss.item()
+            parts.append((weight, metrics))
+            device = loss.device
+            if accelerator is not None:
+                accelerator.backward(loss * weight)
+            else:
+                (loss * weight).backward()
+        if not parts:
+            break  # no examples left for this step (a round with fewer labels than steps and no rollouts)
+        record = {"step": step, **_weighted_metrics(parts), "loss": total}
+        finite = math.isfinite(total)
         if accelerator is not None and accelerator.num_processes > 1:
             # Every process must stop together, or the others would wait forever in the gradient reduce.
-            flag = torch.tensor([float(finite)], device=loss.device)
+            flag = torch.tensor([float(finite)], device=device)
             finite = int(accelerator.reduce(flag, reduction="sum").item()) == accelerator.num_processes
         if not finite:
+            optimizer.zero_grad(set_to_none=True)
             history.append(record)
-            here = not math.isfinite(record["loss"])
-            reason = f"loss is {record['loss']}" if here else "another process's loss is not finite"
+            here = not math.isfinite(total)
+            reason = f"loss is {total}" if here else "another process's loss is not finite"
             return TrainResult(history, f"{reason} at step {step}")
-        if accelerator is not None:
-            accelerator.backward(loss)
-        else:
-            loss.backward()
         if accelerator is not None and accelerator.num_processes > 1:
             for p in params:
                 if p.grad is not None:
@@ -149,9 +170,12 @@ class PairExample:
     chosen: str
     rejected: str
     source: str  # "human" or "onpolicy"
+    chosen_ended: bool = True  # finish_reason "eos": the answer is scored with its eos; False: cut at max_new_tokens
+    rejected_ended: bool = True
+    group: str = ""  # the ranking (item) it came from: pairs of one ranking share answers and are batched together
 
-    def texts(self) -> tuple[tuple[str, str], ...]:
-        return (self.prompt, self.chosen), (self.prompt, self.rejected)
+    def texts(self) -> tuple[tuple[str, str, bool], ...]:
+        return (self.prompt, self.chosen, self.chosen_ended), (self.prompt, self.rejected, self.rejected_ended)
 
 
 @dataclass(frozen=True)
@@ -162,9 +186,11 @@ class UnaryExample:
     answer: str
     desirable: bool
     source: str  # "human" or "onpolicy"
+    ended: bool = True  # finish_reason "eos"; False: cut at max_new_tokens, scored without an eos
+    group: str = ""
 
-    def texts(self) -> tuple[tuple[str, str], ...]:
-        return ((self.prompt, self.answer),)
+    def texts(self) -> tuple[tuple[str, str, bool], ...]:
+        return ((self.prompt, self.answer, self.ended),)
 
 
 @dataclass(frozen=True)
@@ -174,25 +200,37 @@ class PolicyContext:
     model: object  # the PeftModel with the trainable "policy" adapter active
     tokenizer: object
     config: RoundConfig
-    reference: str | None  # adapter that is the reference (the parent with ref_sync), None = the base model
+    reference: Callable[[Sequence[EncodedAnswer]], Tensor]  # encoded answers -> (B,) reference log-probs, no grad
+    #   (learner.refcache.ReferenceLogps: each sequence computed once per round, or once ever for the base model)
 
 
-def _encode(ctx: PolicyContext, prompt: str, answer: str) -> EncodedAnswer:
-    return encode_answer(ctx.tokenizer, prompt, answer, ctx.config.max_length)
+def _encode(ctx: PolicyContext, prompt: str, answer: str, ended: bool) -> EncodedAnswer:
+    return encode_answer(ctx.tokenizer, prompt, answer, ctx.config.max_length, ended)
 
 
-def _reference_logprobs(ctx: PolicyContext, encoded: list[EncodedAnswer]):
-    with torch.no_grad(), use_adapter(ctx.model, ctx.reference):
-        return sequence_logprobs(ctx.model, encoded, ctx.tokenizer.pad_token_id)
+def _policy_logprobs(ctx: PolicyContext, encoded: list[EncodedAnswer]) -> SequenceLogprobs:
+    """Policy log-probs of `encoded` with each distinct sequence through the forward pass once (the pairs of one
+    ranking share their answers: K answers, C(K,2) pairs)."""
+    position: dict[tuple, int] = {}
+    unique: list[EncodedAnswer] = []
+    for e in encoded:
+        if e.input_ids not in position:
+            position[e.input_ids] = len(unique)
+            unique.append(e)
+    result = sequence_logprobs(ctx.model, unique, ctx.tokenizer.pad_token_id)
+    index = torch.tensor([position[e.input_ids] for e in encoded], device=result.logps.device)
+    return SequenceLogprobs(result.logps[index], result.token_counts[index])
 
 
 def dpo_objective(ctx: PolicyContext, batch: Sequence[PairExample]) -> tuple[Tensor, dict]:
-    """DPO on a batch of pairs: chosen and rejected through the policy in ONE forward pass, then the reference."""
-    encoded = [_encode(ctx, e.prompt, e.chosen) for e in batch] + [_encode(ctx, e.prompt, e.rejected) for e in batch]
-    policy_chosen, policy_rejected = sequence_logprobs(ctx.model, encoded, ctx.tokenizer.pad_token_id).split(len(batch))
-    ref_chosen, ref_rejected = _reference_logprobs(ctx, encoded).split(len(batch))
+    """DPO on a batch of pairs: every distinct answer through the policy in ONE forward pass; the reference's
+    log-probs from ctx.reference (computed once per answer)."""
+    encoded = ([_encode(ctx, e.prompt, e.chosen, e.chosen_ended) for e in batch]
+               + [_encode(ctx, e.prompt, e.rejected, e.rejected_ended) for e in batch])
+    policy_chosen, policy_rejected = _policy_logprobs(ctx, encoded).split(len(batch))
+    ref_chosen, ref_rejected = ctx.reference(encoded).split(len(batch))
     c = ctx.config
-    return dpo_loss(policy_chosen.logps, policy_rejected.logps, ref_chosen.logps, ref_rejected.logps, beta=c.beta,
+    return dpo_loss(policy_chosen.logps, policy_rejected.logps, ref_chosen, ref_rejected, beta=c.beta,
                     loss_type=c.loss_type, label_smoothing=c.label_smoothing,
                     chosen_tokens=policy_chosen.token_counts, rejected_tokens=policy_rejected.token_counts)
 
@@ -204,17 +242,36 @@ def kto_objective(ctx: PolicyContext, batch: Sequence[UnaryExample]) -> tuple[Te
     z_ref, which is detached, so the policy scores them without building a graph.
     """
     n = len(batch)
-    matched = [_encode(ctx, e.prompt, e.answer) for e in batch]
-    mismatched = [_encode(ctx, batch[(i + 1) % n].prompt, e.answer) for i, e in enumerate(batch)]
-    policy = sequence_logprobs(ctx.model, matched, ctx.tokenizer.pad_token_id)
+    matched = [_encode(ctx, e.prompt, e.answer, e.ended) for e in batch]
+    mismatched = [_encode(ctx, batch[(i + 1) % n].prompt, e.answer, e.ended) for i, e in enumerate(batch)]
+    policy = _policy_logprobs(ctx, matched)
     with torch.no_grad():
         policy_kl = sequence_logprobs(ctx.model, mismatched, ctx.tokenizer.pad_token_id)
-    ref, ref_kl = _reference_logprobs(ctx, matched + mismatched).split(n)
+    ref, ref_kl = ctx.reference(matched + mismatched).split(n)
     desirable = torch.tensor([e.desirable for e in batch], device=policy.logps.device)
     c = ctx.config
-    return kto_loss(policy.logps, ref.logps, desirable, policy_kl.logps, ref_kl.logps, beta=c.beta,
+    return kto_loss(policy.logps, ref, desirable, policy_kl.logps, ref_kl, beta=c.beta,
                     desirable_weight=c.desirable_weight, undesirable_weight=c.undesirable_weight)
 
 
 Objective = Callable[[PolicyContext, Sequence], tuple[Tensor, dict]]
 OBJECTIVES: dict[str, Objective] = {"dpo": dpo_objective, "kto": kto_objective}
+MIN_BATCH = {"dpo": 1, "kto": 2}  # KTO's z_ref pairs each answer with another example's prompt
+
+
+def micro_batches(examples: Sequence, size: int, minimum: int) -> list[list]:
+    """`examples` cut into micro-batches of at most `size` (a last one smaller than `minimum` joins the one before)."""
+    size = max(size, minimum)
+    chunks = [list(examples[i:i + size]) for i in range(0, len(examples), size)]
+    if len(chunks) > 1 and len(chunks[-1]) < minimum:
+        chunks[-2].extend(chunks.pop())
+    return chunks
+
+
+def step_micro_losses(ctx: PolicyContext, algorithm: str, examples: Sequence):
+    """One step's (loss, weight, metrics) per micro-batch of `config.batch_size` examples, weights by size, so the
+    step's loss is the mean over its examples (learner.train.train_loop backpropagates each as it comes)."""
+    total = len(examples)
+    for chunk in micro_batches(examples, ctx.config.batch_size, MIN_BATCH[algorithm]):
+        loss, metrics = OBJECTIVES[algorithm](ctx, chunk)
+        yield loss, len(chunk) / total, metrics

@@ -169,41 +169,89 @@ def export_jsonl(store: Store, fmt: str, out: Path, style: str = "conversational
     return count
 
 
+def label_staleness(cur, serving_version: int) -> dict[int, int]:
+    """Each registered version's staleness as seen from `serving_version`: how many versions were DEPLOYED along the
+    serving lineage (the serving version's parent chain) since its answers were sampled.
+
+    The serving version is 0; going back along its parent chain, each step over a version that was deployed adds 1.
+    A version off the lineage (a rejected or rolled-back round, a canary) takes the staleness of its nearest ancestor
+    on it: a rejected round does not age anyone's labels, and a canary's answers are as fresh as the serving
+    version's. Versions missing from the registry get no entry (their labels count as too stale)."""
+    rows = cur.execute("SELECT version, parent, deployed_at IS NOT NULL FROM versions").fetchall()
+    parent_of = {v: p for v, p, _ in rows}
+    deployed = {v for v, _, was_deployed in rows if was_deployed}
+    staleness = {serving_version: 0}
+    version = serving_version
+    while parent_of.get(version) is not None and parent_of[version] not in staleness:
+        staleness[parent_of[version]] = staleness[version] + (1 if version in deployed else 0)
+        version = parent_of[version]
+    lineage = dict(staleness)
+    for version in parent_of:
+        chain, ancestor = [], version
+        while ancestor is not None and ancestor not in lineage and ancestor not in chain:
+            chain.append(ancestor)
+            ancestor = parent_of.get(ancestor)
+        if ancestor in lineage:
+            staleness.update({v: lineage[ancestor] for v in chain})
+    return staleness
+
+
+# The snapshot's label tables: the views, plus each answer's finish_reason (an answer cut at max_new_tokens gets no
+# eos in training) and each label's staleness ($versions/$staleness: label_staleness as two parallel lists).
+_SNAPSHOT_QUERIES = {
+    "pairs": """
+        SELECT p.*, ca.finish_reason AS chosen_finish_reason, ja.finish_reason AS rejected_finish_reason, s.staleness
+        FROM pairs p
+        JOIN answers ca ON ca.answer_id = p.chosen_answer_id
+        JOIN answers ja ON ja.answer_id = p.rejected_answer_id
+        LEFT JOIN (SELECT unnest($versions) AS version, unnest($staleness) AS staleness) s
+               ON s.version = p.policy_version
+        WHERE $max IS NULL OR s.staleness <= $max
+        ORDER BY p.ranking_id, p.chosen_rank, p.rejected_rank""",
+    "unary": """
+        SELECT u.*, a.finish_reason, s.staleness
+        FROM unary u
+        JOIN answers a ON a.answer_id = u.answer_id
+        LEFT JOIN (SELECT unnest($versions) AS version, unnest($staleness) AS staleness) s
+               ON s.version = u.policy_version
+        WHERE $max IS NULL OR s.staleness <= $max
+        ORDER BY u.feedback_id""",
+    "prompts": "SELECT prompt_id, text AS prompt FROM prompts ORDER BY prompt_id",
+}
+
+
 def write_snapshot(
-    store: Store, out_dir: Path, parent_version: int, base_model: str, max_staleness: int | None = None
+    store: Store, out_dir: Path, parent_version: int, base_model: str, max_label_staleness: int | None = None
 ) -> dict:
     """Write the inputs of a training round into `out_dir`: pairs.parquet and unary.parquet (the `pairs` and `unary`
-    views, only labels on answers from versions >= parent_version - max_staleness when max_staleness is set),
-    prompts.parquet (prompt_id, prompt) and meta.json; returns the meta dict. All three tables come from one read
-    transaction, and the directory appears complete or not at all."""
+    views with finish reasons and each label's `staleness` counted in deployed versions along the serving lineage,
+    see label_staleness; only labels within `max_label_staleness` when set), prompts.parquet (prompt_id, prompt) and
+    meta.json (with the lineage); returns the meta dict. All three tables come from one read transaction, and the
+    directory appears complete or not at all."""
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise Conflict(f"snapshot directory {out_dir} already exists and is not empty")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    min_version = None if max_staleness is None else max(0, parent_version - max_staleness)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     try:
-        queries = {
-            "pairs": "SELECT * FROM pairs WHERE $min IS NULL OR policy_version >= $min"
-                     " ORDER BY ranking_id, chosen_rank, rejected_rank",
-            "unary": "SELECT * FROM unary WHERE $min IS NULL OR policy_version >= $min ORDER BY feedback_id",
-            "prompts": "SELECT prompt_id, text AS prompt FROM prompts ORDER BY prompt_id",
-        }
         counts = {}
         with store.db.reader() as cur:
             cur.execute("BEGIN TRANSACTION")  # one snapshot of the database for all three files
-            for name, query in queries.items():
-                params = {"min": min_version, "path": str(tmp / f"{name}.parquet")}
-                if "$min" not in query:
-                    del params["min"]
+            staleness = label_staleness(cur, parent_version)
+            versions = sorted(staleness)
+            for name, query in _SNAPSHOT_QUERIES.items():
+                params = {"path": str(tmp / f"{name}.parquet")}
+                if "$max" in query:
+                    params.update(max=max_label_staleness, versions=versions,
+                                  staleness=[staleness[v] for v in versions])
                 (counts[name],) = cur.execute(f"COPY ({query}) TO $path (FORMAT parquet)", params).fetchone()
             cur.execute("COMMIT")
         meta = {
             "created_at": datetime.now(UTC).isoformat(),
             "parent_version": parent_version,
             "base_model": base_model,
-            "max_staleness": max_staleness,
-            "min_policy_version": min_version,
+            "max_label_staleness": max_label_staleness,
+            "staleness_by_version": {str(v): staleness[v] for v in versions},
             "counts": counts,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

@@ -10,10 +10,13 @@ import pytest
 from safetensors.torch import load_file
 
 from learner.config import RoundConfig
+from learner.data import PromptSplit
 from learner.errors import ConfigError
 from learner.evaluate import gate, win_rate
-from learner.rollouts import around_median, best_vs_worst, split_prompts
-from learner.round import run_round, within_staleness
+from learner.phases import within_staleness
+from learner.rollouts import Rollout, around_median, best_vs_worst, split_prompts, usable_prompts
+from learner.round import run_round
+from learner.stats import proportion
 
 # A round small enough for a 2-core CPU in seconds: 3 policy steps, 8-token answers, 2 eval prompts.
 TINY = {"steps": 3, "batch_size": 2, "rollout_prompts": 2, "rollout_n": 3, "sync_every": 2, "max_new_tokens": 8,
@@ -30,13 +33,16 @@ def write_snapshot(directory: Path, parent_version: int = 0, n_items: int = 6, k
     for i in range(n_items):
         answers = [f"Yes! {i} is a fine number.", f"Maybe {i}.", f"no. {i} {i} {i}", "I do not know."][:k]
         item = {"item_id": f"item{i}", "annotator": "ann", "policy_version": parent_version - (i % 2),
-                "prompt": prompts.prompt[i], "created_at": pd.Timestamp("2025-01-01")}
+                "prompt": prompts.prompt[i], "created_at": pd.Timestamp("2025-01-01"), "staleness": i % 2}
+        finish = ["eos", "eos", "length", "eos"]  # the third answer was cut at max_new_tokens
         for (a, chosen), (b, rejected) in itertools.combinations(enumerate(answers), 2):  # ranked best first
             pairs.append(dict(item, ranking_id=f"r{i}", annotator_id=1, prompt_id=prompts.prompt_id[i],
                               chosen_answer_id=f"a{i}-{a}", chosen=chosen, rejected_answer_id=f"a{i}-{b}",
-                              rejected=rejected, chosen_rank=a + 1, rejected_rank=b + 1))
+                              rejected=rejected, chosen_rank=a + 1, rejected_rank=b + 1,
+                              chosen_finish_reason=finish[a], rejected_finish_reason=finish[b]))
         for a, text in enumerate(answers):
-            unary.append(dict(item, feedback_id=f"f{i}-{a}", answer_id=f"a{i}-{a}", completion=text, label=a == 0))
+            unary.append(dict(item, feedback_id=f"f{i}-{a}", answer_id=f"a{i}-{a}", completion=text, label=a == 0,
+                              finish_reason=finish[a]))
     pd.DataFrame(pairs).to_parquet(directory / "pairs.parquet")
     pd.DataFrame(unary).to_parquet(directory / "unary.parquet")
     prompts.to_parquet(directory / "prompts.parquet")
@@ -90,48 +96,72 @@ def test_config_rejects_unknown_keys_and_bad_values_by_name():
 
 
 def test_config_round_trips_through_a_dict():
-    config = RoundConfig.from_dict({"beta": 0.2, "steps": 5.0, "max_staleness": None, "ref_sync": True})
-    assert config.steps == 5 and isinstance(config.steps, int) and config.max_staleness is None
+    config = RoundConfig.from_dict({"beta": 0.2, "steps": 5.0, "max_label_staleness": None, "ref_sync": True})
+    assert config.steps == 5 and isinstance(config.steps, int) and config.max_label_staleness is None
     assert RoundConfig.from_dict(config.to_dict()) == config
     assert config.sampling.max_new_tokens == config.max_new_tokens
 
 
 # --- pieces -----------------------------------------------------------------------------------------------------
 
-def test_staleness_keeps_labels_from_recent_versions_only():
-    frame = pd.DataFrame({"policy_version": [5, 4, 3, 2]})
-    assert within_staleness(frame, 5, 2)["policy_version"].tolist() == [5, 4, 3]
-    assert within_staleness(frame, 5, 0)["policy_version"].tolist() == [5]
-    assert len(within_staleness(frame, 5, None)) == 4
+def test_staleness_keeps_labels_within_deployed_versions_only():
+    # `staleness` is what storage computed along the serving lineage; None = a version with no known lineage.
+    frame = pd.DataFrame({"policy_version": [7, 6, 5, 2, 9], "staleness": [0, 1, 1, 2, None]})
+    assert within_staleness(frame, 1)["policy_version"].tolist() == [7, 6, 5]
+    assert within_staleness(frame, 0)["policy_version"].tolist() == [7]
+    assert len(within_staleness(frame, None)) == 5
 
 
-def test_gate_names_its_reason():
+def rate(wins: float, n: int) -> dict:
+    return proportion(wins, n).to_dict()
+
+
+def test_gate_names_its_reason_and_refuses_on_the_win_rate_only_when_the_upper_bound_is_below():
     config = RoundConfig(max_kl=5.0, min_win_rate=0.4)
-    good = {"kl_to_reference": 1.0, "win_rate_vs_parent": 0.5}
-    assert gate([{"step": 0, "loss": 0.6}], None, good, config, check_win_rate=True) == {"passed": True,
-                                                                                            "reason": None}
+    good = {"kl_to_reference": 1.0, "win_rate_vs_parent": rate(4, 8)}
+    verdict = gate([{"step": 0, "loss": 0.6}], None, good, config, check_win_rate=True)
+    assert verdict["passed"] and verdict["reason"] is None
+    check = verdict["win_rate_check"]
+    assert check["n"] == 8 and check["statement"].startswith("win-rate check: n=8 comparisons, 95% CI [0.2")
+    assert 0 < check["refusal_rate_at_min_win_rate"] <= 0.05 and 0 < check["pass_rate_at_0.25"] < 1
     assert "loss is nan at step 1" in gate([{"step": 1, "loss": float("nan")}], None, good, config, True)["reason"]
     assert "KL" in gate([], None, dict(good, kl_to_reference=9.0), config, True)["reason"]
-    assert "win-rate" in gate([], None, dict(good, win_rate_vs_parent=0.1), config, True)["reason"]
-    assert gate([], None, dict(good, win_rate_vs_parent=0.1), config, check_win_rate=False)["passed"]
-    assert win_rate([[2.0, 0.0]], [[1.0, 0.0]]) == pytest.approx((1 + 1 + 0 + 0.5) / 4)
+    # 1 win in 8 (0.125): the upper bound 0.47 is above 0.4, so 8 comparisons cannot refuse it ...
+    assert gate([], None, dict(good, win_rate_vs_parent=rate(1, 8)), config, True)["passed"]
+    # ... but 10 in 80 can (upper bound ~0.22).
+    refused = gate([], None, dict(good, win_rate_vs_parent=rate(10, 80)), config, True)
+    assert not refused["passed"] and "upper bound" in refused["reason"] and "n=80" in refused["reason"]
+    assert gate([], None, dict(good, win_rate_vs_parent=rate(10, 80)), config, check_win_rate=False)["passed"]
+    assert win_rate([[2.0, 0.0]], [[1.0, 0.0]]).value == pytest.approx((1 + 1 + 0 + 0.5) / 4)
+    assert win_rate([[2.0, 0.0]], [[1.0, 0.0]]).n == 4
 
 
-def test_onpolicy_examples_drop_ties():
-    pair = best_vs_worst("q", ["a", "b", "c"], [0.1, 0.9, -0.3])
-    assert [(p.chosen, p.rejected, p.source) for p in pair] == [("b", "c", "onpolicy")]
-    assert best_vs_worst("q", ["a", "b"], [0.5, 0.5]) == []
-    unary = around_median("q", ["a", "b", "c", "d", "e"], [3.0, 1.0, 2.0, 2.0, 0.0])
-    assert [(u.answer, u.desirable) for u in unary] == [("a", True), ("b", False), ("e", False)]
+def rollouts(*texts: str) -> list[Rollout]:
+    return [Rollout("q", t, 3, "length" if t.endswith("...") else "eos") for t in texts]
 
 
-def test_eval_prompts_are_a_fixed_split_never_used_for_rollouts(tiny_tokenizer):
+def test_onpolicy_examples_drop_ties_and_keep_finish_reasons():
+    pair = best_vs_worst("q", rollouts("a", "b...", "c"), [0.1, 0.9, -0.3])
+    assert [(p.chosen, p.rejected, p.source, p.chosen_ended, p.rejected_ended) for p in pair] == [
+        ("b...", "c", "onpolicy", False, True)]
+    assert best_vs_worst("q", rollouts("a", "b"), [0.5, 0.5]) == []
+    unary = around_median("q", rollouts("a", "b", "c", "d", "e..."), [3.0, 1.0, 2.0, 2.0, 0.0])
+    assert [(u.answer, u.desirable, u.ended) for u in unary] == [("a", True, True), ("b", False, True),
+                                                                 ("e...", False, False)]
+
+
+def test_prompts_split_into_eval_heldout_and_train_for_good(tiny_tokenizer):
     prompts = pd.DataFrame({"prompt_id": range(50), "prompt": [f"Prompt number {i}?" for i in range(50)]})
-    rollout, held = split_prompts(prompts, 0.2, 4, tiny_tokenizer, 96)
-    assert len(held) == 4 and not set(held) & set(rollout) and len(rollout) + len(held) <= 50
-    more = pd.concat([prompts, pd.DataFrame({"prompt_id": [50, 51], "prompt": ["New?", "Newer?"]})])
-    assert set(split_prompts(more, 0.2, 100, tiny_tokenizer, 96)[1]) >= set(held)  # old held-out prompts stay out
-    assert split_prompts(prompts.head(1), 0.0, 4, tiny_tokenizer, 96) == ([], ["Prompt number 0?"])
+    usable = usable_prompts(prompts, tiny_tokenizer, 96)
+    split = PromptSplit.build(usable, 0.2, 0.2)
+    rollout, held = split_prompts(usable, split, 4)
+    assert len(held) == 4 and set(held) <= split.eval
+    assert not set(rollout) & (split.eval | split.heldout) and split.heldout and not split.eval & split.heldout
+    more = usable + ["New?", "Newer?"]
+    again = PromptSplit.build(more, 0.2, 0.2)
+    assert again.eval >= split.eval and again.heldout >= split.heldout  # a prompt never changes sides
+    tiny = PromptSplit.build(usable[:1], 0.0, 0.0, fallback_eval=usable[0])
+    assert split_prompts(usable[:1], tiny, 4) == ([], [usable[0]])
 
 
 # --- whole rounds ---------------------------------------------------------------------------------------------
@@ -140,14 +170,24 @@ def test_dpo_round_from_the_base_writes_a_complete_candidate(first_version):
     version, metrics, events = first_version
     written = assert_complete(version)
     assert written == metrics
-    assert metrics["status"] == "candidate" and metrics["gate"] == {"passed": True, "reason": None}
+    assert metrics["status"] == "candidate" and metrics["gate"]["passed"] and metrics["gate"]["reason"] is None
     assert [r["step"] for r in metrics["history"]] == [0, 1, 2]
     assert all(isinstance(r["loss"], float) for r in metrics["history"])
     assert metrics["history"][0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # fresh LoRA: policy == reference
     assert metrics["labels_used"] > 0 and metrics["staleness"]["max"] <= 2
-    assert metrics["onpolicy"]["regenerations"] == 2  # steps 0 and 2 with sync_every 2
-    for key in ["reward_heldout_accuracy", "reward_mean", "win_rate_vs_parent", "win_rate_vs_base",
-                "kl_to_reference", "entropy", "mean_answer_length", "eos_rate", "reward_history"]:
+    data = metrics["data"]
+    assert data["onpolicy"]["regenerations"] == 2  # steps 0 and 2 with sync_every 2
+    # Every training label seen exactly once (human_epochs 1), and half of what the steps saw was on-policy.
+    assert data["human_uses"] == data["human_examples"] == metrics["labels_used"]
+    assert data["onpolicy_share"] == pytest.approx(0.5, abs=0.1)
+    # Held-out labels by prompt, with n and intervals; every win-rate carries its n and interval too.
+    assert metrics["heldout"]["pairs"] > 0 and metrics["reward_trained_pairs"] == 3 * metrics["reward_train_items"]
+    for key in ["reward_heldout_accuracy", "policy_heldout_accuracy", "win_rate_vs_parent", "win_rate_vs_base"]:
+        figure = metrics[key]
+        assert figure["n"] > 0 and figure["ci95"][0] <= figure["value"] <= figure["ci95"][1], key
+    assert metrics["gate"]["win_rate_check"]["n"] == metrics["win_rate_vs_parent"]["n"]
+    assert metrics["kl_to_reference"] >= 0 and metrics["kl_to_reference_per_token"] >= 0
+    for key in ["reward_mean", "entropy", "mean_answer_length", "eos_rate", "reward_history"]:
         assert key in metrics, key
     # LoRA moved away from the parent (the base: a fresh LoRA's B matrices are zero).
     assert any(w.abs().sum() > 0 for name, w in lora_weights(version).items() if "lora_B" in name)

@@ -161,18 +161,21 @@ def test_snapshot_parquet_files_read_back(store, tmp_path):
     assert meta["counts"] == {"pairs": 9, "unary": 2, "prompts": 3}
     assert (meta["parent_version"], meta["base_model"]) == (2, "tiny")
     pairs = pq.read_table(out / "pairs.parquet")
-    assert pairs.column_names == PAIRS_COLUMNS and pairs.num_rows == 9
+    # The learner's extras (write_snapshot): finish reasons and each label's lineage staleness.
+    assert pairs.column_names == [*PAIRS_COLUMNS, "chosen_finish_reason", "rejected_finish_reason", "staleness"]
+    assert pairs.num_rows == 9
     assert pairs.column("chosen").to_pylist()[0] == "old 1"
     unary = pq.read_table(out / "unary.parquet")
-    assert unary.column_names == UNARY_COLUMNS
+    assert unary.column_names == [*UNARY_COLUMNS, "finish_reason", "staleness"]
     assert unary.column("label").to_pylist() == [True, False]
     prompts = pq.read_table(out / "prompts.parquet")
     assert prompts.column_names == ["prompt_id", "prompt"] and prompts.num_rows == 3
     assert not [p for p in out.parent.iterdir() if p.name != "round-1"]  # the temp dir was renamed, not copied
 
 
-def test_snapshot_with_max_staleness_drops_old_labels(store, tmp_path):
-    meta = write_snapshot(store, tmp_path / "snap", parent_version=2, base_model="tiny", max_staleness=1)
+def test_snapshot_with_max_label_staleness_drops_old_labels(store, tmp_path):
+    # Version 2 is not in the registry here, so version 0's labels have no known lineage: too stale.
+    meta = write_snapshot(store, tmp_path / "snap", parent_version=2, base_model="tiny", max_label_staleness=1)
     assert meta["counts"] == {"pairs": 6, "unary": 1, "prompts": 3}
     assert set(pq.read_table(tmp_path / "snap" / "pairs.parquet").column("policy_version").to_pylist()) == {2}
 

@@ -1,0 +1,340 @@
+"""The four phases of a round (reward model, policy, evaluation, gate), each a function of the round's setup and the
+config, each returning a small frozen record that the next phases and metrics.json read."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from learner.config import RoundConfig
+from learner.data import HELDOUT, TRAIN, OnPolicyStream, PromptSplit, human_plan, onpolicy_count, rollout_prompt_count
+from learner.errors import LearnerError
+from learner.evaluate import evaluate_policy, gate
+from learner.logprobs import encode_answer
+from learner.losses import kto_weight_warning
+from learner.refcache import ReferenceLogps, base_model_key
+from learner.reward import (
+    RewardModel,
+    attach_reward_model,
+    items_from_pairs,
+    pair_accuracy,
+    train_reward_model,
+    trained_pairs,
+)
+from learner.rollouts import HUMAN_DATA, human_examples, onpolicy_examples
+from learner.stats import Proportion, proportion
+from learner.train import (
+    MIN_BATCH,
+    OBJECTIVES,
+    PairExample,
+    PolicyContext,
+    step_micro_losses,
+    train_loop,
+    training_adapter,
+)
+
+log = logging.getLogger(__name__)
+
+POLICY, PARENT = "policy", "parent"  # adapter names on the one PeftModel (the reward model's is "reward")
+PHASES = {"reward": (0.0, 0.25), "rollouts": (0.25, 0.85), "policy": (0.25, 0.85), "eval": (0.85, 1.0)}
+
+
+@dataclass(frozen=True)
+class RoundSetup:
+    """What every phase reads: the data, the one PeftModel, and where the round runs."""
+
+    pairs: pd.DataFrame  # pairs.parquet with a "role" column (train / heldout / eval, by prompt)
+    unary: pd.DataFrame
+    split: PromptSplit
+    rollout_prompts: list[str]
+    eval_prompts: list[str]
+    model: object
+    tokenizer: object
+    lora: object
+    parent_dir: Path | None
+    base_model_dir: Path
+    ref_cache_dir: Path | None
+    accelerator: object
+    report: Callable[..., None]  # report(phase, step, total, loss=None, within=None, metrics=None)
+    warnings: list[str] = field(default_factory=list)
+
+    def trained_on(self, frame: pd.DataFrame) -> pd.DataFrame:
+        return frame[frame["role"] == TRAIN]
+
+    def held_out(self, frame: pd.DataFrame) -> pd.DataFrame:
+        return frame[frame["role"] == HELDOUT]
+
+
+def reference_adapter(setup: RoundSetup, config: RoundConfig) -> str | None:
+    """The reference: the base model through the disabled adapter (None), or the frozen parent with ref_sync."""
+    return PARENT if config.ref_sync and setup.parent_dir is not None else None
+
+
+# --- (a) reward model ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RewardOutcome:
+    reward_model: RewardModel
+    ready: bool  # trained on at least one human pair, this round or before: only then may it judge
+    trained_pairs: int  # human pairs it has learned from over all rounds (saved beside it)
+    train_items: int
+    heldout_items: tuple
+    warm_start: bool
+    history: list
+    failure: str | None
+
+
+def reward_phase(setup: RoundSetup, config: RoundConfig) -> RewardOutcome:
+    """Bradley-Terry on the training prompts' human pairs, warm-started from the parent's reward model."""
+    parent = setup.parent_dir
+    parent_reward = parent / "reward" if parent is not None and (parent / "reward").is_dir() else None
+    reward_model = attach_reward_model(setup.model, setup.tokenizer, config.max_length, lora_config=setup.lora,
+                                       reward_dir=parent_reward)
+    train_items = items_from_pairs(setup.trained_on(setup.pairs))
+    heldout_items = tuple(items_from_pairs(setup.held_out(setup.pairs)))
+    result = None
+    if train_items and config.reward_steps:
+        result = train_reward_model(
+            reward_model, train_items, config.reward_steps, config.reward_batch_items, config.reward_learning_rate,
+            config.adam_eps, config.max_grad_norm, config.reward_centering, seed=config.seed,
+            accelerator=setup.accelerator,
+            on_step=lambda r: setup.report("reward", r["step"] + 1, config.reward_steps, r["loss"], metrics=r))
+    pairs_now = sum(len(i.pairs) for i in train_items) if result is not None else 0
+    total_pairs = trained_pairs(parent_reward) + pairs_now
+    if total_pairs == 0:
+        setup.warnings.append("no human pairs trained the reward model yet: no on-policy rollouts and no win-rate "
+                              "check this round")
+        log.warning(setup.warnings[-1])
+    failure = f"reward model {result.failure}" if result and result.failure else None
+    return RewardOutcome(reward_model, total_pairs > 0, total_pairs, len(train_items), heldout_items,
+                         parent_reward is not None, result.history if result else [], failure)
+
+
+# --- (b) policy ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PolicyOutcome:
+    history: list
+    failure: str | None
+    labels_used: int
+    human_frame: pd.DataFrame
+    dropped: dict
+    data: dict  # what the steps learned from: epochs, shares, on-policy regenerations and reuse
+    reference: ReferenceLogps | None
+
+
+def within_staleness(frame: pd.DataFrame, max_label_staleness: int | None) -> pd.DataFrame:
+    """Labels whose answers are at most `max_label_staleness` deployed versions old along the serving lineage (the
+    snapshot's `staleness` column; a label with none has no known lineage and counts as too stale). None: all."""
+    if max_label_staleness is None:
+        return frame
+    return frame[frame["staleness"].notna() & (frame["staleness"] <= max_label_staleness)]
+
+
+def make_reference(setup: RoundSetup, config: RoundConfig) -> ReferenceLogps:
+    adapter = reference_adapter(setup, config)
+    cache_file = None
+    if adapter is None and setup.ref_cache_dir is not None:  # only the base model is the same in every round
+        dtype = next(setup.model.parameters()).dtype
+        name = f"{base_model_key(setup.base_model_dir, dtype)}-{config.max_length}.jsonl"
+        cache_file = Path(setup.ref_cache_dir) / name
+    return ReferenceLogps(setup.model, setup.tokenizer.pad_token_id, adapter, 2 * config.batch_size, cache_file)
+
+
+def policy_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome) -> PolicyOutcome:
+    """DPO or KTO on the training prompts' human labels within max_label_staleness (human_epochs passes) mixed with
+    on-policy examples (onpolicy_fraction of each step, regenerated every sync_every steps)."""
+    empty = PolicyOutcome([], None, 0, setup.pairs.iloc[0:0], {}, {}, None)
+    if config.algorithm not in OBJECTIVES or not config.steps or reward.failure is not None:
+        return empty
+    table = getattr(setup, HUMAN_DATA[config.algorithm][0])
+    human_frame = within_staleness(setup.trained_on(table), config.max_label_staleness)
+    human, dropped = human_examples(human_frame, config.algorithm, setup.tokenizer, config.max_length)
+    acc = setup.accelerator
+    use_rollouts = (reward.ready and config.rollout_prompts > 0 and bool(setup.rollout_prompts)
+                    and (config.onpolicy_fraction > 0 or not human))
+    minimum = MIN_BATCH[config.algorithm]
+    steps = config.steps if use_rollouts else min(config.steps, config.human_epochs * len(human) // minimum)
+    if steps == 0:
+        raise LearnerError("no training examples: no human labels within max_label_staleness on training prompts "
+                           "and no on-policy rollouts (no trained reward model, no prompts, or rollout_prompts = 0)")
+    plan = human_plan([e.group for e in human], config.human_epochs, steps, config.seed, acc.process_index,
+                      acc.num_processes)
+    wanted = [onpolicy_count(len(chunk), config.onpolicy_fraction, config.batch_size) if use_rollouts else 0
+              for chunk in plan]
+    wanted = [max(o, minimum - len(chunk)) if use_rollouts else 0 for o, chunk in zip(wanted, plan, strict=True)]
+    stream = _onpolicy_stream(setup, config, reward, rollout_prompt_count(config.rollout_prompts, wanted,
+                                                                          config.sync_every), steps)
+    if config.algorithm == "kto" and human:
+        n_desirable = sum(e.desirable for e in human)
+        warning = kto_weight_warning(n_desirable, len(human) - n_desirable, config.desirable_weight,
+                                     config.undesirable_weight)
+        if warning:
+            setup.warnings.append(warning)
+            log.warning(warning)
+    reference = make_reference(setup, config)
+    context = PolicyContext(setup.model, setup.tokenizer, config, reference)
+    shuffle = random.Random(config.seed + acc.process_index)
+    counts = {"human": 0, "onpolicy": 0}
+
+    def step_loss(step: int):
+        examples = [human[i] for i in plan[step]]
+        onpolicy = stream.take(step, wanted[step]) if use_rollouts else []
+        counts["human"] += len(examples)
+        counts["onpolicy"] += len(onpolicy)
+        examples += onpolicy
+        if config.algorithm == "kto":
+            shuffle.shuffle(examples)  # z_ref pairs each answer with the next one's prompt: mix the prompts
+            if 0 < len(examples) < 2:
+                raise LearnerError(f"KTO needs batches of >= 2 answers (its z_ref pairs answers with other prompts), "
+                                   f"but only {len(examples)} example(s) are available")
+        yield from step_micro_losses(context, config.algorithm, examples)
+
+    params = [p for n, p in setup.model.named_parameters() if f".{POLICY}." in n]
+    with training_adapter(setup.model, POLICY):
+        result = train_loop(params, step_loss, steps, config.learning_rate, config.adam_eps, config.max_grad_norm,
+                            accelerator=acc, on_step=lambda r: setup.report("policy", r["step"] + 1, steps,
+                                                                            r["loss"], metrics=r))
+    if acc.is_main_process:
+        reference.save()
+    used = counts["human"] + counts["onpolicy"]
+    data = {"steps": steps, "human_epochs": config.human_epochs, "human_examples": len(human),
+            "human_uses": counts["human"], "onpolicy_uses": counts["onpolicy"],
+            "onpolicy_share": round(counts["onpolicy"] / used, 4) if used else None,
+            "onpolicy": {**stream.stats(), "regenerations": stream.regenerations, "answers": stream.answers,
+                         "dropped_tokenization": stream.dropped, "prompts_per_regeneration": stream.prompts}
+            if use_rollouts else None,
+            "reference_logps": reference.stats()}
+    return PolicyOutcome(result.history, result.failure and f"policy {result.failure}", len(human), human_frame,
+                         dropped, data, reference)
+
+
+@dataclass
+class _Regenerate:
+    """Sample and score on-policy examples for a step (the callable an OnPolicyStream calls)."""
+
+    setup: RoundSetup
+    config: RoundConfig
+    reward_model: RewardModel
+    prompts_per_regeneration: int
+    regenerations_planned: int
+    steps: int
+    rng: random.Random
+    regenerations: int = 0
+    answers: int = 0
+    dropped: int = 0
+
+    def __call__(self, step: int) -> list:
+        s, c = self.setup, self.config
+        s.report("rollouts", self.regenerations, self.regenerations_planned, within=step / self.steps)
+        prompts = self.rng.sample(s.rollout_prompts, min(self.prompts_per_regeneration, len(s.rollout_prompts)))
+        batch = onpolicy_examples(s.model, self.reward_model, s.tokenizer, prompts, c.algorithm, c.rollout_n,
+                                  c.sampling, c.max_length, seed=c.seed * 100003 + step)
+        self.regenerations += 1
+        self.answers += batch.answers
+        self.dropped += batch.dropped_tokenization
+        s.report("rollouts", self.regenerations, self.regenerations_planned, within=step / self.steps)
+        return batch.examples
+
+
+class _Stream(OnPolicyStream):
+    """An OnPolicyStream that also reports what its regenerations cost."""
+
+    @property
+    def regenerations(self) -> int:
+        return self.regenerate.regenerations
+
+    @property
+    def answers(self) -> int:
+        return self.regenerate.answers
+
+    @property
+    def dropped(self) -> int:
+        return self.regenerate.dropped
+
+    @property
+    def prompts(self) -> int:
+        return self.regenerate.prompts_per_regeneration
+
+
+def _onpolicy_stream(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome, prompts: int,
+                     steps: int) -> _Stream:
+    rank = setup.accelerator.process_index
+    regenerate = _Regenerate(setup, config, reward.reward_model, prompts, -(-steps // config.sync_every), steps,
+                             random.Random(config.seed + 7919 * rank))
+    return _Stream(regenerate, config.sync_every, config.seed + rank)
+
+
+# --- (c) evaluation --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EvalOutcome:
+    generation: dict | None  # evaluate_policy's metrics on the eval prompts (main process only)
+    reward_heldout_accuracy: Proportion | None
+    policy_heldout_accuracy: Proportion | None  # implicit reward: chosen's log-ratio to the reference above rejected's
+
+
+@torch.no_grad()
+def implicit_reward_accuracy(setup: RoundSetup, config: RoundConfig, reference: ReferenceLogps,
+                             pairs: list[PairExample]) -> Proportion:
+    """Share of held-out human pairs where log π(chosen) - log ref(chosen) > log π(rejected) - log ref(rejected)
+    (DPO's implicit reward, arXiv 2305.18290 Eq. 5, up to β), with n and a Wilson interval."""
+    from learner.logprobs import sequence_logprobs
+
+    correct = 0
+    size = 2 * config.batch_size
+    for start in range(0, len(pairs), size):
+        chunk = pairs[start:start + size]
+        encoded = [encode_answer(setup.tokenizer, p, a, config.max_length, e) for x in chunk for p, a, e in x.texts()]
+        policy = sequence_logprobs(setup.model, encoded, setup.tokenizer.pad_token_id).logps
+        ratio = (policy - reference(encoded)).view(len(chunk), 2)
+        correct += int((ratio[:, 0] > ratio[:, 1]).sum())
+    return proportion(correct, len(pairs))
+
+
+def eval_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome, policy: PolicyOutcome) -> EvalOutcome:
+    """Held-out human metrics (reward model and policy) and generation on the eval prompts."""
+    reward_accuracy = pair_accuracy(reward.reward_model, reward.heldout_items) if reward.heldout_items else None
+    if reward_accuracy is not None and not reward.ready:
+        reward_accuracy = None  # an untrained head's accuracy is a coin flip, not a finding
+    model = setup.model
+    policy_accuracy = None
+    generation = None
+    if policy.failure is None and reward.failure is None:
+        model.set_adapter(POLICY, inference_mode=True)
+        model.eval()
+        heldout, _ = human_examples(setup.held_out(setup.pairs), "dpo", setup.tokenizer, config.max_length)
+        if heldout and config.algorithm in OBJECTIVES:
+            reference = policy.reference or make_reference(setup, config)
+            policy_accuracy = implicit_reward_accuracy(setup, config, reference, heldout)
+        if setup.eval_prompts and setup.accelerator.is_main_process:
+            setup.report("eval", 0, 1)
+            generation = evaluate_policy(model, reward.reward_model if reward.ready else None, setup.tokenizer,
+                                         setup.eval_prompts, config, reference=reference_adapter(setup, config),
+                                         parent=PARENT if setup.parent_dir is not None else None,
+                                         seed=config.seed + 1)
+            setup.report("eval", 1, 1)
+    return EvalOutcome(generation, reward_accuracy, policy_accuracy)
+
+
+# --- (d) gate --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GateOutcome:
+    passed: bool
+    reason: str | None
+    verdict: dict  # gate()'s full answer, with the win-rate check's n, interval and error rates
+
+
+def gate_phase(config: RoundConfig, reward: RewardOutcome, policy: PolicyOutcome,
+               evaluation: EvalOutcome) -> GateOutcome:
+    failure = reward.failure or policy.failure
+    verdict = gate(policy.history + reward.history, failure, evaluation.generation, config,
+                   check_win_rate=reward.ready and config.algorithm != "reward")
+    return GateOutcome(verdict["passed"], verdict["reason"], verdict)

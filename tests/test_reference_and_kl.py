@@ -1,0 +1,93 @@
+"""Reference log-probs computed once (and cached across rounds) give the same loss; the exact per-token KL."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from learner.config import RoundConfig
+from learner.evaluate import exact_kl
+from learner.logprobs import encode_answer
+from learner.refcache import ReferenceLogps
+from learner.rollouts import human_examples
+from learner.train import PairExample, PolicyContext, dpo_objective, use_adapter
+
+PAIRS = [PairExample("What is 2 + 2?", "4.", "It is five, I think", "human", group="a"),
+         PairExample("What is 2 + 2?", "4.", "Four, because 2 + 2", "human", rejected_ended=False, group="a"),
+         PairExample("Name a colour.", "Blue", "A colour is a", "human", rejected_ended=False, group="b")]
+
+
+def policy_model(tiny_model):
+    """The tiny model with a policy LoRA moved off zero, so policy and reference differ."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                  task_type="CAUSAL_LM"), adapter_name="policy")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.3)
+    return model
+
+
+def test_cached_reference_logprobs_give_the_same_loss_as_recomputing(tiny_model, tiny_tokenizer, tmp_path):
+    model = policy_model(tiny_model)
+    config = RoundConfig(max_length=64)
+    pad = tiny_tokenizer.pad_token_id
+    cache_file = tmp_path / "ref" / "base.jsonl"
+
+    def recompute(encoded):  # the old way: a reference forward pass every time
+        with torch.no_grad(), use_adapter(model, None):
+            from learner.logprobs import sequence_logprobs
+            return sequence_logprobs(model, encoded, pad).logps
+
+    first = ReferenceLogps(model, pad, None, batch_size=2, cache_file=cache_file)
+    loss_recomputed, _ = dpo_objective(PolicyContext(model, tiny_tokenizer, config, recompute), PAIRS)
+    loss_first, _ = dpo_objective(PolicyContext(model, tiny_tokenizer, config, first), PAIRS)
+    assert first.computed == 5  # 6 sequences, "4." shared by the first two pairs: computed once
+    dpo_objective(PolicyContext(model, tiny_tokenizer, config, first), PAIRS)
+    assert first.computed == 5  # the second step computes nothing
+    first.save()
+    again = ReferenceLogps(model, pad, None, batch_size=2, cache_file=cache_file)  # a later round
+    loss_cached, _ = dpo_objective(PolicyContext(model, tiny_tokenizer, config, again), PAIRS)
+    assert again.loaded == 5 and again.computed == 0
+    assert loss_first.item() == pytest.approx(loss_recomputed.item(), abs=1e-6)
+    assert loss_cached.item() == pytest.approx(loss_recomputed.item(), abs=1e-6)
+
+
+def test_an_answer_cut_at_max_new_tokens_is_trained_without_eos(tiny_tokenizer):
+    import pandas as pd
+
+    frame = pd.DataFrame([{"item_id": 1, "prompt": "Say hi.", "chosen": "Hi there", "rejected": "Hello hello hello",
+                           "chosen_finish_reason": "eos", "rejected_finish_reason": "length"}])
+    (example,), dropped = human_examples(frame, "dpo", tiny_tokenizer, 64)
+    assert not dropped and example.chosen_ended and not example.rejected_ended
+    eos = tiny_tokenizer.eos_token_id
+    chosen = encode_answer(tiny_tokenizer, "Say hi.", "Hi there", 64, example.chosen_ended)
+    rejected = encode_answer(tiny_tokenizer, "Say hi.", "Hello hello hello", 64, example.rejected_ended)
+    assert chosen.input_ids[-1] == eos
+    assert eos not in rejected.input_ids[rejected.prompt_length:]
+    assert tiny_tokenizer.decode(rejected.input_ids[rejected.prompt_length:]) == "Hello hello hello"
+
+
+def test_exact_kl_matches_a_hand_computation_and_is_never_negative(tiny_model, tiny_tokenizer):
+    model = policy_model(tiny_model)
+    model.eval()
+    encoded = [encode_answer(tiny_tokenizer, "What is 2 + 2?", "Four, I would say.", 64),
+               encode_answer(tiny_tokenizer, "Name a colour.", "Blue", 64, ended=False)]
+    temperature = 0.8
+    kl, _, counts = exact_kl(model, encoded, tiny_tokenizer.pad_token_id, None, temperature)
+    for row, e in enumerate(encoded):
+        ids = torch.tensor([e.input_ids])
+        with torch.no_grad():
+            policy = model(input_ids=ids).logits[0].double()
+            with model.disable_adapter():
+                ref = model(input_ids=ids).logits[0].double()
+        by_hand = 0.0
+        for t in range(e.prompt_length, len(e.input_ids)):
+            p = torch.softmax(policy[t - 1] / temperature, -1)
+            q = torch.softmax(ref[t - 1] / temperature, -1)
+            by_hand += float((p * (p.log() - q.log())).sum())
+        assert kl[row].item() == pytest.approx(by_hand, rel=1e-3, abs=1e-5)
+        assert counts[row].item() == e.answer_length
+    assert (kl > 0).all()
+    same, _, _ = exact_kl(model, encoded, tiny_tokenizer.pad_token_id, "policy", temperature)
+    assert (same == 0).all()  # against itself: exactly 0, never a negative estimate
