@@ -8,6 +8,7 @@ server to reach, says plainly who holds the file.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -92,11 +93,18 @@ def data_dir(args) -> Path:
 
 
 def run_serve(args) -> None:
-    from app.server import serve
+    from app.listen import StartupError, bind_socket
 
     overrides = {k: getattr(args, k) for k in ("host", "port", "model", "k", "overlap", "max_new_tokens",
                                                "temperature", "device")}
-    serve(build_config({"data_dir": args.data_dir, **overrides}))
+    config = build_config({"data_dir": args.data_dir, **overrides})
+    try:
+        sock = bind_socket(config.host, config.port)  # before torch and gradio load: a taken port fails at once
+        from app.server import serve
+
+        serve(config, sock=sock)
+    except StartupError as exc:
+        raise CliError(str(exc)) from None
 
 
 def open_store_or_server(path: Path):
@@ -155,15 +163,30 @@ def run_prompts_import(args) -> None:
         print(line, file=sys.stderr)
 
 
+def check_out_file(out: Path) -> None:
+    """Refuse an --out that cannot become a file, before the store is opened (nothing is left behind)."""
+    if out.is_dir():
+        raise CliError(f"--out {out} is a directory; name a file in it, e.g. --out {out / 'labels.jsonl'}")
+    parent = out.parent
+    if not parent.is_dir():
+        raise CliError(f"--out {out}: the directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CliError(f"--out {out}: no permission to write into {parent}")
+
+
 def run_export(args) -> None:
     from storage.exports import export_jsonl
 
+    check_out_file(args.out)
     store, remote = open_store_or_server(data_dir(args))
-    if remote:
-        rows = remote.export(args.format, args.out, args.style, args.drop_truncated)
-    else:
-        with store:
-            rows = export_jsonl(store, args.format, args.out, args.style, args.drop_truncated)
+    try:
+        if remote:
+            rows = remote.export(args.format, args.out, args.style, args.drop_truncated)
+        else:
+            with store:
+                rows = export_jsonl(store, args.format, args.out, args.style, args.drop_truncated)
+    except OSError as exc:  # a full disk, say; both writers remove their temporary file
+        raise CliError(f"cannot write {args.out}: {exc.strerror or exc}") from None
     print(f"wrote {rows} {args.format} rows to {args.out}")
 
 

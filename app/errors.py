@@ -9,6 +9,7 @@ from starlette.exceptions import HTTPException
 
 from app.policy import PolicyBusy
 from learner.errors import ConfigError, LearnerError, ModelError
+from storage.db import disk_full_error, is_disk_full
 from storage.errors import (
     Conflict,
     DataDirBusy,
@@ -19,6 +20,7 @@ from storage.errors import (
     PromptFileError,
     RateLimited,
     StorageError,
+    StorageFull,
 )
 
 
@@ -42,6 +44,7 @@ STATUS = [
     (PromptFileError, 422),
     (ConfigError, 422),
     (DataDirBusy, 503),
+    (StorageFull, 507),  # Insufficient Storage: the client did nothing wrong, and a retry after cleanup works
     (ModelError, 503),
     (StorageError, 500),
     (LearnerError, 500),
@@ -91,6 +94,10 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
+        if is_disk_full(exc):  # a read that spilled to disk, or a write outside Database.write()
+            ctx = getattr(request.app.state, "ctx", None)
+            full = disk_full_error(ctx.store.path if ctx else "the database", exc)
+            return _error(status_of(full), str(full))
         # A bug, not a refusal: logged with its traceback by the server; the client gets JSON, not a text page.
         return _error(500, f"internal error ({type(exc).__name__}); the server log has the details")
 

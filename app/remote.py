@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+
+# One POST /api/prompts each; under the server's limits (a 2 MiB body, 10,000 prompts: app/server.py MAX_BODY_BYTES,
+# app/api.py PromptsBody) with room to spare, and a tested pair (tests/security/test_faults.py).
+CHUNK_BYTES = 1024 * 1024
+CHUNK_PROMPTS = 5_000
 
 
 class RemoteError(Exception):
@@ -47,12 +53,48 @@ class RemoteServer:
         return self._call("POST", "/api/users", json=body).json()
 
     def add_prompts(self, prompts: list[str]) -> dict:
-        return self._call("POST", "/api/prompts", json={"prompts": prompts}).json()
+        """Add validated prompts in chunks under the server's body and count limits; {"added", "duplicates"} summed.
+        A duplicate in a later chunk is already stored, so it counts as a duplicate, as in a local import. The chunks
+        are separate transactions: a failure part-way says how far it got, and running the same import again adds
+        only the rest (stored prompts are skipped as duplicates)."""
+        added = duplicates = 0
+        for body in prompt_chunks(prompts):
+            try:
+                result = self._call("POST", "/api/prompts", content=body,
+                                    headers={"content-type": "application/json"}).json()
+            except (RemoteError, httpx.HTTPError) as exc:
+                if added + duplicates == 0:
+                    raise RemoteError(str(exc)) from None
+                raise RemoteError(f"{exc} -- {added + duplicates} of {len(prompts)} prompts were sent ({added} "
+                                  "added) before this; run the same import again to add the rest") from None
+            added, duplicates = added + result["added"], duplicates + result["duplicates"]
+        return {"added": added, "duplicates": duplicates}
 
     def export(self, fmt: str, out: Path, style: str = "conversational", drop_truncated: bool = False) -> int:
         params = {"format": fmt, "style": style, "drop_truncated": str(drop_truncated).lower()}
         response = self._call("GET", "/api/export", params=params)
         tmp = out.with_name(out.name + ".partial")
-        tmp.write_bytes(response.content)
-        os.replace(tmp, out)
+        try:
+            tmp.write_bytes(response.content)
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return response.content.count(b"\n")
+
+
+def prompt_chunks(prompts: list[str], max_bytes: int = CHUNK_BYTES,
+                  max_prompts: int = CHUNK_PROMPTS) -> Iterator[bytes]:
+    """JSON bodies {"prompts": [...]} in file order, each at most `max_bytes` (unless one prompt alone is bigger:
+    it goes alone, and the server judges it) and `max_prompts` prompts."""
+    chunk: list[bytes] = []
+    size = 0
+    for prompt in prompts:
+        encoded = json.dumps(prompt, ensure_ascii=False).encode()
+        if chunk and (len(chunk) == max_prompts or size + len(encoded) + 1 > max_bytes - len(b'{"prompts":[]}')):
+            yield b'{"prompts":[' + b",".join(chunk) + b"]}"
+            chunk, size = [], 0
+        chunk.append(encoded)
+        size += len(encoded) + 1
+    if chunk:
+        yield b'{"prompts":[' + b",".join(chunk) + b"]}"

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Self
 
 from storage.db import Database
+from storage.errors import StorageError
 from storage.items import Items
 from storage.labels import Labels
 from storage.prompts import Prompts
@@ -19,6 +21,22 @@ from storage.versions import Versions
 
 DB_FILENAME = "prefloop.duckdb"
 STARTER_PROMPTS = "starter_prompts.jsonl"
+DIR_MODE = 0o700  # the data dir holds labels, account hashes and server.json's token: the owner's alone
+
+
+def make_data_dir(data_dir: Path) -> Path:
+    """`data_dir`, created 0700 whatever the umask when missing (an existing one keeps the mode its owner gave it;
+    the DuckDB file inside is made 0600 at every open). StorageError when the path is not a usable directory."""
+    data_dir = Path(data_dir)
+    try:
+        data_dir.mkdir(parents=True, mode=DIR_MODE)
+        os.chmod(data_dir, DIR_MODE)  # mkdir's mode is masked by the umask
+    except FileExistsError:
+        if not data_dir.is_dir():
+            raise StorageError(f"the data dir {data_dir} exists and is not a directory") from None
+    except OSError as e:
+        raise StorageError(f"cannot create the data dir {data_dir}: {e.strerror or e}") from None
+    return data_dir
 
 
 class Store:
@@ -38,10 +56,8 @@ class Store:
 
     @classmethod
     def open(cls, data_dir: Path) -> Store:
-        """The store in `data_dir` (created if missing): the file `data_dir/prefloop.duckdb`."""
-        data_dir = Path(data_dir)
-        data_dir.mkdir(parents=True, exist_ok=True)
-        return cls(data_dir / DB_FILENAME)
+        """The store in `data_dir` (created 0700 if missing): the file `data_dir/prefloop.duckdb` (0600)."""
+        return cls(make_data_dir(data_dir) / DB_FILENAME)
 
     @property
     def path(self) -> Path:
