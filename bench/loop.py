@@ -131,7 +131,7 @@ def run_arm(arm: str, args, tmp: Path) -> dict:
             if summary.errors:
                 raise SystemExit(f"{arm}: the simulated annotators saw {summary.errors} errors")
             if arm == "offline":
-                config = {**ROUND, "algorithm": "dpo", "max_staleness": None, "steps": DEFAULT_STEPS * n_rounds,
+                config = {**ROUND, "algorithm": "dpo", "max_label_staleness": None, "steps": DEFAULT_STEPS * n_rounds,
                           "sync_every": DEFAULT_STEPS * n_rounds, "seed": args.seed}
             else:
                 config = {**ROUND, "algorithm": "dpo" if arm == "semi-online" else "kto", "seed": args.seed + index}
