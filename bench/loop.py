@@ -61,7 +61,7 @@ def starter_prompts() -> set[str]:
 def start_server(data_dir: Path, max_staleness: int) -> tuple[subprocess.Popen, str]:
     """`prefloop serve` on a free port; its log goes to server.log beside the data dir."""
     port = free_port()
-    env = {**os.environ, "PREFLOOP_MAX_STALENESS": str(max_staleness), "PREFLOOP_BUFFER_SIZE": "3",
+    env = {**os.environ, "PREFLOOP_MAX_ITEM_STALENESS": str(max_staleness), "PREFLOOP_BUFFER_SIZE": "3",
            "PREFLOOP_MAX_NEW_TOKENS": "96"}
     with open(data_dir.parent / "server.log", "w") as log:  # the child keeps its own copy of the descriptor
         server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--data-dir", str(data_dir), "--port",
