@@ -24,7 +24,8 @@ TINY = {"steps": 3, "batch_size": 2, "rollout_prompts": 2, "rollout_n": 3, "sync
         "learning_rate": 1e-2, "reward_learning_rate": 1e-2, "max_kl": 1e9, "min_win_rate": 0.0}
 
 
-def write_snapshot(directory: Path, parent_version: int = 0, n_items: int = 6, k: int = 3) -> Path:
+def write_snapshot(directory: Path, parent_version: int = 0, n_items: int = 6, k: int = 3,
+                   rankings: bool = True) -> Path:
     """A snapshot as storage writes it: pairs.parquet, unary.parquet, prompts.parquet, meta.json."""
     directory.mkdir(parents=True)
     prompts = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(12)],
@@ -43,13 +44,20 @@ def write_snapshot(directory: Path, parent_version: int = 0, n_items: int = 6, k
         for a, text in enumerate(answers):
             unary.append(dict(item, feedback_id=f"f{i}-{a}", answer_id=f"a{i}-{a}", completion=text, label=a == 0,
                               finish_reason=finish[a]))
-    pd.DataFrame(pairs).to_parquet(directory / "pairs.parquet")
+    pairs = pairs if rankings else []  # a thumbs-only deployment: no rankings at all
+    pd.DataFrame(pairs, columns=list(pairs_columns(k))).to_parquet(directory / "pairs.parquet")
     pd.DataFrame(unary).to_parquet(directory / "unary.parquet")
     prompts.to_parquet(directory / "prompts.parquet")
     meta = {"created_at": "2025-01-01T00:00:00", "parent_version": parent_version, "base_model": "tiny",
             "counts": {"pairs": len(pairs), "unary": len(unary), "prompts": len(prompts)}}
     (directory / "meta.json").write_text(json.dumps(meta))
     return directory
+
+
+def pairs_columns(k: int) -> tuple[str, ...]:
+    return ("item_id", "annotator", "policy_version", "prompt", "created_at", "staleness", "ranking_id",
+            "annotator_id", "prompt_id", "chosen_answer_id", "chosen", "rejected_answer_id", "rejected", "chosen_rank",
+            "rejected_rank", "chosen_finish_reason", "rejected_finish_reason")
 
 
 def lora_weights(version: Path) -> dict:
@@ -251,3 +259,31 @@ def test_module_prints_json_progress_and_a_done_line(tmp_path, tiny_model_dir):
     assert {"phase", "step", "total", "loss", "progress"} <= progress[0].keys()
     assert events[-1] == {"event": "done", "status": "candidate", "reason": None}
     assert json.loads((tmp_path / "v1/config.json").read_text())["seed"] == 3
+
+
+def test_heldout_and_eval_prompts_labels_train_nothing(first_version, tmp_path, tiny_model_dir):
+    from learner.data import PromptSplit
+
+    _, metrics, _ = first_version
+    snapshot = pd.read_parquet(write_snapshot(tmp_path / "snapshot") / "pairs.parquet")
+    config = RoundConfig.from_dict(TINY)
+    split = PromptSplit.build(list(snapshot["prompt"]), config.eval_fraction, config.heldout_fraction)
+    roles = snapshot["prompt"].map(split.role)
+    training = snapshot[roles == "train"]
+    # The policy used exactly the training prompts' pairs, the reward model their rankings; none held out.
+    assert metrics["labels_used"] == len(training) < len(snapshot)
+    assert metrics["reward_train_items"] == training["item_id"].nunique()
+    assert metrics["heldout"]["pairs"] == int((roles == "heldout").sum()) > 0
+
+
+def test_a_thumbs_only_round_never_trusts_an_untrained_reward_model(tmp_path, tiny_model_dir):
+    config = RoundConfig.from_dict(dict(TINY, algorithm="kto"))
+    first = run_round(write_snapshot(tmp_path / "s1", rankings=False), tiny_model_dir, None, tmp_path / "v1", config)
+    assert first["reward_trained_pairs"] == 0 and not first["reward_ready"]
+    # Round 2 warm-starts from round 1's reward model, which never saw a pair: still not ready to judge.
+    second = run_round(write_snapshot(tmp_path / "s2", parent_version=1, rankings=False), tiny_model_dir,
+                       tmp_path / "v1", tmp_path / "v2", config)
+    assert second["reward_warm_start"] and not second["reward_ready"] and second["reward_trained_pairs"] == 0
+    assert second["gate"]["win_rate_check"] is None and "win_rate_vs_parent" not in second
+    assert second["data"]["onpolicy"] is None and second["data"]["onpolicy_uses"] == 0
+    assert second["status"] == "candidate"
