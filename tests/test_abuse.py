@@ -17,7 +17,7 @@ from storage.prompts import MAX_PROMPT_CHARS
 from storage.store import Store
 
 TABLES = ("users", "prompts", "items", "answers", "rankings", "ranking_answers", "feedback", "skips", "flags",
-          "versions", "runs", "settings")
+          "versions", "runs", "settings", "suggestions")
 
 # Every /api operation that is NOT admin-only. Any operation missing here is treated as admin-only, so a new admin
 # endpoint cannot be forgotten: a new annotator endpoint has to be added here on purpose.
@@ -30,6 +30,7 @@ NOT_ADMIN = {
     ("POST", "/api/items/{item_id}/skip"),
     ("POST", "/api/items/{item_id}/flag"),
     ("POST", "/api/generate"),
+    ("POST", "/api/suggestions"),  # queued for an admin's review (app/suggestions.py)
 }
 # The admin endpoints the issue names; the spec must still list each of them.
 KNOWN_ADMIN = {

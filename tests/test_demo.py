@@ -11,7 +11,7 @@ import pytest
 from app.policy import GenerationSlots, PolicyBusy
 from app.ui import demo
 from app.ui.annotate import UiError
-from storage.errors import NotFound
+from storage.errors import Conflict, NotFound
 
 
 def test_chat_streams_more_than_one_update_and_keeps_the_conversation(ctx, accounts):
@@ -62,15 +62,19 @@ def test_demo_generation_is_bounded(ctx, accounts):
     assert labels == ["deployed (base model (v0))", "base model (v0)"]
 
 
-def test_send_to_annotation_adds_the_prompt_to_the_pool(ctx, accounts):
+def test_send_to_annotation_queues_an_annotators_prompt_and_pools_an_admins(ctx, accounts):
     before = ctx.store.prompts.count()
-    assert demo.send_to_annotation(ctx, "ann", "  What do herons eat in winter?  ").startswith("Sent")
-    again = demo.send_to_annotation(ctx, "bob", "What do herons eat in winter?")
-    assert again == "This prompt is already in the annotation pool."
+    assert demo.send_to_annotation(ctx, "ann", "  What do herons eat in winter?  ").startswith("Sent as suggestion")
+    with pytest.raises(Conflict, match="already waits for an admin's review"):
+        demo.send_to_annotation(ctx, "bob", "What do herons eat in winter?")
+    assert ctx.store.prompts.count() == before  # an admin approves it first (tests/security/test_write_checks.py)
+    (pending,) = ctx.store.suggestions.list()
+    assert (pending.user, pending.text) == ("ann", "What do herons eat in winter?")
+    assert demo.send_to_annotation(ctx, "boss", "Name a bird that cannot fly.").startswith("Added")
     assert ctx.store.prompts.count() == before + 1
     source = ctx.store.db.cursor().execute(
-        "SELECT source FROM prompts WHERE text = 'What do herons eat in winter?'").fetchone()
-    assert source == ("demo:ann",)
+        "SELECT source FROM prompts WHERE text = 'Name a bird that cannot fly.'").fetchone()
+    assert source == ("demo:boss",)
 
 
 def test_labels_are_accepted_while_a_demo_answer_streams(ctx, server, accounts, sample_items):
@@ -100,6 +104,7 @@ def test_gradio_client_demo_streams_compares_and_sends(ctx, server, accounts, ad
     assert len(job.outputs()) > 1, "the chat endpoint did not stream"
     left, right, status = ui.predict("Name a colour.", "1", "0", 7, 8, api_name="/demo_side_by_side")
     assert status == "v1 vs base model (v0) (seed 7)" and left != right
-    assert ui.predict("Count to three.", api_name="/demo_send_to_annotation").startswith("Sent")
+    assert ui.predict("Count to three.", api_name="/demo_send_to_annotation").startswith("Sent as suggestion")
+    assert [s.text for s in ctx.store.suggestions.list()] == ["Count to three."]  # queued, not in the pool
     with pytest.raises(Exception, match="type a message"):
         ui.predict("", "0", "0", None, 8, api_name="/demo_side_by_side")
