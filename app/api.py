@@ -61,7 +61,7 @@ class SuggestionBody(Body):
 class UserBody(Body):
     name: str
     role: Literal["annotator", "admin"] = "annotator"
-    password: str | None = Field(default=None, min_length=8, max_length=256)
+    password: str | None = None  # length rules: storage.users.check_new_password, one place, one message
 
 
 class GenerateBody(Body):

@@ -1,27 +1,39 @@
-"""The REST API of the Admin tab's remaining actions (users, settings, roll back), admin only, under /api.
+"""The REST API of the Admin tab's remaining actions (users, settings, roll back), admin only, under /api, and
+`POST /api/me/password`, which any user may call for their own account.
 
 Each calls the same function as the Admin tab (`AppContext` or the store), so the two cannot drift apart.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from pydantic import Field
 
 from app import suggestions
-from app.api import Admin, Body, Ctx
+from app.api import Admin, Body, Ctx, current_user
 from app.errors import ApiError
 from app.ui.admin import GUIDELINES_SETTING, MAX_GUIDELINES_CHARS
 from app.ui.annotate import DEFAULT_GUIDELINES
 from storage.suggestions import Suggestion
+from storage.users import User, check_new_password
 
 router = APIRouter(prefix="/api")
 
 
 class DisableBody(Body):
     disabled: bool = True
+
+
+class PasswordBody(Body):
+    # No length rules here: storage.users.check_new_password is the one place they live, with its message.
+    password: str | None = Field(default=None, description="the new password; omitted: a generated one, returned")
+
+
+class OwnPasswordBody(Body):
+    current_password: str
+    new_password: str
 
 
 class RollBackBody(Body):
@@ -53,6 +65,39 @@ def disable(name: str, user: Admin, c: Ctx, body: DisableBody | None = None) -> 
         raise ApiError(409, "you cannot disable your own account (another admin can)")
     c.store.users.set_disabled(name, disabled)
     return {"name": name, "disabled": disabled}
+
+
+@router.post("/users/{name}/enable")
+def enable(name: str, user: Admin, c: Ctx) -> dict:
+    """Re-enable a user. Their old API token stays revoked: rotate it (POST /api/users/{name}/token) for a new one."""
+    c.store.users.set_disabled(name, False)
+    return {"name": name, "disabled": False}
+
+
+@router.post("/users/{name}/password")
+def reset_password(name: str, user: Admin, c: Ctx, body: PasswordBody | None = None) -> dict:
+    """Set a user's password (at least 8 characters); without one, a generated password is set and returned."""
+    chosen = body.password if body else None
+    password = c.store.users.set_password(name, chosen)
+    return {"name": name, **({"password": password} if chosen is None else {})}
+
+
+@router.post("/users/{name}/token")
+def rotate_token(name: str, user: Admin, c: Ctx) -> dict:
+    """Issue a new API token (shown once, here); the old one stops working at once."""
+    return {"name": name, "token": c.store.users.new_token(name)}
+
+
+@router.post("/me/password")
+def change_own_password(body: OwnPasswordBody, user: Annotated[User, Depends(current_user)], c: Ctx) -> dict:
+    """Any user: change your own password, given the current one (403 if it is wrong; nothing changes)."""
+    if user.user_id < 1:
+        raise ApiError(403, "the local CLI token belongs to no account; use `prefloop users passwd NAME`")
+    check_new_password(body.new_password)  # a clear 422 before the slow check of the current password
+    if c.authenticate_password(user.name, body.current_password) is None:
+        raise ApiError(403, "the current password is wrong; nothing was changed")
+    c.store.users.set_password(user.name, body.new_password)
+    return {"name": user.name}
 
 
 @router.post("/versions/rollback")

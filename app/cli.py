@@ -1,4 +1,4 @@
-"""`prefloop`: serve, users, prompts, export, simulate.
+"""`prefloop`: serve, users (app/cli_users.py), prompts, export, simulate.
 
 A command that needs the store opens the DuckDB file itself, unless a running server holds it (DuckDB lets one
 process open a file): then it goes through that server's API with the local token in `server.json`, or, with no
@@ -58,12 +58,9 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--temperature", type=float, help="sampling temperature (default 0.8)")
     serve.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
 
-    users = sub.add_parser("users", help="manage accounts").add_subparsers(required=True, metavar="ACTION")
-    add = command("add", "create a user; prints the API token as the last line", run_users_add, users)
-    add.add_argument("name")
-    add.add_argument("--role", choices=["annotator", "admin"], default="annotator")
-    add.add_argument("--password", help="default: a random one, printed")
-    command("list", "list users", run_users_list, users)
+    from app.cli_users import add_users_commands  # add, list, passwd, token --rotate, disable, enable
+
+    add_users_commands(sub, command)
 
     prompts = sub.add_parser("prompts", help="manage prompts").add_subparsers(required=True, metavar="ACTION")
     imp = command("import", "import prompts from JSONL ({\"prompt\": ...}), CSV or Parquet (a prompt column)",
@@ -122,30 +119,6 @@ def open_store_or_server(path: Path):
         return None, remote
 
 
-def run_users_add(args) -> None:
-    store, remote = open_store_or_server(data_dir(args))
-    if remote:
-        result = remote.add_user(args.name, args.role, args.password)
-        name, role, password, token = result["name"], result["role"], result["password"], result["token"]
-    else:
-        with store:
-            user, password, token = store.users.add(args.name, args.role, args.password)
-            name, role = user.name, user.role
-    print(f"created {role} {name!r}")
-    if args.password is None:
-        print(f"password: {password}")
-    print(token)
-
-
-def run_users_list(args) -> None:
-    store, remote = open_store_or_server(data_dir(args))
-    if remote:
-        raise CliError("listing users goes through the Admin tab while the server runs")
-    with store:
-        for user in store.users.list():
-            print("\t".join([user.name, user.role] + (["disabled"] if user.disabled else [])))
-
-
 def run_prompts_import(args) -> None:
     from storage.imports import describe_import, import_prompt_file, read_prompt_file
 
@@ -197,4 +170,8 @@ def run_simulate(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m app.cli` runs this file as __main__, a second module beside app.cli; delegate to app.cli, whose
+    # CliError app/cli_users.py raises, so that main() catches it.
+    from app.cli import main as app_cli_main
+
+    sys.exit(app_cli_main())

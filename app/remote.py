@@ -6,6 +6,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 
@@ -51,6 +52,19 @@ class RemoteServer:
     def add_user(self, name: str, role: str, password: str | None) -> dict:
         body = {"name": name, "role": role, **({"password": password} if password else {})}
         return self._call("POST", "/api/users", json=body).json()
+
+    def users(self) -> list[dict]:
+        return self._call("GET", "/api/users").json()
+
+    def set_password(self, name: str, password: str) -> dict:
+        return self._call("POST", f"/api/users/{quote(name, safe='')}/password", json={"password": password}).json()
+
+    def rotate_token(self, name: str) -> str:
+        return self._call("POST", f"/api/users/{quote(name, safe='')}/token").json()["token"]
+
+    def set_disabled(self, name: str, disabled: bool) -> dict:
+        action = "disable" if disabled else "enable"
+        return self._call("POST", f"/api/users/{quote(name, safe='')}/{action}").json()
 
     def add_prompts(self, prompts: list[str]) -> dict:
         """Add validated prompts in chunks under the server's body and count limits; {"added", "duplicates"} summed.

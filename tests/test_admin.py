@@ -55,6 +55,8 @@ ADMIN_HANDLERS = {
     "set_overlap": lambda ctx, who: admin.set_overlap(ctx, who, 3),
     "add_user": lambda ctx, who: admin.add_user(ctx, who, "mallory", "admin", "mallory-password"),
     "set_user_disabled": lambda ctx, who: admin.set_user_disabled(ctx, who, "boss", True),
+    "reset_password": lambda ctx, who: admin.reset_password(ctx, who, "boss", None),
+    "rotate_token": lambda ctx, who: admin.rotate_token(ctx, who, "boss"),
     "upload_prompts": lambda ctx, who: admin.upload_prompts(ctx, who, "/etc/hostname.jsonl"),
     "export_labels": lambda ctx, who: admin.export_labels(ctx, who, "dpo"),
     "guidelines_source": lambda ctx, who: admin.guidelines_source(ctx, who),

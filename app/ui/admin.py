@@ -345,7 +345,7 @@ def set_overlap(ctx: AppContext, username: str | None, overlap: int | None) -> A
 
 @dataclass(frozen=True)
 class NewUser:
-    text: str  # plain text with the password and token, shown once
+    text: str  # plain text with a new password and/or token, shown once (new user, reset, rotation)
     view: AnnotatorsView
 
 
@@ -364,7 +364,27 @@ def set_user_disabled(ctx: AppContext, username: str | None, name: str, disabled
     if disabled and name == user.name:
         raise UiError("you cannot disable your own account (another admin can)")
     ctx.store.users.set_disabled(name, bool(disabled))
-    return annotators(ctx, username, f"{name!r} {'disabled' if disabled else 'enabled'}.")
+    done = ("disabled: no login, API token revoked, sessions ended" if disabled
+            else "enabled; the old API token stays revoked: rotate it to issue a new one")
+    return annotators(ctx, username, f"{name!r} {done}.")
+
+
+def reset_password(ctx: AppContext, username: str | None, name: str, password: str | None) -> NewUser:
+    """Set a user's password (same call as POST /api/users/{name}/password); blank generates one, shown once."""
+    require_admin(ctx, username)
+    name, chosen = (name or "").strip(), password or None
+    password = ctx.store.users.set_password(name, chosen)
+    text = f"password of {name!r} changed" + ("" if chosen else f"\npassword: {password}")
+    return NewUser(text, annotators(ctx, username, f"Password of {name!r} changed."))
+
+
+def rotate_token(ctx: AppContext, username: str | None, name: str) -> NewUser:
+    """A new API token for a user (same call as POST /api/users/{name}/token), shown once; the old one stops."""
+    require_admin(ctx, username)
+    name = (name or "").strip()
+    token = ctx.store.users.new_token(name)
+    text = f"new API token for {name!r} (the old one no longer works):\n{token}"
+    return NewUser(text, annotators(ctx, username, f"API token of {name!r} rotated."))
 
 
 # -- Data -------------------------------------------------------------------------------------------------------

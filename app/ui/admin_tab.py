@@ -114,12 +114,17 @@ def build_admin_tab(ctx: AppContext) -> gr.Tab:
                     new_role = gr.Radio(list(ROLES), value="annotator", label="role")
                     new_password = gr.Textbox(label="password (blank = generate one)", type="password")
                     add_user_btn = gr.Button("Add user")
-                new_account = gr.Textbox(label="new account: password and API token, shown once", lines=3,
+                new_account = gr.Textbox(label="new password / API token, shown once", lines=3,
                                          interactive=False)
                 with gr.Row():
                     user_name = gr.Textbox(label="user name")
                     disabled = gr.Checkbox(True, label="disabled")
                     disable_btn = gr.Button("Apply")
+                with gr.Row():
+                    reset_password = gr.Textbox(label="new password for that user (blank = generate one)",
+                                                type="password")
+                    reset_password_btn = gr.Button("Reset password")
+                    rotate_token_btn = gr.Button("Rotate API token")
                 annotators_message = gr.Markdown()
                 annotators_refresh_btn = gr.Button("Refresh")
 
@@ -224,6 +229,16 @@ def build_admin_tab(ctx: AppContext) -> gr.Tab:
         with as_toast():
             return show_annotators(admin.set_user_disabled(ctx, request.username, name, disable))
 
+    def on_reset_password(name, password, request: gr.Request):
+        with as_toast():
+            changed = admin.reset_password(ctx, request.username, name, password)
+            return [changed.text, *show_annotators(changed.view)]
+
+    def on_rotate_token(name, request: gr.Request):
+        with as_toast():
+            rotated = admin.rotate_token(ctx, request.username, name)
+            return [rotated.text, *show_annotators(rotated.view)]
+
     def on_import(path, skip, request: gr.Request):
         with as_toast():
             return admin.upload_prompts(ctx, request.username, path, skip)
@@ -278,6 +293,10 @@ def build_admin_tab(ctx: AppContext) -> gr.Tab:
                        api_name="admin_add_user", **free)
     disable_btn.click(on_disable, [user_name, disabled], annotators_outputs, api_name="admin_set_user_disabled",
                       **free)
+    reset_password_btn.click(on_reset_password, [user_name, reset_password], [new_account, *annotators_outputs],
+                             api_name="admin_reset_password", **free)
+    rotate_token_btn.click(on_rotate_token, user_name, [new_account, *annotators_outputs],
+                           api_name="admin_rotate_token", **free)
     import_btn.click(on_import, [upload, skip_invalid], import_result, api_name="admin_upload_prompts", **free)
     export_btn.click(on_export, export_format, [export_file, export_message], api_name="admin_export", **free)
     data_tab.select(on_guidelines, outputs=[guidelines, guidelines_preview, guidelines_message],
