@@ -225,7 +225,7 @@ def test_export_and_guidelines(ctx, accounts, sample_items):
     assert admin.guidelines_source(ctx, "boss") == annotate.DEFAULT_GUIDELINES
     admin.save_guidelines(ctx, "boss", "Prefer **short** answers. <script>alert(1)</script>")
     shown = annotate.guidelines(ctx)
-    assert "**short**" in shown and "<script>" not in shown
+    assert "<strong>short</strong>" in shown and "<script>" not in shown and "&lt;script&gt;" in shown
     with pytest.raises(UiError, match="cannot be empty"):
         admin.save_guidelines(ctx, "boss", "   ")
 

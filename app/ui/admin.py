@@ -16,7 +16,7 @@ import pandas as pd
 
 from app.context import AppContext
 from app.ui.annotate import DEFAULT_GUIDELINES, UiError, user_of
-from app.ui.render import neutralise_html
+from app.ui.render import escape_markdown
 from learner.config import RoundConfig
 from storage import analytics
 from storage.errors import InvalidValue
@@ -94,7 +94,7 @@ def overview(ctx: AppContext, username: str | None, message: str = "") -> Overvi
     status = (f"Deployed: **{version_name(ctx.policy.version)}** · **{ctx.buffer.waiting_count()}** items waiting "
               f"in the buffer · **{ctx.buffer.reserved_count()}** reserved · overlap {ctx.config.overlap}")
     if ctx.buffer.last_error:
-        status += f"\n\nSampler error: {neutralise_html(ctx.buffer.last_error[:300])}"
+        status += f"\n\nSampler error: {escape_markdown(ctx.buffer.last_error[:300])}"
     active = ctx.store.runs.active()
     last = active or next(iter(ctx.store.runs.list(1)), None)
     return OverviewView(table, status, run_text(last), active.progress if active else None,
@@ -113,7 +113,7 @@ def run_text(run: Run | None) -> str:
         parts.append(f"produced {version_name(run.version)}")
     text = " · ".join(parts)
     if run.error:
-        text += f"\n\n{neutralise_html(run.error[:500])}"
+        text += f"\n\n{escape_markdown(run.error[:500])}"
     return text
 
 

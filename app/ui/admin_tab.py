@@ -16,7 +16,7 @@ from app.context import AppContext
 from app.policy import PolicyBusy
 from app.ui import admin
 from app.ui.annotate import UiError
-from app.ui.render import quote_block
+from app.ui.render import render_markdown, rendered_text
 from learner.config import ALGORITHMS
 from learner.errors import LearnerError
 from storage.errors import StorageError
@@ -144,7 +144,7 @@ def build_admin_tab(ctx: AppContext) -> gr.Tab:
                 export_message = gr.Markdown()
                 guidelines = gr.Textbox(label="annotator guidelines (Markdown)", lines=10)
                 save_guidelines_btn = gr.Button("Save guidelines")
-                guidelines_preview = gr.Markdown(container=True)
+                guidelines_preview = rendered_text(container=True, padding=True)
                 guidelines_message = gr.Markdown()
         # Inside the tab: an inactive tab's children are not rendered, so the timer ticks only while it is open.
         timer = gr.Timer(OVERVIEW_EVERY_S, active=False)
@@ -251,12 +251,12 @@ def build_admin_tab(ctx: AppContext) -> gr.Tab:
     def on_guidelines(request: gr.Request):
         with as_toast():
             text = admin.guidelines_source(ctx, request.username)
-            return [text, quote_block(text), ""]
+            return [text, render_markdown(text), ""]
 
     def on_save_guidelines(text, request: gr.Request):
         with as_toast():
             message = admin.save_guidelines(ctx, request.username, text)
-            return [text, quote_block(text), message]
+            return [text, render_markdown(text), message]
 
     def on_load(request: gr.Request):
         shown = admin.is_admin(ctx, request.username)

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from app import labelling
 from app.buffer import shown_answers
 from app.context import AppContext
-from app.ui.render import quote_block
+from app.ui.render import quote_block, render_markdown, titled
 from storage.items import Item
 from storage.users import User
 
@@ -36,8 +36,8 @@ class AnnotateView:
     """Everything the Annotate tab shows after an action."""
 
     session: Session
-    prompt: str  # Markdown, HTML neutralised
-    answers: tuple[str, ...]  # Markdown per answer slot, in display order ('' for unused slots)
+    prompt: str  # safe HTML from app/ui/render.py, for gr.HTML
+    answers: tuple[str, ...]  # safe HTML per answer slot, in display order ('' for unused slots)
     counter: str
     message: str = ""
     labels: tuple[str, ...] = field(default=())  # slot titles: "Answer 1"...
@@ -67,14 +67,15 @@ def next_view(ctx: AppContext, username: str | None, message: str = "") -> Annot
     item = ctx.buffer.next_for(user.user_id)
     if item is None:
         empty = ("",) * ctx.config.k
-        waiting = "Nothing to rank right now: new answers are being sampled. Press **Next item** in a moment."
+        waiting = render_markdown("Nothing to rank right now: new answers are being sampled. "
+                                  "Press **Next item** in a moment.")
         return AnnotateView(Session(), waiting, empty, counter_text(ctx, user), message)
     return _item_view(ctx, user, item, message)
 
 
 def _item_view(ctx: AppContext, user: User, item: Item, message: str) -> AnnotateView:
     answers = shown_answers(item, user.user_id)
-    texts = tuple(f"**{answer_label(i)}**\n\n{quote_block(a.text)}" for i, a in enumerate(answers))
+    texts = tuple(titled(answer_label(i), a.text) for i, a in enumerate(answers))
     texts += ("",) * (ctx.config.k - len(answers))
     return AnnotateView(
         Session(item.item_id, tuple(a.answer_id for a in answers)),
@@ -141,8 +142,8 @@ def flag(ctx: AppContext, username: str | None, session: Session, reason: str) -
 
 
 def guidelines(ctx: AppContext) -> str:
-    text = ctx.store.settings.get("guidelines") or DEFAULT_GUIDELINES
-    return quote_block(text)
+    """The annotator guidelines as safe HTML (an admin wrote them, but they render like any other text)."""
+    return render_markdown(ctx.store.settings.get("guidelines") or DEFAULT_GUIDELINES)
 
 
 DEFAULT_GUIDELINES = """Rank the answers from best (1) to worst. Prefer answers that are correct, helpful and honest;

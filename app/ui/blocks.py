@@ -14,6 +14,7 @@ from app.ui import annotate
 from app.ui.admin_tab import build_admin_tab
 from app.ui.annotate import AnnotateView, Session, UiError
 from app.ui.demo_tab import build_demo_tab
+from app.ui.render import rendered_text
 from storage.errors import StorageError
 
 # Keys: digits 1..9 give that answer the next free rank; Enter submits; Escape clears; "s" skips.
@@ -57,14 +58,14 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
         session = gr.State(Session())
         with gr.Tab("Annotate"):
             with gr.Accordion("Guidelines", open=False):
-                guide = gr.Markdown(elem_id="pl-guidelines")
+                guide = rendered_text(elem_id="pl-guidelines")
             counter = gr.Markdown(elem_id="pl-counter")
-            prompt = gr.Markdown(elem_id="pl-prompt", container=True)
+            prompt = rendered_text(elem_id="pl-prompt", container=True, padding=True)
             answers, ranks, thumbs = [], [], []
             with gr.Row(equal_height=False):
                 for slot in range(k):
                     with gr.Column(min_width=220, elem_classes="pl-answer"):
-                        answers.append(gr.Markdown(label=annotate.answer_label(slot), elem_id=f"pl-answer-{slot}"))
+                        answers.append(rendered_text(label=annotate.answer_label(slot), elem_id=f"pl-answer-{slot}"))
                         ranks.append(gr.Radio([str(r) for r in range(1, k + 1)], label=f"Rank of answer {slot + 1}",
                                               elem_id=f"pl-rank-{slot}"))
                         thumbs.append(gr.Radio(list(annotate.THUMBS), label="Thumbs (optional)",

@@ -110,7 +110,7 @@ def stream_in_background(ctx: AppContext, slots: GenerationSlots, messages: list
 @dataclass(frozen=True)
 class ChatView:
     history: tuple[dict, ...]  # the conversation as plain {"role", "content"} messages: what the model sees
-    shown: list[dict]  # the same for gr.Chatbot, with raw HTML neutralised
+    shown: list[dict]  # the same with each content as safe HTML (app/ui/render.py), for rendered_chat
     status: str
 
 
@@ -138,7 +138,7 @@ def chat(ctx: AppContext, slots: GenerationSlots, username: str | None, history:
 # -- Side by side -----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SideBySideView:
-    left: str  # Markdown, HTML neutralised ('' until that side is done)
+    left: str  # safe HTML (app/ui/render.py) for gr.HTML ('' until that side is done)
     right: str
     left_version: int | None  # the version that actually generated each side
     right_version: int | None

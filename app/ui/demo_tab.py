@@ -12,6 +12,7 @@ import gradio as gr
 from app.context import AppContext
 from app.ui import demo
 from app.ui.admin_tab import as_toast
+from app.ui.render import rendered_chat, rendered_text
 
 
 def build_demo_tab(ctx: AppContext) -> gr.Tab:
@@ -24,7 +25,7 @@ def build_demo_tab(ctx: AppContext) -> gr.Tab:
                 max_new_tokens = gr.Slider(1, demo.DEMO_MAX_NEW_TOKENS, step=1,
                                            value=min(ctx.config.sampling.max_new_tokens, demo.DEMO_MAX_NEW_TOKENS),
                                            label="max new tokens")
-            chatbot = gr.Chatbot(label="chat", height=420)
+            chatbot = rendered_chat(label="chat", height=420, elem_id="pl-chat")
             message = gr.Textbox(label="message", placeholder="Ask the model something, then press Enter")
             with gr.Row():
                 send_btn = gr.Button("Send", variant="primary")
@@ -41,8 +42,8 @@ def build_demo_tab(ctx: AppContext) -> gr.Tab:
                 compare_btn = gr.Button("Compare", variant="primary")
                 send_to_pool_btn = gr.Button("Send to annotation")
             with gr.Row(equal_height=False):
-                left = gr.Markdown(container=True)
-                right = gr.Markdown(container=True)
+                left = rendered_text(container=True, padding=True)
+                right = rendered_text(container=True, padding=True)
             compare_status = gr.Markdown()
 
     def on_versions():
