@@ -13,6 +13,7 @@ from pathlib import Path
 from learner.errors import ConfigError
 from learner.sampling import SamplingParams
 
+BACKENDS = ("worker", "inprocess", "openai")
 DEFAULT_DATA_DIR = Path("prefloop-data")  # relative to the working directory, like a Jupyter notebook's folder
 
 
@@ -26,7 +27,22 @@ class ServeConfig:
     model: str = "smollm2"  # "smollm2" (shipped GGUF), a local HF directory, or a hub id already cached
     k: int = 4  # answers per item: C(4,2) = 6 pairs per ranking, and still quick to read and rank
     overlap: int = 1  # distinct annotators who rank each item; >1 measures agreement at the cost of throughput
-    buffer_size: int = 4  # ready items kept ahead of annotators (each costs ~6 s of CPU to sample)
+    # The buffer sizes itself: enough ready items to cover the recent label rate while the next batch is sampled,
+    # never fewer than buffer_size (the floor: a new annotator's first items) nor more than buffer_max (the ceiling:
+    # items sampled ahead go stale when a new version is deployed, and each costs ~2 s of a 2-core CPU).
+    buffer_size: int = 4
+    buffer_max: int = 32  # 8 annotators x 4 items each: a round's worth of labels on a CPU, sampled ahead
+    # Items per generate call: one call of 4 items x K=4 gives 2.4x the items/s of one item per call on a 2-core CPU
+    # with the adapter merged (bench/serving.py); 8 gives a little more but holds the worker ~13 s per batch.
+    batch_items: int = 4
+    # Where the model runs: "worker" (its own process, the default: the web process never runs the model),
+    # "inprocess" (the same backend in this process: tests, debugging) or "openai" (an OpenAI-compatible inference
+    # server such as vLLM with LoRA enabled: backend_url and backend_model; see README, "Scaling generation").
+    backend: str = "worker"
+    backend_url: str = ""  # for "openai": e.g. http://gpu-host:8000
+    backend_model: str = ""  # for "openai": the base model's served name (vllm serve --served-model-name)
+    backend_adapter_root: str = ""  # for "openai": the versions dir as the inference server sees it ("" = same path)
+    merge_adapters: bool = True  # serve each version with its LoRA merged into a copy of the weights (faster)
     reserve_seconds: float = 600.0  # an item handed to an annotator is kept from others this long
     # Items sampled by a version more than this many deployed versions back along the serving lineage are not
     # served: 2 keeps the buffer's items through two quick deploys, then annotators judge the current policy again.
@@ -40,6 +56,11 @@ class ServeConfig:
             "k": (self.k >= 2, "k must be >= 2 (a ranking needs two answers)"),
             "overlap": (self.overlap >= 1, "overlap must be >= 1"),
             "buffer_size": (self.buffer_size >= 0, "buffer_size must be >= 0"),
+            "buffer_max": (self.buffer_max >= max(1, self.buffer_size), "buffer_max must be >= max(1, buffer_size)"),
+            "batch_items": (self.batch_items >= 1, "batch_items must be >= 1"),
+            "backend": (self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}"),
+            "backend_url": (self.backend != "openai" or bool(self.backend_url and self.backend_model),
+                            "backend 'openai' needs backend_url and backend_model"),
             "reserve_seconds": (self.reserve_seconds > 0, "reserve_seconds must be > 0"),
             "max_item_staleness": (self.max_item_staleness >= 0, "max_item_staleness must be >= 0"),
             "port": (0 <= self.port <= 65535, "port must be in 0..65535"),

@@ -53,6 +53,7 @@ class AppContext:
     def stop(self) -> None:
         self.scheduler.stop()
         self.buffer.stop()
+        self.policy.close()  # the worker process, when there is one
 
     def authenticate_token(self, token: str) -> User | None:
         if hmac.compare_digest(token.encode(), self.local_token.encode()):

@@ -1,26 +1,32 @@
-"""The policy service: the base model and the LoRA adapters loaded onto it, shared by item sampling, the Demo tab
-and /api/generate.
+"""The policy service: every generation the app asks for (items, the Demo tab, /api/generate), by version number.
 
-One base model stays in memory; each policy version is a LoRA adapter loaded onto it by name (`v3`), and version 0
-is the base model itself (adapters disabled). Every call names the version it wants (which version serves is
-app/deployments.py's to say, nobody else's) and gets back the version that generated. Every use of the model holds
-`_lock`, so a hot swap (Deployments switching the version it names) never changes the adapter under a generation in
-flight: that one finishes on the old version, no request fails and none sees half a swap.
+Version 0 is the base model; version N is the LoRA adapter of policy version N. Every call names the version it
+wants (which version serves is app/deployments.py's to say, nobody else's) and gets back the version that generated.
+The model itself lives behind a `PolicyBackend` (app/generation/): by default in a worker process with one merged
+serving copy per version, so the web process never runs the model, a hot swap is Deployments naming another version
+(the generation in flight finishes on the old one; no request fails, none sees half a swap), and the serving version
+and a canary are served side by side. A few versions stay loaded (the serving one and the canary pinned); others are
+loaded again from their directories when asked for.
 """
 
 from __future__ import annotations
 
+import os
+import random
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+from app.config import ServeConfig
+from app.generation.backend import ItemRequest, PolicyBackend
 from learner.errors import ModelError
-from learner.model import Device, load_base_model, load_tokenizer, pick_device, resolve_model
-from learner.sampling import SampledAnswer, SamplingParams, sample_answers, stream_answer
+from learner.model import pick_device, resolve_model
+from learner.sampling import SampledAnswer, SamplingParams
 
-MAX_LOADED_ADAPTERS = 4  # deployed + a few for the Demo's version picker; each SmolLM2 r=16 adapter is ~20 MB
+MAX_LOADED_ADAPTERS = 4  # serving + canary + two Demo picks; a merged SmolLM2 copy is ~0.5 GB in fp32
 GENERATION_SLOTS = 2  # on-demand generations (Demo, /api/generate) at once: one answering, one next in line
 MAX_GENERATE_TOKENS = 256  # ~10 s of SmolLM2 on a 2-core CPU: the longest an on-demand answer holds the model
 
@@ -54,47 +60,80 @@ class GenerationSlots:
 
 
 class PolicyService:
-    """Holds the base model and the loaded adapters; callers name the version for each generation."""
+    """Versions by number over a `PolicyBackend`; callers name the version for each generation."""
 
-    def __init__(self, model, tokenizer, device: Device, base_model_dir: Path):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.device = device
+    def __init__(self, backend: PolicyBackend, base_model_dir: Path, device: str):
+        self.backend = backend
         self.base_model_dir = base_model_dir
-        self._lock = threading.Lock()
+        self.device = device  # "cpu", "cuda" or the inference server's URL: for messages
+        self._lock = threading.Lock()  # guards the bookkeeping below, never a generation
         self._adapters: dict[int, Path] = {}  # version -> adapter dir, for versions known to the service
+        self._last_used: dict[int, float] = {}
         self._pinned: frozenset[int] = frozenset()  # never evicted: the serving version and the canary
 
     @classmethod
-    def load(cls, model: str, cache_dir: Path, device: str | None = None) -> PolicyService:
-        """Resolve `--model` (converting the shipped GGUF once), then load it on the best device."""
+    def load(cls, model: str, cache_dir: Path, device: str | None = None, backend: str = "inprocess",
+             merge: bool = True) -> PolicyService:
+        """Resolve `--model` (converting the shipped GGUF once), then start the backend on the best device."""
         path = resolve_model(model, cache_dir)
+        if backend == "worker":
+            from app.generation.worker import WorkerBackend
+
+            worker = WorkerBackend(path, device, merge=merge)
+            return cls(worker, path, worker.device)
+        from app.generation.transformers_backend import TransformersBackend
+
         chosen = pick_device(device)
-        return cls(load_base_model(path, chosen), load_tokenizer(path), chosen, path)
+        return cls(TransformersBackend(path, chosen, merge=merge), path, str(chosen.torch_device))
+
+    @classmethod
+    def from_config(cls, config: ServeConfig) -> PolicyService:
+        """The backend `prefloop serve` was asked for (ServeConfig.backend)."""
+        if config.backend != "openai":
+            return cls.load(config.model, config.models_dir, config.device, config.backend, config.merge_adapters)
+        from app.generation.openai_backend import OpenAIBackend
+
+        root = (config.versions_dir, config.backend_adapter_root) if config.backend_adapter_root else None
+        backend = OpenAIBackend(config.backend_url, config.backend_model,
+                                api_key=os.environ.get("PREFLOOP_BACKEND_API_KEY"), adapter_root=root)
+        # The learner still trains on this machine from the local copy of the base model.
+        return cls(backend, resolve_model(config.model, config.models_dir), config.backend_url)
 
     @property
     def loaded_versions(self) -> list[int]:
         return [0, *sorted(self._adapters)]
 
+    def register(self, version: int, adapter_dir: Path) -> None:
+        """Remember where a version's adapter lives, so it can be asked for by number later."""
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise ModelError(f"version {version}: {adapter_dir} holds no LoRA adapter (adapter_config.json missing)")
+        with self._lock:
+            self._adapters.setdefault(version, adapter_dir)
+
     def load_adapter(self, version: int, adapter_dir: Path | None) -> None:
-        """Load `version`'s adapter now (waiting for the generation in flight), so the first request for it does not
-        pay for the load. Version 0 is the base model and needs none."""
+        """Load `version` now, so the first request for it does not pay for the load (a merge: ~1 s for SmolLM2).
+        Version 0 is the base model and needs none."""
         if version == 0:
             return
         if adapter_dir is not None:
             self.register(version, adapter_dir)
-        with self._lock:
-            self._ensure_loaded(version, None)
+        self._ensure_loaded(version)
 
     def pin(self, versions: set[int]) -> None:
-        """Versions whose adapters stay loaded (the serving one and the canary): a swap to them is instant."""
+        """Versions that stay loaded (the serving one and the canary): a swap to them is instant."""
         self._pinned = frozenset(versions)
+
+    def sample_items(self, requests: Sequence[ItemRequest], params: SamplingParams) -> list[list[SampledAnswer]]:
+        """Answers for several items in as few generate calls as there are versions among them."""
+        for version in {r.version for r in requests}:
+            self._ensure_loaded(version)
+        return self.backend.sample_items(list(requests), params)
 
     def sample(self, prompt: str, k: int, params: SamplingParams, version: int,
                seed: int | None = None) -> tuple[int, list[SampledAnswer]]:
         """K answers from `version` in one batched call; returns the version that generated them."""
-        with self._use(version) as (model, used):
-            return used, sample_answers(model, self.tokenizer, prompt, k, params, seed=seed)
+        request = ItemRequest(prompt, k, version, random.randrange(2**31) if seed is None else seed)
+        return version, self.sample_items([request], params)[0]
 
     def generate(self, prompt: str | list[dict], params: SamplingParams, version: int) -> tuple[int, str]:
         """One answer (the last streamed text) from `version`; returns the version that generated it."""
@@ -103,59 +142,44 @@ class PolicyService:
             text = piece
         return version, text
 
-    def stream(self, prompt: str | list[dict], params: SamplingParams, version: int) -> Iterator[str]:
-        """The growing text of one answer from `version`. Holds the model for the whole answer."""
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        with self._use(version) as (model, _):
-            yield from stream_answer(model, self.tokenizer, messages, params)
+    def stream(self, prompt: str | list[dict], params: SamplingParams, version: int,
+               seed: int | None = None) -> Iterator[str]:
+        """The growing text of one answer from `version`; never waits for an item batch in flight."""
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        self._ensure_loaded(version)
+        yield from self.backend.stream(messages, params, version, seed)
 
-    def register(self, version: int, adapter_dir: Path) -> None:
-        """Remember where a version's adapter lives, so it can be asked for by number later."""
-        if not (adapter_dir / "adapter_config.json").is_file():
-            raise ModelError(f"version {version}: {adapter_dir} holds no LoRA adapter (adapter_config.json missing)")
-        self._adapters.setdefault(version, adapter_dir)
+    def set_threads(self, threads: int) -> None:
+        """CPU threads generation may use (a round takes the others while it runs); only the worker has its own."""
+        if hasattr(self.backend, "set_threads"):
+            self.backend.set_threads(threads)
 
-    @contextmanager
-    def _use(self, version: int):
-        """The model set to `version`, held for the duration."""
+    def close(self) -> None:
+        self.backend.close()
+
+    def _ensure_loaded(self, version: int) -> None:
+        """`version` loaded in the backend (from its registered directory), then the least recently used unpinned
+        versions beyond MAX_LOADED_ADAPTERS dropped."""
         if not isinstance(version, int) or isinstance(version, bool) or version < 0:
             raise ModelError(f"a policy version is an int >= 0, got {version!r}")
+        if version == 0:
+            return
         with self._lock:
-            if version == 0:
-                if hasattr(self.model, "disable_adapter"):
-                    with self.model.disable_adapter():
-                        yield self.model, 0
-                else:
-                    yield self.model, 0
-                return
-            self._ensure_loaded(version, None)
-            self.model.set_adapter(f"v{version}")
-            yield self.model, version
-
-    def _ensure_loaded(self, version: int, adapter_dir: Path | None) -> None:
-        """Load `version`'s adapter onto the model under its name (caller holds the lock), then evict old ones."""
-        from peft import PeftModel
-
-        name = f"v{version}"
-        adapter_dir = adapter_dir or self._adapters.get(version)
+            adapter_dir = self._adapters.get(version)
+            self._last_used[version] = time.monotonic()
         if adapter_dir is None:
             raise ModelError(f"version {version} is not known to the policy service")
-        if not hasattr(self.model, "peft_config"):
-            self.model = PeftModel.from_pretrained(self.model, adapter_dir, adapter_name=name, is_trainable=False)
-        elif name not in self.model.peft_config:
-            self.model.load_adapter(adapter_dir, adapter_name=name, is_trainable=False)
-        self._adapters[version] = adapter_dir
-        self.model.set_adapter(name)
-        self.model.eval()
+        if version not in self.backend.loaded_versions():
+            self.backend.load_version(version, adapter_dir)
         self._evict(keep=version)
 
     def _evict(self, keep: int) -> None:
-        """Unload the oldest adapters beyond MAX_LOADED_ADAPTERS, never `keep` or a pinned one (caller holds the
-        lock); an evicted version is loaded again from its directory when asked for."""
-        loaded = sorted(int(n[1:]) for n in self.model.peft_config)
-        spare = [v for v in loaded if v != keep and v not in self._pinned]
+        loaded = [v for v in self.backend.loaded_versions() if v != 0]
+        with self._lock:
+            spare = sorted((v for v in loaded if v != keep and v not in self._pinned),
+                           key=lambda v: self._last_used.get(v, 0.0))
         for version in spare[: max(0, len(loaded) - MAX_LOADED_ADAPTERS)]:
-            self.model.delete_adapter(f"v{version}")
+            self.backend.drop_version(version)
 
 
 def with_max_new_tokens(params: SamplingParams, max_new_tokens: int | None) -> SamplingParams:

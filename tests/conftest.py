@@ -69,8 +69,10 @@ def serve_config(tmp_path, tiny_model_dir):
     from app.config import ServeConfig
     from learner.sampling import SamplingParams
 
+    # backend "inprocess": the worker process is tested on its own (tests/test_generation_worker.py) and by the
+    # subprocess servers of the crash and fault tests; here it would only add a process start to every test.
     return ServeConfig(data_dir=tmp_path / "data", model=str(tiny_model_dir), k=4, buffer_size=2, prefetch=False,
-                       device="cpu", sampling=SamplingParams(max_new_tokens=12, temperature=1.0))
+                       device="cpu", sampling=SamplingParams(max_new_tokens=12, temperature=1.0), backend="inprocess")
 
 
 @pytest.fixture
@@ -141,7 +143,8 @@ def sample_items(ctx):
         ids = []
         for _ in range(n):
             prompt = ctx.store.prompts.least_sampled(1)[0]
-            version, answers = ctx.policy.sample(prompt.text, ctx.config.k, ctx.config.sampling, seed=0)
+            version, answers = ctx.policy.sample(prompt.text, ctx.config.k, ctx.config.sampling,
+                                                 ctx.deployments.serving, seed=0)
             item = ctx.store.items.add(
                 prompt.prompt_id, version, {"k": ctx.config.k},
                 [AnswerRecord(a.text, a.token_count, a.finish_reason, a.logprob_sum) for a in answers])
