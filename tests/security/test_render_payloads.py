@@ -6,6 +6,8 @@ every remaining link opens another site in a new tab without an opener or referr
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from render_corpus import HELD_BEFORE, PAYLOADS, parse, problems, url_problem
 
 from app.ui.render import render_markdown
@@ -57,3 +59,16 @@ def test_a_link_to_another_site_opens_in_a_new_tab_without_opener_or_referrer():
 def test_a_link_to_our_own_server_or_a_relative_one_is_plain_text(url):
     html = render_markdown(f"[click here]({url})")
     assert html.strip() == "<p>click here</p>"
+
+
+# Pieces of Markdown, HTML and URLs that the attacks above are made of, for the property test below.
+FRAGMENTS = ["<", ">", "`", "```", "~~~", "\\", "![", "[", "]", "(", ")", "]: ", "/ui/logout", "javascript:", "data:",
+             "http://127.0.0.1:7860/", "https://evil.example/x", "//", "<img src=x onerror=f()>", "<form>",
+             "<input>", "<svg onload=f()>", "<a href=/admin>", "&#60;", "&lt;", "&#47;", "*", "_", "|", "- ", "1. ",
+             "> ", "    ", "\n", "\n\n", " ", "x", '"', "'", "=", "<http://localhost/ui/logout>", "mailto:a@b.c"]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(FRAGMENTS), max_size=40).map("".join))
+def test_any_mix_of_the_pieces_renders_to_nothing_active(text):
+    assert problems(render_markdown(text)) == []
