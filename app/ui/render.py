@@ -12,7 +12,8 @@ that tracks who read what, a fake "session expired" form that sends a password a
      (not `localhost`, not an IP address, where our own server lives) or a `mailto:`. Relative and
      protocol-relative URLs (`/ui/logout`, `/api/users`, `//host/x`), `javascript:`, `data:` and the rest show
      as their plain link text. markdown-it already refuses `javascript:`/`vbscript:`/`file:`/`data:` URLs and leaves
-     their source as text.
+     their source as text. The renderer does not know the public name the server is reached by: a link to that
+     name stays a link, followed only when someone clicks it (in a new tab); nothing loads by itself.
 3. nh3 (ammonia) keeps only the tags and attributes this renderer can produce, only http/https/mailto URLs, no
    relative URLs, and gives every link `rel="noopener noreferrer nofollow"` and `target="_blank"`: a second line
    should step 1 or 2 ever let something through.
