@@ -12,8 +12,8 @@ from learner.reward import (
     pair_accuracy,
     save_reward_model,
     score,
-    split_items,
     train_reward_model,
+    trained_pairs,
 )
 
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "task_type": "CAUSAL_LM"}
@@ -43,12 +43,11 @@ def test_items_group_all_pairs_of_a_ranking():
     assert items[0].pairs == ((0, 1), (0, 2), (1, 2))
 
 
-def test_split_by_item_is_fixed_and_disjoint():
-    items = items_from_pairs(ranking_pairs(40))
-    train, heldout = split_items(items, 0.25)
-    assert {i.item_id for i in train}.isdisjoint({i.item_id for i in heldout})
-    assert len(train) + len(heldout) == 40 and 0 < len(heldout) < 20
-    assert [i.item_id for i in split_items(items[::-1], 0.25)[1]] == [i.item_id for i in heldout][::-1]
+def test_items_keep_each_answers_finish_reason():
+    frame = ranking_pairs(1).assign(chosen_finish_reason="eos", rejected_finish_reason="eos")
+    frame.loc[frame["rejected_answer_id"] == "a0-2", "rejected_finish_reason"] = "length"
+    (item,) = items_from_pairs(frame)
+    assert item.ended == (True, True, False)
 
 
 def test_reward_model_learns_an_obvious_feature(tiny_model, tiny_tokenizer):
@@ -63,7 +62,8 @@ def test_reward_model_learns_an_obvious_feature(tiny_model, tiny_tokenizer):
     assert result.failure is None and len(losses) == 12
     assert sum(losses[-3:]) / 3 < losses[0] - 0.1
     assert not torch.equal(reward_model.head.weight, head_before)
-    assert pair_accuracy(reward_model, items) > 0.8
+    accuracy = pair_accuracy(reward_model, items)
+    assert accuracy.value > 0.8 and accuracy.n == 18 and accuracy.ci95[0] < accuracy.value <= accuracy.ci95[1]
     # Only the reward adapter and head trained; the policy's adapter is untouched and still the active one.
     assert model.active_adapter == "policy"
     assert all(torch.equal(p, policy_before[n]) for n, p in model.named_parameters() if ".policy." in n)
@@ -80,9 +80,10 @@ def test_save_and_load_give_identical_scores(tiny_model_dir, tiny_tokenizer, tmp
                        max_grad_norm=1.0, centering=0.0, seed=0)
     prompts, answers = ["Question 0?"] * 3, list(items[0].answers)
     before = score(reward_model, prompts, answers)
-    save_reward_model(reward_model, tmp_path / "reward")
+    save_reward_model(reward_model, tmp_path / "reward", pairs_trained=9)
     assert {"adapter_model.safetensors", "adapter_config.json", "reward_head.safetensors"} <= {
         p.name for p in (tmp_path / "reward").iterdir()}
+    assert trained_pairs(tmp_path / "reward") == 9 and trained_pairs(None) == 0
 
     # Into a fresh base model (standalone), and into another PeftModel beside its policy adapter.
     standalone = load_reward_model(tmp_path / "reward", load_base_model(tiny_model_dir, cpu), tiny_tokenizer, 64)
