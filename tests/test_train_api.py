@@ -37,6 +37,7 @@ def wait_run(c: httpx.Client, run_id: int, timeout: float = 300) -> dict:
 
 @pytest.mark.parametrize("algorithm", ["dpo", "kto"])
 def test_round_through_the_api_deploys_a_new_version(ctx, server, boss, accounts, sample_items, algorithm):
+    assert boss.patch("/api/settings", json={"deploy_policy": "immediate"}).status_code == 200
     label_items(ctx, sample_items, 6)
     r = boss.post("/api/train", json={"algorithm": algorithm, **QUICK})
     assert r.status_code == 202
@@ -62,6 +63,18 @@ def test_round_through_the_api_deploys_a_new_version(ctx, server, boss, accounts
     assert boss.post("/api/versions/0/deploy").status_code == 200
     assert boss.get("/api/health").json()["policy_version"] == 0
     assert boss.post("/api/versions/1/deploy").status_code == 200
+
+
+def test_under_the_default_policy_a_round_starts_a_canary(ctx, server, boss, sample_items):
+    label_items(ctx, sample_items, 4)
+    run = wait_run(boss, boss.post("/api/train", json={"algorithm": "dpo", **QUICK}).json()["run_id"])
+    assert run["status"] == "succeeded" and run["version"] == 1
+    v1 = {v["version"]: v for v in boss.get("/api/versions").json()}[1]
+    assert v1["status"] == "canary" and not v1["deployed"] and v1["canary"]["decision"] == "pending"
+    assert boss.get("/api/health").json()["policy_version"] == 0  # the base model still serves everyone
+    assert ctx.buffer.fill_once()  # the first item after the canary started mixes its answers (share 0.5)
+    item = ctx.store.items.get(ctx.store.items.count())
+    assert item.policy_version == 0 and sorted(a.policy_version for a in item.answers) == [0, 0, 1, 1]
 
 
 def test_gate_rejects_and_keeps_the_deployed_version(ctx, server, boss, sample_items):
@@ -125,7 +138,8 @@ def test_cancel_a_running_round(ctx, server, boss, sample_items):
 
 
 def test_every_n_labels_starts_a_round_by_itself(ctx, server, boss, ann, sample_items):
-    r = boss.patch("/api/settings", json={"auto_train": {"every_labels": 3, "every_minutes": 0, "config": QUICK}})
+    r = boss.patch("/api/settings", json={"auto_train": {"every_labels": 3, "every_minutes": 0, "config": QUICK},
+                                          "deploy_policy": "immediate"})
     assert r.status_code == 200
     for item_id in sample_items(3):
         assert ctx.store.runs.list(10) == []  # not before the third label
