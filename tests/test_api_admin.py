@@ -10,7 +10,9 @@ def test_users_list_disable_and_enable(server, boss, accounts, api):
     ann = api("ann")
     assert ann.get("/api/items/next").status_code == 401
     assert boss.post("/api/users/ann/disable", json={"disabled": False}).status_code == 200
-    assert ann.get("/api/items/next").status_code == 204
+    assert ann.get("/api/items/next").status_code == 401  # disabling revoked the token for good (issue 8 item 5)
+    token = boss.post("/api/users/ann/token").json()["token"]
+    assert api(token=token).get("/api/items/next").status_code == 204
     assert boss.post("/api/users/boss/disable").status_code == 409
     assert boss.post("/api/users/nobody/disable").status_code == 404
 
