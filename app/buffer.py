@@ -17,13 +17,16 @@ fetches their item again (GET /api/items/next hands it back while it still waits
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from app.config import ServeConfig
 from app.deployments import Deployments
+from app.generation.backend import ItemRequest
 from app.policy import PolicyService
 from storage.errors import NotHanded
 from storage.items import Answer, AnswerRecord, Item
@@ -45,6 +48,45 @@ class Reservation:
 
     def live(self, now: float) -> bool:
         return now < self.until
+
+
+class BufferSizer:
+    """How many ready items the buffer should hold: the items handed out per second over the last RATE_WINDOW_S
+    seconds, times twice the seconds one batch takes to sample (so the next batch is ready before this one is
+    ranked), within the floor and ceiling the config sets. With no label traffic that is the floor."""
+
+    RATE_WINDOW_S = 120.0  # long enough to smooth one annotator's pauses, short enough to follow a shift change
+    SMOOTHING = 0.3  # weight of the newest batch in the moving average of seconds per batch
+
+    def __init__(self) -> None:
+        self._handed: deque[float] = deque()
+        self.batch_seconds: float | None = None  # moving average, None until the first batch
+        self._lock = threading.Lock()
+
+    def handed(self, now: float) -> None:
+        with self._lock:
+            self._handed.append(now)
+            self._trim(now)
+
+    def sampled(self, items: int, seconds: float) -> None:
+        with self._lock:
+            previous = self.batch_seconds
+            self.batch_seconds = seconds if previous is None else (1 - self.SMOOTHING) * previous + \
+                self.SMOOTHING * seconds
+
+    def rate(self, now: float) -> float:
+        """Items handed out per second, recently."""
+        with self._lock:
+            self._trim(now)
+            return len(self._handed) / self.RATE_WINDOW_S
+
+    def target(self, floor: int, ceiling: int, now: float) -> int:
+        lead = 2 * (self.batch_seconds or 0.0)
+        return int(min(ceiling, max(floor, math.ceil(self.rate(now) * lead))))
+
+    def _trim(self, now: float) -> None:
+        while self._handed and self._handed[0] < now - self.RATE_WINDOW_S:
+            self._handed.popleft()
 
 
 def shown_answers(item: Item, user_id: int) -> list[Answer]:
@@ -69,6 +111,7 @@ class ItemBuffer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
+        self.sizer = BufferSizer()
 
     # -- annotators ---------------------------------------------------------------------------------------------
     @property
@@ -92,6 +135,7 @@ class ItemBuffer:
                                                     limit=1):
                 self._reservations[(item_id, user_id)] = Reservation(
                     user_id, item_id, now, now + self.config.reserve_seconds)
+                self.sizer.handed(now)
                 self._wake.set()
                 return self.store.items.get(item_id)
         self._wake.set()
@@ -153,36 +197,62 @@ class ItemBuffer:
             del self._reservations[key]
 
     # -- sampling -----------------------------------------------------------------------------------------------
-    def fill_once(self) -> bool:
-        """Sample one item if the buffer is short. Returns True if it sampled one."""
-        target = self.config.buffer_size + self.reserved_count()
-        if self.waiting_count() >= target:
-            return False
-        prompts = self.store.prompts.least_sampled(1)
-        if not prompts:
-            return False
-        prompt = prompts[0]
-        seed = random.randrange(2**31)
-        serving, canary = self.deployments.serving, self.deployments.mix_next_item()
-        params = {**self.config.sampling.to_dict(), "k": self.config.k, "seed": seed}
-        if canary is not None:
-            params["canary"] = canary
-        self.store.items.add(prompt.prompt_id, serving, params, self._sample(prompt.text, serving, canary, seed))
-        return True
+    def target(self) -> int:
+        """Ready items to keep waiting: the recent hand-out rate times the time a batch takes (twice, so the next
+        batch is sampled while the last one is being ranked), within [buffer_size, buffer_max]; plus the items
+        reserved right now, which are waiting too."""
+        return self.sizer.target(self.config.buffer_size, self.config.buffer_max, time.monotonic()) + \
+            self.reserved_count()
 
-    def _sample(self, prompt: str, serving: int, canary: int | None, seed: int) -> list[AnswerRecord]:
+    def fill_once(self, up_to: int | None = None) -> int:
+        """Sample one batch (up to `batch_items` items in one generate call per version) if fewer than `up_to`
+        (default: the target) items wait. Returns how many items it added."""
+        short = (self.target() if up_to is None else up_to) - self.waiting_count()
+        n = min(short, self.config.batch_items)
+        if n <= 0:
+            return 0
+        prompts = self.store.prompts.least_sampled(n)
+        if not prompts:
+            return 0
+        serving = self.deployments.serving
+        plan = self.deployments.mix_next_items(len(prompts))
+        seeds = [random.randrange(2**31) for _ in prompts]
+        started = time.monotonic()
+        requests, halves = [], []
+        for prompt, canary, seed in zip(prompts, plan, seeds):
+            halves.append(self._halves(prompt.text, serving, canary, seed))
+            requests += halves[-1]
+        answers = iter(self.policy.sample_items(requests, self.config.sampling))
+        for prompt, canary, seed, item_halves in zip(prompts, plan, seeds, halves):
+            params = {**self.config.sampling.to_dict(), "k": self.config.k, "seed": seed}
+            if canary is not None:
+                params["canary"] = canary
+            records = [AnswerRecord(a.text, a.token_count, a.finish_reason, a.logprob_sum, request.version)
+                       for request in item_halves for a in next(answers)]
+            if canary is not None:  # neither positions nor answer ids may tell the versions apart
+                random.Random(seed).shuffle(records)
+            self.store.items.add(prompt.prompt_id, serving, params, records)
+        self.sizer.sampled(len(prompts), time.monotonic() - started)
+        return len(prompts)
+
+    def top_up(self, seconds: float) -> int:
+        """Fill towards `buffer_max` for about `seconds` at most (before a round takes cores away on a CPU);
+        returns the items added. Runs in the caller's thread, beside the prefetch thread: both only add items."""
+        deadline, added = time.monotonic() + seconds, 0
+        while time.monotonic() < deadline:
+            batch = self.fill_once(up_to=self.config.buffer_max)
+            if not batch:
+                break
+            added += batch
+        return added
+
+    def _halves(self, prompt: str, serving: int, canary: int | None, seed: int) -> list[ItemRequest]:
         """K answers from the serving version; for a canary item K/2 from the canary and the rest from the serving
-        version, stored in a shuffled order so neither positions nor answer ids tell the versions apart. The item
-        keeps the serving version as its own (staleness, labels); each answer records the one that generated it."""
-        k, params = self.config.k, self.config.sampling
-        halves = [(serving, k, seed)] if canary is None else [(canary, k // 2, seed), (serving, k - k // 2, seed + 1)]
-        records = []
-        for version, n, half_seed in halves:
-            used, answers = self.policy.sample(prompt, n, params, version, seed=half_seed)
-            records += [AnswerRecord(a.text, a.token_count, a.finish_reason, a.logprob_sum, used) for a in answers]
-        if canary is not None:
-            random.Random(seed).shuffle(records)
-        return records
+        version. The item keeps the serving version as its own (staleness, labels); each answer records its own."""
+        k = self.config.k
+        if canary is None:
+            return [ItemRequest(prompt, k, serving, seed)]
+        return [ItemRequest(prompt, k // 2, canary, seed), ItemRequest(prompt, k - k // 2, serving, seed + 1)]
 
     def start(self) -> None:
         if self._thread is None:

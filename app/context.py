@@ -48,6 +48,7 @@ class AppContext:
         # A new version makes older items stale, a canary wants items of its own: wake the sampler either way.
         deployments.on_change = buffer.wake
         scheduler = Scheduler(store, policy, config, deployments)
+        scheduler.cores.buffer = buffer  # topped up before a round takes cores away from sampling
         return cls(config, store, policy, buffer, scheduler, deployments)
 
     def stop(self) -> None:

@@ -187,11 +187,20 @@ class Deployments:
 
     def mix_next_item(self) -> int | None:
         """The canary version when the next sampled item should mix its answers, else None (see should_mix)."""
+        return self.mix_next_items(1)[0]
+
+    def mix_next_items(self, n: int) -> list[int | None]:
+        """For each of the next `n` sampled items (one batch), the canary version to mix in, or None."""
         canary = self._canary
         if canary is None or not canary.mixing:
-            return None
+            return [None] * n
         mixed, total = self.store.versions.canary_items(canary)
-        return canary.version if should_mix(mixed, total, self.canary_config.canary_share) else None
+        plan: list[int | None] = []
+        for _ in range(n):
+            mix = should_mix(mixed, total, self.canary_config.canary_share)
+            plan.append(canary.version if mix else None)
+            mixed, total = mixed + mix, total + 1
+        return plan
 
     # -- internals ----------------------------------------------------------------------------------------------
     def _decide(self, version: int, decision: str, reason: str) -> CanaryStatus:

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from app.child import die_with_parent
 from app.config import ServeConfig
 from app.deployments import Deployments
 from app.policy import PolicyService
@@ -69,6 +69,7 @@ class Scheduler:
         self._timer: threading.Thread | None = None
         self._worker: threading.Thread | None = None
         self._algorithm: str | None = None
+        self.cores = CoreShare(policy)  # AppContext gives it the buffer to top up before a round
 
     # -- rounds -------------------------------------------------------------------------------------------------
     def start(self, overrides: dict) -> int:
@@ -133,12 +134,13 @@ class Scheduler:
                        "--config", str(work / "round.json")]
             if parent.version != 0 and parent.path:
                 command += ["--parent", parent.path]
+            round_env = self.cores.before_round()
             with self._lock:
                 if run_id in self._cancelled:
                     raise _Cancelled
                 self._process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                                 text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                                 preexec_fn=_die_with_parent)
+                                                 text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **round_env},
+                                                 preexec_fn=die_with_parent)
             drain = threading.Thread(target=lambda: stderr_tail.extend(self._process.stderr), daemon=True)
             drain.start()
             done = None
@@ -162,6 +164,7 @@ class Scheduler:
             log.exception("run %s failed", run_id)
             runs.update(run_id, status="failed", finished_at=_now(), error=f"{type(exc).__name__}: {exc}")
         finally:
+            self.cores.after_round()
             shutil.rmtree(out_dir.with_name(out_dir.name + ".partial"), ignore_errors=True)
             if self._process is not None:
                 self._process.stdout.close()
@@ -237,23 +240,42 @@ class _Cancelled(Exception):
     """The admin cancelled the run."""
 
 
-def _prctl():
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
+class CoreShare:
+    """How a round and item sampling share a CPU (a GPU machine changes nothing):
 
-    return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    1. before the round starts, the buffer is topped up towards `buffer_max` for up to TOP_UP_SECONDS, so
+       annotators have items ranked through most of the round;
+    2. while it runs, the policy worker keeps WORKER_THREADS torch threads and the round gets the other cores
+       (at least one; OMP_NUM_THREADS in its environment), instead of both oversubscribing every core;
+    3. afterwards the worker gets every core back.
+    Only the worker backend has threads of its own to give; in-process and remote backends are left alone.
+    """
 
+    TOP_UP_SECONDS = 30.0  # ~4 batches of 4 items on a 2-core CPU; a round then starts at most this much later
+    WORKER_THREADS = 1  # item sampling goes on at about half speed on 2 cores; the round takes the other core
 
-_PRCTL = _prctl()  # resolved here: between fork and exec the child should run as little Python as possible
-PR_SET_PDEATHSIG = 1
+    def __init__(self, policy: PolicyService, buffer=None):
+        self.policy = policy
+        self.buffer = buffer
+        self.cpus = os.cpu_count() or 1
 
+    @property
+    def applies(self) -> bool:
+        return self.policy.device == "cpu" and hasattr(self.policy.backend, "set_threads")
 
-def _die_with_parent() -> None:
-    """In the round's process, before exec: be killed when the server dies (Linux), even by kill -9, so a crashed
-    server leaves no orphan round training on (and writing a version nobody registers). Elsewhere a no-op."""
-    if _PRCTL is not None:
-        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
+    def before_round(self) -> dict[str, str]:
+        """Top the buffer up, give the worker its share; the environment variables of the round's process."""
+        if not self.applies:
+            return {}
+        if self.buffer is not None:
+            added = self.buffer.top_up(self.TOP_UP_SECONDS)
+            log.info("topped the buffer up with %s items before the round", added)
+        self.policy.set_threads(self.WORKER_THREADS)
+        return {"OMP_NUM_THREADS": str(max(1, self.cpus - self.WORKER_THREADS))}
+
+    def after_round(self) -> None:
+        if self.applies:
+            self.policy.set_threads(self.cpus)
 
 
 def _event(line: str) -> dict | None:

@@ -42,7 +42,7 @@ class PolicyBackend(Protocol):
         """The versions servable right now, 0 included."""
 
     def sample_items(self, requests: Sequence[ItemRequest], params: SamplingParams) -> list[list[SampledAnswer]]:
-        """Answers for every request, in order; requests for the same version share one batched call."""
+        """Answers for every request, in order; requests for the same version and k share one call."""
 
     def stream(self, messages: list[dict], params: SamplingParams, version: int,
                seed: int | None = None) -> Iterator[str]:
@@ -52,9 +52,9 @@ class PolicyBackend(Protocol):
         """Release the model / process / connection."""
 
 
-def group_by_version(requests: Sequence[ItemRequest]) -> dict[int, list[int]]:
-    """Request indices per version, in order: one generate call per version."""
-    groups: dict[int, list[int]] = {}
+def group_requests(requests: Sequence[ItemRequest]) -> dict[tuple[int, int], list[int]]:
+    """Request indices per (version, k), in order: one generate call each (a canary item's halves have k/2)."""
+    groups: dict[tuple[int, int], list[int]] = {}
     for index, request in enumerate(requests):
-        groups.setdefault(request.version, []).append(index)
+        groups.setdefault((request.version, request.k), []).append(index)
     return groups

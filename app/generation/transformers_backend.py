@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from app.generation.backend import ItemRequest, group_by_version
+from app.generation.backend import ItemRequest, group_requests
 from learner.errors import ModelError
 from learner.model import Device, load_base_model, load_tokenizer
 from learner.sampling import SampledAnswer, SamplingParams, sample_many, stream_answer
@@ -60,13 +60,9 @@ class TransformersBackend:
 
     def sample_items(self, requests: Sequence[ItemRequest], params: SamplingParams) -> list[list[SampledAnswer]]:
         out: list[list[SampledAnswer] | None] = [None] * len(requests)
-        for version, indices in group_by_version(requests).items():
-            model = self._model(version)
-            ks = {requests[i].k for i in indices}
-            if len(ks) != 1:
-                raise ModelError(f"one batch needs one k, got {sorted(ks)}")
-            answers = sample_many(model, self.tokenizer, [requests[i].prompt for i in indices], ks.pop(), params,
-                                  seed=requests[indices[0]].seed)
+        for (version, k), indices in group_requests(requests).items():
+            answers = sample_many(self._model(version), self.tokenizer, [requests[i].prompt for i in indices], k,
+                                  params, seed=requests[indices[0]].seed)
             for i, item_answers in zip(indices, answers):
                 out[i] = item_answers
         return out  # type: ignore[return-value]
