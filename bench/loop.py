@@ -121,6 +121,9 @@ def run_arm(arm: str, args, tmp: Path) -> dict:
     http = httpx.Client(base_url=url, headers={"authorization": f"Bearer {token}"}, timeout=300)
     rounds = []
     try:
+        # Each round's version serves at once: the simulated annotators judge it through the held-out win-rate, not
+        # through a canary (which would hold it back until they had ranked enough mixed items).
+        http.patch("/api/settings", json={"deploy_policy": "immediate"}).raise_for_status()
         tokens = create_annotators(http, persona.name, args.annotators, report=lambda line: None)
         n_rounds = args.labels // args.every
         chunks = [args.every] * n_rounds if semi_online else [args.labels]
