@@ -65,7 +65,7 @@ def test_eight_threads_labelling_at_once_store_each_label_exactly_once(tmp_path)
                     store.labels.add_ranking(item.item_id, user_id, ranking, seconds=1.0, feedback={ranking[0]: "up"})
                 )
                 mine["feedback"].append(store.labels.add_feedback(ranking[-1], user_id, "down"))
-                store.items.waiting(user_id, 0, overlap=THREADS)  # reads interleaved with everyone's writes
+                store.items.waiting(user_id, [0], overlap=THREADS)  # reads interleaved with everyone's writes
                 try:  # a double submit (a retried request) must be refused, not stored twice
                     store.labels.add_ranking(item.item_id, user_id, ranking)
                 except Conflict:
