@@ -79,6 +79,7 @@ def reset_password(name: str, user: Admin, c: Ctx, body: PasswordBody | None = N
     """Set a user's password (at least 8 characters); without one, a generated password is set and returned."""
     chosen = body.password if body else None
     password = c.store.users.set_password(name, chosen)
+    c.sessions.end_user(c.store.users.get(name).user_id)  # whoever knew the old password is logged out too
     return {"name": name, **({"password": password} if chosen is None else {})}
 
 
@@ -97,6 +98,7 @@ def change_own_password(body: OwnPasswordBody, user: Annotated[User, Depends(cur
     if c.authenticate_password(user.name, body.current_password) is None:
         raise ApiError(403, "the current password is wrong; nothing was changed")
     c.store.users.set_password(user.name, body.new_password)
+    c.sessions.end_user(user.user_id)  # every browser logged in with the old password logs in again
     return {"name": user.name}
 
 

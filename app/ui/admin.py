@@ -374,6 +374,7 @@ def reset_password(ctx: AppContext, username: str | None, name: str, password: s
     require_admin(ctx, username)
     name, chosen = (name or "").strip(), password or None
     password = ctx.store.users.set_password(name, chosen)
+    ctx.sessions.end_user(ctx.store.users.get(name).user_id)  # whoever knew the old password is logged out too
     text = f"password of {name!r} changed" + ("" if chosen else f"\npassword: {password}")
     return NewUser(text, annotators(ctx, username, f"Password of {name!r} changed."))
 

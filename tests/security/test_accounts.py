@@ -12,7 +12,10 @@ import select
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+import httpx
 import pytest
 
 from app.cli import main
@@ -147,6 +150,29 @@ def test_an_admin_resets_a_password_by_rest(ctx, boss, accounts):
     assert ctx.authenticate_password("ann", generated).name == "ann"
     r = boss.post("/api/users/Ann/password", json={"password": "a new secret"})
     assert r.status_code == 404 and "did you mean 'ann'?" in r.json()["error"]
+
+
+@contextmanager
+def logged_in(server, name: str, password: str) -> Iterator[httpx.Client]:
+    """A browser-like client with a session cookie from the shared login form."""
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        r = client.post("/ui/login", data={"username": name, "password": password})
+        assert r.status_code == 200 and client.get("/ui/config").status_code == 200, r.text
+        yield client
+
+
+def test_a_new_password_ends_the_browser_sessions_opened_with_the_old_one(ctx, server, boss, ann, accounts):
+    with logged_in(server, "bob", "bob-password") as bob:
+        assert boss.post("/api/users/bob/password", json={"password": "reset-by-rest"}).status_code == 200
+        assert bob.get("/ui/config").status_code == 401
+    with logged_in(server, "bob", "reset-by-rest") as bob:
+        admin.reset_password(ctx, "boss", "bob", "reset-by-the-admin-tab")
+        assert bob.get("/ui/config").status_code == 401
+    with logged_in(server, "ann", "ann-password") as ann_browser:
+        r = ann.post("/api/me/password", json={"current_password": "ann-password", "new_password": "ann-changed-it"})
+        assert r.status_code == 200 and ann_browser.get("/ui/config").status_code == 401
+    with logged_in(server, "ann", "ann-changed-it"):
+        pass
 
 
 # -- self-service -----------------------------------------------------------------------------------------------
