@@ -79,39 +79,6 @@ def reset_password(name: str, user: Admin, c: Ctx, body: PasswordBody | None = N
     """Set a user's password (at least 8 characters); without one, a generated password is set and returned."""
     chosen = body.password if body else None
     password = c.store.users.set_password(name, chosen)
-    return {"name": name, **({"password": password} if chosen is None else {})}
-
-
-@router.post("/users/{name}/token")
-def rotate_token(name: str, user: Admin, c: Ctx) -> dict:
-    """Issue a new API token (shown once, here); the old one stops working at once."""
-    return {"name": name, "token": c.store.users.new_token(name)}
-
-
-@router.post("/me/password")
-def change_own_password(body: OwnPasswordBody, user: Annotated[User, Depends(current_user)], c: Ctx) -> dict:
-    """Any user: change your own password, given the current one (403 if it is wrong; nothing changes)."""
-    if user.user_id < 1:
-        raise ApiError(403, "the local CLI token belongs to no account; use `prefloop users passwd NAME`")
-    check_new_password(body.new_password)  # a clear 422 before the slow check of the current password
-    if c.authenticate_password(user.name, body.current_password) is None:
-        raise ApiError(403, "the current password is wrong; nothing was changed")
-    c.store.users.set_password(user.name, body.new_password)
-    return {"name": user.name}
-
-
-@router.post("/users/{name}/enable")
-def enable(name: str, user: Admin, c: Ctx) -> dict:
-    """Re-enable a user. Their old API token stays revoked: rotate it (POST /api/users/{name}/token) for a new one."""
-    c.store.users.set_disabled(name, False)
-    return {"name": name, "disabled": False}
-
-
-@router.post("/users/{name}/password")
-def reset_password(name: str, user: Admin, c: Ctx, body: PasswordBody | None = None) -> dict:
-    """Set a user's password (at least 8 characters); without one, a generated password is set and returned."""
-    chosen = body.password if body else None
-    password = c.store.users.set_password(name, chosen)
     c.sessions.end_user(c.store.users.get(name).user_id)  # whoever knew the old password is logged out too
     return {"name": name, **({"password": password} if chosen is None else {})}
 
