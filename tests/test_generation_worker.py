@@ -55,6 +55,32 @@ def test_merged_and_unmerged_serving_give_the_same_answers(tiny_model_dir, adapt
     assert v1.logprob_sum != pytest.approx(v0.logprob_sum, abs=1e-3)
 
 
+def test_merging_an_adapter_on_a_tied_output_layer_leaves_the_inputs_alone(tiny_model_dir, tmp_path):
+    """The tiny model ties lm_head to the input embeddings; an adapter on lm_head merged into that shared weight would
+    also change every input embedding. Merged and unmerged serving must agree."""
+    from peft import LoraConfig, get_peft_model
+
+    from learner.model import load_base_model
+
+    model = get_peft_model(load_base_model(tiny_model_dir, CPU),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    model.save_pretrained(tmp_path)
+    merged, unmerged = TransformersBackend(tiny_model_dir, CPU), TransformersBackend(tiny_model_dir, CPU, merge=False)
+    request = [ItemRequest("What is 2 + 2?", 2, 1, seed=0)]
+    answers = []
+    for backend in (merged, unmerged):
+        backend.load_version(1, tmp_path)
+        answers.append(backend.sample_items(request, GREEDY)[0])
+    assert [a.text for a in answers[0]] == [a.text for a in answers[1]]
+    assert answers[0][0].token_logprobs == pytest.approx(answers[1][0].token_logprobs, abs=1e-3)
+    base = merged.base.get_input_embeddings().weight
+    assert torch.equal(base, TransformersBackend(tiny_model_dir, CPU).base.get_input_embeddings().weight)
+
+
 def test_a_broken_adapter_is_a_model_error_naming_the_directory(tiny_model_dir, tmp_path):
     backend = TransformersBackend(tiny_model_dir, CPU)
     with pytest.raises(ModelError, match="adapter_config.json missing"):

@@ -90,7 +90,10 @@ class TransformersBackend:
         from peft import PeftModel
 
         try:
-            model = PeftModel.from_pretrained(copy.deepcopy(self.base), adapter_dir, is_trainable=False)
+            serving = copy.deepcopy(self.base)
+            if self.merge:
+                _untie_output(serving)
+            model = PeftModel.from_pretrained(serving, adapter_dir, is_trainable=False)
             if self.merge:
                 model = model.merge_and_unload()
         except Exception as exc:  # peft/safetensors raise many types for a broken adapter; name the directory
@@ -100,3 +103,10 @@ class TransformersBackend:
             param.requires_grad_(False)
         return model
 
+
+def _untie_output(model: torch.nn.Module) -> None:
+    """Give the output layer its own copy of tied input embeddings, so merging an adapter on `lm_head` changes the
+    outputs only, as serving the adapter unmerged does (merged into a tied weight it would change the inputs too)."""
+    output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    if output is not None and inputs is not None and output.weight is inputs.weight:
+        output.weight = torch.nn.Parameter(inputs.weight.detach().clone(), requires_grad=False)
