@@ -11,9 +11,22 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
-from app import labelling, suggestions
+from app.api_models import (
+    FeedbackCreated,
+    FlagCreated,
+    Generated,
+    Health,
+    ItemToLabel,
+    Me,
+    PromptsAdded,
+    RankingCreated,
+    SkipCreated,
+    UserCreated,
+    errors,
+)
 from app.buffer import shown_answers
 from app.context import AppContext
 from app.errors import ApiError
@@ -21,7 +34,6 @@ from app.policy import MAX_GENERATE_TOKENS, with_max_new_tokens
 from storage.exports import iter_export
 from storage.items import Item
 from storage.labels import MAX_REASON_CHARS
-from storage.prompts import MAX_PROMPT_CHARS
 from storage.users import User
 
 router = APIRouter(prefix="/api")
@@ -54,10 +66,6 @@ class PromptsBody(Body):
     prompts: list[str] = Field(min_length=1, max_length=10_000)
 
 
-class SuggestionBody(Body):
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-
-
 class UserBody(Body):
     name: str
     role: Literal["annotator", "admin"] = "annotator"
@@ -74,12 +82,18 @@ def ctx(request: Request) -> AppContext:
     return request.app.state.ctx
 
 
-def current_user(request: Request) -> User:
+# Declares the scheme in the OpenAPI document (the docs' Authorize button); auto_error=False: without a token
+# current_user answers our own 401 {"error"} rather than FastAPI's 403 {"detail"}.
+bearer = HTTPBearer(auto_error=False, description="an API token: `prefloop users add` prints one")
+
+
+def current_user(request: Request,
+                 credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> User:
     """The user behind `Authorization: Bearer <token>`; 401 without a valid one."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = credentials.credentials.strip() if credentials else ""
+    if not token:
         raise ApiError(401, "missing token: send 'Authorization: Bearer <token>'")
-    user = ctx(request).authenticate_token(token.strip())
+    user = ctx(request).authenticate_token(token)
     if user is None:
         raise ApiError(401, "invalid, revoked or disabled token")
     return user
@@ -109,17 +123,17 @@ def item_json(item: Item, user_id: int) -> dict:
             "answers": [{"answer_id": a.answer_id, "text": a.text} for a in shown_answers(item, user_id)]}
 
 
-@router.get("/health")
+@router.get("/health", response_model=Health)
 def health(c: Ctx) -> dict:
     return {"status": "ok", "policy_version": c.policy.version, "labels": c.store.labels.total()}
 
 
-@router.get("/me")
+@router.get("/me", response_model=Me)
 def me(user: Annotated[User, Depends(current_user)]) -> dict:
     return {"name": user.name, "role": user.role}
 
 
-@router.get("/items/next", responses={204: {"description": "nothing waits to be labelled"}})
+@router.get("/items/next", response_model=ItemToLabel, responses={204: {"description": "nothing waits to be labelled"}})
 def next_item(user: Annotator, c: Ctx):
     item = c.buffer.next_for(user.user_id)
     if item is None:
@@ -127,55 +141,59 @@ def next_item(user: Annotator, c: Ctx):
     return item_json(item, user.user_id)
 
 
-@router.post("/items/{item_id}/ranking", status_code=201)
+@router.post("/items/{item_id}/ranking", status_code=201, response_model=RankingCreated, responses=errors({
+    403: "the item was not handed to you, or this token cannot label", 404: "no item with this id",
+    409: "you already ranked or skipped this item"}))
 def rank(item_id: int, body: RankingBody, user: Annotator, c: Ctx) -> dict:
-    """Rank an item `GET /api/items/next` handed to you (403 otherwise; 409 once it has its `overlap` annotators)."""
-    return {"ranking_id": labelling.rank(c, user, item_id, body.ranking)}
+    ranking_id = c.store.labels.add_ranking(item_id, user.user_id, body.ranking,
+                                            seconds=c.buffer.seconds_taken(item_id, user.user_id))
+    c.buffer.done(item_id, user.user_id)
+    c.on_label()
+    return {"ranking_id": ranking_id}
 
 
-@router.post("/answers/{answer_id}/feedback", status_code=201)
+@router.post("/answers/{answer_id}/feedback", status_code=201, response_model=FeedbackCreated, responses=errors({
+    403: "the answer's item was not handed to you", 404: "no answer with this id",
+    409: "this answer already has your thumbs"}))
 def feedback(answer_id: int, body: FeedbackBody, user: Annotator, c: Ctx) -> dict:
-    """Thumbs on an answer of an item handed to you (or one you ranked)."""
-    return {"feedback_id": labelling.thumb(c, user, answer_id, body.value)}
+    feedback_id = c.store.labels.add_feedback(answer_id, user.user_id, body.value)
+    c.on_label()
+    return {"feedback_id": feedback_id}
 
 
-@router.post("/items/{item_id}/skip", status_code=201)
+@router.post("/items/{item_id}/skip", status_code=201, response_model=SkipCreated, responses=errors({
+    403: "the item was not handed to you", 404: "no item with this id",
+    409: "you already ranked or skipped this item"}))
 def skip(item_id: int, user: Annotator, c: Ctx, body: SkipBody | None = None) -> dict:
-    """Be done with an item handed to you without ranking it."""
-    return {"skip_id": labelling.skip(c, user, item_id, body.reason if body else None)}
+    skip_id = c.store.labels.add_skip(item_id, user.user_id, body.reason if body else None)
+    c.buffer.done(item_id, user.user_id)
+    return {"skip_id": skip_id}
 
 
-@router.post("/items/{item_id}/flag", status_code=201)
+@router.post("/items/{item_id}/flag", status_code=201, response_model=FlagCreated, responses=errors({
+    403: "the item was not handed to you", 404: "no item with this id", 409: "you already flagged this item"}))
 def flag(item_id: int, body: FlagBody, user: Annotator, c: Ctx) -> dict:
-    """Flag an item handed to you for an admin to review (harmful, broken, off-topic), once. It stays in your queue
-    unless skipped."""
-    return {"flag_id": labelling.flag(c, user, item_id, body.reason)}
+    """Flag an item for an admin to review (harmful, broken, off-topic). It stays in your queue unless skipped."""
+    return {"flag_id": c.store.labels.add_flag(item_id, user.user_id, body.reason)}
 
 
-@router.post("/prompts", status_code=201)
+@router.post("/prompts", status_code=201, response_model=PromptsAdded)
 def add_prompts(body: PromptsBody, user: Admin, c: Ctx) -> dict:
     result = c.store.prompts.add(body.prompts, source=f"api:{user.name}")
     c.buffer.wake()
     return {"added": result.added, "duplicates": result.duplicates}
 
 
-@router.post("/suggestions", status_code=201)
-def suggest(body: SuggestionBody, user: Annotated[User, Depends(current_user)], c: Ctx) -> dict:
-    """Suggest a prompt for the annotation pool (the Demo's "Send to annotation"): it waits for an admin's review
-    (`status` "pending"), within per-user limits; an admin's own goes straight to the pool (`status` "added")."""
-    sent = suggestions.send_to_annotation(c, user, body.prompt)
-    return {"status": sent.status, "suggestion_id": sent.suggestion_id, "prompt_id": sent.prompt_id,
-            "message": sent.message}
-
-
-@router.post("/users", status_code=201)
+@router.post("/users", status_code=201, response_model=UserCreated,
+             responses=errors({409: "a user with this name (in any case) exists"}))
 def add_user(body: UserBody, user: Admin, c: Ctx) -> dict:
     """Create a user; the password and token are shown once, in this response."""
     created, password, token = c.store.users.add(body.name, body.role, body.password)
     return {"name": created.name, "role": created.role, "password": password, "token": token}
 
 
-@router.get("/export")
+@router.get("/export", responses={200: {"description": "one JSON object a line (storage/exports.py: the columns)",
+                                        "content": {"application/jsonl": {}}}})
 def export(user: Admin, c: Ctx, format: Annotated[Literal["dpo", "kto", "rankings"], Query()] = "dpo",
            style: Annotated[Literal["conversational", "plain"], Query(
                description="dpo/kto: TRL's chat messages (default) or plain strings")] = "conversational",
@@ -188,7 +206,9 @@ def export(user: Admin, c: Ctx, format: Annotated[Literal["dpo", "kto", "ranking
                              headers={"content-disposition": f'attachment; filename="prefloop-{format}.jsonl"'})
 
 
-@router.post("/generate")
+@router.post("/generate", response_model=Generated, responses=errors({
+    404: "no such version", 429: "both generation slots are busy: retry after the Retry-After seconds",
+    503: "the version's adapter cannot be loaded"}))
 def generate(body: GenerateBody, user: Annotated[User, Depends(current_user)], c: Ctx) -> dict:
     """One answer from the deployed version, or from `version` (any version the registry knows)."""
     if body.version is not None:

@@ -21,6 +21,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, RedirectResponse
 
+from app import api_docs
 from app.api import router
 from app.api_admin import router as admin_router
 from app.api_train import router as train_router
@@ -58,13 +59,14 @@ class DeclaredBodyLimit:
 
 
 def create_app(ctx: AppContext, with_ui: bool = True) -> FastAPI:
-    app = FastAPI(title="prefloop", docs_url="/api/docs", openapi_url="/api/openapi.json", redoc_url=None,
+    app = FastAPI(title="prefloop", docs_url=None, openapi_url=api_docs.OPENAPI_URL, redoc_url=None,
                   description="Rank a language model's answers; the model learns from them.")
     app.state.ctx = ctx
     install_handlers(app)
     app.include_router(router, max_body_size=MAX_BODY_BYTES)
     app.include_router(train_router, max_body_size=MAX_BODY_BYTES)
     app.include_router(admin_router, max_body_size=MAX_BODY_BYTES)
+    api_docs.install(app)  # /api/docs with Swagger UI's files served from here (offline), every error documented
     app.add_middleware(DeclaredBodyLimit)
 
     @app.get("/", include_in_schema=False)
@@ -111,7 +113,7 @@ def load_policy(config: ServeConfig, store: Store, announce: Callable[[str], Non
     """The base model with the deployed version's adapter loaded. When it cannot be loaded (damaged, missing),
     the newest loadable ancestor along the parent links serves instead (else the base model): it is deployed in the
     store, each version passed over is marked rolled_back with the reason, and `announce` gets one line."""
-    policy = PolicyService.from_config(config)
+    policy = PolicyService.load(config.model, config.models_dir, config.device)
     record = store.versions.deployed()
     broken: list[tuple[int, str]] = []
     while record.version != 0:
