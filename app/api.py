@@ -14,6 +14,7 @@ from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
+from app import labelling, suggestions
 from app.api_models import (
     FeedbackCreated,
     FlagCreated,
@@ -34,6 +35,7 @@ from app.policy import MAX_GENERATE_TOKENS, with_max_new_tokens
 from storage.exports import iter_export
 from storage.items import Item
 from storage.labels import MAX_REASON_CHARS
+from storage.prompts import MAX_PROMPT_CHARS
 from storage.users import User
 
 router = APIRouter(prefix="/api")
@@ -64,6 +66,10 @@ class FlagBody(Body):
 
 class PromptsBody(Body):
     prompts: list[str] = Field(min_length=1, max_length=10_000)
+
+
+class SuggestionBody(Body):
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
 
 
 class UserBody(Body):
@@ -145,36 +151,32 @@ def next_item(user: Annotator, c: Ctx):
     403: "the item was not handed to you, or this token cannot label", 404: "no item with this id",
     409: "you already ranked or skipped this item"}))
 def rank(item_id: int, body: RankingBody, user: Annotator, c: Ctx) -> dict:
-    ranking_id = c.store.labels.add_ranking(item_id, user.user_id, body.ranking,
-                                            seconds=c.buffer.seconds_taken(item_id, user.user_id))
-    c.buffer.done(item_id, user.user_id)
-    c.on_label()
-    return {"ranking_id": ranking_id}
+    """Rank an item `GET /api/items/next` handed to you (403 otherwise; 409 once it has its `overlap` annotators)."""
+    return {"ranking_id": labelling.rank(c, user, item_id, body.ranking)}
 
 
 @router.post("/answers/{answer_id}/feedback", status_code=201, response_model=FeedbackCreated, responses=errors({
     403: "the answer's item was not handed to you", 404: "no answer with this id",
     409: "this answer already has your thumbs"}))
 def feedback(answer_id: int, body: FeedbackBody, user: Annotator, c: Ctx) -> dict:
-    feedback_id = c.store.labels.add_feedback(answer_id, user.user_id, body.value)
-    c.on_label()
-    return {"feedback_id": feedback_id}
+    """Thumbs on an answer of an item handed to you (or one you ranked)."""
+    return {"feedback_id": labelling.thumb(c, user, answer_id, body.value)}
 
 
 @router.post("/items/{item_id}/skip", status_code=201, response_model=SkipCreated, responses=errors({
     403: "the item was not handed to you", 404: "no item with this id",
     409: "you already ranked or skipped this item"}))
 def skip(item_id: int, user: Annotator, c: Ctx, body: SkipBody | None = None) -> dict:
-    skip_id = c.store.labels.add_skip(item_id, user.user_id, body.reason if body else None)
-    c.buffer.done(item_id, user.user_id)
-    return {"skip_id": skip_id}
+    """Be done with an item handed to you without ranking it."""
+    return {"skip_id": labelling.skip(c, user, item_id, body.reason if body else None)}
 
 
 @router.post("/items/{item_id}/flag", status_code=201, response_model=FlagCreated, responses=errors({
     403: "the item was not handed to you", 404: "no item with this id", 409: "you already flagged this item"}))
 def flag(item_id: int, body: FlagBody, user: Annotator, c: Ctx) -> dict:
-    """Flag an item for an admin to review (harmful, broken, off-topic). It stays in your queue unless skipped."""
-    return {"flag_id": c.store.labels.add_flag(item_id, user.user_id, body.reason)}
+    """Flag an item handed to you for an admin to review (harmful, broken, off-topic), once. It stays in your queue
+    unless skipped."""
+    return {"flag_id": labelling.flag(c, user, item_id, body.reason)}
 
 
 @router.post("/prompts", status_code=201, response_model=PromptsAdded)
@@ -182,6 +184,15 @@ def add_prompts(body: PromptsBody, user: Admin, c: Ctx) -> dict:
     result = c.store.prompts.add(body.prompts, source=f"api:{user.name}")
     c.buffer.wake()
     return {"added": result.added, "duplicates": result.duplicates}
+
+
+@router.post("/suggestions", status_code=201)
+def suggest(body: SuggestionBody, user: Annotated[User, Depends(current_user)], c: Ctx) -> dict:
+    """Suggest a prompt for the annotation pool (the Demo's "Send to annotation"): it waits for an admin's review
+    (`status` "pending"), within per-user limits; an admin's own goes straight to the pool (`status` "added")."""
+    sent = suggestions.send_to_annotation(c, user, body.prompt)
+    return {"status": sent.status, "suggestion_id": sent.suggestion_id, "prompt_id": sent.prompt_id,
+            "message": sent.message}
 
 
 @router.post("/users", status_code=201, response_model=UserCreated,

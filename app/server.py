@@ -113,7 +113,7 @@ def load_policy(config: ServeConfig, store: Store, announce: Callable[[str], Non
     """The base model with the deployed version's adapter loaded. When it cannot be loaded (damaged, missing),
     the newest loadable ancestor along the parent links serves instead (else the base model): it is deployed in the
     store, each version passed over is marked rolled_back with the reason, and `announce` gets one line."""
-    policy = PolicyService.load(config.model, config.models_dir, config.device)
+    policy = PolicyService.from_config(config)
     record = store.versions.deployed()
     broken: list[tuple[int, str]] = []
     while record.version != 0:
