@@ -87,6 +87,7 @@ class Summary:
     latencies: dict[str, list[float]] = field(default_factory=lambda: {"next": [], "ranking": [], "feedback": []})
     items: list[ItemView] = field(default_factory=list)
     empty_polls: int = 0  # 204 answers: nothing waited
+    waiting_seconds: float = 0.0  # annotator time spent waiting for an item (the 204 calls and the pauses after)
 
     @property
     def exit_code(self) -> int:
@@ -234,9 +235,10 @@ class Simulator:
         r = http.get("/api/items/next")
         self._timed("next", time.perf_counter() - t0)
         if r.status_code == 204:
+            self._stop.wait(self.poll)
             with self._lock:
                 self.summary.empty_polls += 1
-            self._stop.wait(self.poll)
+                self.summary.waiting_seconds += time.perf_counter() - t0
             return False
         if r.status_code in (401, 403):
             raise _Fatal(f"GET /api/items/next -> {r.status_code}: {_message(r)}")
