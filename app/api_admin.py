@@ -63,7 +63,9 @@ def disable(name: str, user: Admin, c: Ctx, body: DisableBody | None = None) -> 
     disabled = True if body is None else body.disabled
     if disabled and name == user.name:
         raise ApiError(409, "you cannot disable your own account (another admin can)")
-    c.store.users.set_disabled(name, disabled)
+    changed = c.store.users.set_disabled(name, disabled)
+    if disabled:  # at once: enabling again must not bring an old session back (app/login.py)
+        c.sessions.end_user(changed.user_id)
     return {"name": name, "disabled": disabled}
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, RedirectResponse
 
 from app import api_docs
@@ -29,7 +30,9 @@ from app.config import ServeConfig
 from app.context import AppContext
 from app.errors import install_handlers
 from app.listen import bind_socket, free_port  # noqa: F401 - free_port: tests import it from here
+from app.login import LoginThrottle
 from app.policy import PolicyService
+from app.web_guard import ADMIN_DOOR, ANNOTATOR_DOOR, DOORS, WebGuard, mount_door
 from storage.store import Store, make_data_dir
 
 log = logging.getLogger(__name__)
@@ -58,7 +61,10 @@ class DeclaredBodyLimit:
         return await self.app(scope, receive, send)
 
 
-def create_app(ctx: AppContext, with_ui: bool = True) -> FastAPI:
+def create_app(ctx: AppContext, with_ui: bool = True, throttle: LoginThrottle | None = None) -> FastAPI:
+    """The REST API under /api; the annotator UI at /ui and the Admin UI at /admin, two Gradio apps behind
+    `WebGuard` (app/web_guard.py), which also counts failed logins and API tokens in `throttle` (tests pass their
+    own, with a clock they drive)."""
     app = FastAPI(title="prefloop", docs_url=None, openapi_url=api_docs.OPENAPI_URL, redoc_url=None,
                   description="Rank a language model's answers; the model learns from them.")
     app.state.ctx = ctx
@@ -74,16 +80,15 @@ def create_app(ctx: AppContext, with_ui: bool = True) -> FastAPI:
         return RedirectResponse("/ui/")
 
     if with_ui:
-        import gradio as gr
-
+        from app.ui.admin_tab import build_admin_ui
         from app.ui.blocks import HEAD, build_ui
 
-        app = gr.mount_gradio_app(
-            app, build_ui(ctx), path="/ui",
-            auth=lambda name, password: ctx.authenticate_password(name, password) is not None,
-            auth_message="prefloop: log in with the name and password your admin gave you.",
-            head=HEAD, footer_links=["api"],
-        )
+        mount_door(app, build_ui(ctx), ANNOTATOR_DOOR, ctx, head=HEAD, footer_links=["api"])
+        mount_door(app, build_admin_ui(ctx), ADMIN_DOOR, ctx, footer_links=["api"])
+    # Gradio answers any Origin with credentials allowed when the Host is not localhost, unless the parent app
+    # configures CORSMiddleware itself (gradio/route_utils.py CustomCORSMiddleware): this one allows no other origin.
+    app.add_middleware(CORSMiddleware, allow_origins=())
+    app.add_middleware(WebGuard, ctx=ctx, throttle=throttle or LoginThrottle(), doors=DOORS if with_ui else ())
     return app
 
 

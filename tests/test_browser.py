@@ -95,19 +95,23 @@ def test_html_in_answers_shows_as_text_and_runs_nothing(ctx, login):
     assert page.evaluate("window.__pwned === undefined")
 
 
-def test_annotator_does_not_see_the_admin_tab(login):
+def test_annotator_does_not_see_the_admin_ui(server, login):
     page = login("ann")
     page.get_by_role("tab", name="Demo").wait_for()
-    assert page.get_by_role("tab", name="Admin").count() == 0
-    assert page.locator("#pl-admin").is_hidden()
+    assert page.get_by_role("tab", name="Admin").count() == 0 and page.locator("#pl-admin").count() == 0
+    assert page.get_by_role("link", name="Admin").count() == 0
+    response = page.goto(f"{server.url}/admin/")  # the admin door, as an annotator: refused before Gradio
+    assert response.status == 403
+    page.get_by_text("admins only: 'ann' is an annotator").wait_for()
 
 
-def test_admin_starts_a_round_sees_live_progress_and_cancels_it(ctx, login, sample_items):
+def test_admin_starts_a_round_sees_live_progress_and_cancels_it(ctx, server, login, sample_items):
     user = ctx.store.users.get("ann").user_id
     for item_id in sample_items(4):
         ctx.store.labels.add_ranking(item_id, user, [a.answer_id for a in ctx.store.items.get(item_id).answers])
     page = login("boss")
-    page.get_by_role("tab", name="Admin").click()
+    assert page.locator("#pl-nav").get_by_role("link", name="Admin").get_attribute("href") == "/admin/"
+    page.goto(f"{server.url}/admin/")  # the Admin UI: its own Gradio app, behind the admin door
     page.get_by_role("tab", name="Train").click()
     page.get_by_label(re.compile(r"^steps \(default")).fill("400")  # long enough to watch, then cancel
     page.get_by_role("button", name="Start a round").click()

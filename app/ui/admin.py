@@ -363,7 +363,9 @@ def set_user_disabled(ctx: AppContext, username: str | None, name: str, disabled
     name = (name or "").strip()
     if disabled and name == user.name:
         raise UiError("you cannot disable your own account (another admin can)")
-    ctx.store.users.set_disabled(name, bool(disabled))
+    changed = ctx.store.users.set_disabled(name, bool(disabled))
+    if disabled:  # at once: enabling again must not bring an old session back (app/login.py)
+        ctx.sessions.end_user(changed.user_id)
     done = ("disabled: no login, API token revoked, sessions ended" if disabled
             else "enabled; the old API token stays revoked: rotate it to issue a new one")
     return annotators(ctx, username, f"{name!r} {done}.")

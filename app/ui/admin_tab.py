@@ -1,8 +1,9 @@
-"""`build_admin_tab`: wiring the handlers of admin.py to Gradio components. No logic lives here.
+"""`build_admin_ui`: the Admin UI, its own Gradio app (mounted at /admin), wiring the handlers of admin.py to Gradio
+components. No logic lives here.
 
-The tab starts hidden and is shown on load to admins; that is cosmetic. Every handler checks the role itself
-(`admin.require_admin`), because a hidden tab's endpoints still answer any logged-in user. Every event has an
-api_name, so programs (and the tests) reach each action through `gradio_client`.
+Only enabled admins get through the door at /admin (app/web_guard.py checks every request before Gradio runs), and
+every handler still checks the role itself (`admin.require_admin`). The annotator UI at /ui holds no admin component
+or event. Every event has an api_name, so programs (and the tests) reach each action through `gradio_client`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from app.policy import PolicyBusy
 from app.ui import admin
 from app.ui.annotate import UiError
 from app.ui.render import render_markdown, rendered_text
+from app.web_guard import ANNOTATOR_DOOR
 from learner.config import ALGORITHMS
 from learner.errors import LearnerError
 from storage.errors import StorageError
@@ -36,9 +38,19 @@ def as_toast() -> Iterator[None]:
         raise gr.Error(str(exc)) from exc
 
 
-def build_admin_tab(ctx: AppContext) -> gr.Tab:
+def build_admin_ui(ctx: AppContext) -> gr.Blocks:
+    """The Admin UI as its own Gradio app, for the admin door at /admin."""
+    with gr.Blocks(title="prefloop admin") as admin_ui:
+        build_admin_panel(ctx, admin_ui)
+    return admin_ui
+
+
+def build_admin_panel(ctx: AppContext, page: gr.Blocks) -> gr.Column:
+    """Every admin component and event, inside `page` (being built)."""
     defaults = admin.knob_defaults()
-    with gr.Tab("Admin", visible=False, elem_id="pl-admin") as admin_tab:
+    with gr.Column(elem_id="pl-admin") as admin_panel:
+        gr.Markdown(f"**prefloop admin** · [Annotate]({ANNOTATOR_DOOR.prefix}/) · "
+                    f"[Log out]({ANNOTATOR_DOOR.prefix}/logout)")
         with gr.Tabs():
             with gr.Tab("Overview") as overview_tab:
                 counts = gr.Markdown()
@@ -146,7 +158,7 @@ def build_admin_tab(ctx: AppContext) -> gr.Tab:
                 save_guidelines_btn = gr.Button("Save guidelines")
                 guidelines_preview = rendered_text(container=True, padding=True)
                 guidelines_message = gr.Markdown()
-        # Inside the tab: an inactive tab's children are not rendered, so the timer ticks only while it is open.
+        # Started on load for an admin: it ticks while an Admin page is open, and stops with the page.
         timer = gr.Timer(OVERVIEW_EVERY_S, active=False)
 
     # -- handlers: (inputs, request) -> component values; the role check is inside every admin.* call ----------
@@ -269,8 +281,8 @@ def build_admin_tab(ctx: AppContext) -> gr.Tab:
     annotators_outputs = [stats, agreement, agreement_table, flags, overlap, users, annotators_message]
     free = {"concurrency_limit": None}  # admin reads are quick; nobody queues behind another admin
 
-    gr.on(None, on_load, outputs=[admin_tab, timer], api_visibility="private", **free)
-    gr.on([admin_tab.select, overview_tab.select, refresh_btn.click], on_overview, outputs=overview_outputs,
+    gr.on(None, on_load, outputs=[admin_panel, timer], api_visibility="private", **free)
+    gr.on([page.load, overview_tab.select, refresh_btn.click], on_overview, outputs=overview_outputs,
           api_name="admin_overview", **free)
     timer.tick(on_overview, outputs=overview_outputs, api_visibility="private", show_progress="hidden", **free)
     cancel_btn.click(on_cancel, outputs=overview_outputs, api_name="admin_cancel_round", **free)
@@ -303,4 +315,4 @@ def build_admin_tab(ctx: AppContext) -> gr.Tab:
                     api_name="admin_guidelines", **free)
     save_guidelines_btn.click(on_save_guidelines, guidelines, [guidelines, guidelines_preview, guidelines_message],
                               api_name="admin_save_guidelines", **free)
-    return admin_tab
+    return admin_panel

@@ -1,4 +1,5 @@
-"""`build_ui`: the Annotate tab's wiring (handlers in annotate.py), then the Demo and Admin tabs. No logic lives here.
+"""`build_ui`: the annotator UI (mounted at /ui): the Annotate tab's wiring (handlers in annotate.py), then the Demo
+tab. No logic lives here. The Admin UI is a separate Gradio app at /admin (admin_tab.py): nothing of it is here.
 
 Keyboard shortcuts: Gradio has no hotkey API, so HEAD holds a small script that clicks the radios by `elem_id`.
 """
@@ -10,11 +11,11 @@ import inspect
 import gradio as gr
 
 from app.context import AppContext
-from app.ui import annotate
-from app.ui.admin_tab import build_admin_tab
+from app.ui import admin, annotate
 from app.ui.annotate import AnnotateView, Session, UiError
 from app.ui.demo_tab import build_demo_tab
 from app.ui.render import rendered_text
+from app.web_guard import ADMIN_DOOR, ANNOTATOR_DOOR
 from storage.errors import StorageError
 
 # Keys: digits 1..9 give that answer the next free rank; Enter submits; Escape clears; "s" skips.
@@ -56,6 +57,7 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
     k = ctx.config.k
     with gr.Blocks(title="prefloop") as blocks:
         session = gr.State(Session())
+        nav = gr.Markdown(elem_id="pl-nav")
         with gr.Tab("Annotate"):
             with gr.Accordion("Guidelines", open=False):
                 guide = rendered_text(elem_id="pl-guidelines")
@@ -81,7 +83,6 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
                 flag_btn = gr.Button("Flag", scale=1, elem_id="pl-flag")
             message = gr.Markdown(elem_id="pl-message")
         build_demo_tab(ctx)
-        build_admin_tab(ctx)  # shown to admins only; its handlers check the role themselves
 
         view_outputs = [session, prompt, counter, message, *answers, *ranks, *thumbs]
 
@@ -125,7 +126,14 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
         def on_next(request: gr.Request):
             return guarded(annotate.next_view)(ctx, request.username)
 
+        def on_nav(request: gr.Request):
+            links = [f"[Log out]({ANNOTATOR_DOOR.prefix}/logout)"]
+            if admin.is_admin(ctx, request.username):  # only a link: the admin door checks the role itself
+                links.insert(0, f"[Admin]({ADMIN_DOOR.prefix}/)")
+            return " · ".join(links)
+
         blocks.load(on_load, outputs=[guide, *view_outputs], concurrency_limit=None)
+        blocks.load(on_nav, outputs=nav, concurrency_limit=None, api_visibility="private")
         submit_btn.click(on_submit, [session, *ranks, *thumbs], view_outputs, concurrency_limit=None,
                          api_name="submit_ranking")
         skip_btn.click(on_skip, [session], view_outputs, concurrency_limit=None, api_name="skip")
