@@ -8,15 +8,21 @@ The document FastAPI generates lists 422 with its own `{"detail": [...]}` body, 
 (app/errors.py answers `{"error": "..."}`), and nothing else. `openapi()` completes each /api operation with the
 statuses its dependencies and parameters imply, all with the ErrorBody schema: 401 (a token is needed), 403 (an
 admin, or a person's token, is needed), 413 and 422 (a body or parameters), 500; a route adds its own statuses
-with `responses=errors({...})` (app/api_models.py).
+with `responses=errors({...})` (app/api_models.py). `POST /api/train`'s body, a dict that RoundConfig.from_dict
+validates, is shown as RoundConfig's fields, each with its default and the reason written beside it.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import re
+import textwrap
 from collections.abc import Iterator
+from dataclasses import MISSING, fields
 from functools import cache
 from importlib import metadata, resources
+from typing import get_type_hints
 
 from fastapi import APIRouter, FastAPI
 from fastapi.dependencies.models import Dependant
@@ -24,10 +30,12 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, Response
 from fastapi.routing import APIRoute
+from pydantic import TypeAdapter
 
 from app.api import admin, annotator, current_user
 from app.api_models import ErrorBody
 from app.errors import ApiError
+from learner.config import RoundConfig
 
 DOCS_URL = "/api/docs"
 OPENAPI_URL = "/api/openapi.json"
@@ -111,6 +119,40 @@ def api_routes(app: FastAPI) -> Iterator[tuple[str, set[str], APIRoute]]:
             yield path, methods, route
 
 
+def field_reasons(cls: type) -> dict[str, str]:
+    """Each dataclass field's reason: the comment after its default, with the `#   ...` lines that continue it (the
+    style every config class here follows), so the docs read the reasons from their one home, the class itself."""
+    reasons: dict[str, str] = {}
+    current = None
+    for line in textwrap.dedent(inspect.getsource(cls)).splitlines():
+        if field := re.match(r"\s*(\w+): [^=#]+=[^#]*#\s?(.*)$", line):
+            current = field.group(1)
+            reasons[current] = field.group(2).strip()
+        elif current and (more := re.match(r"\s*#\s{2,}(.*)$", line)):
+            reasons[current] += " " + more.group(1).strip()
+        else:
+            current = None
+    return reasons
+
+
+def config_schema(cls: type) -> dict:
+    """The JSON schema of a frozen config dataclass as a request body: each field's type, default and reason; no
+    field is required and an unknown key is refused (as `from_dict` does)."""
+    hints, reasons = get_type_hints(cls), field_reasons(cls)
+    properties = {}
+    for f in fields(cls):
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        properties[f.name] = {**TypeAdapter(hints[f.name]).json_schema(), "default": default,
+                              "description": reasons.get(f.name, "")}
+    return {"title": cls.__name__, "description": (cls.__doc__ or "").strip(), "type": "object",
+            "properties": properties, "additionalProperties": False}
+
+
+# POST /api/train takes a dict (RoundConfig.from_dict validates it with messages that name the field): the document
+# shows RoundConfig's own fields instead of "any object".
+TRAIN_BODY = ("/api/train", "post", RoundConfig)
+
+
 def openapi(app: FastAPI) -> dict:
     """The OpenAPI document with every /api operation's error statuses and the ErrorBody schema (cached)."""
     if app.openapi_schema is not None:
@@ -126,6 +168,11 @@ def openapi(app: FastAPI) -> dict:
             for code in statuses(route):
                 given = responses.setdefault(str(code), {"description": GENERIC[code]})
                 given["content"] = error_content  # replaces FastAPI's {"detail": [...]}, which we never send
+    path, method, config = TRAIN_BODY
+    if path in schema["paths"]:
+        schemas[config.__name__] = config_schema(config)
+        body = {"$ref": f"#/components/schemas/{config.__name__}"}
+        schema["paths"][path][method]["requestBody"] = {"content": {"application/json": {"schema": body}}}
     for name in ("HTTPValidationError", "ValidationError"):  # FastAPI's 422 body, now referenced nowhere
         if f'"#/components/schemas/{name}"' not in json.dumps(schema["paths"]):
             schemas.pop(name, None)

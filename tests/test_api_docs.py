@@ -173,3 +173,40 @@ def test_docs_render_offline_with_authorize(page, docs_server, accounts):
     page.locator(".opblock-summary-path", has_text="/api/items/{item_id}/ranking").first.click()
     page.locator(".opblock.is-open .responses-table").get_by_text("409").first.wait_for()
     assert page.context.blocked == []  # the page asked no other origin for anything
+
+
+def test_train_body_is_round_configs_schema(spec):
+    from dataclasses import fields
+
+    from learner.config import RoundConfig
+
+    body = spec["paths"]["/api/train"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/RoundConfig"}
+    schema = spec["components"]["schemas"]["RoundConfig"]
+    assert schema["additionalProperties"] is False and "required" not in schema
+    assert list(schema["properties"]) == [f.name for f in fields(RoundConfig)]
+    defaults = RoundConfig()
+    for name, prop in schema["properties"].items():
+        assert prop["default"] == getattr(defaults, name), name
+        assert len(prop["description"]) > 10, name  # the reason written beside the default
+    assert schema["properties"]["beta"]["type"] == "number"
+    assert "2506.21495" in schema["properties"]["sync_every"]["description"]  # a reason continued over lines
+
+
+def test_field_reasons_read_the_comment_beside_each_default():
+    from dataclasses import dataclass
+
+    from app.api_docs import field_reasons
+
+    @dataclass(frozen=True)
+    class Example:
+        # --- a section heading, not a reason
+        size: int = 4  # four fits
+        ratio: float = 0.5  # half, because
+        #   the other half stays
+        name: str = "x"
+        # --- another section
+        last: bool = False  # off by default
+
+    assert field_reasons(Example) == {"size": "four fits", "ratio": "half, because the other half stays",
+                                      "last": "off by default"}
