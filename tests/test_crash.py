@@ -96,7 +96,7 @@ def test_kill_9_loses_no_acknowledged_label(tmp_path, tiny_model_dir):
         stored = Counter(row["ranking_id"] for row in rows)
         assert [ranking_id for ranking_id in acknowledged if stored[ranking_id] != 1] == []
         assert max(stored.values()) == 1
-        assert max(Counter((row["item_id"], row["annotator"]) for row in rows).values()) == 1
+        assert max(Counter((row["item_id"], row["annotator_id"]) for row in rows).values()) == 1
         assert all(len(row["answer_ids"]) == 4 for row in rows)  # no half-written ranking survived
         assert httpx.get(f"{url}/api/health", timeout=10).json()["labels"] == len(rows)
     finally:
