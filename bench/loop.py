@@ -1,23 +1,30 @@
-"""The learning benchmark: at the same budget of human labels, does labelling the current policy (semi-online) beat
-labelling a stale one (offline)? A miniature of arXiv 2506.21495 / 2405.08448 on this CPU, end to end.
+"""The learning benchmark: at the same budget of human labels, does training on labels of the current policy
+(semi-online, online) beat training on labels of a stale one (offline), and does the loop learn a preference at all?
+A miniature of arXiv 2506.21495 / 2405.08448, end to end, with intervals (issue 9, section 4).
 
-    .venv/bin/python -m bench.loop [--persona concise] [--labels 32] [--every 16] [--eval-prompts 12]
+    .venv/bin/python -m bench.loop --grid small                    # CPU sanity run, ~40 min on 2 cores
+    .venv/bin/python -m bench.loop --grid full [--only semi-online,offline] [--persona concise] [--no-curve]
+    .venv/bin/python -m bench.loop --table bench-results/loop-full # the table of whatever rows exist
 
-With these defaults the whole table takes about 46 minutes on a 2-core CPU (docs/benchmarks.md).
+Every job (persona x arm x seed) runs the real server (`prefloop serve`, its own process, the real SmolLM2) and the
+real scheduler: simulated annotators of the persona label through the REST API only, rounds start with
+`POST /api/train` and deploy at once when the automatic gate passes them. Arms (same persona, label budget, prompts
+and seed; rounds take RoundConfig's defaults unless named):
+  offline      all labels collected on version 0, then one DPO round on all of them (max_label_staleness None) with
+               as many optimizer steps as the retraining arms take in all their rounds (same compute), its on-policy
+               pairs generated once before the first step (sync_every = steps)
+  semi-online  a DPO round every `every` labels, redeployed; the server serves only the deployed version's items
+               (max_item_staleness 0), so every label is on the current policy; sync_every = RoundConfig's default
+  online       as semi-online with sync_every = 1 (fresh on-policy pairs every step)
+  kto          as semi-online, KTO on the persona's thumbs
+The semi-online job also goes on to the grid's learning-curve budgets (16/32/64/128 labels), judged at each.
 
-Every arm runs the real server (`prefloop serve`, a separate process, the real SmolLM2) and the real scheduler:
-simulated annotators label through the REST API only, rounds start with `POST /api/train`, and the gate decides what
-is deployed. Arms share the persona, the label budget, the prompts and the seed:
-  offline      all labels collected on version 0, then one DPO round on all of them (max_staleness None), its
-               on-policy pairs generated once at the start (sync_every = steps), with as many optimizer steps as
-               the semi-online arm takes in all its rounds (same compute);
-  semi-online  a DPO round and a redeploy every `--every` labels; the server serves only the deployed version's
-               items (max_staleness 0), so every label is on the current policy;
-  kto          as semi-online, but KTO on the persona's thumbs.
-The judge is the persona, not our reward model: on held-out prompts never used for training, the final policy and
-the base model each answer (`POST /api/generate`), and the persona prefers one (ties count half). KL to the base,
-entropy and mean length come from the final version's own evaluation (metrics.json).
-Prints the table (markdown) and asserts nothing.
+The judge is the persona, not our reward model: on held-out prompts that are not in the training pool (checked at
+start, and again against every label the job stored), the final policy and the base model each answer
+(`POST /api/generate`, `samples` times per prompt) and the persona prefers one (ties count half). Intervals:
+bench/stats.py. Each judged budget is one row of `rows.jsonl`, written the moment it is judged; a rerun skips the
+rows already there, so the grid can be spread over sittings (bench/loop_results.py: the results directory).
+Prints the table and asserts nothing.
 """
 
 from __future__ import annotations
@@ -25,10 +32,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -36,38 +44,50 @@ import httpx
 from app.personas import get_persona
 from app.server import free_port
 from app.simulate import Simulator, create_annotators
+from bench.loop_results import (
+    ARMS,
+    GRIDS,
+    Grid,
+    append_row,
+    held_out_prompts,
+    load_base_answers,
+    load_rows,
+    open_results,
+    overlap,
+    row_key,
+    save_base_answers,
+    table,
+)
+from bench.stats import win_rate
+from learner.config import RoundConfig
+from learner.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "prefloop-data" / "models"
-HELD_OUT = [  # never in the training pool (the starter set): the judge's prompts
-    "What is a good way to start learning to draw?", "Why do cats purr?", "How does a bicycle stay upright?",
-    "What should I pack for a weekend hike?", "Explain what inflation is.", "How do vaccines work?",
-    "Why do onions make people cry?", "Why is the ocean salty?", "How do I boil an egg?",
-    "What makes a good password?", "Why do leaves change colour in autumn?", "What is a black hole?",
-    "How can I improve my sleep?", "What is machine learning?", "How do bees make honey?",
-    "What causes thunder?", "How do I write a cover letter?", "How do submarines dive and surface?",
-    "What is the tallest animal?", "How does a refrigerator keep food cold?", "What is photosynthesis for?",
-    "How do I make a cup of tea?", "Why is exercise good for you?", "What does a compiler do?",
-]
-ROUND = {"max_new_tokens": 64}  # rollouts and eval answers of a round; everything else is RoundConfig's default
-DEFAULT_STEPS = 12  # RoundConfig's default steps per round (learner/config.py)
+JUDGE_TOKENS = 96  # the app's max_new_tokens: the persona judges answers as long as the ones annotators rank
+SERVER_ENV = {  # the server each job starts (app/config.py names)
+    "PREFLOOP_MAX_NEW_TOKENS": str(JUDGE_TOKENS),
+    "PREFLOOP_BUFFER_SIZE": "4",  # one batch of items (batch_items 4): labels wait on sampling, not the reverse
+    "PREFLOOP_BUFFER_MAX": "8",  # items sampled ahead go stale at each deploy: keep the CPU for rounds instead
+}
 
 
 def starter_prompts() -> set[str]:
+    """The training pool: the prompts a fresh server seeds and samples items and rollouts from."""
     with open(ROOT / "storage" / "starter_prompts.jsonl", encoding="utf-8") as f:
         return {json.loads(line)["prompt"] for line in f if line.strip()}
 
 
-def start_server(data_dir: Path, max_staleness: int) -> tuple[subprocess.Popen, str]:
-    """`prefloop serve` on a free port; its log goes to server.log beside the data dir."""
+def start_server(data_dir: Path, log_path: Path, max_item_staleness: int, model: str | None) -> tuple:
+    """`prefloop serve` on a free port, its output in `log_path`; (process, url) once /api/health answers."""
     port = free_port()
-    env = {**os.environ, "PREFLOOP_MAX_ITEM_STALENESS": str(max_staleness), "PREFLOOP_BUFFER_SIZE": "3",
-           "PREFLOOP_MAX_NEW_TOKENS": "96"}
-    with open(data_dir.parent / "server.log", "w") as log:  # the child keeps its own copy of the descriptor
-        server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--data-dir", str(data_dir), "--port",
-                                   str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    env = {**os.environ, **SERVER_ENV, "PREFLOOP_MAX_ITEM_STALENESS": str(max_item_staleness)}
+    command = [sys.executable, "-m", "app.cli", "serve", "--data-dir", str(data_dir), "--port", str(port)]
+    with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
+        server = subprocess.Popen(command + (["--model", model] if model else []), env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600  # a loaded CPU imports torch and loads the model slowly
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
@@ -75,132 +95,210 @@ def start_server(data_dir: Path, max_staleness: int) -> tuple[subprocess.Popen, 
         except httpx.HTTPError:
             pass
         if server.poll() is not None:
-            raise SystemExit(f"the server exited: see {data_dir.parent / 'server.log'}")
+            raise SystemExit(f"the server exited: see {log_path}")
         time.sleep(0.5)
-    raise SystemExit("the server did not start")
+    server.kill()
+    raise SystemExit(f"the server did not start in 10 minutes: see {log_path}")
 
 
 def admin_token(data_dir: Path) -> str:
     out = subprocess.run([sys.executable, "-m", "app.cli", "users", "add", "bench", "--role", "admin",
-                          "--data-dir", str(data_dir)], capture_output=True, text=True, check=True, cwd=ROOT)
+                          "--data-dir", str(data_dir)], capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        raise SystemExit(f"could not create the bench admin: {out.stderr.strip() or out.stdout.strip()}")
     return out.stdout.strip().splitlines()[-1]
 
 
 def train(http: httpx.Client, config: dict) -> dict:
+    """One round through the API; its outcome in a few figures (the full metrics stay in the version's dir)."""
     run_id = http.post("/api/train", json=config).raise_for_status().json()["run_id"]
-    while (run := http.get(f"/api/runs/{run_id}").json())["status"] in ("queued", "running"):
+    while (run := http.get(f"/api/runs/{run_id}").raise_for_status().json())["status"] in ("queued", "running"):
         time.sleep(2)
-    return run
+    m = run.get("metrics") or {}
+    kept = ("kl_to_reference", "entropy", "mean_answer_length", "eos_rate", "labels_used", "reward_heldout_accuracy",
+            "policy_heldout_accuracy", "data", "timings_s")
+    return {"status": run["status"], "version": run["version"], "error": (run.get("error") or "")[:300],
+            "gate_reason": (m.get("gate") or {}).get("reason"), **{k: m[k] for k in kept if k in m}}
 
 
-def judge(http: httpx.Client, persona, version: int, prompts: list[str], samples: int) -> dict:
-    """The persona compares `version`'s answers with the base model's, prompt by prompt; ties count half."""
-    wins, lengths = [], {version: [], 0: []}
-    for prompt in prompts:
-        for _ in range(samples):
-            answers = {}
-            for v in (version, 0):
-                r = http.post("/api/generate", json={"prompt": prompt, "version": v, "max_new_tokens": 96})
-                answers[v] = r.raise_for_status().json()["text"]
-                lengths[v].append(len(answers[v].split()))
-            a, b = persona.score(prompt, answers[version]), persona.score(prompt, answers[0])
-            wins.append(1.0 if a > b else 0.5 if a == b else 0.0)
-    return {"win_rate": sum(wins) / len(wins), "words": sum(lengths[version]) / len(lengths[version]),
-            "base_words": sum(lengths[0]) / len(lengths[0]), "judged": len(wins)}
+def generate(http: httpx.Client, prompt: str, version: int) -> str:
+    for _ in range(60):
+        r = http.post("/api/generate", json={"prompt": prompt, "version": version, "max_new_tokens": JUDGE_TOKENS})
+        if r.status_code != 429:  # both generation slots busy (the prefetcher's batch): wait as asked
+            return r.raise_for_status().json()["text"]
+        time.sleep(float(r.headers.get("retry-after", "1")))
+    raise SystemExit("POST /api/generate answered 429 for a minute or more")
 
 
-def run_arm(arm: str, args, tmp: Path) -> dict:
-    persona = get_persona(args.persona)
-    data_dir = tmp / arm / "data"
+def base_answers(http: httpx.Client, results: Path, seed: int, prompts: list[str], samples: int) -> list[list[str]]:
+    """The base model's answers for this seed: made by the first job of the seed, judged against every arm."""
+    stored = load_base_answers(results, seed, prompts, samples)
+    if stored is None:
+        stored = [[generate(http, p, 0) for _ in range(samples)] for p in prompts]
+        save_base_answers(results, seed, prompts, stored)
+    return stored
+
+
+def judge(http: httpx.Client, persona, version: int, prompts: list[str], base: list[list[str]]) -> dict:
+    """The persona compares `version`'s j-th answer to each prompt with the base model's j-th: 1 / 0.5 / 0."""
+    answers = [[generate(http, p, version) for _ in base[i]] for i, p in enumerate(prompts)]
+    verdicts = []
+    for prompt, mine, theirs in zip(prompts, answers, base):
+        scores = [(persona.score(prompt, a), persona.score(prompt, b)) for a, b in zip(mine, theirs)]
+        verdicts.append([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in scores])
+
+    def words(groups):
+        flat = [len(a.split()) for g in groups for a in g]
+        return sum(flat) / len(flat)
+
+    return {"verdicts": verdicts, "answers": answers, "words": words(answers), "base_words": words(base)}
+
+
+def check_labels_held_out(http: httpx.Client, prompts: list[str]) -> None:
+    """No stored label may be on a held-out prompt: that would be training on the test set."""
+    lines = http.get("/api/export", params={"format": "rankings"}).raise_for_status().text.splitlines()
+    labelled = {json.loads(line)["prompt"] for line in lines if line.strip()}
+    leaked = overlap(prompts, labelled)
+    if leaked:
+        raise SystemExit(f"labels were stored on held-out prompts {leaked}: the benchmark would judge on training data")
+
+
+def round_config(grid: Grid, arm: str, seed: int, index: int) -> dict:
+    """The POST /api/train body of round `index` of `arm`: RoundConfig's defaults, then the grid's overrides, then
+    what defines the arm (an override cannot make two arms the same)."""
+    if arm == "offline":  # as many optimizer steps as the retraining arms take in all their rounds (same compute)
+        steps = grid.round.get("steps", RoundConfig().steps) * (grid.labels // grid.every)
+        defining = {"algorithm": "dpo", "max_label_staleness": None, "steps": steps, "sync_every": max(steps, 1)}
+    elif arm == "online":
+        defining = {"algorithm": "dpo", "sync_every": 1}
+    elif arm == "semi-online":
+        defining = {"algorithm": "dpo", "sync_every": RoundConfig().sync_every}
+    else:
+        defining = {"algorithm": "kto"}
+    return {**grid.round, "seed": seed * 1000 + index, **defining}
+
+
+def run_job(grid: Grid, persona_name: str, arm: str, seed: int, budgets: list[int], results: Path,
+            model: str | None) -> None:
+    """One persona x arm x seed from a fresh data dir, judged (and a row written) at each budget in `budgets`."""
+    persona = get_persona(persona_name)
+    prompts = held_out_prompts(grid.held_out)
+    job_dir = results / "runs" / f"{persona_name}-{arm}-seed{seed}"
+    data_dir = job_dir / "data"
+    shutil.rmtree(data_dir, ignore_errors=True)  # an interrupted attempt starts over: its rounds were not judged
     (data_dir / "models").mkdir(parents=True)
-    os.symlink((MODELS / "smollm2").resolve(), data_dir / "models" / "smollm2")
+    if model is None:
+        os.symlink((MODELS / "smollm2").resolve(), data_dir / "models" / "smollm2")
     token = admin_token(data_dir)
-    semi_online = arm != "offline"
-    server, url = start_server(data_dir, max_staleness=0 if semi_online else 2)
+    server, url = start_server(data_dir, job_dir / "server.log", 2 if arm == "offline" else 0, model)
     started = time.monotonic()
-    http = httpx.Client(base_url=url, headers={"authorization": f"Bearer {token}"}, timeout=300)
-    rounds = []
     try:
-        # Each round's version serves at once: the simulated annotators judge it through the held-out win-rate, not
-        # through a canary (which would hold it back until they had ranked enough mixed items).
-        http.patch("/api/settings", json={"deploy_policy": "immediate"}).raise_for_status()
-        tokens = create_annotators(http, persona.name, args.annotators, report=lambda line: None)
-        n_rounds = args.labels // args.every
-        chunks = [args.every] * n_rounds if semi_online else [args.labels]
-        for index, labels in enumerate(chunks):
-            sim = Simulator(url, tokens, persona, labels, noise=args.noise, feedback=(arm == "kto"),
-                            timeout=3600, seed=args.seed * 1000 + index)
-            summary = sim.run(report=lambda line: None, every=30)
-            if summary.errors:
-                raise SystemExit(f"{arm}: the simulated annotators saw {summary.errors} errors")
-            if arm == "offline":
-                config = {**ROUND, "algorithm": "dpo", "max_label_staleness": None, "steps": DEFAULT_STEPS * n_rounds,
-                          "sync_every": DEFAULT_STEPS * n_rounds, "seed": args.seed}
-            else:
-                config = {**ROUND, "algorithm": "dpo" if arm == "semi-online" else "kto", "seed": args.seed + index}
-            run = train(http, config)
-            rounds.append(run)
-            print(f"  [{arm}] round {len(rounds)}: {run['status']} -> version {run['version']} "
-                  f"({(run.get('error') or '')[:80]}) at {time.monotonic() - started:.0f} s", flush=True)
-        final = http.get("/api/health").json()["policy_version"]
-        versions = {v["version"]: v for v in http.get("/api/versions").json()}
-        metrics = versions[final]["metrics"] if final else {}
-        verdict = judge(http, persona, final, HELD_OUT[: args.eval_prompts], args.samples)
-        return {"arm": arm, "final": final, "rounds": rounds, "metrics": metrics, **verdict,
-                "minutes": (time.monotonic() - started) / 60}
+        with httpx.Client(base_url=url, headers={"authorization": f"Bearer {token}"}, timeout=600) as http:
+            # Rounds serve at once: the persona judges them here, not through a canary holding them back.
+            http.patch("/api/settings", json={"deploy_policy": "immediate"}).raise_for_status()
+            tokens = create_annotators(http, persona.name, grid.annotators, report=lambda line: None)
+            chunk = max(budgets) if arm == "offline" else grid.every
+            rounds, labelled = [], 0
+            for index in range(max(budgets) // chunk):
+                sim = Simulator(url, tokens, persona, chunk, noise=grid.noise, feedback=(arm == "kto"), timeout=7200,
+                                seed=seed * 1000 + index)
+                summary = sim.run(report=lambda line: None, every=60)
+                if summary.errors or summary.timed_out:
+                    raise SystemExit(f"{arm}: the simulated annotators saw {summary.errors} errors "
+                                     f"(timed out: {summary.timed_out}): {summary.error_messages[:3]}")
+                labelled += chunk
+                rounds.append(train(http, round_config(grid, arm, seed, index)))
+                print(f"  [{persona_name} {arm} seed {seed}] {labelled} labels, round {len(rounds)}: "
+                      f"{rounds[-1]['status']} -> v{rounds[-1]['version']} {rounds[-1]['error'][:80]} at "
+                      f"{(time.monotonic() - started) / 60:.1f} min", flush=True)
+                if labelled in budgets:
+                    check_labels_held_out(http, prompts)
+                    final = http.get("/api/health").raise_for_status().json()["policy_version"]
+                    base = base_answers(http, results, seed, prompts, grid.samples)
+                    row = {"key": row_key(persona_name, arm, seed, labelled), "persona": persona_name, "arm": arm,
+                           "seed": seed, "labels": labelled, "prompts": prompts, "final_version": final,
+                           "rounds": list(rounds), **judge(http, persona, final, prompts, base),
+                           "minutes": (time.monotonic() - started) / 60, "finished_at": time.time()}
+                    append_row(results, row)
+                    e = win_rate([row["verdicts"]])
+                    print(f"{row['key']}: win-rate vs base {e.describe()}", flush=True)
     finally:
         server.terminate()
-        server.wait(60)
+        server.wait(120)
+    shutil.rmtree(data_dir, ignore_errors=True)  # adapters of every version: ~20 MB each; the rows hold the result
 
 
-def table(results: list[dict], args) -> str:
-    lines = [f"persona `{args.persona}`, {args.labels} labels per arm (rankings of K=4), rounds every {args.every} "
-             f"labels, judged on {args.eval_prompts} held-out prompts x {args.samples} samples, seed {args.seed}",
-             "",
-             "| arm | rounds (deployed / rejected) | final version | win-rate vs base (persona) | words: final / base "
-             "| KL to base | entropy | mean length (tokens) | EOS rate | minutes |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in results:
-        m = r["metrics"]
-        deployed = sum(run["status"] == "succeeded" for run in r["rounds"])
-        rejected = sum(run["status"] == "rejected" for run in r["rounds"])
+def plan(grid: Grid, done: dict, only: set[str], personas: set[str], no_curve: bool) -> list[tuple]:
+    """(persona, arm, seed, budgets) of every job with a row still to write."""
+    jobs = []
+    for persona in grid.personas:
+        for seed in grid.seeds:
+            for arm in grid.arms:
+                if (only and arm not in only) or (personas and persona not in personas):
+                    continue
+                wanted = (grid.labels,) if no_curve else grid.checkpoints(arm)
+                missing = [n for n in wanted if row_key(persona, arm, seed, n) not in done]
+                if missing:  # a job reruns from 0 labels and writes only the rows still missing
+                    jobs.append((persona, arm, seed, missing))
+    return jobs
 
-        def fmt(key):
-            value = m.get(key)
-            return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
 
-        lines.append(f"| {r['arm']} | {len(r['rounds'])} ({deployed} / {rejected}) | v{r['final']} | "
-                     f"{r['win_rate']:.2f} | {r['words']:.1f} / {r['base_words']:.1f} | {fmt('kl_to_reference')} | "
-                     f"{fmt('entropy')} | {fmt('mean_answer_length')} | {fmt('eos_rate')} | {r['minutes']:.1f} |")
-    return "\n".join(lines)
+def build_grid(args) -> Grid:
+    """The named grid with the command line's overrides (part of the results directory's identity)."""
+    grid = GRIDS[args.grid]
+    changes = {k: v for k, v in (("labels", args.labels), ("every", args.every), ("held_out", args.held_out),
+                                 ("samples", args.samples)) if v is not None}
+    if args.seeds is not None:
+        changes["seeds"] = tuple(range(args.seeds))
+    if args.round:
+        overrides = dict(item.split("=", 1) for item in args.round)
+        changes["round"] = {k: json.loads(v) for k, v in overrides.items()}
+    try:
+        grid = replace(grid, **changes)
+        RoundConfig.from_dict({k: v for k, v in grid.round.items()})  # an unknown knob fails here, not in a round
+    except (ValueError, ConfigError) as exc:
+        raise SystemExit(f"bad grid: {exc}") from None
+    return grid
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--persona", default="concise")
-    p.add_argument("--labels", type=int, default=32, help="label budget per arm (rankings)")
-    p.add_argument("--every", type=int, default=16, help="labels between rounds in the semi-online arms")
-    p.add_argument("--annotators", type=int, default=2)
-    p.add_argument("--noise", type=float, default=0.0)
-    p.add_argument("--eval-prompts", type=int, default=12, help=f"held-out prompts judged (at most {len(HELD_OUT)})")
-    p.add_argument("--samples", type=int, default=1, help="answers per held-out prompt and model")
-    p.add_argument("--arms", default="offline,semi-online,kto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", choices=sorted(GRIDS), default="small")
+    p.add_argument("--results", type=Path, help="results directory (default bench-results/loop-GRID)")
+    p.add_argument("--table", type=Path, metavar="DIR", help="print the table of DIR's rows and exit")
+    p.add_argument("--only", default="", help=f"comma-separated arms to run now ({', '.join(ARMS)})")
+    p.add_argument("--persona", default="", help="comma-separated personas to run now")
+    p.add_argument("--no-curve", action="store_true", help="run the default arm to the comparison budget only")
+    p.add_argument("--labels", type=int, help="override: label budget at which arms are compared")
+    p.add_argument("--every", type=int, help="override: labels between rounds")
+    p.add_argument("--held-out", type=int, help="override: held-out prompts judged")
+    p.add_argument("--samples", type=int, help="override: answers per held-out prompt and model")
+    p.add_argument("--seeds", type=int, help="override: number of seeds (0..N-1)")
+    p.add_argument("--round", action="append", metavar="KEY=JSON", help="RoundConfig override, e.g. steps=4")
+    p.add_argument("--model", help="the server's --model (default: the converted SmolLM2 in prefloop-data/models)")
     args = p.parse_args()
-    overlap = set(HELD_OUT) & starter_prompts()
-    if overlap:
-        raise SystemExit(f"held-out prompts must not be in the training pool (the starter set): {sorted(overlap)}")
-    if not (MODELS / "smollm2" / "config.json").is_file():
+    if args.table:
+        settings = json.loads((args.table / "grid.json").read_text(encoding="utf-8"))
+        print(table(load_rows(args.table), settings["labels"]))
+        return
+    grid = build_grid(args)
+    unknown = set(filter(None, args.only.split(","))) - set(grid.arms)
+    if unknown:
+        raise SystemExit(f"--only names arms not in the grid: {sorted(unknown)} (grid arms: {', '.join(grid.arms)})")
+    leaked = overlap(held_out_prompts(grid.held_out), starter_prompts())
+    if leaked:
+        raise SystemExit(f"held-out prompts must not be in the training pool (the starter set): {leaked}")
+    if args.model is None and not (MODELS / "smollm2" / "config.json").is_file():
         raise SystemExit(f"run `make run` once (or bench.sampling) so that {MODELS / 'smollm2'} exists")
-    print(f"machine: {os.cpu_count()} cores, no GPU; model SmolLM2-135M-Instruct; arms {args.arms}", flush=True)
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for arm in args.arms.split(","):
-            results.append(run_arm(arm, args, Path(tmp)))
-            print(f"{arm}: win-rate vs base {results[-1]['win_rate']:.2f} in {results[-1]['minutes']:.1f} min",
-                  flush=True)
+    results = args.results or ROOT / "bench-results" / f"loop-{args.grid}"
+    open_results(results, grid)
+    jobs = plan(grid, load_rows(results), set(filter(None, args.only.split(","))),
+                set(filter(None, args.persona.split(","))), args.no_curve)
+    print(f"machine: {os.cpu_count()} cores; {len(jobs)} job(s) to run into {results}", flush=True)
+    for persona, arm, seed, budgets in jobs:
+        run_job(grid, persona, arm, seed, budgets, results, args.model)
     print()
-    print(table(results, args))
+    print(table(load_rows(results), grid.labels))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,260 @@
+"""The learning benchmark's statistics (bench/stats.py) against hand and numpy computations, and its results
+directory (bench/loop_results.py): rows survive a crash mid-write, a rerun skips what is done, held-out prompts stay
+out of the training pool."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from app.canary import win_rate as canary_win_rate
+from bench.loop import build_grid, plan, round_config, starter_prompts
+from bench.loop_results import (
+    GRIDS,
+    Grid,
+    append_row,
+    held_out_prompts,
+    load_base_answers,
+    load_rows,
+    open_results,
+    overlap,
+    row_key,
+    save_base_answers,
+    table,
+)
+from bench.stats import RESAMPLES, paired_difference, win_rate
+from learner.config import RoundConfig
+
+
+def explicit_bootstrap(cells: np.ndarray, resamples: int = RESAMPLES, seed: int = 9) -> tuple[float, float]:
+    """The interval bench/stats.py documents, written as loops: per resample, prompts drawn first, then seeds."""
+    rng = np.random.default_rng(seed)
+    seeds, prompts = cells.shape
+    prompt_picks = rng.integers(0, prompts, size=(resamples, prompts))
+    seed_picks = rng.integers(0, seeds, size=(resamples, seeds))
+    means = []
+    for b in range(resamples):
+        total = sum(cells[s, p] for s in seed_picks[b] for p in prompt_picks[b])
+        means.append(total / (seeds * prompts))
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def random_verdicts(shape, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).choice([0.0, 0.5, 1.0], size=shape, p=[0.35, 0.1, 0.55])
+
+
+# -- statistics -----------------------------------------------------------------------------------------------------
+
+def test_two_prompts_one_won_one_lost_is_a_coin_flip_by_hand():
+    # Resamples of 2 prompts have mean 0 (1/4), 0.5 (1/2) or 1 (1/4): the 2.5% and 97.5% percentiles are 0 and 1.
+    e = win_rate([[[1.0], [0.0]]])
+    assert (e.value, e.ci95, e.n, e.prompts, e.seeds) == (0.5, (0.0, 1.0), 2, 2, 1)
+
+
+def test_unanimous_verdicts_have_a_degenerate_interval():
+    e = win_rate(np.ones((3, 5, 2)))
+    assert (e.value, e.ci95, e.n) == (1.0, (1.0, 1.0), 30)
+
+
+def test_interval_matches_the_loop_written_by_hand_for_seeds_x_prompts():
+    verdicts = random_verdicts((3, 12, 2))
+    cells = verdicts.mean(axis=2)
+    e = win_rate(verdicts, resamples=400)
+    assert e.value == pytest.approx(verdicts.mean())
+    assert e.ci95 == pytest.approx(explicit_bootstrap(cells, resamples=400))
+    assert (e.n, e.prompts, e.seeds) == (72, 12, 3)
+
+
+def test_one_seed_gives_the_canary_interval_over_prompts_as_clusters():
+    verdicts = random_verdicts((1, 48, 2), seed=3)
+    clusters = [(float(v.sum()), 2) for v in verdicts[0]]  # (wins, comparisons) per prompt, ties half
+    canary = canary_win_rate(clusters)
+    e = win_rate(verdicts)
+    assert e.value == pytest.approx(canary.win_rate)
+    assert e.ci95 == pytest.approx(canary.ci95)
+
+
+def test_prompts_are_resampled_not_pairs():
+    # Both samples of a prompt agree: the interval is that of one sample per prompt (48 clusters), and wider than
+    # resampling the 96 pairs as if they were independent would make it.
+    one = random_verdicts((1, 48, 1), seed=5)
+    both = np.repeat(one, 2, axis=2)
+    assert win_rate(both).ci95 == pytest.approx(win_rate(one).ci95)
+    pairs = both.reshape(1, 96, 1)
+    assert np.diff(win_rate(both).ci95)[0] > np.diff(win_rate(pairs).ci95)[0]
+
+
+def test_paired_difference_by_hand():
+    first, second = random_verdicts((2, 10, 2), seed=1), random_verdicts((2, 10, 2), seed=2)
+    d = paired_difference(first, second, resamples=300)
+    cells = first.mean(axis=2) - second.mean(axis=2)
+    assert d.value == pytest.approx(first.mean() - second.mean())
+    assert d.ci95 == pytest.approx(explicit_bootstrap(cells, resamples=300))
+    assert paired_difference(first, first).ci95 == (0.0, 0.0)
+
+
+def test_pairing_removes_the_spread_between_prompts():
+    # Half the prompts are always won, half always lost; the second arm also wins 3 of the lost ones. Resampled
+    # unpaired (each arm's prompts drawn on their own), the difference's interval carries the spread between prompts
+    # twice; paired, the difference varies only with those 3 prompts.
+    first = np.array([[[1.0]] * 24 + [[0.0]] * 24])
+    second = first.copy()
+    second[0, 24:27] = 1.0
+    d = paired_difference(second, first)
+    assert d.value == pytest.approx(3 / 48)
+    rng = np.random.default_rng(0)
+    draws = rng.integers(0, 48, (2, 2000, 48))
+    unpaired = second[0, draws[0], 0].mean(axis=1) - first[0, draws[1], 0].mean(axis=1)
+    unpaired_width = np.diff(np.percentile(unpaired, [2.5, 97.5]))[0]
+    assert d.ci95[0] >= 0.0 and d.ci95[1] - d.ci95[0] < 0.5 * unpaired_width
+
+
+@pytest.mark.parametrize("bad", [[[[1.0, 0.0], [1.0]]], [[[1.5]]], [[[np.nan]]], [[]], [1.0, 0.0]])
+def test_bad_verdicts_are_refused(bad):
+    with pytest.raises(ValueError):
+        win_rate(bad)
+
+
+def test_paired_difference_needs_the_same_design():
+    with pytest.raises(ValueError, match="same seeds x prompts x samples"):
+        paired_difference(np.ones((1, 4, 2)), np.ones((1, 5, 2)))
+
+
+# -- held-out prompts -------------------------------------------------------------------------------------------
+
+def test_held_out_prompts_are_many_distinct_deterministic_and_not_in_the_training_pool():
+    prompts = held_out_prompts(GRIDS["full"].held_out)
+    assert len(prompts) == len(set(prompts)) >= 48
+    assert prompts == held_out_prompts(48)
+    assert overlap(held_out_prompts(82), starter_prompts()) == []
+
+
+def test_overlap_ignores_case_punctuation_and_spelling():
+    assert overlap(["Why do leaves change colour in autumn?", "Why do cats purr?"],
+                   {"why do leaves change color in autumn"}) == ["Why do leaves change colour in autumn?"]
+
+
+@pytest.mark.parametrize("n", [0, 10_000])
+def test_held_out_count_out_of_range(n):
+    with pytest.raises(ValueError, match="held-out prompts must be"):
+        held_out_prompts(n)
+
+
+# -- grid and round configs ---------------------------------------------------------------------------------------
+
+def test_full_grid_is_what_issue_9_asks():
+    g = GRIDS["full"]
+    assert g.held_out * g.samples >= 96 and len(g.seeds) >= 3 and len(g.personas) == 2
+    assert set(g.arms) == {"offline", "semi-online", "online", "kto"}
+    assert g.checkpoints("semi-online") == (16, 32, 64, 128) and g.checkpoints("offline") == (32,)
+
+
+def test_grid_refuses_budgets_that_are_not_whole_rounds():
+    with pytest.raises(ValueError, match="multiple of every=16"):
+        Grid(personas=("concise",), arms=("offline",), seeds=(0,), held_out=4, samples=1, labels=24, every=16)
+    with pytest.raises(ValueError, match="unknown arm 'sft'"):
+        Grid(personas=("concise",), arms=("sft",), seeds=(0,), held_out=4, samples=1, labels=16, every=16)
+
+
+def test_round_configs_define_the_arms_and_are_valid():
+    grid = GRIDS["full"]
+    configs = {arm: round_config(grid, arm, seed=1, index=0) for arm in grid.arms}
+    for config in configs.values():
+        RoundConfig.from_dict(config)
+    steps = RoundConfig().steps * 2  # two rounds of the retraining arms at 32 labels, every 16
+    assert configs["offline"] == {"algorithm": "dpo", "max_label_staleness": None, "steps": steps,
+                                  "sync_every": steps, "seed": 1000}
+    assert configs["online"]["sync_every"] == 1
+    assert configs["semi-online"]["sync_every"] == RoundConfig().sync_every > 1
+    assert configs["kto"]["algorithm"] == "kto"
+
+
+def test_round_overrides_cannot_make_two_arms_alike():
+    grid = Grid(personas=("concise",), arms=("offline", "online"), seeds=(0,), held_out=4, samples=1, labels=8,
+                every=4, round={"steps": 2, "sync_every": 2})
+    assert round_config(grid, "online", 0, 0)["sync_every"] == 1
+    offline = round_config(grid, "offline", 0, 0)
+    assert offline["steps"] == offline["sync_every"] == 4  # 2 steps x 2 rounds
+
+
+def test_unknown_round_knob_is_refused_before_anything_runs():
+    args = argparse.Namespace(grid="small", labels=None, every=None, held_out=None, samples=None, seeds=None,
+                              round=["max_staleness=2"])
+    with pytest.raises(SystemExit, match="unknown config key 'max_staleness'"):
+        build_grid(args)
+
+
+# -- the results directory ------------------------------------------------------------------------------------------
+
+def row(persona="concise", arm="offline", seed=0, labels=32, verdicts=None, prompts=4) -> dict:
+    verdicts = verdicts if verdicts is not None else random_verdicts((prompts, 2), seed=seed).tolist()
+    return {"key": row_key(persona, arm, seed, labels), "persona": persona, "arm": arm, "seed": seed,
+            "labels": labels, "prompts": held_out_prompts(len(verdicts)), "verdicts": verdicts, "words": 30.0,
+            "base_words": 40.0, "rounds": [{"status": "succeeded"}], "final_version": 1, "minutes": 1.0}
+
+
+def test_rows_survive_a_torn_last_line_and_the_next_append_repairs_it(tmp_path):
+    append_row(tmp_path, row(seed=0))
+    with open(tmp_path / "rows.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"key": "concise/offline/seed1/lab')  # a crash in the middle of the second append
+    assert list(load_rows(tmp_path)) == ["concise/offline/seed0/labels32"]
+    append_row(tmp_path, row(seed=1))
+    assert list(load_rows(tmp_path)) == ["concise/offline/seed0/labels32", "concise/offline/seed1/labels32"]
+    assert all(json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines())
+
+
+def test_a_damaged_row_in_the_middle_is_named(tmp_path):
+    (tmp_path / "rows.jsonl").write_text('{"key": "a"}\nnot json\n{"key": "b"}\n')
+    with pytest.raises(SystemExit, match="line 2 is not JSON"):
+        load_rows(tmp_path)
+
+
+def test_results_dir_refuses_another_grid(tmp_path):
+    open_results(tmp_path, GRIDS["small"])
+    open_results(tmp_path, GRIDS["small"])  # the same grid resumes
+    with pytest.raises(SystemExit, match="differs in held_out"):
+        open_results(tmp_path, replace(GRIDS["small"], held_out=20))
+
+
+def test_rerun_plans_only_missing_rows_and_the_curve_reruns_from_zero(tmp_path):
+    grid = GRIDS["full"]
+    done = {row_key("concise", "offline", 0, 32): {}, row_key("concise", "semi-online", 0, 16): {},
+            row_key("concise", "semi-online", 0, 32): {}}
+    jobs = plan(grid, done, only={"offline", "semi-online"}, personas={"concise"}, no_curve=False)
+    assert ("concise", "semi-online", 0, [64, 128]) in jobs
+    assert not any(j[1] == "offline" and j[2] == 0 for j in jobs)
+    assert {j[1] for j in jobs} == {"offline", "semi-online"} and {j[0] for j in jobs} == {"concise"}
+    assert len(plan(grid, {}, set(), set(), no_curve=False)) == 2 * 3 * 4
+    without_curve = plan(grid, done, {"semi-online"}, {"concise"}, no_curve=True)
+    assert [j[3] for j in without_curve] == [[32], [32]]  # seeds 1 and 2; seed 0's 32 is done
+
+
+def test_base_answers_are_kept_per_seed_and_checked(tmp_path):
+    prompts = held_out_prompts(3)
+    assert load_base_answers(tmp_path, 0, prompts, 2) is None
+    save_base_answers(tmp_path, 0, prompts, [["a", "b"]] * 3)
+    assert load_base_answers(tmp_path, 0, prompts, 2) == [["a", "b"]] * 3
+    with pytest.raises(SystemExit, match="other held-out prompts"):
+        load_base_answers(tmp_path, 0, held_out_prompts(4), 2)
+
+
+def test_table_prints_each_row_pooled_rows_differences_and_the_curve_with_n_and_intervals():
+    rows = {}
+    for seed in (0, 1):
+        for arm, labels in (("offline", 32), ("semi-online", 16), ("semi-online", 32)):
+            r = row(arm=arm, seed=seed, labels=labels, prompts=6)
+            rows[r["key"]] = r
+    text = table(rows, 32)
+    seed0 = win_rate([rows["concise/offline/seed0/labels32"]["verdicts"]])
+    assert f"| offline | 0 | {seed0.value:.2f} | [{seed0.ci95[0]:.2f}, {seed0.ci95[1]:.2f}] | 12 (1 x 6 x 2) |" in text
+    pooled = win_rate([rows[f"concise/semi-online/seed{s}/labels32"]["verdicts"] for s in (0, 1)])
+    assert f"| **semi-online** | all | **{pooled.value:.2f}** |" in text and "24 (2 x 6 x 2)" in text
+    d = paired_difference([rows[f"concise/semi-online/seed{s}/labels32"]["verdicts"] for s in (0, 1)],
+                          [rows[f"concise/offline/seed{s}/labels32"]["verdicts"] for s in (0, 1)])
+    assert f"| semi-online - offline | {d.value:+.3f} | [{d.ci95[0]:+.3f}, {d.ci95[1]:+.3f}] |" in text
+    assert "Learning curve" in text and "| 16 |" in text
