@@ -127,7 +127,7 @@ class WebGuard:
             return refusal_page(message) if page else _error(403, message)
         if rest.startswith(UPLOAD_ROUTES) and not door.takes_files:
             return _error(403, f"{door.prefix} takes no files")
-        if rest.startswith("/gradio_api/file=http") or rest.startswith("/gradio_api/proxy="):
+        if rest.lower().startswith(("/gradio_api/file=http", "/gradio_api/proxy=")):
             return _error(403, "the UI serves no remote files")
         return self._body_refusal(scope, rest)
 
@@ -151,10 +151,9 @@ class WebGuard:
         if token:
             user_id = self.ctx.sessions.user_id(token)
             user = self.ctx.store.users.get_by_id(user_id) if user_id is not None else None
-            if user is None or user.disabled:
-                self.ctx.sessions.end(token)
-                return None
-            return user
+            if user is not None and not user.disabled:
+                return user
+            self.ctx.sessions.end(token)
         scheme, _, bearer = _header(scope, b"authorization").partition(" ")
         if scheme.lower() == "bearer" and bearer.strip():
             return self.ctx.store.users.by_token(bearer.strip())  # None when disabled
