@@ -84,17 +84,21 @@ class RemoteServer:
             added, duplicates = added + result["added"], duplicates + result["duplicates"]
         return {"added": added, "duplicates": duplicates}
 
-    def export(self, fmt: str, out: Path, style: str = "conversational", drop_truncated: bool = False) -> int:
+    def export_bytes(self, fmt: str, style: str = "conversational", drop_truncated: bool = False) -> bytes:
+        """The export as the server sends it: JSON lines."""
         params = {"format": fmt, "style": style, "drop_truncated": str(drop_truncated).lower()}
-        response = self._call("GET", "/api/export", params=params)
+        return self._call("GET", "/api/export", params=params).content
+
+    def export(self, fmt: str, out: Path, style: str = "conversational", drop_truncated: bool = False) -> int:
+        content = self.export_bytes(fmt, style, drop_truncated)
         tmp = out.with_name(out.name + ".partial")
         try:
-            tmp.write_bytes(response.content)
+            tmp.write_bytes(content)
             os.replace(tmp, out)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        return response.content.count(b"\n")
+        return content.count(b"\n")
 
 
 def prompt_chunks(prompts: list[str], max_bytes: int = CHUNK_BYTES,

@@ -287,6 +287,7 @@ def test_flag_reason_from_the_ui_is_capped_like_the_rest_api(ctx, accounts, samp
 # -- CLI ---------------------------------------------------------------------------------------------------------------
 def test_cli_refuses_bad_files_and_names_without_a_traceback(tmp_path, capsys):
     data_dir = tmp_path / "data"
+    Store.open(data_dir).close()  # the CLI refuses a data dir that holds no store (`prefloop init` makes one)
     assert main(["prompts", "import", str(_write(tmp_path / "ok.jsonl", b'{"prompt": "fine"}\n')),
                  "--data-dir", str(data_dir)]) == 0
     bad_files = {
@@ -304,7 +305,7 @@ def test_cli_refuses_bad_files_and_names_without_a_traceback(tmp_path, capsys):
     for name, raw in bad_files.items():
         code = main(["prompts", "import", str(_write(tmp_path / name, raw)), "--data-dir", str(data_dir)])
         err = capsys.readouterr().err
-        assert code == 2, (name, err)
+        assert code == 3, (name, err)  # bad input file
         assert "nothing imported" in err and name in err and "Traceback" not in err, name
     for name in ("x'; DROP TABLE users; --", "<b>", "", "a" * 65, "名前"):
         assert main(["users", "add", name, "--data-dir", str(data_dir)]) == 1

@@ -48,6 +48,7 @@ def held(ctx, server):
 # -- minimum password length ------------------------------------------------------------------------------------
 def test_a_short_password_is_refused_by_the_cli_on_the_file(tmp_path, capsys):
     data = str(tmp_path / "data")
+    Store.open(tmp_path / "data").close()  # the CLI refuses a data dir that holds no store
     assert main(["users", "add", "eve", "--password", "x", "--data-dir", data]) == 1
     assert capsys.readouterr().err.strip() == "prefloop: password must be at least 8 characters, got 1"
     assert main(["users", "add", "alice", "--password", "correct horse", "--data-dir", data]) == 0
@@ -91,6 +92,7 @@ def test_a_name_differing_only_in_case_is_refused_everywhere(ctx, boss, accounts
         admin.add_user(ctx, "boss", "Ann", "admin", None)
     assert [u.name for u in ctx.store.users.list()] == ["boss", "ann", "bob"]
     data = str(tmp_path / "other")
+    Store.open(tmp_path / "other").close()  # the CLI refuses a data dir that holds no store
     assert main(["users", "add", "admin", "--role", "admin", "--data-dir", data]) == 0
     assert main(["users", "add", "ADMIN", "--role", "admin", "--data-dir", data]) == 1
     assert "already exists as 'admin'" in capsys.readouterr().err

@@ -264,7 +264,7 @@ def test_export_to_a_missing_directory_or_onto_a_directory_is_one_line(tmp_path,
     out = tmp_path / "out"
     out.mkdir()
     target = out / where
-    assert main(["export", "--format", "dpo", "--out", str(target), "--data-dir", str(tmp_path / "data")]) == 1
+    assert main(["export", "--format", "dpo", "--out", str(target), "--data-dir", str(tmp_path / "data")]) == 3
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--out" in err and "Traceback" not in err
     assert list(out.iterdir()) == []  # no .partial, no temporary file, no directory made

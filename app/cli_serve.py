@@ -1,0 +1,104 @@
+"""`prefloop serve`'s flags: one per field of ServeConfig (app/config.py) and SamplingParams (learner/sampling.py),
+made from the dataclasses so that none is missed.
+
+A flag's help is its default, its PREFLOOP_* variable and the field's reason comment in the source: the comment
+beside each default stays the one home of its reason. Flags win over the variables, the variables over the defaults
+(`build_config`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import io
+import textwrap
+import tokenize
+from dataclasses import fields
+
+from app.config import BACKENDS, ServeConfig, build_config
+from learner.errors import ConfigError
+from learner.sampling import SamplingParams
+
+# data_dir is every command's --data-dir (app/cli.py); sampling is a group whose own fields are flags.
+NOT_FLAGS = {"data_dir", "sampling"}
+CHOICES = {"backend": BACKENDS, "device": ("cpu", "cuda")}
+RENAMED = {"--max-staleness": "--max-item-staleness"}  # PREFLOOP_MAX_STALENESS is refused likewise (build_config)
+
+
+def field_reasons(cls: type) -> dict[str, str]:
+    """Each dataclass field's reason: the comment lines just above its line, then the comment on it."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source shipped: the help falls back to the variable and the default
+        return {}
+    names = {f.name for f in fields(cls)}
+    reasons: dict[str, str] = {}
+    above: list[str] = []
+    line: list[tokenize.TokenInfo] = []
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT and not line:  # a comment on a line of its own
+            above.append(token.string.lstrip("#").strip())
+        elif token.type == tokenize.NEWLINE:  # the end of a statement
+            if len(line) > 1 and line[0].string in names and line[1].string == ":":
+                inline = [t.string.lstrip("#").strip() for t in line if t.type == tokenize.COMMENT]
+                reasons[line[0].string] = " ".join(above + inline)
+            above, line = [], []
+        elif token.type not in (tokenize.NL, tokenize.INDENT, tokenize.DEDENT):
+            line.append(token)
+    return reasons
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def shown(value) -> str:
+    """A default as the help shows it."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None:
+        return "none"
+    return str(value) if value != "" else '""'
+
+
+class Renamed(argparse.Action):
+    """A flag that was renamed: a usage error naming the new one (exit 2)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} was renamed {RENAMED[option_string]} (items sampled more than N deployed "
+                     "versions back are not served; a round's own knob is max_label_staleness)")
+
+
+def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
+    """A flag for every setting, with default None: a flag not given leaves the variable or the default."""
+    for cls in (ServeConfig, SamplingParams):
+        defaults, reasons = cls(), field_reasons(cls)
+        for f in fields(cls):
+            if f.name in NOT_FLAGS:
+                continue
+            default = getattr(defaults, f.name)
+            reason = reasons.get(f.name) or f.name.replace("_", " ")
+            help = f"default {shown(default)} (env PREFLOOP_{f.name.upper()}): {reason}".replace("%", "%%")
+            kwargs: dict = {"dest": f.name, "default": None, "help": help}
+            if isinstance(default, bool):
+                kwargs["action"] = argparse.BooleanOptionalAction
+            elif f.name in CHOICES:
+                kwargs["choices"] = CHOICES[f.name]
+            elif default is not None:
+                kwargs.update(type=type(default), metavar={int: "N", float: "X"}.get(type(default), "TEXT"))
+            serve.add_argument(flag(f.name), **kwargs)
+    for old in RENAMED:
+        serve.add_argument(old, action=Renamed, help=argparse.SUPPRESS)
+
+
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    """The ServeConfig that `serve` runs with: defaults, PREFLOOP_* variables, then the flags given."""
+    from app.cli import UsageError
+
+    names = [f.name for cls in (ServeConfig, SamplingParams) for f in fields(cls) if f.name not in NOT_FLAGS]
+    overrides = {name: getattr(args, name) for name in names}
+    try:
+        return build_config({"data_dir": args.data_dir, **overrides})
+    except ConfigError as exc:  # `--k 1`, `PREFLOOP_PORT=abc`: the command line (or environment) is wrong
+        raise UsageError(str(exc)) from None
+
