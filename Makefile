@@ -33,7 +33,9 @@ $(BROWSER):
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 	touch $@
 
+# Lint first (rules in pyproject.toml, [tool.ruff]): a finding stops the run before the ~10 minutes of tests.
 test: $(STAMP) $(BROWSER)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:
