@@ -159,6 +159,18 @@ class ItemBuffer:
                 raise NotHanded(f"your reservation of item {item_id} expired and another annotator took its slot; "
                                 "fetch your next item with GET /api/items/next (Next item in the Annotate tab)")
 
+    def hand_back(self, item_id: int, user_id: int) -> bool:
+        """Reserve item `item_id` for this annotator again after they retracted their ranking of it (Undo), so they
+        can rank it again; False (nothing reserved) when it is no longer served to them (stale, or full)."""
+        with self._lock:
+            if not self.store.items.waiting(user_id, self.served_versions, self.config.overlap, only=[item_id],
+                                            limit=1):
+                return False
+            now = time.monotonic()
+            self._reservations[(item_id, user_id)] = Reservation(user_id, item_id, now,
+                                                                 now + self.config.reserve_seconds)
+            return True
+
     def seconds_taken(self, item_id: int, user_id: int) -> float | None:
         """Seconds since the item was handed to this annotator, or None if it was not (e.g. a script's guess)."""
         with self._lock:

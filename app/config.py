@@ -44,6 +44,7 @@ class ServeConfig:
     backend_adapter_root: str = ""  # for "openai": the versions dir as the inference server sees it ("" = same path)
     merge_adapters: bool = True  # serve each version with its LoRA merged into a copy of the weights (faster)
     reserve_seconds: float = 600.0  # an item handed to an annotator is kept from others this long
+    daily_goal: int = 100  # rankings a day the Annotate tab counts each annotator towards: ~1 hour at ~30 s each
     # Items sampled by a version more than this many deployed versions back along the serving lineage are not
     # served: 2 keeps the buffer's items through two quick deploys, then annotators judge the current policy again.
     max_item_staleness: int = 2
@@ -62,6 +63,7 @@ class ServeConfig:
             "backend_url": (self.backend != "openai" or bool(self.backend_url and self.backend_model),
                             "backend 'openai' needs backend_url and backend_model"),
             "reserve_seconds": (self.reserve_seconds > 0, "reserve_seconds must be > 0"),
+            "daily_goal": (self.daily_goal >= 1, "daily_goal must be >= 1"),
             "max_item_staleness": (self.max_item_staleness >= 0, "max_item_staleness must be >= 0"),
             "port": (0 <= self.port <= 65535, "port must be in 0..65535"),
         }

@@ -7,12 +7,18 @@ An annotator may label only what was given to them (issue 8 item 4):
   label's own transaction, under the write lock, so two annotators racing for the last slot cannot both pass;
 - one flag per item per annotator, and only on an item handed to them (or one they already ranked or skipped).
 A refused label writes nothing: NotHanded (403) or Conflict (409), each naming the item and what to do instead.
+
+Undo: an annotator may retract their own ranking within UNDO_SECONDS of submitting it; the retraction is a new row
+(storage/labels.py `retract_ranking`), and the item is handed back to them to rank again while it is still served.
 """
 
 from __future__ import annotations
 
 from app.context import AppContext
+from storage.labels import Retraction
 from storage.users import User
+
+UNDO_SECONDS = 60.0  # long enough to notice a slip on the next item, short enough that a round rarely trains on it
 
 
 def _check_handed(ctx: AppContext, item_id: int, user: User) -> None:
@@ -59,3 +65,11 @@ def flag(ctx: AppContext, user: User, item_id: int, reason: str, and_skip: bool 
     if and_skip:
         ctx.buffer.done(item_id, user.user_id)
     return flag_id
+
+
+def retract(ctx: AppContext, user: User, ranking_id: int) -> tuple[Retraction, bool]:
+    """Take back the annotator's own ranking (within UNDO_SECONDS) and hand its item back to them; returns the
+    retraction and whether the item was handed back (False when it is no longer served: too stale, or full)."""
+    retraction = ctx.store.labels.retract_ranking(ranking_id, user.user_id, UNDO_SECONDS)
+    handed_back = ctx.buffer.hand_back(retraction.item_id, user.user_id)
+    return retraction, handed_back

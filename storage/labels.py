@@ -28,6 +28,13 @@ class LabelCounts:
         return self.rankings + self.feedback
 
 
+@dataclass(frozen=True)
+class Retraction:
+    retraction_id: int
+    ranking_id: int
+    item_id: int  # the item the retracted ranking was on: its annotator may rank it again
+
+
 def _item_answers(cur: Cursor, item_id: int) -> list[int]:
     """Answer ids of `item_id` in generation order; NotFound if there is no such item."""
     if not cur.execute("SELECT 1 FROM items WHERE item_id = ?", [item_id]).fetchone():
@@ -126,7 +133,7 @@ class Labels:
                 ).fetchone():
                     raise Conflict(f"answer {answer_id} already has your feedback")
             (ranking_id,) = cur.execute(
-                "INSERT INTO rankings (item_id, user_id, seconds) VALUES (?, ?, ?) RETURNING ranking_id",
+                "INSERT INTO ranking_events (item_id, user_id, seconds) VALUES (?, ?, ?) RETURNING ranking_id",
                 [item_id, user_id, seconds],
             ).fetchone()
             # Multi-row VALUES rather than executemany, which runs one statement per row.
@@ -137,7 +144,7 @@ class Labels:
             )
             if feedback:
                 cur.execute(
-                    "INSERT INTO feedback (answer_id, item_id, user_id, value, ranking_id) VALUES "
+                    "INSERT INTO feedback_events (answer_id, item_id, user_id, value, ranking_id) VALUES "
                     + ", ".join(["(?, ?, ?, ?, ?)"] * len(feedback)),
                     [x for a, v in feedback.items() for x in (a, item_id, user_id, v, ranking_id)],
                 )
@@ -158,7 +165,8 @@ class Labels:
             if not is_done_by(cur, row[0], user_id):
                 _check_room(cur, row[0], overlap)
             (feedback_id,) = cur.execute(
-                "INSERT INTO feedback (answer_id, item_id, user_id, value) VALUES (?, ?, ?, ?) RETURNING feedback_id",
+                "INSERT INTO feedback_events (answer_id, item_id, user_id, value) VALUES (?, ?, ?, ?) "
+                "RETURNING feedback_id",
                 [answer_id, row[0], user_id, value],
             ).fetchone()
         return feedback_id
@@ -193,6 +201,39 @@ class Labels:
                 [item_id, user_id, reason.strip()],
             ).fetchone()
         return flag_id
+
+    def retract_ranking(self, ranking_id: int, user_id: int, within_seconds: float) -> Retraction:
+        """Take back `user_id`'s own ranking `ranking_id` (and the thumbs given with it), at most `within_seconds`
+        after it was stored: a new retraction row, nothing deleted (see migration m012). From then on the ranking is
+        in no view, export or snapshot, and the annotator may rank the item again. NotFound for a ranking that is
+        not theirs (as for one that does not exist: ids of others' labels are not revealed), Conflict when it is
+        already retracted or the window has passed."""
+        with self.db.write() as cur:
+            row = cur.execute(
+                "SELECT item_id, epoch(current_timestamp) - epoch(created_at) FROM ranking_events "
+                "WHERE ranking_id = ? AND user_id = ?", [ranking_id, user_id]).fetchone()
+            if row is None:
+                raise NotFound(f"you have no ranking with id {ranking_id}")
+            item_id, age = row
+            if cur.execute("SELECT 1 FROM retractions WHERE ranking_id = ?", [ranking_id]).fetchone():
+                raise Conflict(f"ranking {ranking_id} is already retracted")
+            if age > within_seconds:
+                raise Conflict(f"ranking {ranking_id} was stored {age:.0f} s ago; it can be retracted only within "
+                               f"{within_seconds:.0f} s")
+            (retraction_id,) = cur.execute(
+                "INSERT INTO retractions (ranking_id, user_id) VALUES (?, ?) RETURNING retraction_id",
+                [ranking_id, user_id]).fetchone()
+        return Retraction(retraction_id, ranking_id, item_id)
+
+    def given(self, ranking_id: int) -> tuple[list[int], dict[int, str]]:
+        """What ranking `ranking_id` said, retracted or not: answer ids best first, and the thumbs given with it
+        (Undo shows them again so the annotator changes only what they meant to)."""
+        cur = self.db.cursor()
+        order = [a for (a,) in cur.execute(
+            "SELECT answer_id FROM ranking_answers WHERE ranking_id = ? ORDER BY rank", [ranking_id]).fetchall()]
+        thumbs = dict(cur.execute("SELECT answer_id, value FROM feedback_events WHERE ranking_id = ?",
+                                  [ranking_id]).fetchall())
+        return order, thumbs
 
     def counts(self, since: datetime | None = None, user_id: int | None = None) -> LabelCounts:
         """Labels stored since `since` (naive = UTC; None = ever), by `user_id` (None = anyone)."""

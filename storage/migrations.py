@@ -296,3 +296,74 @@ def m011_suggestions(cur: Cursor) -> None:
             decided_at    TIMESTAMPTZ,
             prompt_id     BIGINT             -- the pool prompt an approval added (or found there already)
         )""")
+
+
+@migration
+def m012_retractions(cur: Cursor) -> None:
+    # Issue 11: an annotator may take back the ranking they just submitted (Undo). Labels stay append-only: a
+    # retraction is a row of its own, and `rankings` / `feedback` become views that leave out retracted rankings and
+    # the thumbs given with them, so every reader (the pairs and unary views, exports, snapshots, analytics, the
+    # canary, the overlap count) respects a retraction without knowing of it. The rows live on in ranking_events /
+    # feedback_events, which drop the UNIQUE (item, user) so the annotator can rank the item again: the writer
+    # (storage/labels.py) checks uniqueness against the views, under the write lock. Only that writer inserts.
+    cur.execute("CREATE SEQUENCE retractions_seq START 1")
+    cur.execute("""
+        CREATE TABLE retractions (
+            retraction_id BIGINT PRIMARY KEY DEFAULT nextval('retractions_seq'),
+            ranking_id    BIGINT NOT NULL UNIQUE,  -- a ranking is retracted at most once
+            user_id       BIGINT NOT NULL,         -- who retracted it (its annotator)
+            created_at    TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
+        )""")
+    cur.execute("""
+        CREATE TABLE ranking_events (
+            ranking_id BIGINT PRIMARY KEY DEFAULT nextval('rankings_seq'),
+            item_id    BIGINT NOT NULL,
+            user_id    BIGINT NOT NULL,
+            seconds    DOUBLE,
+            created_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
+        )""")
+    cur.execute("INSERT INTO ranking_events SELECT ranking_id, item_id, user_id, seconds, created_at FROM rankings")
+    cur.execute("""
+        CREATE TABLE feedback_events (
+            feedback_id BIGINT PRIMARY KEY DEFAULT nextval('feedback_seq'),
+            answer_id   BIGINT NOT NULL,
+            item_id     BIGINT NOT NULL,
+            user_id     BIGINT NOT NULL,
+            value       VARCHAR NOT NULL CHECK (value IN ('up', 'down')),
+            ranking_id  BIGINT,
+            created_at  TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
+        )""")
+    cur.execute("INSERT INTO feedback_events SELECT feedback_id, answer_id, item_id, user_id, value, ranking_id, "
+                "created_at FROM feedback")
+    cur.execute("DROP TABLE rankings")
+    cur.execute("DROP TABLE feedback")
+    cur.execute("""
+        CREATE VIEW rankings AS
+        SELECT r.ranking_id, r.item_id, r.user_id, r.seconds, r.created_at FROM ranking_events r
+        WHERE NOT EXISTS (SELECT 1 FROM retractions x WHERE x.ranking_id = r.ranking_id)""")
+    cur.execute("""
+        CREATE VIEW feedback AS
+        SELECT f.feedback_id, f.answer_id, f.item_id, f.user_id, f.value, f.ranking_id, f.created_at
+        FROM feedback_events f
+        WHERE f.ranking_id IS NULL OR NOT EXISTS (SELECT 1 FROM retractions x WHERE x.ranking_id = f.ranking_id)""")
+
+
+@migration
+def m013_arena_votes(cur: Cursor) -> None:
+    # Issue 11: the Demo's arena. One vote on two answers to one prompt from two versions shown as A and B (which is
+    # which hidden until the vote): a preference label of its own kind, kept apart from the items' rankings (its
+    # answers come from the Demo's settings, not from the item pipeline, so the learner does not train on them).
+    cur.execute("CREATE SEQUENCE arena_votes_seq START 1")
+    cur.execute("""
+        CREATE TABLE arena_votes (
+            vote_id         BIGINT PRIMARY KEY DEFAULT nextval('arena_votes_seq'),
+            user_id         BIGINT NOT NULL,   -- who voted
+            prompt          VARCHAR NOT NULL,
+            version_a       INTEGER NOT NULL,  -- the version that answered on side A
+            version_b       INTEGER NOT NULL,
+            answer_a        VARCHAR NOT NULL,
+            answer_b        VARCHAR NOT NULL,
+            seed            BIGINT,            -- shared by both sides
+            vote            VARCHAR NOT NULL CHECK (vote IN ('a', 'b', 'tie', 'both_bad')),
+            created_at      TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
+        )""")

@@ -8,6 +8,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Self
 
+from storage.arena import ArenaVotes
 from storage.db import Database
 from storage.errors import StorageError
 from storage.items import Items
@@ -53,6 +54,7 @@ class Store:
         self.runs = Runs(self.db)
         self.settings = Settings(self.db)
         self.suggestions = Suggestions(self.db)
+        self.arena = ArenaVotes(self.db)
 
     @classmethod
     def open(cls, data_dir: Path) -> Store:
