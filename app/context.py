@@ -7,7 +7,6 @@ action and one place where roles are checked.
 from __future__ import annotations
 
 import hmac
-import json
 import secrets
 from dataclasses import dataclass, field, replace
 
@@ -16,15 +15,14 @@ from app.config import ServeConfig
 from app.deployments import Deployments
 from app.login import Sessions
 from app.policy import GenerationSlots, PolicyService
-from app.scheduler import TRIGGER_CONFIG, TRIGGER_LABELS, TRIGGER_MINUTES, Scheduler
-from learner.config import RoundConfig
+from app.scheduler import Scheduler
+from app.settings import AppSettings
 from learner.errors import ConfigError
 from storage.store import Store
 from storage.users import User
 
 # The CLI's stand-in while a server holds the data dir: an admin with no account, who may not label.
 LOCAL_CLI_USER = User(user_id=0, name="local-cli", role="admin", disabled=False)
-OVERLAP_SETTING = "overlap"  # settings key: the Admin tab's overlap, which outlives a restart and wins over --overlap
 
 
 @dataclass
@@ -41,8 +39,8 @@ class AppContext:
 
     @classmethod
     def build(cls, config: ServeConfig, store: Store, policy: PolicyService) -> AppContext:
-        if store.settings.get(OVERLAP_SETTING):
-            config = replace(config, overlap=int(store.settings.get(OVERLAP_SETTING)))
+        # A stored overlap (Admin, PATCH /api/settings) outlives a restart and wins over --overlap (app/settings.py).
+        config = replace(config, overlap=AppSettings(store.settings, config).get("overlap"))
         deployments = Deployments(store, policy)
         buffer = ItemBuffer(store, policy, config, deployments)
         # A new version makes older items stale, a canary wants items of its own: wake the sampler either way.
@@ -50,6 +48,11 @@ class AppContext:
         scheduler = Scheduler(store, policy, config, deployments)
         scheduler.cores.buffer = buffer  # topped up before a round takes cores away from sampling
         return cls(config, store, policy, buffer, scheduler, deployments)
+
+    @property
+    def settings(self) -> AppSettings:
+        """The admin-editable settings, typed (app/settings.py: stored > serve flag/env > default)."""
+        return AppSettings(self.store.settings, self.config)
 
     def stop(self) -> None:
         self.scheduler.stop()
@@ -74,17 +77,13 @@ class AppContext:
         if not isinstance(overlap, int) or isinstance(overlap, bool):
             raise ConfigError(f"overlap must be an integer >= 1, got {overlap!r}")
         config = replace(self.config, overlap=overlap)  # ServeConfig validates
-        self.store.settings.set(OVERLAP_SETTING, str(config.overlap))
+        self.settings.update({"overlap": config.overlap})
         # ServeConfig is frozen; the buffer reads `config.overlap` on every call, so swapping the object is enough.
         self.config = self.buffer.config = self.scheduler.config = config
         self.buffer.wake()
 
     def set_auto_train(self, every_labels: int, every_minutes: int, overrides: dict) -> None:
         """Automatic rounds every N new labels and/or T minutes (0 = off), with these RoundConfig overrides."""
-        for name, value in (("every_labels", every_labels), ("every_minutes", every_minutes)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"{name} must be an integer >= 0 (0 = off), got {value!r}")
-        RoundConfig.from_dict(overrides)  # refuse a config now rather than at the first automatic round
-        self.store.settings.set(TRIGGER_CONFIG, json.dumps(overrides))
-        self.store.settings.set(TRIGGER_LABELS, str(every_labels))
-        self.store.settings.set(TRIGGER_MINUTES, str(every_minutes))
+        # All three are checked before any is stored; the config now rather than at the first automatic round.
+        self.settings.update({"auto_train_config": overrides, "auto_train_every_labels": every_labels,
+                              "auto_train_every_minutes": every_minutes})

@@ -18,11 +18,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from app.canary import CanaryConfig, WinRate, decide, should_mix, win_rate
 from app.policy import PolicyService
+from app.settings import AppSettings
 from storage.errors import Conflict, NotFound
 from storage.store import Store
 from storage.versions import Canary, PolicyVersion
@@ -52,7 +53,7 @@ class Deployments:
         self.policy = policy
         self.on_change = on_change or (lambda: None)  # the buffer's wake-up: new items for the new state
         self._lock = threading.RLock()  # one change of what serves at a time
-        self.canary_config = CanaryConfig.from_settings(store.settings.all())
+        self.canary_config = AppSettings(store.settings).canary()  # stored values over CanaryConfig's defaults
         deployed = store.versions.deployed()
         self._load(deployed)
         self._serving = deployed.version
@@ -165,8 +166,7 @@ class Deployments:
         """Change any canary setting; all validated before any is stored (ConfigError names the bad one)."""
         with self._lock:
             config = self.canary_config.replace(changes)
-            for key, value in config.to_settings().items():
-                self.store.settings.set(key, value)
+            AppSettings(self.store.settings).update(asdict(config))
             self.canary_config = config
         return config
 

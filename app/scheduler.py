@@ -20,7 +20,6 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,29 +27,13 @@ from app.child import die_with_parent
 from app.config import ServeConfig
 from app.deployments import Deployments
 from app.policy import PolicyService
+from app.settings import AppSettings, AutoTrain
 from learner.config import RoundConfig
 from storage.errors import Conflict
 from storage.exports import write_snapshot
 from storage.store import Store
 
 log = logging.getLogger(__name__)
-
-TRIGGER_LABELS = "auto_train_every_labels"  # settings keys; "0" or missing = off
-TRIGGER_MINUTES = "auto_train_every_minutes"
-TRIGGER_CONFIG = "auto_train_config"  # JSON of RoundConfig overrides used by automatic rounds
-
-
-@dataclass(frozen=True)
-class AutoTrain:
-    """The automatic triggers as stored in settings."""
-
-    every_labels: int  # 0 = off
-    every_minutes: int  # 0 = off
-    config: dict  # RoundConfig overrides automatic rounds use
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.every_labels or self.every_minutes)
 
 
 class Scheduler:
@@ -199,9 +182,8 @@ class Scheduler:
 
     # -- automatic triggers -------------------------------------------------------------------------------------
     def auto_train(self) -> AutoTrain:
-        s = self.store.settings
-        return AutoTrain(_int(s.get(TRIGGER_LABELS)), _int(s.get(TRIGGER_MINUTES)),
-                         json.loads(s.get(TRIGGER_CONFIG) or "{}"))
+        """The triggers as stored (app/settings.py: auto_train_every_labels, _every_minutes, _config)."""
+        return AppSettings(self.store.settings, self.config).auto_train()
 
     def on_label(self) -> None:
         every = self.auto_train().every_labels
@@ -287,13 +269,6 @@ def _event(line: str) -> dict | None:
     except ValueError:
         return None
     return event if isinstance(event, dict) else None
-
-
-def _int(value: str | None) -> int:
-    try:
-        return max(0, int(value or 0))
-    except ValueError:
-        return 0
 
 
 def _now() -> datetime:
