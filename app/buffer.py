@@ -213,7 +213,7 @@ class ItemBuffer:
         """Ready items to keep waiting: the recent hand-out rate times the time a batch takes (twice, so the next
         batch is sampled while the last one is being ranked), within [buffer_size, buffer_max]; plus the items
         reserved right now, which are waiting too."""
-        return self.sizer.target(self.config.buffer_size, self.config.buffer_max, time.monotonic()) + \
+        return self.sizer.target(self.config.buffer_size, self.config.buffer_ceiling, time.monotonic()) + \
             self.reserved_count()
 
     def fill_once(self, up_to: int | None = None) -> int:
@@ -252,7 +252,7 @@ class ItemBuffer:
         returns the items added. Runs in the caller's thread, beside the prefetch thread: both only add items."""
         deadline, added = time.monotonic() + seconds, 0
         while time.monotonic() < deadline:
-            batch = self.fill_once(up_to=self.config.buffer_max)
+            batch = self.fill_once(up_to=self.config.buffer_ceiling)
             if not batch:
                 break
             added += batch

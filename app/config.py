@@ -57,7 +57,7 @@ class ServeConfig:
             "k": (self.k >= 2, "k must be >= 2 (a ranking needs two answers)"),
             "overlap": (self.overlap >= 1, "overlap must be >= 1"),
             "buffer_size": (self.buffer_size >= 0, "buffer_size must be >= 0"),
-            "buffer_max": (self.buffer_max >= max(1, self.buffer_size), "buffer_max must be >= max(1, buffer_size)"),
+            "buffer_max": (self.buffer_max >= 1, "buffer_max must be >= 1 (a buffer_size above it raises it)"),
             "batch_items": (self.batch_items >= 1, "batch_items must be >= 1"),
             "backend": (self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}"),
             "backend_url": (self.backend != "openai" or bool(self.backend_url and self.backend_model),
@@ -70,6 +70,11 @@ class ServeConfig:
         for name, (ok, message) in checks.items():
             if not ok:
                 raise ConfigError(f"{message}, got {getattr(self, name)!r}")
+
+    @property
+    def buffer_ceiling(self) -> int:
+        """buffer_max, or buffer_size when that is set higher (a floor above the ceiling is the user's intent)."""
+        return max(self.buffer_max, self.buffer_size)
 
     @property
     def db_path(self) -> Path:
