@@ -8,7 +8,8 @@ that holds no DuckDB file, so a typo is an error rather than an empty store.
 Exit codes: 0 done; 1 the command could not be carried out (a server unreachable or refusing, the file held by
 another process, a full disk, a value the store refuses); 2 usage (argparse's: an unknown flag, a missing or
 malformed argument; a setting out of range); 3 bad input: a file or directory named on the command line that cannot
-be used (a prompts file with errors, a data dir that does not exist, an --out that cannot be written).
+be used (a prompts file with errors, a data dir that does not exist, an --out that cannot be written); 4 `simulate`
+stopped at its --timeout before its labels were stored.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def version() -> str:
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="prefloop", description=__doc__.splitlines()[0],
-                                  epilog="exit codes: 0 done, 1 failed, 2 usage error, 3 bad input file or directory")
+                                  epilog="exit codes: 0 done, 1 failed, 2 usage error, 3 bad input file or directory, "
+                                         "4 simulate timed out")
     top.add_argument("--version", action="version", version=f"prefloop {version()}")
     sub = top.add_subparsers(required=True, metavar="COMMAND")
 

@@ -25,7 +25,8 @@ the answers it is served, i.e. how far the policy already does what the persona 
 The deployed policy version (from /api/health) is printed alongside; served items can be up to max_staleness older.
 
 Exit code: 0 when M rankings were stored and no request failed, 1 when any request failed (each is counted and the
-first few are printed), 2 when --timeout passed first without errors.
+first few are printed), 4 when --timeout passed first without errors (2 and 3 are usage and bad input, as for every
+prefloop command: app/cli.py).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class Summary:
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.errors else 2 if self.timed_out else 0
+        return 1 if self.errors else 4 if self.timed_out else 0  # 4: not 2, which is a usage error
 
 
 def agreement(items: list[ItemView]) -> str:

@@ -260,3 +260,4 @@ def test_cli_says_plainly_who_holds_the_file(held):
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     assert "prefloop.duckdb" in done.stderr and "server" in done.stderr
+

@@ -126,7 +126,7 @@ def test_simulate_adds_prompts_then_polls_until_timeout_when_nothing_waits(ctx, 
     code = main(["simulate", "--data-dir", str(ctx.config.data_dir), "--persona", "arithmetic",
                  "--add-prompts", "5", "--labels", "2", "--timeout", "1.5", "--poll", "0.2"])
     out = capsys.readouterr().out
-    assert code == 2, out  # timed out, no errors: the test server samples nothing (prefetch off)
+    assert code == 4, out  # timed out, no errors: the test server samples nothing (prefetch off)
     assert "added 5 arithmetic prompts" in out and "created 1 annotator accounts: sim-arithmetic-0" in out
     assert "timed out: 0 rankings" in out and "0 errors" in out
     assert ctx.store.prompts.count() == before + 5
@@ -162,7 +162,7 @@ def test_simulate_counts_errors_and_exits_1(ctx, server, accounts, tmp_path, cap
     code = main(["simulate", "--url", server.url, "--tokens", str(tokens), "--annotators", "2", "--labels", "3",
                  "--timeout", "2", "--poll", "0.2"])
     captured = capsys.readouterr()
-    assert code == 1  # errors win over the timeout's exit code 2
+    assert code == 1  # errors win over the timeout's exit code 4
     assert "timed out: 2 rankings" in captured.out and "1 errors" in captured.out
     assert "error: annotator 1: GET /api/items/next -> 401" in captured.err
     assert main(["simulate", "--url", "http://127.0.0.1:9", "--token=x"]) == 1  # nothing listens on port 9
