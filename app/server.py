@@ -262,6 +262,9 @@ def _serve(config: ServeConfig, sock: socket.socket, announce) -> None:
     umask = os.umask(0o077)
     try:
         make_data_dir(config.data_dir)
+        # Gradio's upload and export cache: inside the private data dir rather than the world-shared /tmp/gradio,
+        # where another local user could read a file whose name they guessed. Read when gradio is imported (later).
+        os.environ.setdefault("GRADIO_TEMP_DIR", str(config.data_dir / "gradio-cache"))
         announce(f"prefloop: data dir {config.data_dir.resolve()}")
         announce(f"prefloop: loading model {config.model!r} (the first start converts the shipped GGUF, ~15 s)")
         _run(config, sock, open_context(config, announce), announce)
@@ -283,7 +286,7 @@ def _run(config: ServeConfig, sock: socket.socket, ctx: AppContext, announce) ->
             announce(f"    user: {name}\n    password: {password}\n    API token: {token}")
         write_server_file(config, server.url, ctx.local_token)
         announce(f"prefloop: serving policy version {ctx.deployments.serving} on {ctx.policy.device}")
-        announce(f"prefloop: open {server.url}/ui/   (API docs: {server.url}/api/docs)")
+        announce(f"prefloop: open {server.url}/ui/   (admins: {server.url}/admin/, API docs: {server.url}/api/docs)")
         server.run()
     finally:
         config.server_file.unlink(missing_ok=True)
