@@ -4,10 +4,11 @@
     .venv/bin/python -m bench.learner round     # wall time of one default round, split by phase, + the hot-swap pause
     .venv/bin/python -m bench.learner api       # POST /api/train -> the new version's first item from /api/items/next
     .venv/bin/python -m bench.learner all
+    .venv/bin/python -m bench.learner --vs-trl  # one DPO step of prefloop vs TRL's DPOTrainer (pip install .[bench])
 
 `step` runs each reference mode in its own process so that peak memory (max RSS on a CPU, max allocated on a GPU)
 belongs to that mode alone. `round` and `api` label items with a simple preference (shorter answers first) so the
-round has human pairs; `api` runs the server as a separate process with max_staleness 0, so the first item served
+round has human pairs; `api` runs the server as a separate process with max_item_staleness 0, so the first item served
 after the deploy is one the new version sampled.
 """
 
@@ -101,6 +102,119 @@ def bench_step() -> None:
         print(f"  {label}: {r['step_s']:6.2f} s/step   peak {r['peak_mib']:7.0f} MiB ({r['peak_kind']})")
 
 
+# --- vs-trl: one DPO step of prefloop and of TRL's DPOTrainer, interleaved ------------------------------------------
+VS_TRL_PAIRS = 4  # 4 pairs = 8 sequences
+VS_TRL_LENGTH = 192  # tokens per sequence (prompt + answer), the design's CPU timing size
+
+
+def _vs_trl_data() -> list[dict]:
+    """4 prompts with a chosen and a rejected answer each, long enough to fill 192 tokens with the chat template."""
+    fox = "The quick brown fox jumps over the lazy dog. " * 40
+    cat = "A small grey cat sleeps on a warm windowsill all afternoon. " * 40
+    return [{"prompt": f"Question {i}: describe an animal.", "chosen": fox[i:], "rejected": cat[i:]}
+            for i in range(VS_TRL_PAIRS)]
+
+
+def _prefloop_stepper(path, device, rows, lora_config):
+    """A closure running one prefloop DPO step (reference log-probs cached after the first step, as in a round)."""
+    from peft import get_peft_model
+
+    from learner.config import RoundConfig
+    from learner.model import load_base_model, load_tokenizer
+    from learner.refcache import ReferenceLogps
+    from learner.train import PairExample, PolicyContext, step_micro_losses
+
+    tokenizer = load_tokenizer(path)
+    model = get_peft_model(load_base_model(path, device), lora_config, adapter_name="policy")
+    model.train()
+    config = RoundConfig(max_length=VS_TRL_LENGTH, batch_size=VS_TRL_PAIRS)
+    reference = ReferenceLogps(model, tokenizer.pad_token_id, None, 2 * VS_TRL_PAIRS)
+    context = PolicyContext(model, tokenizer, config, reference)
+    batch = [PairExample(r["prompt"], r["chosen"], r["rejected"], "human", group=str(i)) for i, r in enumerate(rows)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, eps=1e-5, weight_decay=0.0)
+
+    def step() -> None:
+        for loss, weight, _ in step_micro_losses(context, "dpo", batch):
+            (loss * weight).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _trl_stepper(path, device, rows, lora_config, out_dir: Path):
+    """A closure running one TRL DPOTrainer step: its own collation, loss and reference forward (TRL's defaults)."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from learner.model import load_base_model, load_tokenizer
+
+    tokenizer = load_tokenizer(path)
+    model = load_base_model(path, device)
+    model.train()
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
+                               "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                               "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
+    args = DPOConfig(output_dir=str(out_dir), per_device_train_batch_size=VS_TRL_PAIRS, max_length=VS_TRL_LENGTH,
+                     learning_rate=1e-5, beta=0.1, report_to=[], use_cpu=not device.is_cuda,
+                     bf16=device.is_cuda, save_strategy="no", logging_strategy="no", max_grad_norm=1.0,
+                     gradient_checkpointing=False)  # TRL turns it on by default; prefloop keeps activations too
+    trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                         peft_config=lora_config)
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); we call training_step directly
+    batch = next(iter(trainer.get_train_dataloader()))
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+
+    def step() -> None:
+        trainer.training_step(trainer.model, batch)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    return step, lengths
+
+
+def bench_vs_trl(repeats: int) -> None:
+    """prefloop's and TRL's DPO steps on SmolLM2, same data, LoRA and reference, interleaved (A B A B ...) so a
+    machine busy at one moment slows both; median seconds per step after one warm-up step each."""
+    import statistics
+
+    from peft import LoraConfig
+
+    from learner.model import pick_device, resolve_model
+
+    print(device_line())
+    device = pick_device()
+    path = resolve_model("smollm2", MODELS)
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    rows = _vs_trl_data()
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = _prefloop_stepper(path, device, rows, lora)
+        theirs, lengths = _trl_stepper(path, device, rows, lora, Path(tmp))
+        times: dict[str, list[float]] = {"prefloop": [], "trl": []}
+        for repeat in range(repeats + 1):  # repeat 0 warms up (prefloop computes its reference log-probs there)
+            for name, step in (("prefloop", ours), ("trl", theirs)):
+                if device.is_cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                step()
+                if device.is_cuda:
+                    torch.cuda.synchronize()
+                if repeat:
+                    times[name].append(time.perf_counter() - start)
+    ours_s, trl_s = statistics.median(times["prefloop"]), statistics.median(times["trl"])
+    print(f"one DPO step, SmolLM2-135M, LoRA r=16 all-linear, {VS_TRL_PAIRS} pairs = {2 * VS_TRL_PAIRS} sequences "
+          f"(TRL's rows: {min(lengths)}-{max(lengths)} tokens), reference = the base through the disabled adapter, "
+          f"median of {repeats} interleaved repeats:")
+    print(f"  prefloop {ours_s:6.2f} s/step (reference log-probs computed once, then cached)")
+    print(f"  TRL      {trl_s:6.2f} s/step (DPOTrainer defaults: a reference forward every step)")
+    print(f"  ratio prefloop / TRL: {ours_s / trl_s:.2f} (goal <= 0.75)")
+
+
 # --- round: a labelled store, one default round in-process, the swap ----------------------------------------------
 def labelled_store(data_dir: Path, n_items: int):
     """A store with n_items sampled by SmolLM2 and ranked shortest-first by one annotator."""
@@ -118,7 +232,7 @@ def labelled_store(data_dir: Path, n_items: int):
     user, _, token = store.users.add("bench", "admin", "bench-password")
     started = time.perf_counter()
     for prompt in store.prompts.least_sampled(n_items):
-        _, answers = policy.sample(prompt.text, 4, SamplingParams(max_new_tokens=64), seed=prompt.prompt_id)
+        _, answers = policy.sample(prompt.text, 4, SamplingParams(max_new_tokens=64), 0, seed=prompt.prompt_id)
         item = store.items.add(prompt.prompt_id, 0, {"k": 4},
                                [AnswerRecord(a.text, a.token_count, a.finish_reason, a.logprob_sum) for a in answers])
         order = sorted(item.answers, key=lambda a: (len(a.text), a.answer_id))
@@ -146,10 +260,20 @@ def bench_round(n_items: int) -> None:
               f"{config.reward_steps} steps, rollouts {config.rollout_prompts}x{config.rollout_n} every "
               f"{config.sync_every} steps): {wall:.0f} s wall")
         print(f"  phases: {phases}")
-        print(f"  gate: {metrics['gate']}; win-rate vs parent {metrics.get('win_rate_vs_parent')}, "
-              f"KL {metrics.get('kl_to_reference')}, RM held-out accuracy {metrics.get('reward_heldout_accuracy')}")
+        data = metrics["data"]
+        print(f"  data: {data['steps']} steps, {data['human_uses']} human / {data['onpolicy_uses']} on-policy example "
+              f"uses, on-policy {data['onpolicy']}; reference log-probs {data['reference_logps']}")
+
+        def figure(key: str) -> str:
+            f = metrics.get(key)
+            return "n/a" if not f else f"{f['value']:.2f} (n={f['n']}, 95% CI [{f['ci95'][0]:.2f}, {f['ci95'][1]:.2f}])"
+
+        print(f"  gate: passed={metrics['gate']['passed']} reason={metrics['gate']['reason']}; "
+              f"KL {metrics.get('kl_to_reference')}")
+        for key in ("win_rate_vs_parent", "reward_heldout_accuracy", "policy_heldout_accuracy"):
+            print(f"  {key}: {figure(key)}")
         start = time.perf_counter()
-        policy.deploy(1, tmp / "v1" / "adapter")
+        policy.load_adapter(1, tmp / "v1" / "adapter")
         print(f"  hot-swap pause (load the adapter + switch, under the model lock): "
               f"{(time.perf_counter() - start) * 1000:.0f} ms")
         store.close()
@@ -167,12 +291,13 @@ def bench_api(n_items: int) -> None:
         store, _, token = labelled_store(data_dir, n_items)
         store.close()
         port = free_port()
-        env = {**os.environ, "PREFLOOP_MAX_STALENESS": "0", "PREFLOOP_BUFFER_SIZE": "2"}
+        env = {**os.environ, "PREFLOOP_MAX_ITEM_STALENESS": "0", "PREFLOOP_BUFFER_SIZE": "2"}
         server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--data-dir", str(data_dir), "--port",
                                    str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
         c = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"authorization": f"Bearer {token}"}, timeout=60)
         try:
             _wait(lambda: c.get("/api/health").status_code == 200, 300)
+            c.patch("/api/settings", json={"deploy_policy": "immediate"}).raise_for_status()  # no canary: latency
             # The gate is opened (min_win_rate 0) so the round deploys whatever it learns: this measures latency.
             started = time.perf_counter()
             run_id = c.post("/api/train", json={"algorithm": "dpo", "min_win_rate": 0.0}).json()["run_id"]
@@ -211,9 +336,15 @@ def main() -> None:
         print(json.dumps(step_once(sys.argv[2])))
         return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["step", "round", "api", "all"])
+    p.add_argument("what", nargs="?", default=None, choices=["step", "round", "api", "all"])
     p.add_argument("--items", type=int, default=12, help="labelled items (rankings) the rounds learn from")
+    p.add_argument("--vs-trl", action="store_true", help="one DPO step of prefloop vs TRL's DPOTrainer, interleaved")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved repeats of --vs-trl")
     a = p.parse_args()
+    if a.what is None and not a.vs_trl:
+        p.error("name a benchmark (step, round, api, all) or pass --vs-trl")
+    if a.vs_trl:
+        bench_vs_trl(a.repeats)
     if a.what in ("step", "all"):
         bench_step()
     if a.what in ("round", "all"):
