@@ -15,8 +15,7 @@ import textwrap
 import tokenize
 from dataclasses import fields
 
-from app.config import BACKENDS, ServeConfig, build_config
-from learner.errors import ConfigError
+from app.config import BACKENDS, ServeConfig
 from learner.sampling import SamplingParams
 
 # data_dir is every command's --data-dir (app/cli.py); sampling is a group whose own fields are flags.
@@ -93,12 +92,8 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
     """The ServeConfig that `serve` runs with: defaults, PREFLOOP_* variables, then the flags given."""
-    from app.cli import UsageError
+    from app.cli import configured  # build_config, a bad value (`--k 1`, `PREFLOOP_PORT=abc`) a usage error
 
     names = [f.name for cls in (ServeConfig, SamplingParams) for f in fields(cls) if f.name not in NOT_FLAGS]
-    overrides = {name: getattr(args, name) for name in names}
-    try:
-        return build_config({"data_dir": args.data_dir, **overrides})
-    except ConfigError as exc:  # `--k 1`, `PREFLOOP_PORT=abc`: the command line (or environment) is wrong
-        raise UsageError(str(exc)) from None
+    return configured({"data_dir": args.data_dir, **{name: getattr(args, name) for name in names}})
 
