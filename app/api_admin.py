@@ -6,20 +6,25 @@ Each calls the same function as the Admin tab (`AppContext` or the store), so th
 
 from __future__ import annotations
 
+from dataclasses import asdict, fields
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends
-from pydantic import Field
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel, Field
 
 from app import suggestions
 from app.api import Admin, Body, Ctx, current_user
+from app.api_models import ArenaPair, errors
+from app.arena import standings as arena_standings
+from app.canary import CanaryConfig
 from app.errors import ApiError
-from app.ui.admin import GUIDELINES_SETTING, MAX_GUIDELINES_CHARS
-from app.ui.annotate import DEFAULT_GUIDELINES
+from app.settings import MAX_GUIDELINES_CHARS, check_settings
+from storage.prompts import MAX_PAGE, MAX_SEARCH_CHARS
 from storage.suggestions import Suggestion
 from storage.users import User, check_new_password
 
 router = APIRouter(prefix="/api")
+CANARY_FIELDS = tuple(f.name for f in fields(CanaryConfig))
 
 
 class DisableBody(Body):
@@ -48,8 +53,15 @@ class AutoTrainBody(Body):
 
 class SettingsBody(Body):
     overlap: int | None = Field(default=None, ge=1, le=100)
+    daily_goal: int | None = Field(default=None, ge=1, description="rankings a day each annotator counts towards")
     guidelines: str | None = Field(default=None, min_length=1, max_length=MAX_GUIDELINES_CHARS)
     auto_train: AutoTrainBody | None = None
+    # The canary (app/canary.py's CanaryConfig holds each default with its reason, and checks the ranges).
+    deploy_policy: Literal["canary", "immediate"] | None = None
+    canary_share: float | None = Field(default=None, description="share of new items that carry the canary, (0, 1]")
+    canary_min_comparisons: int | None = Field(default=None, description="comparisons before any decision")
+    canary_max_items: int | None = Field(default=None, description="ranked canary items before an admin decides")
+    canary_threshold: float | None = Field(default=None, description="the win-rate to beat, (0, 1)")
 
 
 @router.get("/users")
@@ -107,30 +119,40 @@ def change_own_password(body: OwnPasswordBody, user: Annotated[User, Depends(cur
 @router.post("/versions/rollback")
 def roll_back(user: Admin, c: Ctx, body: RollBackBody | None = None) -> dict:
     """Deploy the deployed version's parent; the version taken down is marked rolled_back."""
-    taken_down = c.policy.version
-    parent = c.roll_back(reason=(body.reason if body and body.reason else f"rolled back by {user.name}"))
+    taken_down = c.deployments.serving
+    parent = c.deployments.roll_back(reason=(body.reason if body and body.reason else f"rolled back by {user.name}"))
     return {"version": parent, "rolled_back": taken_down}
 
 
 @router.get("/settings")
 def settings(user: Admin, c: Ctx) -> dict:
-    auto = c.scheduler.auto_train()
-    return {"overlap": c.config.overlap,
-            "guidelines": c.store.settings.get(GUIDELINES_SETTING) or DEFAULT_GUIDELINES,
+    """Every admin setting with its value now (app/settings.py: stored > serve flag/env > default)."""
+    stored = c.settings
+    auto = stored.auto_train()
+    return {"overlap": c.config.overlap, "daily_goal": stored.get("daily_goal"), "guidelines": stored.get("guidelines"),
             "auto_train": {"every_labels": auto.every_labels, "every_minutes": auto.every_minutes,
-                           "config": auto.config}}
+                           "config": auto.config},
+            **asdict(c.deployments.canary_config)}
 
 
 @router.patch("/settings")
 def update_settings(body: SettingsBody, user: Admin, c: Ctx) -> dict:
-    """Change any of overlap, guidelines, auto_train; validated as a whole before anything is stored."""
+    """Change any of overlap, daily_goal, guidelines, auto_train and the canary settings; validated as a whole
+    before anything is stored."""
+    canary = {name: value for name in CANARY_FIELDS if (value := getattr(body, name)) is not None}
+    c.deployments.canary_config.replace(canary)  # ConfigError (422) names a bad value before anything is stored
+    plain = {name: value for name in ("daily_goal", "guidelines") if (value := getattr(body, name)) is not None}
+    if "guidelines" in plain:
+        plain["guidelines"] = plain["guidelines"].strip()
+    check_settings(plain)
     if body.auto_train is not None:
         a = body.auto_train
         c.set_auto_train(a.every_labels, a.every_minutes, a.config)
     if body.overlap is not None:
         c.set_overlap(body.overlap)
-    if body.guidelines is not None:
-        c.store.settings.set(GUIDELINES_SETTING, body.guidelines.strip())
+    c.settings.update(plain)
+    if canary:
+        c.deployments.set_canary_config(canary)
     return settings(user, c)
 
 
@@ -157,3 +179,45 @@ def approve_suggestion(suggestion_id: int, user: Admin, c: Ctx) -> dict:
 def reject_suggestion(suggestion_id: int, user: Admin, c: Ctx) -> dict:
     """Reject a pending suggestion: nothing enters the pool (409 unless it is pending)."""
     return suggestion_json(suggestions.decide(c, suggestion_id, user, approve=False))
+
+
+@router.get("/arena", response_model=list[ArenaPair])
+def arena(user: Admin, c: Ctx) -> list[dict]:
+    """The Demo arena's blind votes per pair of versions (app/arena.py): wins, ties, both-bad, and the newer
+    version's win-rate with n and a 95% interval."""
+    return arena_standings(c.store)
+
+
+class PoolPromptOut(BaseModel):
+    prompt_id: int
+    prompt: str
+    source: str = Field(description='where it came from: "starter", "import:FILE", "api:NAME", "suggestion"...')
+    created_at: str
+    items: int = Field(description="items sampled for it so far")
+    removed: bool
+
+
+class PromptPageOut(BaseModel):
+    total: int = Field(description="prompts matching the search, over all pages")
+    prompts: list[PoolPromptOut]
+
+
+@router.get("/prompts", response_model=PromptPageOut)
+def list_prompts(user: Admin, c: Ctx, search: Annotated[str, Query(max_length=MAX_SEARCH_CHARS)] = "",
+                 limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50, offset: Annotated[int, Query(ge=0)] = 0,
+                 removed: bool = False) -> dict:
+    """The prompt pool, newest first: prompts containing `search` (ignoring case), `limit` from `offset`;
+    `removed=true` lists removed prompts too. Starter prompts have source "starter"."""
+    page = c.store.prompts.page(search, limit, offset, include_removed=removed)
+    return {"total": page.total, "prompts": [
+        {"prompt_id": p.prompt_id, "prompt": p.text, "source": p.source, "created_at": p.created_at.isoformat(),
+         "items": p.items, "removed": p.removed} for p in page.prompts]}
+
+
+@router.delete("/prompts/{prompt_id}", responses=errors({404: "no prompt with this id",
+                                                           409: "the prompt was removed already"}))
+def remove_prompt(prompt_id: int, user: Admin, c: Ctx) -> dict:
+    """Take a prompt out of the pool: it is never sampled again and its waiting items are not handed out; items and
+    labels already stored keep it (exports are unchanged)."""
+    removed = c.store.prompts.remove(prompt_id)
+    return {"prompt_id": removed.prompt_id, "removed": True, "pool": c.store.prompts.count()}

@@ -124,13 +124,16 @@ class Scheduler:
                 self._process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                                  text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **round_env},
                                                  preexec_fn=die_with_parent)
-            drain = threading.Thread(target=lambda: stderr_tail.extend(self._process.stderr), daemon=True)
+            drain = threading.Thread(target=self._drain, args=(run_id, self._process.stderr, stderr_tail),
+                                     daemon=True)
             drain.start()
             done = None
             for line in self._process.stdout:
                 event = _event(line)
                 if event and event.get("event") == "progress":
                     self._progress(run_id, event)
+                elif event and event.get("event") == "warning":
+                    runs.add_log(run_id, str(event.get("message", "")), kind="warning")
                 elif event and event.get("event") in ("done", "error"):
                     done = event
             code = self._process.wait()
@@ -157,16 +160,30 @@ class Scheduler:
                 self._run_id = None
                 self._cancelled.discard(run_id)
 
+    def _drain(self, run_id: int, stderr, tail: deque[str]) -> None:
+        """The round's stderr: the last lines for a failure's message, and each line in the run's log (tqdm's
+        progress bars left out: the run's own progress says as much)."""
+        for line in stderr:
+            tail.append(line)
+            if line.strip() and "%|" not in line:
+                self.store.runs.add_log(run_id, line)
+
     def _progress(self, run_id: int, event: dict) -> None:
-        # step and loss are the policy's (the reward model's in a reward-only round); progress covers every phase.
+        # step and loss are the policy's (the reward model's in a reward-only round); progress covers every phase;
+        # phase, phase_step and phase_total say where the round is now (the Admin's "step x of y").
         counted = event.get("phase") in ("policy", "reward" if self._algorithm == "reward" else "policy")
         fields = {k: event[k] for k in ("progress", *(("step", "loss") if counted else ())) if event.get(k) is not None}
         if "progress" in fields:
             fields["progress"] = min(1.0, max(0.0, float(fields["progress"])))
+        if isinstance(event.get("phase"), str):
+            fields["phase"] = event["phase"]
+            for name, key in (("phase_step", "step"), ("phase_total", "total")):
+                if isinstance(event.get(key), int) and not isinstance(event.get(key), bool):
+                    fields[name] = event[key]
         if fields:
             self.store.runs.update(run_id, **fields)
-        if event.get("phase") == "policy" and event.get("loss") is not None:
-            metrics = {k: v for k, v in event.items() if k not in ("event", "step", "loss")}
+        if event.get("phase") in ("policy", "reward") and event.get("loss") is not None:
+            metrics = {k: v for k, v in event.items() if k not in ("event", "step", "loss")}  # "phase" among them
             self.store.runs.add_step(run_id, int(event.get("step", 0)), float(event["loss"]), metrics)
 
     def _register(self, run_id: int, version: int, parent: int, out_dir: Path, round_config: RoundConfig,

@@ -4,7 +4,8 @@
                             [--ref-cache DIR]
 
 prints one JSON object per line on stdout: {"event": "progress", "phase", "step", "total", "loss", "progress"}
-while it runs, then {"event": "done", "status": "candidate"|"rejected", "reason"} (or {"event": "error", ...}).
+and {"event": "warning", "message"} for each warning while it runs, then {"event": "done", "status":
+"candidate"|"rejected", "reason"} (or {"event": "error", ...}).
 The same module runs under `accelerate launch -m learner.round ...` on several GPUs.
 
 Version directory: adapter/ (the policy LoRA), reward/ (reward LoRA + head), metrics.json, config.json; written
@@ -249,6 +250,17 @@ def _json_safe(value):
     return value
 
 
+class _WarningEvents(logging.Handler):
+    """Each warning logged under `learner` as {"event": "warning", "message"} on stdout."""
+
+    def __init__(self, emit: Callable[[dict], None]) -> None:
+        super().__init__(logging.WARNING)
+        self.emit_event = emit
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.emit_event({"event": "warning", "message": record.getMessage()})
+
+
 def _parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m learner.round", description=__doc__.splitlines()[0])
     parser.add_argument("--snapshot", type=Path, required=True, help="snapshot directory written by storage")
@@ -273,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     def emit(event: dict) -> None:
         if main_process:
             print(json.dumps(event), flush=True)
+
+    # The learner's warnings (logging.warning: the KTO weight rule, no trained reward model...) as events too, so the
+    # app shows them while the round runs; metrics.json keeps them as "warnings" afterwards.
+    logging.getLogger("learner").addHandler(_WarningEvents(emit))
 
     try:
         values = json.loads(args.config.read_text()) if args.config else {}

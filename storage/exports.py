@@ -216,7 +216,7 @@ _SNAPSHOT_QUERIES = {
                ON s.version = u.policy_version
         WHERE $max IS NULL OR s.staleness <= $max
         ORDER BY u.feedback_id""",
-    "prompts": "SELECT prompt_id, text AS prompt FROM prompts ORDER BY prompt_id",
+    "prompts": "SELECT prompt_id, text AS prompt FROM prompts WHERE NOT removed ORDER BY prompt_id",  # rollouts
 }
 
 

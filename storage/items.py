@@ -167,14 +167,14 @@ class Items:
         limit: int = 20, only: Iterable[int] | None = None,
     ) -> list[int]:
         """Ids of items `user_id` may label next, oldest first: sampled by one of `versions` (the ones still served),
-        done (ranked or skipped) by fewer than `overlap` annotators, never by `user_id`, not in `exclude`, and in
-        `only` if given."""
+        done (ranked or skipped) by fewer than `overlap` annotators, never by `user_id`, not in `exclude`, in
+        `only` if given, and of a prompt still in the pool (an admin may remove prompts)."""
         rows = self.db.cursor().execute(
             f"""WITH done AS ({_DONE}),
                 per_item AS (SELECT item_id, count(*) AS n, bool_or(user_id = $user_id) AS mine
                              FROM done GROUP BY item_id)
-                SELECT i.item_id FROM items i LEFT JOIN per_item d USING (item_id)
-                WHERE list_contains($versions::INTEGER[], i.policy_version)
+                SELECT i.item_id FROM items i LEFT JOIN per_item d USING (item_id) JOIN prompts p USING (prompt_id)
+                WHERE list_contains($versions::INTEGER[], i.policy_version) AND NOT p.removed
                   AND coalesce(d.n, 0) < $overlap
                   AND NOT coalesce(d.mine, false)
                   AND NOT list_contains($exclude::BIGINT[], i.item_id)
@@ -196,8 +196,8 @@ class Items:
         """How many items still need labels from anyone: sampled by one of `versions`, done by < `overlap` people."""
         return self.db.cursor().execute(
             f"""WITH done AS ({_DONE}), per_item AS (SELECT item_id, count(*) AS n FROM done GROUP BY item_id)
-                SELECT count(*) FROM items i LEFT JOIN per_item d USING (item_id)
-                WHERE list_contains(?::INTEGER[], i.policy_version) AND coalesce(d.n, 0) < ?""",
+                SELECT count(*) FROM items i LEFT JOIN per_item d USING (item_id) JOIN prompts p USING (prompt_id)
+                WHERE list_contains(?::INTEGER[], i.policy_version) AND coalesce(d.n, 0) < ? AND NOT p.removed""",
             [sorted(versions), overlap],
         ).fetchone()[0]
 

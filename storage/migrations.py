@@ -367,3 +367,27 @@ def m013_arena_votes(cur: Cursor) -> None:
             vote            VARCHAR NOT NULL CHECK (vote IN ('a', 'b', 'tie', 'both_bad')),
             created_at      TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
         )""")
+
+
+@migration
+def m014_prompt_removal(cur: Cursor) -> None:
+    # Issue 11: an admin removes prompts from the pool (the starter prompts too). Soft: the row stays, so items, labels,
+    # exports and snapshots of answers already sampled keep their prompt; a removed prompt is only never sampled again.
+    cur.execute("ALTER TABLE prompts ADD COLUMN removed BOOLEAN NOT NULL DEFAULT false")
+    cur.execute("ALTER TABLE prompts ADD COLUMN removed_at TIMESTAMPTZ")
+
+
+@migration
+def m015_run_phase_and_log(cur: Cursor) -> None:
+    # Issue 11: a round you can watch. The phase it is in with its step x of total, and the lines its process writes
+    # on stderr (a traceback...) or reports as warnings, kept per run (the newest RUN_LOG_LINES, storage/runs.py).
+    cur.execute("ALTER TABLE runs ADD COLUMN phase VARCHAR")  # reward | rollouts | policy | eval
+    cur.execute("ALTER TABLE runs ADD COLUMN phase_step INTEGER")
+    cur.execute("ALTER TABLE runs ADD COLUMN phase_total INTEGER")
+    cur.execute("""
+        CREATE TABLE run_log (
+            run_id BIGINT NOT NULL,
+            line   VARCHAR NOT NULL,
+            kind   VARCHAR NOT NULL DEFAULT 'log' CHECK (kind IN ('log', 'warning')),
+            "at"   TIMESTAMPTZ NOT NULL DEFAULT current_timestamp  -- quoted: AT is a keyword
+        )""")

@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     import pandas as pd
 
 STATUSES = ("queued", "running", "succeeded", "rejected", "failed", "cancelled")
+RUN_LOG_LINES = 200  # per run: a traceback and a round's warnings fit many times; the Admin shows the newest
+RUN_LOG_LINE_CHARS = 1000  # a line longer than this is cut: one runaway line must not fill the table
+LOG_KINDS = ("log", "warning")
 ACTIVE = ("queued", "running")
 FINISHED = ("succeeded", "rejected", "failed", "cancelled")
 
@@ -35,11 +38,14 @@ class Run:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    phase: str | None = None  # the phase the round reported last: reward | rollouts | policy | eval
+    phase_step: int | None = None  # step x ...
+    phase_total: int | None = None  # ... of y, within that phase
 
 
 _COLUMNS = (
     "run_id, status, algorithm, config, progress, step, loss, metrics, version, error, created_at, started_at, "
-    "finished_at"
+    "finished_at, phase, phase_step, phase_total"
 )
 
 
@@ -58,6 +64,9 @@ def _run(row: tuple) -> Run:
         created_at=utc(row[10]),
         started_at=utc(row[11]),
         finished_at=utc(row[12]),
+        phase=row[13],
+        phase_step=row[14],
+        phase_total=row[15],
     )
 
 
@@ -80,7 +89,7 @@ def _column_value(field: str, value: Any) -> Any:
         if not (is_number(value) and 0 <= value <= 1):
             raise InvalidValue(f"progress must be a number in [0, 1], got {value!r}")
         return float(value)
-    if field in ("step", "version"):
+    if field in ("step", "version", "phase_step", "phase_total"):
         if value is not None and not is_int(value):
             raise InvalidValue(f"{field} must be an int or None, got {value!r}")
         return value
@@ -89,7 +98,7 @@ def _column_value(field: str, value: Any) -> Any:
         if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
             raise InvalidValue(f"loss must be a number or None, got {value!r}")
         return None if value is None else float(value)
-    if field in ("error", "algorithm"):
+    if field in ("error", "algorithm", "phase"):
         if value is not None and not isinstance(value, str):
             raise InvalidValue(f"{field} must be a string, got {type(value).__name__}")
         return value
@@ -99,7 +108,7 @@ def _column_value(field: str, value: Any) -> Any:
         return value
     raise InvalidValue(
         f"unknown run field {field!r}; expected one of status, config, metrics, progress, step, version, loss, "
-        "error, algorithm, started_at, finished_at"
+        "error, algorithm, started_at, finished_at, phase, phase_step, phase_total"
     )
 
 
@@ -162,6 +171,33 @@ class Runs:
             columns=["step", "loss", "metrics", "at"],
         )
         return frame.astype({"step": "int64", "loss": "float64", "at": "datetime64[us, UTC]"})
+
+    def add_log(self, run_id: int, line: str, kind: str = "log") -> None:
+        """One line of the run's log (kind "warning" for what the round reports as one); only the newest
+        RUN_LOG_LINES of a run are kept."""
+        if kind not in LOG_KINDS:
+            raise InvalidValue(f"log kind must be one of {', '.join(LOG_KINDS)}, got {kind!r}")
+        if not isinstance(line, str):
+            raise InvalidValue(f"a log line must be a string, got {type(line).__name__}")
+        line = line.rstrip()[:RUN_LOG_LINE_CHARS]
+        with self.db.write() as cur:
+            _get(cur, run_id)
+            cur.execute("INSERT INTO run_log (run_id, line, kind) VALUES (?, ?, ?)", [run_id, line, kind])
+            # rowid grows with each insert: keep the newest RUN_LOG_LINES rows of this run.
+            cur.execute(
+                "DELETE FROM run_log WHERE run_id = $run AND rowid < (SELECT min(rowid) FROM (SELECT rowid FROM "
+                "run_log WHERE run_id = $run ORDER BY rowid DESC LIMIT $keep))",
+                {"run": run_id, "keep": RUN_LOG_LINES},
+            )
+
+    def log(self, run_id: int, limit: int = RUN_LOG_LINES, kind: str | None = None) -> list[tuple[str, str]]:
+        """The newest `limit` lines of the run's log (of one `kind` if given), oldest first: (kind, line)."""
+        rows = self.db.cursor().execute(
+            "SELECT kind, line FROM (SELECT kind, line, rowid AS r FROM run_log WHERE run_id = ?"
+            " AND (? IS NULL OR kind = ?) ORDER BY rowid DESC LIMIT ?) ORDER BY r",
+            [run_id, kind, kind, limit],
+        ).fetchall()
+        return [(k, line) for k, line in rows]
 
     def get(self, run_id: int) -> Run:
         return _get(self.db.cursor(), run_id)

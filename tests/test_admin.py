@@ -4,15 +4,16 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import gradio as gr
 import pytest
 
-from app.scheduler import TRIGGER_CONFIG, TRIGGER_LABELS, TRIGGER_MINUTES
-from app.ui import admin, annotate
+from app.settings import DEFAULT_GUIDELINES
+from app.ui import admin, admin_prompts, admin_rounds, admin_versions, annotate, charts
 from app.ui.admin import Forbidden
 from app.ui.annotate import UiError
+from learner.config import RoundConfig
 from learner.errors import ConfigError
 from storage.errors import Conflict, PromptFileError
 
@@ -32,25 +33,28 @@ def rank_item(ctx, item_id: int, user: str, order=(0, 1, 2, 3)) -> None:
 def state(ctx) -> dict:
     """Everything an admin action could change."""
     return {"prompts": ctx.store.prompts.count(), "users": [(u.name, u.disabled) for u in ctx.store.users.list()],
-            "settings": ctx.store.settings.all(), "deployed": ctx.policy.version,
+            "settings": ctx.store.settings.all(), "deployed": ctx.deployments.serving,
             "versions": [(v.version, v.status) for v in ctx.store.versions.list()],
             "runs": [(r.run_id, r.status) for r in ctx.store.runs.list()], "overlap": ctx.buffer.config.overlap}
 
 
 # Every handler that acts or reads as an admin, with arguments that would succeed for one.
 ADMIN_HANDLERS = {
-    "overview": lambda ctx, who: admin.overview(ctx, who),
-    "cancel_round": lambda ctx, who: admin.cancel_round(ctx, who),
-    "triggers": lambda ctx, who: admin.triggers(ctx, who),
-    "start_round": lambda ctx, who: admin.start_round(ctx, who, {"steps": 0}),
-    "save_triggers": lambda ctx, who: admin.save_triggers(ctx, who, True, 5, 0, {}),
-    "versions_table": lambda ctx, who: admin.versions_table(ctx, who),
-    "version_plots": lambda ctx, who: admin.version_plots(ctx, who),
-    "run_choices": lambda ctx, who: admin.run_choices(ctx, who),
-    "deploy_choices": lambda ctx, who: admin.deploy_choices(ctx, who),
-    "loss_curve": lambda ctx, who: admin.loss_curve(ctx, who, None),
-    "deploy_version": lambda ctx, who: admin.deploy_version(ctx, who, 0),
-    "roll_back": lambda ctx, who: admin.roll_back(ctx, who),
+    "overview": lambda ctx, who: admin_rounds.overview(ctx, who),
+    "cancel_round": lambda ctx, who: admin_rounds.cancel_round(ctx, who),
+    "triggers": lambda ctx, who: admin_rounds.triggers(ctx, who),
+    "start_round": lambda ctx, who: admin_rounds.start_round(ctx, who, {"steps": 0}),
+    "save_triggers": lambda ctx, who: admin_rounds.save_triggers(ctx, who, True, 5, 0, {}),
+    "versions_table": lambda ctx, who: admin_versions.versions_table(ctx, who),
+    "version_charts": lambda ctx, who: admin_versions.version_charts(ctx, who),
+    "version_detail": lambda ctx, who: admin_versions.version_detail(ctx, who, 0),
+    "run_choices": lambda ctx, who: admin_versions.run_choices(ctx, who),
+    "deploy_choices": lambda ctx, who: admin_versions.deploy_choices(ctx, who),
+    "run_loss_chart": lambda ctx, who: admin_versions.run_loss_chart(ctx, who, None),
+    "deploy_version": lambda ctx, who: admin_versions.deploy_version(ctx, who, 0),
+    "roll_back": lambda ctx, who: admin_versions.roll_back(ctx, who),
+    "prompt_pool": lambda ctx, who: admin_prompts.prompt_pool(ctx, who, "", 1),
+    "remove_prompt": lambda ctx, who: admin_prompts.remove_prompt(ctx, who, 1),
     "annotators": lambda ctx, who: admin.annotators(ctx, who),
     "set_overlap": lambda ctx, who: admin.set_overlap(ctx, who, 3),
     "add_user": lambda ctx, who: admin.add_user(ctx, who, "mallory", "admin", "mallory-password"),
@@ -61,6 +65,9 @@ ADMIN_HANDLERS = {
     "export_labels": lambda ctx, who: admin.export_labels(ctx, who, "dpo"),
     "guidelines_source": lambda ctx, who: admin.guidelines_source(ctx, who),
     "save_guidelines": lambda ctx, who: admin.save_guidelines(ctx, who, "be nice"),
+    "pending_suggestions": lambda ctx, who: admin.pending_suggestions(ctx, who),
+    "approve_suggestion": lambda ctx, who: admin.decide_suggestion(ctx, who, 1, True),
+    "reject_suggestion": lambda ctx, who: admin.decide_suggestion(ctx, who, 1, False),
 }
 
 
@@ -84,26 +91,55 @@ def test_overview_counts_labels_by_kind_and_shows_the_round_in_progress(ctx, acc
     ctx.store.labels.add_flag(second, ann, "off-topic")
     ctx.store.labels.add_skip(second, ann, "flagged")
     run_id = ctx.store.runs.create("dpo", {"steps": 12})
-    ctx.store.runs.update(run_id, status="running", progress=0.5, step=6, loss=0.6931)
+    started = datetime.now(UTC) - timedelta(seconds=65)
+    ctx.store.runs.update(run_id, status="running", progress=0.5, step=6, loss=0.6931, started_at=started,
+                          phase="policy", phase_step=6, phase_total=12)
+    for step, loss, phase in [(1, 0.7, "reward"), (2, 0.66, "reward"), (5, 0.70, "policy"), (6, 0.6931, "policy")]:
+        ctx.store.runs.add_step(run_id, step, loss, {"phase": phase})
+    ctx.store.runs.add_log(run_id, "desirable_weight 1.0 is outside [1, 4/3] <b>x</b>", kind="warning")
+    ctx.store.runs.add_log(run_id, "Traceback line one")
 
-    view = admin.overview(ctx, "boss")
+    view = admin_rounds.overview(ctx, "boss")
     assert "| rankings | 1 | 1 |" in view.counts and "| flags | 1 | 1 |" in view.counts
     assert "| skips | 1 | 1 |" in view.counts and "| thumbs | 0 | 0 |" in view.counts
     assert "base model (v0)" in view.status and "items waiting" in view.status
     assert view.active_run == run_id and view.progress == 0.5
     assert f"Round **{run_id}** (dpo): **running**" in view.run and "loss 0.6931" in view.run
-    assert admin.progress_html(view.progress).startswith('<progress value="50" max="100"')
-    ctx.store.runs.update(run_id, status="failed", error="<script>alert(1)</script>")
-    view = admin.overview(ctx, "boss")
-    assert view.progress is None and "<script>" not in view.run
+    assert "policy update, step 6 of 12" in view.run
+    assert "elapsed 1 min 5 s" in view.run and "about 1 min 5 s left" in view.run  # 50% done after 65 s
+    assert "desirable\\_weight 1\\.0" in view.warnings and "<b>" not in view.warnings  # Markdown-escaped
+    assert view.log_tail.splitlines() == ["desirable_weight 1.0 is outside [1, 4/3] <b>x</b>", "Traceback line one"]
+    assert view.loss_chart.count("<title>policy step") == 2 and view.loss_chart.count("<title>reward model") == 2
+    assert f"Round {run_id} is running" in view.train_banner and "step 6 of 12" in view.train_banner
+    assert admin_rounds.triggers(ctx, "boss").banner == view.train_banner
+    assert admin_rounds.progress_html(view.progress).startswith('<progress value="50" max="100"')
+
+    ctx.store.runs.update(run_id, status="failed", error="<script>alert(1)</script>",
+                          metrics={"warnings": ["no human pairs trained the reward model yet"]})
+    view = admin_rounds.overview(ctx, "boss")
+    assert view.progress is None and "<script>" not in view.run and "took " in view.run
+    assert "no human pairs" in view.warnings and view.train_banner == ""
     with pytest.raises(UiError, match="no round is in progress"):
-        admin.cancel_round(ctx, "boss")
+        admin_rounds.cancel_round(ctx, "boss")
 
 
-def test_versions_table_plots_and_loss_curves_come_from_real_rows(ctx, accounts):
-    ctx.store.versions.add(1, 0, "dpo", "candidate", None, {}, METRICS, 12)
-    ctx.store.versions.add(2, 1, "kto", "rejected", None, {}, {**METRICS, "kl_to_reference": 30.0, "history": []},
-                           20, reason="KL too high")
+def test_overview_before_any_round_says_what_to_do(ctx, accounts):
+    view = admin_rounds.overview(ctx, "boss")
+    assert view.run.startswith("No training round yet: start one in **Train**")
+    assert "the loss appears here when a round trains" in view.loss_chart
+    assert (view.warnings, view.log_tail, view.train_banner, view.active_run) == ("", "", "", None)
+
+
+def test_duration_and_eta_words():
+    assert [admin_rounds.duration(s) for s in (0.4, 45, 125, 3725)] == ["0 s", "45 s", "2 min 5 s", "1 h 2 min"]
+
+
+def test_versions_table_charts_detail_and_loss_curves_come_from_real_rows(ctx, accounts, add_version):
+    rate = {"value": 0.6, "n": 16, "ci95": [0.39, 0.78]}
+    ctx.store.versions.add(1, 0, "dpo", "candidate", None, {"beta": 0.1}, {**METRICS, "win_rate_vs_parent": rate}, 12)
+    ctx.store.versions.add(2, 1, "kto", "rejected", None, {}, {
+        **METRICS, "kl_to_reference": 30.0, "history": [], "warnings": ["KTO weights <i>off</i>"],
+        "gate": {"passed": False, "reason": "KL 30.0 > 15.0"}}, 20, reason="KL too high")
     run_id = ctx.store.runs.create("dpo", {})
     for step, loss in [(1, 0.69), (2, 0.62), (3, 0.55)]:
         ctx.store.runs.add_step(run_id, step, loss, {"phase": "policy"})
@@ -111,63 +147,100 @@ def test_versions_table_plots_and_loss_curves_come_from_real_rows(ctx, accounts)
     history_only = ctx.store.runs.create("kto", {})
     ctx.store.runs.update(history_only, status="rejected", version=2)
 
-    table = admin.versions_table(ctx, "boss")
+    table = admin_versions.versions_table(ctx, "boss")
     assert table["version"].tolist() == [2, 1, 0]
-    assert table.loc[0, ["status", "kl_to_reference", "reason"]].tolist() == ["rejected", 30.0, "KL too high"]
-    assert table.loc[1, "reward_accuracy"] == 0.75 and table.loc[2, "algorithm"] == "base"
+    assert table.loc[0, ["status", "kl_to_reference", "reason"]].tolist() == ["rejected", "30", "KL too high"]
+    assert table.loc[1, "win_rate_vs_parent"] == "0.6 [0.39, 0.78] n=16"  # every win-rate with n and its interval
+    assert table.loc[1, "reward_accuracy"] == "0.75" and table.loc[2, "algorithm"] == "base"
+    assert table.loc[2, "status"] == "serving"
+    add_version()  # v3, deployed: the base model is then shown as the base model, never as a "candidate"
+    ctx.deployments.deploy(3)
+    table = admin_versions.versions_table(ctx, "boss")
+    assert table.set_index("version").loc[0, "status"] == "base model"
+    assert ("base model (v0)", 0) in admin_versions.deploy_choices(ctx, "boss")
 
-    plots = admin.version_plots(ctx, "boss")
-    assert len(plots.rates) == 8  # 2 trained versions x 4 rates; the base model has no metrics
-    assert set(plots.rates["metric"]) == {"reward_accuracy", "win_rate_vs_base", "win_rate_vs_parent", "eos_rate"}
-    assert plots.kl.set_index("version")["value"].to_dict() == {1: 1.5, 2: 30.0}
-    assert plots.length["value"].tolist() == [40.0, 40.0] and len(plots.entropy) == 2
+    html = admin_versions.version_charts(ctx, "boss")
+    assert html.count('class="pl-chart"') == len(admin_versions.VERSION_METRICS)  # one small chart per metric
+    assert "v1: 0.6 [0.39, 0.78] n=16" in html  # the point's tooltip carries n and the interval
+    assert ">base<" in html and ">v1<" in html and ">v2<" in html  # an integer version axis with v0 as the base
+    assert "base model vs itself: 0.5" in html
 
-    curve = admin.loss_curve(ctx, "boss", run_id)
-    policy = curve[curve["curve"] == "policy"]
-    assert policy["loss"].tolist() == [0.69, 0.62, 0.55]  # the stored steps win over the metrics' history
-    assert curve[curve["curve"] == "reward model"]["loss"].tolist() == [0.7, 0.65]
-    assert admin.loss_curve(ctx, "boss", history_only)["curve"].tolist() == ["reward model"] * 2
-    assert admin.run_choices(ctx, "boss")[0] == (f"round {history_only} -> v2 (rejected)", history_only)
+    detail = admin_versions.version_detail(ctx, "boss", "v2")
+    assert "**Gate**: refused: KL 30\\.0 \\> 15\\.0" in detail and "KTO weights" in detail and "<i>" not in detail
+    assert "| kl\\_to\\_reference | 30 |" in detail  # Markdown-escaped: the text shows as written
+    assert "| beta | 0\\.1 |" in admin_versions.version_detail(ctx, "boss", 1)
+    assert "baseline" in admin_versions.version_detail(ctx, "boss", 0)
 
-    # The frames are what gr.LinePlot takes: Gradio's own postprocess accepts them.
-    for frame, x in [(plots.rates, "version"), (plots.kl, "version"), (curve, "step")]:
-        payload = gr.LinePlot(x=x, y=frame.columns[1 if x == "step" else 2],
-                              color=frame.columns[2 if x == "step" else 1]).postprocess(frame)
-        assert len(payload.data) == len(frame)
+    curve = admin_versions.run_loss_chart(ctx, "boss", run_id)
+    assert curve.count("<title>policy step") == 3  # the stored steps win over the metrics' history
+    assert curve.count("<title>reward model") == 0
+    fallback = admin_versions.run_loss_chart(ctx, "boss", history_only)
+    assert fallback.count("<title>reward model") == 2 and "<title>policy" not in fallback
+    assert admin_versions.run_choices(ctx, "boss")[0] == (f"round {history_only} -> v2 (rejected)", history_only)
+
+
+def test_version_charts_empty_state(ctx, accounts):
+    html = admin_versions.version_charts(ctx, "boss")
+    assert html.count("train a round to see metrics") == len(admin_versions.VERSION_METRICS)
+
+
+def test_chart_ticks_are_round_numbers():
+    assert charts.nice_ticks(0, 1) == [0.0, 0.5, 1.0]
+    assert charts.nice_ticks(0.613, 2.71) == [0.0, 1.0, 2.0, 3.0]
+    assert charts.nice_ticks(0.01, 0.034) == [0.01, 0.02, 0.03, 0.04]
+    assert charts.nice_ticks(3, 3) == [3.0, 4.0, 5.0, 6.0]
 
 
 def test_deploy_and_roll_back_hot_swap_the_policy(ctx, accounts, add_version):
     add_version()
     with pytest.raises(UiError, match="choose a version"):
-        admin.deploy_version(ctx, "boss", "latest")
-    assert admin.deploy_choices(ctx, "boss") == [("v1 (candidate)", 1), ("base model (v0) (deployed)", 0)]
-    assert "Deployed v1" in admin.deploy_version(ctx, "boss", 1)
-    assert ctx.policy.version == 1 and ctx.store.versions.deployed().version == 1
-    assert admin.roll_back(ctx, "boss") == "Rolled back v1 to base model (v0)."
-    assert ctx.policy.version == 0 and ctx.store.versions.get(1).status == "rolled_back"
+        admin_versions.deploy_version(ctx, "boss", "latest")
+    assert admin_versions.deploy_choices(ctx, "boss") == [("v1 (candidate)", 1), ("base model (v0) (serving)", 0)]
+    assert "Deployed v1" in admin_versions.deploy_version(ctx, "boss", 1)
+    assert ctx.deployments.serving == 1 and ctx.store.versions.deployed().version == 1
+    assert admin_versions.roll_back(ctx, "boss") == "Rolled back v1 to base model (v0)."
+    assert ctx.deployments.serving == 0 and ctx.store.versions.get(1).status == "rolled_back"
     with pytest.raises(Conflict, match="nothing to roll back"):
-        admin.roll_back(ctx, "boss")
+        admin_versions.roll_back(ctx, "boss")
+
+
+def test_train_form_shows_every_round_setting_with_its_default_and_reason():
+    form = admin_rounds.train_fields()
+    assert [f.name for f in form if f.common] == list(admin_rounds.COMMON_FIELDS)
+    assert {f.name for f in form} == set(RoundConfig().to_dict())  # every field, none twice
+    by_name = {f.name: f for f in form}
+    assert by_name["beta"].default == 0.1 and "arXiv 2305.18290" in by_name["beta"].reason
+    assert by_name["algorithm"].kind == "choice" and by_name["algorithm"].choices == ("dpo", "kto", "reward")
+    assert by_name["max_label_staleness"].nullable and by_name["max_label_staleness"].kind == "int"
+    assert "continue" not in by_name["max_label_staleness"].reason and "None = all labels" in \
+        by_name["max_label_staleness"].reason  # the reason's continuation lines are read too
+    assert by_name["ref_sync"].kind == "bool" and by_name["lora_target_modules"].kind == "text"
+    assert all(f.reason for f in form)
+    quick = RoundConfig.from_dict(admin_rounds.overrides_from(admin_rounds.quick_values()))
+    assert quick.steps == 2 and quick.max_new_tokens == 16 and quick.eval_prompts == 1
 
 
 def test_start_round_validates_like_the_api_and_triggers_are_stored(ctx, accounts):
-    defaults = admin.knob_defaults()
-    assert defaults == {"algorithm": "dpo", "beta": 0.1, "steps": 12, "learning_rate": 1e-4, "sync_every": 4,
-                        "max_staleness": 2, "ref_sync": False, "rollout_prompts": 4}
+    defaults = admin_rounds.knob_defaults()
+    assert defaults == RoundConfig().to_dict()
     with pytest.raises(ConfigError, match="beta must be > 0, got -1"):
-        admin.start_round(ctx, "boss", {**defaults, "beta": -1.0})
+        admin_rounds.start_round(ctx, "boss", {**defaults, "beta": -1.0})
     assert ctx.store.runs.list() == []
-    assert admin.overrides_from({"beta": None, "max_staleness": None}) == {"max_staleness": None}
+    assert admin_rounds.overrides_from({"beta": None, "max_label_staleness": None}) == {"max_label_staleness": None}
+    assert admin_rounds.overrides_from(defaults) == {}  # only what differs from the default is stored or sent
+    with pytest.raises(UiError, match="unknown training setting"):
+        admin_rounds.overrides_from({"betta": 1})
 
     with pytest.raises(UiError, match="set 'every N labels'"):
-        admin.save_triggers(ctx, "boss", True, 0, None, defaults)
-    view = admin.save_triggers(ctx, "boss", True, 25, 0, {**defaults, "algorithm": "kto", "beta": None})
+        admin_rounds.save_triggers(ctx, "boss", True, 0, None, defaults)
+    view = admin_rounds.save_triggers(ctx, "boss", True, 25, 0, {**defaults, "algorithm": "kto", "beta": None})
     assert (view.enabled, view.every_labels, view.every_minutes) == (True, 25, 0)
     settings = ctx.store.settings
-    assert settings.get(TRIGGER_LABELS) == "25" and settings.get(TRIGGER_MINUTES) == "0"
-    assert json.loads(settings.get(TRIGGER_CONFIG))["algorithm"] == "kto"
-    assert "beta" not in json.loads(settings.get(TRIGGER_CONFIG))
-    off = admin.save_triggers(ctx, "boss", False, 25, 10, defaults)
-    assert not off.enabled and settings.get(TRIGGER_LABELS) == "0" and off.message == "Automatic rounds off."
+    assert settings.get("auto_train_every_labels") == "25" and settings.get("auto_train_every_minutes") == "0"
+    assert json.loads(settings.get("auto_train_config"))["algorithm"] == "kto"
+    assert "beta" not in json.loads(settings.get("auto_train_config"))
+    off = admin_rounds.save_triggers(ctx, "boss", False, 25, 10, defaults)
+    assert not off.enabled and settings.get("auto_train_every_labels") == "0" and off.message == "Automatic rounds off."
 
 
 def test_annotators_agreement_users_and_overlap(ctx, accounts, sample_items):
@@ -218,11 +291,11 @@ def test_export_and_guidelines(ctx, accounts, sample_items):
     rank_item(ctx, item, "ann")
     view = admin.export_labels(ctx, "boss", "dpo")
     rows = [json.loads(line) for line in Path(view.path).read_text(encoding="utf-8").splitlines()]
-    assert len(rows) == 6 and set(rows[0]) == {"prompt", "chosen", "rejected"} and view.message.startswith("6 dpo")
+    assert len(rows) == 6 and {"prompt", "chosen", "rejected"} <= set(rows[0]) and view.message.startswith("6 dpo")
     with pytest.raises(UiError, match="export format"):
         admin.export_labels(ctx, "boss", "csv")
 
-    assert admin.guidelines_source(ctx, "boss") == annotate.DEFAULT_GUIDELINES
+    assert admin.guidelines_source(ctx, "boss") == DEFAULT_GUIDELINES
     admin.save_guidelines(ctx, "boss", "Prefer **short** answers. <script>alert(1)</script>")
     shown = annotate.guidelines(ctx)
     assert "<strong>short</strong>" in shown and "<script>" not in shown and "&lt;script&gt;" in shown
@@ -235,15 +308,20 @@ def test_gradio_client_admin_is_served_and_annotator_refused_for_every_action(ct
     from gradio_client import Client, handle_file
 
     add_version(metrics=METRICS)
+    for text in ("Suggested by ann?", "Also suggested by ann?"):  # suggestions 1 and 2, for the admin to decide
+        ctx.store.suggestions.add(ctx.store.users.get("ann").user_id, text)
     prompts = tmp_path / "more.jsonl"
     prompts.write_text('{"prompt": "Name three rivers."}\n')
+    form = admin_rounds.knob_defaults()
+    reward_only = {**form, "algorithm": "reward", "steps": 0, "rollout_prompts": 0}
     # api_name -> arguments: every admin endpoint of the UI.
     calls = {
         "/admin_overview": (),
         "/admin_train_state": (),
-        "/admin_save_triggers": (True, 7, 0, "dpo", 0.1, 12, 1e-4, 4, 2, False, 4),
+        "/admin_save_triggers": (True, 7, 0, *form.values()),
         "/admin_versions": (),
         "/admin_loss_curve": (None,),
+        "/admin_version_detail": (1,),
         "/admin_deploy": (1, False),
         "/admin_roll_back": (),
         "/admin_annotators": (),
@@ -252,9 +330,14 @@ def test_gradio_client_admin_is_served_and_annotator_refused_for_every_action(ct
         "/admin_set_user_disabled": ("dave", True),
         "/admin_upload_prompts": (handle_file(str(prompts)), False),
         "/admin_export": ("rankings",),
+        "/admin_prompt_pool": ("rivers", 1),
+        "/admin_remove_prompt": (1, "", 1),
         "/admin_guidelines": (),
         "/admin_save_guidelines": ("Be kind.",),
-        "/admin_start_round": ("reward", 0.1, 0, 1e-4, 4, 2, False, 0),
+        "/admin_suggestions": (),
+        "/admin_approve_suggestion": (1,),
+        "/admin_reject_suggestion": (2,),
+        "/admin_start_round": tuple(reward_only.values()),
         "/admin_cancel_round": (),
     }
     before = state(ctx)
@@ -269,14 +352,72 @@ def test_gradio_client_admin_is_served_and_annotator_refused_for_every_action(ct
     boss = Client(f"{server.url}/admin/", auth=("boss", "boss-password"), verbose=False)
     results = {api_name: boss.predict(*args, api_name=api_name) for api_name, args in calls.items()}
     assert "| rankings | 0 | 0 |" in results["/admin_overview"][0]
-    assert ctx.store.settings.get(TRIGGER_LABELS) == "7"
+    assert ctx.store.settings.get("auto_train_every_labels") == "7"
     assert results["/admin_deploy"][0].startswith("Deployed v1")
-    assert results["/admin_roll_back"][0] == "Rolled back v1 to base model (v0)." and ctx.policy.version == 0
+    assert results["/admin_roll_back"][0] == "Rolled back v1 to base model (v0)." and ctx.deployments.serving == 0
     assert ctx.buffer.config.overlap == 2
     assert ctx.store.users.get("dave").disabled and "API token: " in results["/admin_add_user"][0]
     assert results["/admin_upload_prompts"].startswith("imported 1 prompts from more.jsonl")
-    assert results["/admin_guidelines"][0] == annotate.DEFAULT_GUIDELINES
+    assert "**1** contain the search" in results["/admin_prompt_pool"][0]
+    assert ctx.store.prompts.get(1).text and ctx.store.prompts.page("", 500, include_removed=True).prompts[-1].removed
+    assert "| beta |" in results["/admin_version_detail"]  # the version's config as a table
+    assert results["/admin_guidelines"][0] == DEFAULT_GUIDELINES
     assert ctx.store.settings.get("guidelines") == "Be kind."
+    assert results["/admin_approve_suggestion"][1] == "Suggestion 1 approved: its prompt is in the pool."
+    assert [s.status for s in ctx.store.suggestions.list(None)] == ["rejected", "approved"]
     assert Path(results["/admin_export"][0]).read_text(encoding="utf-8") == ""  # no rankings yet: an empty file
     (run,) = ctx.store.runs.list()
     assert ctx.scheduler.wait(run.run_id, timeout=60) == "cancelled"
+
+
+def test_prompt_pool_counts_searches_pages_and_removes_starter_prompts_too(ctx, accounts, sample_items):
+    starters = ctx.store.prompts.count(source="starter")
+    assert starters == ctx.store.prompts.count() > admin_prompts.POOL_PAGE  # the shipped starter prompts
+    view = admin_prompts.prompt_pool(ctx, "boss")
+    assert f"**{starters}** prompts in the pool ({starters} of them starter prompts)" in view.summary
+    assert len(view.table) == admin_prompts.POOL_PAGE and view.table["source"].eq("starter").all()
+    last = admin_prompts.prompt_pool(ctx, "boss", "", 999)  # past the end: the last page
+    assert last.page == -(-starters // admin_prompts.POOL_PAGE) and len(last.table) >= 1
+
+    (item,) = sample_items(1)
+    sampled = ctx.store.items.get(item)
+    word = sampled.prompt.split()[0]
+    found = admin_prompts.prompt_pool(ctx, "boss", word.upper())  # search ignores case
+    assert sampled.prompt_id in found.table["prompt_id"].tolist() and "contain the search" in found.summary
+    assert "nothing matches" in admin_prompts.prompt_pool(ctx, "boss", "zzz-no-such-words").summary
+
+    waiting_before = ctx.store.items.count_waiting([0], 1)
+    view = admin_prompts.remove_prompt(ctx, "boss", float(sampled.prompt_id))  # gr.Number may send a float
+    assert f"Removed prompt {sampled.prompt_id}" in view.message and ctx.store.prompts.count() == starters - 1
+    assert sampled.prompt_id not in [p.prompt_id for p in ctx.store.prompts.least_sampled(starters)]
+    assert ctx.store.items.count_waiting([0], 1) == waiting_before - 1  # its waiting item is not handed out
+    assert ctx.store.items.get(item).prompt == sampled.prompt  # the item keeps its prompt
+    with pytest.raises(Conflict, match="removed already"):
+        admin_prompts.remove_prompt(ctx, "boss", sampled.prompt_id)
+    with pytest.raises(UiError, match="enter the id of a prompt"):
+        admin_prompts.remove_prompt(ctx, "boss", "")
+    assert ctx.store.prompts.add([sampled.prompt]).duplicates == 1  # re-adding does not undo a removal
+    assert ctx.store.prompts.count() == starters - 1
+
+
+def test_prompts_rest_lists_searches_and_removes_for_admins_only(ctx, boss, ann):
+    total = ctx.store.prompts.count()
+    page = boss.get("/api/prompts", params={"limit": 5, "offset": 0}).json()
+    assert page["total"] == total and len(page["prompts"]) == 5
+    first = page["prompts"][0]
+    assert set(first) == {"prompt_id", "prompt", "source", "created_at", "items", "removed"}
+    word = first["prompt"].split()[0]
+    assert first["prompt_id"] in [p["prompt_id"] for p in boss.get("/api/prompts", params={"search": word}).json()[
+        "prompts"]]
+    assert boss.get("/api/prompts", params={"limit": 0}).status_code == 422
+    assert ann.get("/api/prompts").status_code == 403
+    assert ann.delete(f"/api/prompts/{first['prompt_id']}").status_code == 403
+    assert ctx.store.prompts.count() == total  # the refused delete changed nothing
+
+    r = boss.delete(f"/api/prompts/{first['prompt_id']}")
+    assert r.status_code == 200 and r.json() == {"prompt_id": first["prompt_id"], "removed": True, "pool": total - 1}
+    assert boss.delete(f"/api/prompts/{first['prompt_id']}").status_code == 409
+    assert boss.delete("/api/prompts/999999").status_code == 404
+    listed = boss.get("/api/prompts", params={"limit": 500, "removed": "true"}).json()["prompts"]
+    assert [p["removed"] for p in listed if p["prompt_id"] == first["prompt_id"]] == [True]
+    assert boss.get("/api/prompts").json()["total"] == total - 1

@@ -1,4 +1,6 @@
-"""The Admin tab's handlers: plain functions of (context, user name, inputs) returning views or DataFrames.
+"""The Admin UI's handlers: plain functions of (context, user name, inputs) returning views or DataFrames. The
+Overview and Train screens are in app/ui/admin_rounds.py, Versions in admin_versions.py (its canary here), the prompt
+pool in admin_prompts.py; the role check they all call is here.
 
 Every handler calls `require_admin` first. A hidden tab is only cosmetic: Gradio ships its components and answers its
 endpoints for any logged-in user (a browser's devtools or `gradio_client` reach them), so the role is checked here, on
@@ -14,43 +16,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from app import suggestions
+from app.arena import standings as arena_standings
 from app.context import AppContext
-from app.ui.annotate import DEFAULT_GUIDELINES, UiError, user_of
+from app.ui.annotate import UiError, user_of
 from app.ui.render import escape_markdown
-from learner.config import RoundConfig
 from storage import analytics
-from storage.errors import InvalidValue
 from storage.exports import FORMATS, export_jsonl
 from storage.imports import import_prompt_file
-from storage.runs import Run
 from storage.users import User
-
-GUIDELINES_SETTING = "guidelines"  # the Annotate tab reads the same key
-MAX_GUIDELINES_CHARS = 20_000
-
-# The knobs the Train form shows; every other RoundConfig field keeps its default (the REST API takes them all).
-TRAIN_KNOBS = ("algorithm", "beta", "steps", "learning_rate", "sync_every", "max_staleness", "ref_sync",
-               "rollout_prompts")
-
-# Metrics plotted across versions: column -> keys tried in a version's metrics.json (the learner's name first).
-VERSION_METRICS = {
-    "reward_accuracy": ("reward_heldout_accuracy", "reward_accuracy"),
-    "win_rate_vs_base": ("win_rate_vs_base",),
-    "win_rate_vs_parent": ("win_rate_vs_parent",),
-    "kl_to_reference": ("kl_to_reference", "kl"),
-    "entropy": ("entropy",),
-    "mean_answer_length": ("mean_answer_length", "mean_length"),
-    "eos_rate": ("eos_rate",),
-}
-# One plot per entry: metrics on a shared scale go together.
-VERSION_PLOTS = {
-    "rates": ("reward_accuracy", "win_rate_vs_base", "win_rate_vs_parent", "eos_rate"),
-    "kl": ("kl_to_reference",),
-    "entropy": ("entropy",),
-    "length": ("mean_answer_length",),
-}
-PLOT_COLUMNS = ["version", "metric", "value"]
-LOSS_COLUMNS = ["step", "loss", "curve"]
 
 
 class Forbidden(UiError):
@@ -74,233 +48,55 @@ def is_admin(ctx: AppContext, username: str | None) -> bool:
     return user is not None and not user.disabled and user.role == "admin"
 
 
-# -- Overview ---------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class OverviewView:
-    counts: str  # Markdown table: labels today / total by kind
-    status: str  # Markdown: deployed version, items waiting, sampler trouble
-    run: str  # Markdown: the round in progress, or the last one
-    progress: float | None  # 0..1 of the round in progress; None when none runs
-    active_run: int | None
-    message: str = ""
-
-
-def overview(ctx: AppContext, username: str | None, message: str = "") -> OverviewView:
-    require_admin(ctx, username)
-    counts = analytics.counts_by_kind(ctx.store)
-    rows = [("rankings", "rankings"), ("thumbs", "feedback"), ("skips", "skips"), ("flags", "flags")]
-    table = "| labels | today | total |\n| --- | ---: | ---: |\n" + "\n".join(
-        f"| {name} | {getattr(counts.today, field)} | {getattr(counts.total, field)} |" for name, field in rows)
-    status = (f"Deployed: **{version_name(ctx.policy.version)}** · **{ctx.buffer.waiting_count()}** items waiting "
-              f"in the buffer · **{ctx.buffer.reserved_count()}** reserved · overlap {ctx.config.overlap}")
-    if ctx.buffer.last_error:
-        status += f"\n\nSampler error: {escape_markdown(ctx.buffer.last_error[:300])}"
-    active = ctx.store.runs.active()
-    last = active or next(iter(ctx.store.runs.list(1)), None)
-    return OverviewView(table, status, run_text(last), active.progress if active else None,
-                        active.run_id if active else None, message)
-
-
-def run_text(run: Run | None) -> str:
-    if run is None:
-        return "No training round yet: start one in **Train**."
-    parts = [f"Round **{run.run_id}** ({run.algorithm}): **{run.status}**"]
-    if run.step is not None:
-        parts.append(f"step {run.step}")
-    if run.loss is not None:
-        parts.append(f"loss {run.loss:.4f}")
-    if run.version is not None:
-        parts.append(f"produced {version_name(run.version)}")
-    text = " · ".join(parts)
-    if run.error:
-        text += f"\n\n{escape_markdown(run.error[:500])}"
-    return text
-
-
-def progress_html(progress: float | None) -> str:
-    """A progress bar (numbers only, no user text)."""
-    if progress is None:
-        return ""
-    percent = round(100 * min(1.0, max(0.0, progress)))
-    return f'<progress value="{percent}" max="100" style="width:100%"></progress> {percent}%'
-
-
-def cancel_round(ctx: AppContext, username: str | None) -> OverviewView:
-    """Cancel the round in progress (same call as POST /api/runs/{id}/cancel)."""
-    require_admin(ctx, username)
-    active = ctx.store.runs.active()
-    if active is None:
-        raise UiError("no round is in progress")
-    ctx.scheduler.cancel(active.run_id)
-    return overview(ctx, username, f"Round {active.run_id} is being cancelled.")
-
-
+# -- shared by the screens ----------------------------------------------------------------------------------------
 def version_name(version: int) -> str:
     return "base model (v0)" if version == 0 else f"v{version}"
 
 
-# -- Train ------------------------------------------------------------------------------------------------------
-def knob_defaults() -> dict:
-    """The Train form's fields with RoundConfig's defaults (shown next to each field)."""
-    defaults = RoundConfig().to_dict()
-    return {name: defaults[name] for name in TRAIN_KNOBS}
-
-
-def overrides_from(knobs: dict) -> dict:
-    """RoundConfig overrides from the form: a cleared field keeps its default, except max_staleness (None = all
-    labels). Types and ranges are RoundConfig.from_dict's to check."""
-    unknown = set(knobs) - set(TRAIN_KNOBS)
-    if unknown:
-        raise UiError(f"unknown training setting(s): {', '.join(sorted(unknown))}")
-    return {name: value for name, value in knobs.items() if value is not None or name == "max_staleness"}
-
-
-def start_round(ctx: AppContext, username: str | None, knobs: dict) -> str:
-    """Start a round now (same call as POST /api/train); ConfigError names a bad value, Conflict a running round."""
+# -- Versions: the canary (the rest of the screen is app/ui/admin_versions.py) ------------------------------------
+def canary_panel(ctx: AppContext, username: str | None) -> str:
+    """Markdown: the canary under test (its human win-rate against the serving version with n and the 95%
+    interval, the decision so far), the last decided one otherwise, and the rule's settings."""
     require_admin(ctx, username)
-    run_id = ctx.scheduler.start(overrides_from(knobs))
-    return f"Round {run_id} started. Watch it in **Overview**; its loss curve appears in **Versions**."
+    rule = ctx.deployments.canary_config
+    settings = (f"Deploy policy **{rule.deploy_policy}** · share {rule.canary_share} · decide after "
+                f"{rule.canary_min_comparisons} comparisons against {rule.canary_threshold} · admin after "
+                f"{rule.canary_max_items} ranked items")
+    statuses = ctx.deployments.canary_statuses()
+    if not statuses:
+        return f"No canary yet: a round whose version passes the gate starts one.\n\n{settings}"
+    current = ctx.deployments.canary
+    status = statuses[current.version] if current else statuses[max(statuses)]
+    stats = status.stats
+    figure = ("no comparison yet" if stats.win_rate is None else
+              f"win-rate **{stats.win_rate:.2f}**, 95% interval [{stats.ci95[0]:.2f}, {stats.ci95[1]:.2f}], "
+              f"n = {stats.comparisons} comparisons in {stats.rankings} rankings")
+    head = "Canary" if current else "Last canary"
+    text = (f"{head} **{version_name(status.version)}** vs {version_name(status.serving)}: {figure} · "
+            f"{status.items_ranked} items ranked · decision **{status.decision}**")
+    if status.reason:
+        text += f"\n\n{escape_markdown(status.reason[:300])}"
+    return f"{text}\n\n{settings}"
 
 
-@dataclass(frozen=True)
-class TriggersView:
-    enabled: bool
-    every_labels: int  # 0 = off
-    every_minutes: int  # 0 = off
-    config: dict  # RoundConfig overrides automatic rounds use
-    message: str = ""
-
-
-def triggers(ctx: AppContext, username: str | None, message: str = "") -> TriggersView:
-    require_admin(ctx, username)
-    auto = ctx.scheduler.auto_train()
-    if not message and auto.enabled:
-        settings_used = ", ".join(f"{k}={v}" for k, v in auto.config.items()) or "the defaults"
-        message = f"Automatic rounds are on, with {settings_used}."
-    return TriggersView(auto.enabled, auto.every_labels, auto.every_minutes, auto.config, message)
-
-
-def save_triggers(ctx: AppContext, username: str | None, enabled: bool, every_labels: int | None,
-                  every_minutes: int | None, knobs: dict) -> TriggersView:
-    """Turn automatic rounds on (every N new labels and/or T minutes, with the Train form's settings) or off."""
-    require_admin(ctx, username)
-    labels, minutes = int(every_labels or 0), int(every_minutes or 0)
-    if enabled and not (labels or minutes):
-        raise UiError("to turn automatic rounds on, set 'every N labels' or 'every T minutes' above 0")
-    if not enabled:
-        labels = minutes = 0
-    ctx.set_auto_train(labels, minutes, overrides_from(knobs))
-    message = (f"Automatic rounds on: every {labels or '-'} labels / {minutes or '-'} minutes."
-               if enabled else "Automatic rounds off.")
-    return triggers(ctx, username, message)
-
-
-# -- Versions ---------------------------------------------------------------------------------------------------
-def metric(metrics: dict, column: str) -> float | None:
-    """A version's metric by its column name, whichever key the learner wrote it under; None when missing."""
-    for key in VERSION_METRICS[column]:
-        value = metrics.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    return None
-
-
-def versions_table(ctx: AppContext, username: str | None) -> pd.DataFrame:
-    """The registry, newest first: version, parent, algorithm, status, labels used, key metrics, time."""
-    require_admin(ctx, username)
-    rows = []
-    for v in reversed(ctx.store.versions.list()):
-        rows.append({"version": v.version, "parent": v.parent, "algorithm": v.algorithm, "status": v.status,
-                     "labels_used": v.labels_used,
-                     **{column: _round(metric(v.metrics, column)) for column in VERSION_METRICS},
-                     "created_at": v.created_at.strftime("%Y-%m-%d %H:%M") if v.created_at else "",
-                     "reason": v.reason or ""})
-    columns = ["version", "parent", "algorithm", "status", "labels_used", *VERSION_METRICS, "created_at", "reason"]
-    return pd.DataFrame(rows, columns=columns)
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 4)
-
-
-@dataclass(frozen=True)
-class VersionPlots:
-    """Long frames (version, metric, value) for gr.LinePlot(x="version", y="value", color="metric")."""
-
-    rates: pd.DataFrame  # reward-model accuracy, win-rates vs base and parent, EOS rate: all in [0, 1]
-    kl: pd.DataFrame
-    entropy: pd.DataFrame
-    length: pd.DataFrame
-
-
-def version_plots(ctx: AppContext, username: str | None) -> VersionPlots:
-    require_admin(ctx, username)
-    versions = ctx.store.versions.list()
-    frames = {}
-    for plot, columns in VERSION_PLOTS.items():
-        rows = [(v.version, column, value) for v in versions for column in columns
-                if (value := metric(v.metrics, column)) is not None]
-        frames[plot] = pd.DataFrame(rows, columns=PLOT_COLUMNS).astype({"version": "int64", "value": "float64"})
-    return VersionPlots(**frames)
-
-
-def deploy_choices(ctx: AppContext, username: str | None) -> list[tuple[str, int]]:
-    """Every version for the Deploy picker, newest first: ("v2 (candidate)", 2)."""
-    require_admin(ctx, username)
-    return [(f"{version_name(v.version)} ({v.status})", v.version) for v in reversed(ctx.store.versions.list())]
-
-
-def run_choices(ctx: AppContext, username: str | None) -> list[tuple[str, int]]:
-    """Recent rounds for the loss-curve picker, newest first: ("round 3 -> v2 (succeeded)", 3)."""
-    require_admin(ctx, username)
-    return [(f"round {r.run_id}" + (f" -> v{r.version}" if r.version is not None else "") + f" ({r.status})",
-             r.run_id) for r in ctx.store.runs.list(50)]
-
-
-def loss_curve(ctx: AppContext, username: str | None, run_id: int | None) -> pd.DataFrame:
-    """Per-step losses of a round (step, loss, curve): the policy steps the scheduler stored as they came, else the
-    history in the version's metrics; the reward model's steps from the version's metrics when it has them."""
-    require_admin(ctx, username)
-    empty = pd.DataFrame([], columns=LOSS_COLUMNS).astype({"step": "int64", "loss": "float64"})
-    if run_id is None:
-        return empty
-    run = ctx.store.runs.get(int(run_id))
-    steps = ctx.store.runs.steps(run.run_id)
-    rows = [(int(step), float(loss), "policy") for step, loss in zip(steps["step"], steps["loss"], strict=True)]
-    metrics = ctx.store.versions.get(run.version).metrics if run.version is not None else run.metrics or {}
-    if not rows:
-        rows = _history_rows(metrics.get("history"), "policy")
-    rows += _history_rows(metrics.get("reward_history"), "reward model")
-    if not rows:
-        return empty
-    return pd.DataFrame(rows, columns=LOSS_COLUMNS).astype({"step": "int64", "loss": "float64"})
-
-
-def _history_rows(history, curve: str) -> list[tuple[int, float, str]]:
-    """(step, loss, curve) from a learner history: a list of {"step", "loss", ...}; anything else is skipped."""
-    rows = []
-    for record in history if isinstance(history, list) else []:
-        if isinstance(record, dict) and isinstance(record.get("loss"), (int, float)):
-            rows.append((int(record.get("step", len(rows))), float(record["loss"]), curve))
-    return rows
-
-
-def deploy_version(ctx: AppContext, username: str | None, version: int | str | None, force: bool = False) -> str:
-    """Deploy any version (same call as POST /api/versions/{v}/deploy): hot swap, annotators get its answers next."""
-    require_admin(ctx, username)
-    text = str(version if version is not None else "").strip().removeprefix("v")
-    if not text.isdigit():
-        raise UiError(f"choose a version to deploy, got {version!r}")
-    ctx.scheduler.deploy(int(text), force=bool(force))
-    return f"Deployed {version_name(int(text))}: new items come from it; older ones are replaced as they go stale."
-
-
-def roll_back(ctx: AppContext, username: str | None) -> str:
-    """Deploy the parent of the deployed version; the one taken down is marked rolled_back."""
+def promote_canary(ctx: AppContext, username: str | None) -> str:
+    """Promote the canary now (same call as POST /api/versions/{v}/promote)."""
     user = require_admin(ctx, username)
-    current = ctx.policy.version
-    parent = ctx.roll_back(reason=f"rolled back by {user.name}")
-    return f"Rolled back {version_name(current)} to {version_name(parent)}."
+    canary = ctx.deployments.canary
+    if canary is None:
+        raise UiError("no canary is running")
+    ctx.deployments.promote(canary.version, by=user.name)
+    return f"Promoted {version_name(canary.version)}: it serves everyone now."
+
+
+def reject_canary(ctx: AppContext, username: str | None) -> str:
+    """Roll the canary back now (same call as POST /api/versions/{v}/reject-canary)."""
+    user = require_admin(ctx, username)
+    canary = ctx.deployments.canary
+    if canary is None:
+        raise UiError("no canary is running")
+    ctx.deployments.reject_canary(canary.version, by=user.name)
+    return f"Rolled back the canary {version_name(canary.version)}; {version_name(ctx.deployments.serving)} serves."
 
 
 # -- Annotators -------------------------------------------------------------------------------------------------
@@ -419,10 +215,41 @@ def export_labels(ctx: AppContext, username: str | None, fmt: str) -> ExportView
     return ExportView(str(out), f"{rows} {fmt} rows in {out.name}")
 
 
+SUGGESTION_COLUMNS = ["suggestion_id", "user", "sent_at", "prompt"]
+SUGGESTION_PREVIEW_CHARS = 500  # enough to judge a prompt in a table cell; the REST API returns the whole text
+
+
+@dataclass(frozen=True)
+class SuggestionsView:
+    table: pd.DataFrame  # pending suggestions, newest first (SUGGESTION_COLUMNS)
+    message: str = ""
+
+
+def pending_suggestions(ctx: AppContext, username: str | None, message: str = "") -> SuggestionsView:
+    """Prompts annotators sent from the Demo, waiting for an admin (same list as GET /api/suggestions)."""
+    require_admin(ctx, username)
+    rows = [(s.suggestion_id, s.user, s.created_at.strftime("%Y-%m-%d %H:%M"), s.text[:SUGGESTION_PREVIEW_CHARS])
+            for s in ctx.store.suggestions.list("pending")]
+    return SuggestionsView(pd.DataFrame(rows, columns=SUGGESTION_COLUMNS), message)
+
+
+def decide_suggestion(ctx: AppContext, username: str | None, suggestion_id: float | str | None,
+                      approve: bool) -> SuggestionsView:
+    """Approve (the prompt enters the pool) or reject a pending suggestion (POST /api/suggestions/{id}/approve)."""
+    user = require_admin(ctx, username)
+    text = str(suggestion_id if suggestion_id is not None else "").strip().removesuffix(".0")
+    if not text.isdigit():
+        raise UiError(f"enter the id of a pending suggestion, got {suggestion_id!r}")
+    decided = suggestions.decide(ctx, int(text), user, approve)
+    message = (f"Suggestion {decided.suggestion_id} approved: its prompt is in the pool." if approve
+               else f"Suggestion {decided.suggestion_id} rejected.")
+    return pending_suggestions(ctx, username, message)
+
+
 def guidelines_source(ctx: AppContext, username: str | None) -> str:
     """The annotator guidelines as Markdown source, for editing."""
     require_admin(ctx, username)
-    return ctx.store.settings.get(GUIDELINES_SETTING) or DEFAULT_GUIDELINES
+    return ctx.settings.get("guidelines")
 
 
 def save_guidelines(ctx: AppContext, username: str | None, text: str) -> str:
@@ -431,7 +258,24 @@ def save_guidelines(ctx: AppContext, username: str | None, text: str) -> str:
     text = (text or "").strip()
     if not text:
         raise UiError("the guidelines cannot be empty")
-    if len(text) > MAX_GUIDELINES_CHARS:
-        raise InvalidValue(f"the guidelines are {len(text)} characters, the limit is {MAX_GUIDELINES_CHARS}")
-    ctx.store.settings.set(GUIDELINES_SETTING, text)
+    ctx.settings.update({"guidelines": text})  # ConfigError over MAX_GUIDELINES_CHARS (app/settings.py)
     return "Guidelines saved: annotators see them on their next page load."
+
+
+# -- Arena (the Demo's blind votes; read-only) --------------------------------------------------------------------
+def arena_tables(ctx: AppContext, username: str | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(standings per version pair with n and a 95% interval, the 50 newest votes) for the Admin UI's Arena tab."""
+    require_admin(ctx, username)
+    standings = pd.DataFrame(
+        [{"pair": f"{version_name(r['newer'])} vs {version_name(r['older'])}", "votes (n)": r["votes"],
+          "newer wins": r["newer_wins"], "older wins": r["older_wins"], "ties": r["ties"], "both bad": r["both_bad"],
+          "newer win-rate": None if r["newer_win_rate"] is None else round(r["newer_win_rate"], 3),
+          "95% interval": f"{r['ci95'][0]:.2f}–{r['ci95'][1]:.2f}"} for r in arena_standings(ctx.store)],
+        columns=["pair", "votes (n)", "newer wins", "older wins", "ties", "both bad", "newer win-rate",
+                 "95% interval"])
+    recent = pd.DataFrame(
+        [{"vote": v.vote_id, "when": v.created_at.strftime("%Y-%m-%d %H:%M"), "voter": v.user,
+          "A": version_name(v.version_a), "B": version_name(v.version_b), "verdict": v.vote,
+          "prompt": v.prompt[:120]} for v in ctx.store.arena.recent(50)],
+        columns=["vote", "when", "voter", "A", "B", "verdict", "prompt"])
+    return standings, recent

@@ -15,11 +15,10 @@ import gradio as gr
 
 from app.context import AppContext
 from app.policy import PolicyBusy
-from app.ui import admin
+from app.ui import admin, admin_prompts, admin_rounds, admin_versions
 from app.ui.annotate import UiError
 from app.ui.render import render_markdown, rendered_text
 from app.web_guard import ANNOTATOR_DOOR
-from learner.config import ALGORITHMS
 from learner.errors import LearnerError
 from storage.errors import StorageError
 from storage.exports import FORMATS
@@ -38,6 +37,25 @@ def as_toast() -> Iterator[None]:
         raise gr.Error(str(exc)) from exc
 
 
+def _form_rows(form: list[admin_rounds.FormField], per_row: int = 3) -> list[gr.components.Component]:
+    """The Train form's components for `form`, `per_row` to a row: each labelled with its default, its reason below."""
+    made = []
+    for start in range(0, len(form), per_row):
+        with gr.Row(equal_height=False):
+            for f in form[start:start + per_row]:
+                label = f"{f.name} (default {f.default}{'; blank = none' if f.nullable else ''})"
+                options = {"label": label, "info": f.reason, "elem_id": f"pl-knob-{f.name}"}
+                if f.kind == "choice":
+                    made.append(gr.Radio(list(f.choices), value=f.default, **options))
+                elif f.kind == "bool":
+                    made.append(gr.Checkbox(f.default, **options))
+                elif f.kind in ("int", "float"):
+                    made.append(gr.Number(f.default, precision=0 if f.kind == "int" else None, **options))
+                else:
+                    made.append(gr.Textbox(f.default, **options))
+    return made
+
+
 def build_admin_ui(ctx: AppContext) -> gr.Blocks:
     """The Admin UI as its own Gradio app, for the admin door at /admin."""
     with gr.Blocks(title="prefloop admin") as admin_ui:
@@ -47,7 +65,6 @@ def build_admin_ui(ctx: AppContext) -> gr.Blocks:
 
 def build_admin_panel(ctx: AppContext, page: gr.Blocks) -> gr.Column:
     """Every admin component and event, inside `page` (being built)."""
-    defaults = admin.knob_defaults()
     with gr.Column(elem_id="pl-admin") as admin_panel:
         gr.Markdown(f"**prefloop admin** · [Annotate]({ANNOTATOR_DOOR.prefix}/) · "
                     f"[Log out]({ANNOTATOR_DOOR.prefix}/logout)")
@@ -55,33 +72,34 @@ def build_admin_panel(ctx: AppContext, page: gr.Blocks) -> gr.Column:
             with gr.Tab("Overview") as overview_tab:
                 counts = gr.Markdown()
                 status = gr.Markdown()
-                run = gr.Markdown()
+                run = gr.Markdown(elem_id="pl-run")
                 bar = gr.HTML()
                 with gr.Row():
+                    loss_live = gr.HTML(elem_id="pl-loss-live")
+                    with gr.Column():
+                        run_warnings = gr.Markdown(elem_id="pl-run-warnings")
+                        log_tail = gr.Textbox(label="round log (newest lines)", lines=6, max_lines=12,
+                                              interactive=False, elem_id="pl-run-log")
+                with gr.Row():
                     refresh_btn = gr.Button("Refresh")
-                    cancel_btn = gr.Button("Cancel the round in progress", variant="stop")
+                    cancel_btn = gr.Button("Cancel the round in progress", variant="stop", interactive=False)
+                with gr.Row(visible=False) as confirm_row:  # a second click, so a stray one cancels nothing
+                    gr.Markdown("Cancel the round? Its work so far is lost; the serving version stays.")
+                    confirm_cancel_btn = gr.Button("Yes, cancel the round", variant="stop")
+                    keep_btn = gr.Button("No, keep it running")
                 overview_message = gr.Markdown()
 
             with gr.Tab("Train") as train_tab:
+                train_banner = gr.Markdown(elem_id="pl-train-banner")
+                gr.Markdown("Every setting of a round, each with its default and why. On a CPU, **Quick round** "
+                            "fills in a round of about a minute (too small to improve the model: it shows the loop).")
+                form = admin_rounds.train_fields()
+                knob_inputs = _form_rows([f for f in form if f.common])
+                with gr.Accordion("Advanced: every other setting", open=False):
+                    knob_inputs += _form_rows([f for f in form if not f.common])
                 with gr.Row():
-                    algorithm = gr.Radio(list(ALGORITHMS), value=defaults["algorithm"],
-                                         label=f"algorithm (default {defaults['algorithm']})",
-                                         info="dpo: rankings; kto: thumbs; reward: the reward model only")
-                    beta = gr.Number(defaults["beta"], label=f"beta (default {defaults['beta']})")
-                    steps = gr.Number(defaults["steps"], precision=0, label=f"steps (default {defaults['steps']})")
-                    learning_rate = gr.Number(defaults["learning_rate"],
-                                              label=f"learning rate (default {defaults['learning_rate']})")
-                with gr.Row():
-                    sync_every = gr.Number(defaults["sync_every"], precision=0,
-                                           label=f"sync_every (default {defaults['sync_every']})",
-                                           info="optimizer steps between regenerating on-policy pairs")
-                    max_staleness = gr.Number(defaults["max_staleness"], precision=0,
-                                              label=f"max_staleness (default {defaults['max_staleness']})",
-                                              info="versions back a label may be; blank = all labels")
-                    rollout_prompts = gr.Number(defaults["rollout_prompts"], precision=0,
-                                                label=f"rollout prompts (default {defaults['rollout_prompts']})")
-                    ref_sync = gr.Checkbox(defaults["ref_sync"], label=f"ref_sync (default {defaults['ref_sync']})",
-                                           info="reference = the parent version instead of the base model")
+                    quick_btn = gr.Button("Quick round (CPU, ~1 min)")
+                    defaults_btn = gr.Button("Reset to defaults")
                 start_btn = gr.Button("Start a round", variant="primary")
                 train_message = gr.Markdown()
                 gr.Markdown("### Automatic rounds (with the settings above)")
@@ -100,16 +118,17 @@ def build_admin_panel(ctx: AppContext, page: gr.Blocks) -> gr.Column:
                     deploy_btn = gr.Button("Deploy", variant="primary")
                     rollback_btn = gr.Button("Roll back to the parent")
                 versions_message = gr.Markdown()
+                canary = gr.Markdown(elem_id="pl-canary")
                 with gr.Row():
-                    rates_plot = gr.LinePlot(x="version", y="value", color="metric", y_lim=[0, 1],
-                                             title="Reward-model accuracy, win-rates, EOS rate")
-                    kl_plot = gr.LinePlot(x="version", y="value", color="metric", title="KL to reference (nats)")
+                    promote_btn = gr.Button("Promote the canary")
+                    reject_btn = gr.Button("Roll back the canary", variant="stop")
+                charts = gr.HTML(elem_id="pl-version-charts")
                 with gr.Row():
-                    entropy_plot = gr.LinePlot(x="version", y="value", color="metric", title="Logit entropy")
-                    length_plot = gr.LinePlot(x="version", y="value", color="metric",
-                                              title="Mean answer length (tokens)")
-                run_picker = gr.Dropdown(label="round", allow_custom_value=True)
-                loss_plot = gr.LinePlot(x="step", y="loss", color="curve", title="Loss per step")
+                    detail_picker = gr.Dropdown(label="details of version", allow_custom_value=True)
+                    run_picker = gr.Dropdown(label="loss curve of round", allow_custom_value=True)
+                with gr.Row():
+                    detail = gr.Markdown(elem_id="pl-version-detail")
+                    loss_plot = gr.HTML(elem_id="pl-loss-plot")
                 versions_refresh_btn = gr.Button("Refresh")
 
             with gr.Tab("Annotators") as annotators_tab:
@@ -149,6 +168,18 @@ def build_admin_panel(ctx: AppContext, page: gr.Blocks) -> gr.Column:
                                                          "nothing)")
                         import_btn = gr.Button("Import", variant="primary")
                 import_result = gr.Textbox(label="import", lines=3, interactive=False)
+                gr.Markdown("### Prompt pool")
+                pool_summary = gr.Markdown(elem_id="pl-pool-summary")
+                with gr.Row():
+                    pool_search = gr.Textbox(label="search prompts (words they contain)", scale=3)
+                    pool_page = gr.Number(1, precision=0, minimum=1, label="page")
+                    pool_search_btn = gr.Button("Search")
+                pool_table = gr.Dataframe(interactive=False, label="prompts in the pool, newest first (items: answers "
+                                          "sampled for it so far)", elem_id="pl-pool", wrap=True)
+                with gr.Row():
+                    pool_remove_id = gr.Number(None, precision=0, label="id of the prompt to remove")
+                    pool_remove_btn = gr.Button("Remove it from the pool", variant="stop")
+                pool_message = gr.Markdown()
                 with gr.Row():
                     export_format = gr.Radio(list(FORMATS), value="dpo", label="export format")
                     export_btn = gr.Button("Export")
@@ -158,67 +189,110 @@ def build_admin_panel(ctx: AppContext, page: gr.Blocks) -> gr.Column:
                 save_guidelines_btn = gr.Button("Save guidelines")
                 guidelines_preview = rendered_text(container=True, padding=True)
                 guidelines_message = gr.Markdown()
+                suggestions_table = gr.Dataframe(interactive=False, label="prompts annotators suggested from the Demo, "
+                                                                          "waiting for review (newest first)")
+                with gr.Row():
+                    suggestion_id = gr.Number(None, precision=0, label="suggestion id")
+                    approve_suggestion_btn = gr.Button("Approve: add to the pool")
+                    reject_suggestion_btn = gr.Button("Reject")
+                    suggestions_refresh_btn = gr.Button("Refresh")
+                suggestions_message = gr.Markdown()
+            with gr.Tab("Arena") as arena_tab:  # the Demo's blind votes, read-only (app/arena.py)
+                arena_standings = gr.Dataframe(interactive=False, label="arena votes per version pair (a tie or "
+                                               "both-bad vote is half a win each)", elem_id="pl-arena-standings")
+                arena_recent = gr.Dataframe(interactive=False, label="newest votes")
         # Started on load for an admin: it ticks while an Admin page is open, and stops with the page.
         timer = gr.Timer(OVERVIEW_EVERY_S, active=False)
 
     # -- handlers: (inputs, request) -> component values; the role check is inside every admin.* call ----------
-    def show_overview(view: admin.OverviewView) -> list:
-        return [view.counts, view.status, view.run, admin.progress_html(view.progress), view.message]
+    def show_overview(view: admin_rounds.OverviewView) -> list:
+        return [view.counts, view.status, view.run, admin_rounds.progress_html(view.progress), view.message,
+                view.loss_chart, view.warnings, view.log_tail, view.train_banner,
+                gr.update(interactive=view.active_run is not None)]
 
     def on_overview(request: gr.Request):
         with as_toast():
-            return show_overview(admin.overview(ctx, request.username))
+            return show_overview(admin_rounds.overview(ctx, request.username))
 
     def on_cancel(request: gr.Request):
         with as_toast():
-            return show_overview(admin.cancel_round(ctx, request.username))
+            return [*show_overview(admin_rounds.cancel_round(ctx, request.username)), gr.update(visible=False)]
 
-    def knobs(*values) -> dict:
-        return dict(zip(admin.TRAIN_KNOBS, values, strict=True))
+    def knobs(values) -> dict:
+        return dict(zip(admin_rounds.TRAIN_KNOBS, values, strict=True))
 
-    def show_triggers(view: admin.TriggersView) -> list:
-        return [view.enabled, view.every_labels, view.every_minutes, view.message]
+    def show_triggers(view: admin_rounds.TriggersView) -> list:
+        return [view.enabled, view.every_labels, view.every_minutes, view.message, view.banner]
 
     def on_train_state(request: gr.Request):
         with as_toast():
-            return show_triggers(admin.triggers(ctx, request.username))
+            return show_triggers(admin_rounds.triggers(ctx, request.username))
 
-    def on_start(algorithm, beta, steps, learning_rate, sync_every, max_staleness, ref_sync, rollout_prompts,
-                 request: gr.Request):
+    def on_start(request: gr.Request, *values):
         with as_toast():
-            return admin.start_round(ctx, request.username, knobs(
-                algorithm, beta, steps, learning_rate, sync_every, max_staleness, ref_sync, rollout_prompts))
+            return admin_rounds.start_round(ctx, request.username, knobs(values))
 
-    def on_save_triggers(enabled, labels, minutes, algorithm, beta, steps, learning_rate, sync_every, max_staleness,
-                         ref_sync, rollout_prompts, request: gr.Request):
+    def on_save_triggers(request: gr.Request, enabled, labels, minutes, *values):
         with as_toast():
-            return show_triggers(admin.save_triggers(ctx, request.username, enabled, labels, minutes, knobs(
-                algorithm, beta, steps, learning_rate, sync_every, max_staleness, ref_sync, rollout_prompts)))
+            return show_triggers(admin_rounds.save_triggers(ctx, request.username, enabled, labels, minutes,
+                                                            knobs(values)))
+
+    def fill_form(values: dict) -> list:
+        return [values[name] for name in admin_rounds.TRAIN_KNOBS]
 
     def on_versions(request: gr.Request):
         with as_toast():
-            table = admin.versions_table(ctx, request.username)
-            plots = admin.version_plots(ctx, request.username)
-            choices = admin.run_choices(ctx, request.username)
+            table = admin_versions.versions_table(ctx, request.username)
+            choices = admin_versions.run_choices(ctx, request.username)
+            versions_list = admin_versions.deploy_choices(ctx, request.username)
             active = ctx.store.runs.active()
             selected = active.run_id if active else (choices[0][1] if choices else None)
-            return [table, gr.update(choices=admin.deploy_choices(ctx, request.username), value=None), plots.rates,
-                    plots.kl, plots.entropy, plots.length, gr.update(choices=choices, value=selected),
-                    admin.loss_curve(ctx, request.username, selected)]
+            shown = versions_list[0][1] if versions_list else None
+            return [table, gr.update(choices=versions_list, value=None),
+                    admin_versions.version_charts(ctx, request.username), gr.update(choices=choices, value=selected),
+                    admin_versions.run_loss_chart(ctx, request.username, selected),
+                    gr.update(choices=versions_list, value=shown),
+                    admin_versions.version_detail(ctx, request.username, shown)]
 
     def on_loss_curve(run_id, request: gr.Request):
         with as_toast():
-            return admin.loss_curve(ctx, request.username, run_id or None)
+            return admin_versions.run_loss_chart(ctx, request.username, run_id or None)
+
+    def on_version_detail(version, request: gr.Request):
+        with as_toast():
+            return admin_versions.version_detail(ctx, request.username, version)
 
     def on_deploy(version, force_it, request: gr.Request):
         with as_toast():
-            message = admin.deploy_version(ctx, request.username, version, force_it)
+            message = admin_versions.deploy_version(ctx, request.username, version, force_it)
         return [message, *on_versions(request)]
 
     def on_roll_back(request: gr.Request):
         with as_toast():
-            message = admin.roll_back(ctx, request.username)
+            message = admin_versions.roll_back(ctx, request.username)
         return [message, *on_versions(request)]
+
+    def show_pool(view: admin_prompts.PoolView) -> list:
+        return [view.summary, view.table, view.page, view.message]
+
+    def on_pool(search, page_number, request: gr.Request):
+        with as_toast():
+            return show_pool(admin_prompts.prompt_pool(ctx, request.username, search, page_number))
+
+    def on_remove_prompt(prompt_id, search, page_number, request: gr.Request):
+        with as_toast():
+            return show_pool(admin_prompts.remove_prompt(ctx, request.username, prompt_id, search, page_number))
+
+    def on_canary(request: gr.Request):
+        with as_toast():
+            return admin.canary_panel(ctx, request.username)
+
+    def on_canary_action(action):
+        def handler(request: gr.Request):
+            with as_toast():
+                message = action(ctx, request.username)
+            return [message, admin.canary_panel(ctx, request.username), *on_versions(request)]
+        return handler
 
     def show_annotators(view: admin.AnnotatorsView) -> list:
         return [view.stats, view.agreement, view.agreement_by_annotator, view.flags, view.overlap, view.users,
@@ -270,14 +344,31 @@ def build_admin_panel(ctx: AppContext, page: gr.Blocks) -> gr.Column:
             message = admin.save_guidelines(ctx, request.username, text)
             return [text, render_markdown(text), message]
 
+    def on_suggestions(request: gr.Request):
+        with as_toast():
+            view = admin.pending_suggestions(ctx, request.username)
+            return [view.table, view.message]
+
+    def on_decide_suggestion(approve: bool):
+        def decide(suggestion, request: gr.Request):
+            with as_toast():
+                view = admin.decide_suggestion(ctx, request.username, suggestion, approve)
+                return [view.table, view.message]
+        return decide
+
+    def on_arena(request: gr.Request):
+        with as_toast():
+            return list(admin.arena_tables(ctx, request.username))
+
     def on_load(request: gr.Request):
         shown = admin.is_admin(ctx, request.username)
         return [gr.update(visible=shown), gr.Timer(active=shown)]
 
     # -- wiring -----------------------------------------------------------------------------------------------
-    knob_inputs = [algorithm, beta, steps, learning_rate, sync_every, max_staleness, ref_sync, rollout_prompts]
-    overview_outputs = [counts, status, run, bar, overview_message]
-    versions_outputs = [versions, deploy_to, rates_plot, kl_plot, entropy_plot, length_plot, run_picker, loss_plot]
+    overview_outputs = [counts, status, run, bar, overview_message, loss_live, run_warnings, log_tail, train_banner,
+                        cancel_btn]
+    versions_outputs = [versions, deploy_to, charts, run_picker, loss_plot, detail_picker, detail]
+    pool_outputs = [pool_summary, pool_table, pool_page, pool_message]
     annotators_outputs = [stats, agreement, agreement_table, flags, overlap, users, annotators_message]
     free = {"concurrency_limit": None}  # admin reads are quick; nobody queues behind another admin
 
@@ -285,19 +376,34 @@ def build_admin_panel(ctx: AppContext, page: gr.Blocks) -> gr.Column:
     gr.on([page.load, overview_tab.select, refresh_btn.click], on_overview, outputs=overview_outputs,
           api_name="admin_overview", **free)
     timer.tick(on_overview, outputs=overview_outputs, api_visibility="private", show_progress="hidden", **free)
-    cancel_btn.click(on_cancel, outputs=overview_outputs, api_name="admin_cancel_round", **free)
-    train_tab.select(on_train_state, outputs=[auto_on, every_labels, every_minutes, auto_message],
+    cancel_btn.click(lambda: gr.update(visible=True), outputs=confirm_row, api_visibility="private", **free)
+    keep_btn.click(lambda: gr.update(visible=False), outputs=confirm_row, api_visibility="private", **free)
+    confirm_cancel_btn.click(on_cancel, outputs=[*overview_outputs, confirm_row], api_name="admin_cancel_round",
+                             **free)
+    train_tab.select(on_train_state, outputs=[auto_on, every_labels, every_minutes, auto_message, train_banner],
                      api_name="admin_train_state", **free)
+    quick_btn.click(lambda: fill_form(admin_rounds.quick_values()), outputs=knob_inputs, api_visibility="private",
+                    **free)
+    defaults_btn.click(lambda: fill_form(admin_rounds.knob_defaults()), outputs=knob_inputs,
+                       api_visibility="private", **free)
     start_btn.click(on_start, knob_inputs, train_message, api_name="admin_start_round", **free)
     save_auto_btn.click(on_save_triggers, [auto_on, every_labels, every_minutes, *knob_inputs],
-                        [auto_on, every_labels, every_minutes, auto_message], api_name="admin_save_triggers", **free)
+                        [auto_on, every_labels, every_minutes, auto_message, train_banner],
+                        api_name="admin_save_triggers", **free)
     gr.on([versions_tab.select, versions_refresh_btn.click], on_versions, outputs=versions_outputs,
           api_name="admin_versions", **free)
     run_picker.input(on_loss_curve, run_picker, loss_plot, api_name="admin_loss_curve", **free)
+    detail_picker.input(on_version_detail, detail_picker, detail, api_name="admin_version_detail", **free)
     deploy_btn.click(on_deploy, [deploy_to, force], [versions_message, *versions_outputs], api_name="admin_deploy",
                      concurrency_limit=1, concurrency_id="admin_deploy")  # one hot swap at a time
     rollback_btn.click(on_roll_back, None, [versions_message, *versions_outputs], api_name="admin_roll_back",
                        concurrency_limit=1, concurrency_id="admin_deploy")
+    gr.on([versions_tab.select, versions_refresh_btn.click], on_canary, outputs=canary, api_name="admin_canary",
+          **free)
+    promote_btn.click(on_canary_action(admin.promote_canary), None, [versions_message, canary, *versions_outputs],
+                      api_name="admin_promote_canary", concurrency_limit=1, concurrency_id="admin_deploy")
+    reject_btn.click(on_canary_action(admin.reject_canary), None, [versions_message, canary, *versions_outputs],
+                     api_name="admin_reject_canary", concurrency_limit=1, concurrency_id="admin_deploy")
     gr.on([annotators_tab.select, annotators_refresh_btn.click], on_annotators, outputs=annotators_outputs,
           api_name="admin_annotators", **free)
     overlap_btn.click(on_set_overlap, overlap, annotators_outputs, api_name="admin_set_overlap", **free)
@@ -310,9 +416,20 @@ def build_admin_panel(ctx: AppContext, page: gr.Blocks) -> gr.Column:
     rotate_token_btn.click(on_rotate_token, user_name, [new_account, *annotators_outputs],
                            api_name="admin_rotate_token", **free)
     import_btn.click(on_import, [upload, skip_invalid], import_result, api_name="admin_upload_prompts", **free)
+    gr.on([data_tab.select, pool_search_btn.click, pool_search.submit], on_pool, [pool_search, pool_page],
+          pool_outputs, api_name="admin_prompt_pool", **free)
+    pool_remove_btn.click(on_remove_prompt, [pool_remove_id, pool_search, pool_page], pool_outputs,
+                          api_name="admin_remove_prompt", **free)
     export_btn.click(on_export, export_format, [export_file, export_message], api_name="admin_export", **free)
     data_tab.select(on_guidelines, outputs=[guidelines, guidelines_preview, guidelines_message],
                     api_name="admin_guidelines", **free)
     save_guidelines_btn.click(on_save_guidelines, guidelines, [guidelines, guidelines_preview, guidelines_message],
                               api_name="admin_save_guidelines", **free)
+    gr.on([data_tab.select, suggestions_refresh_btn.click], on_suggestions,
+          outputs=[suggestions_table, suggestions_message], api_name="admin_suggestions", **free)
+    approve_suggestion_btn.click(on_decide_suggestion(True), suggestion_id, [suggestions_table, suggestions_message],
+                                 api_name="admin_approve_suggestion", **free)
+    reject_suggestion_btn.click(on_decide_suggestion(False), suggestion_id, [suggestions_table, suggestions_message],
+                                api_name="admin_reject_suggestion", **free)
+    arena_tab.select(on_arena, outputs=[arena_standings, arena_recent], api_name="admin_arena", **free)
     return admin_panel
