@@ -122,3 +122,28 @@ class VersionInfo(Answer):
     config: dict[str, Any]
     created_at: str | None
     canary: dict[str, Any] | None = Field(default=None, description="the human evidence of its canary test, if any")
+
+
+class RankingRetracted(Answer):
+    """Undo: the ranking (and the thumbs given with it) is out of every view, export and snapshot from now on."""
+
+    retraction_id: int
+    ranking_id: int
+    item_id: int
+    handed_back: bool = Field(description="the item is reserved for you again, to rank anew (false: it is no "
+                                          "longer served: too stale, or it has its annotators)")
+
+
+class ArenaPair(Answer):
+    """Blind Demo votes on one pair of versions; a tie or both-bad vote counts half a win for each side."""
+
+    older: int
+    newer: int
+    votes: int
+    newer_wins: int
+    older_wins: int
+    ties: int
+    both_bad: int
+    newer_win_rate: float | None
+    ci95: list[float] = Field(description="Wilson 95% interval of newer_win_rate, votes treated as independent")
+    n: int = Field(description="votes behind the win-rate")

@@ -73,7 +73,7 @@ def test_annotator_ranks_with_the_keyboard_and_gets_the_next_item(ctx, login, sa
     assert ctx.store.labels.counts().rankings == 1
     stored = ctx.store.db.cursor().execute("SELECT count(*) FROM pairs").fetchone()[0]
     assert stored == 6
-    assert page.locator("#pl-counter").get_by_text(re.compile("1.*rankings today")).count() == 1
+    assert page.locator("#pl-counter").get_by_text(re.compile("1.*ranked today")).count() == 1
     assert page.locator("#pl-prompt").inner_text() != first_prompt or ctx.buffer.waiting_count() == 1
 
 
@@ -125,7 +125,7 @@ def test_admin_starts_a_round_sees_live_progress_and_cancels_it(ctx, server, log
     page.wait_for_function("document.querySelector('#pl-admin').innerText.match(/Round 1 \\(dpo\\): cancelled/)",
                            timeout=60_000)
     assert ctx.store.runs.get(1).status == "cancelled"
-    assert ctx.policy.version == 0
+    assert ctx.deployments.serving == 0
 
 
 def test_demo_chat_streams_an_answer(ctx, login):
