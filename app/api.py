@@ -24,6 +24,7 @@ from app.api_models import (
     Me,
     PromptsAdded,
     RankingCreated,
+    RankingRetracted,
     SkipCreated,
     UserCreated,
     errors,
@@ -177,6 +178,17 @@ def flag(item_id: int, body: FlagBody, user: Annotator, c: Ctx) -> dict:
     """Flag an item handed to you for an admin to review (harmful, broken, off-topic), once. It stays in your queue
     unless skipped."""
     return {"flag_id": labelling.flag(c, user, item_id, body.reason)}
+
+
+@router.post("/rankings/{ranking_id}/retract", status_code=201, response_model=RankingRetracted, responses=errors({
+    404: "you have no ranking with this id", 409: "already retracted, or stored longer ago than the undo window"}))
+def retract(ranking_id: int, user: Annotator, c: Ctx) -> dict:
+    """Undo: take back your own ranking within `UNDO_SECONDS` (60) of storing it. Nothing is deleted: a retraction
+    is a new event, and the ranking and its thumbs leave the pairs, exports and training snapshots. The item is
+    handed back to you (`handed_back`) to rank again: POST its ranking as before."""
+    retraction, handed_back = labelling.retract(c, user, ranking_id)
+    return {"retraction_id": retraction.retraction_id, "ranking_id": ranking_id, "item_id": retraction.item_id,
+            "handed_back": handed_back}
 
 
 @router.post("/prompts", status_code=201, response_model=PromptsAdded)
