@@ -102,11 +102,13 @@ def start_server(data_dir: Path, log_path: Path, max_item_staleness: int, model:
 
 
 def admin_token(data_dir: Path) -> str:
-    out = subprocess.run([sys.executable, "-m", "app.cli", "users", "add", "bench", "--role", "admin",
-                          "--data-dir", str(data_dir)], capture_output=True, text=True, cwd=ROOT)
-    if out.returncode != 0:
-        raise SystemExit(f"could not create the bench admin: {out.stderr.strip() or out.stdout.strip()}")
-    return out.stdout.strip().splitlines()[-1]
+    """`prefloop init`: the data dir's DuckDB file and its admin account; the admin's API token."""
+    out = subprocess.run([sys.executable, "-m", "app.cli", "init", "--data-dir", str(data_dir)], capture_output=True,
+                         text=True, cwd=ROOT)
+    tokens = [line.split(":", 1)[1].strip() for line in out.stdout.splitlines() if "API token:" in line]
+    if out.returncode != 0 or not tokens:
+        raise SystemExit(f"`prefloop init` failed: {out.stderr.strip() or out.stdout.strip()}")
+    return tokens[0]
 
 
 def train(http: httpx.Client, config: dict) -> dict:
@@ -228,13 +230,15 @@ def run_job(grid: Grid, persona_name: str, arm: str, seed: int, budgets: list[in
     shutil.rmtree(data_dir, ignore_errors=True)  # adapters of every version: ~20 MB each; the rows hold the result
 
 
-def plan(grid: Grid, done: dict, only: set[str], personas: set[str], no_curve: bool) -> list[tuple]:
-    """(persona, arm, seed, budgets) of every job with a row still to write."""
+def plan(grid: Grid, done: dict, only: set[str], personas: set[str], no_curve: bool,
+         seeds: set[int] = frozenset()) -> list[tuple]:
+    """(persona, arm, seed, budgets) of every job with a row still to write; empty filters keep everything."""
     jobs = []
     for persona in grid.personas:
         for seed in grid.seeds:
             for arm in grid.arms:
-                if (only and arm not in only) or (personas and persona not in personas):
+                filters = ((only, arm), (personas, persona), (seeds, seed))
+                if any(chosen and value not in chosen for chosen, value in filters):
                     continue
                 wanted = (grid.labels,) if no_curve else grid.checkpoints(arm)
                 missing = [n for n in wanted if row_key(persona, arm, seed, n) not in done]
@@ -268,6 +272,7 @@ def main() -> None:
     p.add_argument("--table", type=Path, metavar="DIR", help="print the table of DIR's rows and exit")
     p.add_argument("--only", default="", help=f"comma-separated arms to run now ({', '.join(ARMS)})")
     p.add_argument("--persona", default="", help="comma-separated personas to run now")
+    p.add_argument("--seed", default="", help="comma-separated seeds to run now")
     p.add_argument("--no-curve", action="store_true", help="run the default arm to the comparison budget only")
     p.add_argument("--labels", type=int, help="override: label budget at which arms are compared")
     p.add_argument("--every", type=int, help="override: labels between rounds")
@@ -293,7 +298,7 @@ def main() -> None:
     results = args.results or ROOT / "bench-results" / f"loop-{args.grid}"
     open_results(results, grid)
     jobs = plan(grid, load_rows(results), set(filter(None, args.only.split(","))),
-                set(filter(None, args.persona.split(","))), args.no_curve)
+                set(filter(None, args.persona.split(","))), args.no_curve, {int(s) for s in args.seed.split(",") if s})
     print(f"machine: {os.cpu_count()} cores; {len(jobs)} job(s) to run into {results}", flush=True)
     for persona, arm, seed, budgets in jobs:
         run_job(grid, persona, arm, seed, budgets, results, args.model)

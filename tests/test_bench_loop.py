@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from app.canary import win_rate as canary_win_rate
-from bench.loop import build_grid, plan, round_config, starter_prompts
+from app.personas import PERSONAS
+from bench.loop import build_grid, check_labels_held_out, judge, plan, round_config, starter_prompts
 from bench.loop_results import (
     GRIDS,
     Grid,
@@ -28,6 +29,7 @@ from bench.loop_results import (
 )
 from bench.stats import RESAMPLES, paired_difference, win_rate
 from learner.config import RoundConfig
+from storage.items import AnswerRecord
 
 
 def explicit_bootstrap(cells: np.ndarray, resamples: int = RESAMPLES, seed: int = 9) -> tuple[float, float]:
@@ -232,6 +234,7 @@ def test_rerun_plans_only_missing_rows_and_the_curve_reruns_from_zero(tmp_path):
     assert len(plan(grid, {}, set(), set(), no_curve=False)) == 2 * 3 * 4
     without_curve = plan(grid, done, {"semi-online"}, {"concise"}, no_curve=True)
     assert [j[3] for j in without_curve] == [[32], [32]]  # seeds 1 and 2; seed 0's 32 is done
+    assert [j[2] for j in plan(grid, done, {"kto"}, set(), no_curve=False, seeds={2})] == [2, 2]  # two personas
 
 
 def test_base_answers_are_kept_per_seed_and_checked(tmp_path):
@@ -258,3 +261,29 @@ def test_table_prints_each_row_pooled_rows_differences_and_the_curve_with_n_and_
                           [rows[f"concise/offline/seed{s}/labels32"]["verdicts"] for s in (0, 1)])
     assert f"| semi-online - offline | {d.value:+.3f} | [{d.ci95[0]:+.3f}, {d.ci95[1]:+.3f}] |" in text
     assert "Learning curve" in text and "| 16 |" in text
+
+
+# -- the judge and the leak check against the real server (tiny model) ------------------------------------------------
+
+def test_judge_scores_policy_against_base_answers_in_the_right_direction(boss):
+    prompts = held_out_prompts(2)
+    base = [["Yes.", "Yes."], [" ".join(["word"] * 500)] * 2]  # unbeatable by a shorter answer / beaten by any
+    verdict = judge(boss, PERSONAS["concise"], 0, prompts, base)
+    assert verdict["verdicts"][1] == [1.0, 1.0]
+    assert all(v in (0.0, 0.5) for v in verdict["verdicts"][0])
+    assert len(verdict["answers"]) == 2 and all(len(a) == 2 for a in verdict["answers"])
+    assert verdict["base_words"] == pytest.approx((1 + 1 + 500 + 500) / 4)
+
+
+def test_a_label_on_a_held_out_prompt_stops_the_benchmark(ctx, boss, ann):
+    held_out = held_out_prompts(4)
+    check_labels_held_out(boss, held_out)  # nothing labelled yet
+    prompt_id = ctx.store.prompts.add([held_out[2]]).prompt_ids[0]
+    answers = [AnswerRecord(" ".join(["w"] * (i + 1)), i + 1, "eos", -1.0) for i in range(4)]
+    ctx.store.items.add(prompt_id, 0, {"k": 4}, answers)
+    item = ann.get("/api/items/next").raise_for_status().json()
+    assert item["prompt"] == held_out[2]
+    ids = [a["answer_id"] for a in item["answers"]]
+    ann.post(f"/api/items/{item['item_id']}/ranking", json={"ranking": ids}).raise_for_status()
+    with pytest.raises(SystemExit, match="labels were stored on held-out prompts"):
+        check_labels_held_out(boss, held_out)
