@@ -247,6 +247,20 @@ def plan(grid: Grid, done: dict, only: set[str], personas: set[str], no_curve: b
     return jobs
 
 
+def round_overrides(items: list[str]) -> dict:
+    """`KEY=VALUE` pairs; VALUE is JSON (2, 1e-4, null, true) or else a plain string (loss_type=ipo)."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--round takes KEY=VALUE (a RoundConfig field), got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
 def build_grid(args) -> Grid:
     """The named grid with the command line's overrides (part of the results directory's identity)."""
     grid = GRIDS[args.grid]
@@ -255,8 +269,7 @@ def build_grid(args) -> Grid:
     if args.seeds is not None:
         changes["seeds"] = tuple(range(args.seeds))
     if args.round:
-        overrides = dict(item.split("=", 1) for item in args.round)
-        changes["round"] = {k: json.loads(v) for k, v in overrides.items()}
+        changes["round"] = round_overrides(args.round)
     try:
         grid = replace(grid, **changes)
         RoundConfig.from_dict({k: v for k, v in grid.round.items()})  # an unknown knob fails here, not in a round
@@ -283,6 +296,8 @@ def main() -> None:
     p.add_argument("--model", help="the server's --model (default: the converted SmolLM2 in prefloop-data/models)")
     args = p.parse_args()
     if args.table:
+        if not (args.table / "grid.json").is_file():
+            raise SystemExit(f"{args.table} is not a bench.loop results directory (no grid.json)")
         settings = json.loads((args.table / "grid.json").read_text(encoding="utf-8"))
         print(table(load_rows(args.table), settings["labels"]))
         return

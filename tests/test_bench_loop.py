@@ -13,7 +13,7 @@ import pytest
 
 from app.canary import win_rate as canary_win_rate
 from app.personas import PERSONAS
-from bench.loop import build_grid, check_labels_held_out, judge, plan, round_config, starter_prompts
+from bench.loop import build_grid, check_labels_held_out, judge, plan, round_config, round_overrides, starter_prompts
 from bench.loop_results import (
     GRIDS,
     Grid,
@@ -182,6 +182,13 @@ def test_round_overrides_cannot_make_two_arms_alike():
     assert round_config(grid, "online", 0, 0)["sync_every"] == 1
     offline = round_config(grid, "offline", 0, 0)
     assert offline["steps"] == offline["sync_every"] == 4  # 2 steps x 2 rounds
+
+
+def test_round_overrides_parse_json_values_and_plain_strings():
+    assert round_overrides(["steps=2", "loss_type=ipo", "max_label_staleness=null", "learning_rate=1e-4"]) == {
+        "steps": 2, "loss_type": "ipo", "max_label_staleness": None, "learning_rate": 1e-4}
+    with pytest.raises(SystemExit, match="--round takes KEY=VALUE"):
+        round_overrides(["steps"])
 
 
 def test_unknown_round_knob_is_refused_before_anything_runs():
