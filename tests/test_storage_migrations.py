@@ -7,7 +7,7 @@ from storage.store import Store
 TABLES = {
     "_migrations", "users", "prompts", "items", "answers", "ranking_events", "ranking_answers", "feedback_events",
     "skips", "flags", "versions", "runs", "run_steps", "settings", "canaries",
-    "suggestions", "retractions", "arena_votes",
+    "suggestions", "retractions", "arena_votes", "run_log",
 }
 
 
@@ -31,6 +31,10 @@ def test_migrating_an_empty_file_creates_the_schema(tmp_path):
         "created_at",
     ]
     assert dict(unary_columns)["label"] == "BOOLEAN"
+    prompt_columns = [name for (name,) in cur.execute("SELECT column_name FROM (DESCRIBE prompts)").fetchall()]
+    assert prompt_columns[-2:] == ["removed", "removed_at"]  # soft removal (m014)
+    run_columns = [name for (name,) in cur.execute("SELECT column_name FROM (DESCRIBE runs)").fetchall()]
+    assert run_columns[-3:] == ["phase", "phase_step", "phase_total"]  # where a round is (m015)
     db.close()
 
 

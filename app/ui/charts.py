@@ -70,10 +70,12 @@ def panel(title: str, series: dict[str, Sequence[Point]], *, integer_x: bool = T
         return "".join(parts)
     xs = [p.x for p in points]
     ys = [v for p in points for v in (p.y, p.low, p.high) if v is not None] + ([reference] if reference else [])
-    x_low, x_high = min(xs), max(xs)
-    if x_high == x_low:
-        x_low, x_high = x_low - 1, x_high + 1
-    y_ticks = nice_ticks(*(y_range or (min(ys), max(ys))))
+    pad = max(0.3, (max(xs) - min(xs)) * 0.04)  # markers and whiskers clear of the panel's edges
+    x_low, x_high = min(xs) - pad, max(xs) + pad
+    y_min, y_max = min(ys), max(ys)
+    if y_max - y_min < 1e-9:  # a flat series: a band around it, not an axis from its value up
+        y_min, y_max = y_min - (abs(y_min) * 0.1 or 0.5), y_max + (abs(y_max) * 0.1 or 0.5)
+    y_ticks = nice_ticks(*(y_range or (y_min, y_max)))
     y_low, y_high = (y_range if y_range else (y_ticks[0], y_ticks[-1]))
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
 
@@ -88,7 +90,7 @@ def panel(title: str, series: dict[str, Sequence[Point]], *, integer_x: bool = T
             parts.append(f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{sy(tick):.1f}" y2="{sy(tick):.1f}" '
                          f'stroke="#e5e7eb"/><text x="{LEFT - 4}" y="{sy(tick) + 3:.1f}" text-anchor="end">'
                          f'{_label(tick)}</text>')
-    x_ticks = sorted(set(xs)) if integer_x and len(set(xs)) <= 12 else nice_ticks(x_low, x_high, 5)
+    x_ticks = sorted(set(xs)) if integer_x and len(set(xs)) <= 12 else nice_ticks(min(xs), max(xs), 5)
     for tick in x_ticks:
         if x_low <= tick <= x_high:
             text = ("base" if tick == 0 else f"v{tick:.0f}") if x_name == "version" else _label(tick)
