@@ -122,6 +122,7 @@ def test_admin_starts_a_round_sees_live_progress_and_cancels_it(ctx, server, log
     page.get_by_text(re.compile(r"step \d+ · loss \d")).wait_for(timeout=240_000)
     page.screenshot(path=str(ARTIFACTS / "admin-round-in-progress.png"))
     page.get_by_role("button", name="Cancel the round in progress").click()
+    page.get_by_role("button", name="Yes, cancel the round").click()  # Cancel asks to confirm
     page.wait_for_function("document.querySelector('#pl-admin').innerText.match(/Round 1 \\(dpo\\): cancelled/)",
                            timeout=60_000)
     assert ctx.store.runs.get(1).status == "cancelled"
