@@ -106,7 +106,7 @@ class Scheduler:
         try:
             runs.update(run_id, status="running", started_at=_now())
             # Every label goes into the snapshot: the reward model learns from all human pairs, and the learner
-            # itself keeps only those within max_staleness for the policy update.
+            # itself keeps only those within max_label_staleness for the policy update.
             snapshot = write_snapshot(self.store, work / "snapshot", parent_version=parent.version,
                                       base_model=str(self.policy.base_model_dir))
             log.info("run %s: snapshot %s", run_id, snapshot)
@@ -114,7 +114,9 @@ class Scheduler:
             shutil.rmtree(out_dir, ignore_errors=True)  # a leftover of a round killed before it registered
             command = [sys.executable, "-m", "learner.round", "--snapshot", str(work / "snapshot"),
                        "--base", str(self.policy.base_model_dir), "--out", str(out_dir),
-                       "--config", str(work / "round.json")]
+                       "--config", str(work / "round.json"),
+                       # The base model's log-probs of the human answers never change: kept across rounds.
+                       "--ref-cache", str(self.config.models_dir / "ref-cache")]
             if parent.version != 0 and parent.path:
                 command += ["--parent", parent.path]
             round_env = self.cores.before_round()
