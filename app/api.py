@@ -132,7 +132,8 @@ def item_json(item: Item, user_id: int) -> dict:
 
 @router.get("/health", response_model=Health)
 def health(c: Ctx) -> dict:
-    return {"status": "ok", "policy_version": c.policy.version, "labels": c.store.labels.total()}
+    """`policy_version`: the version serving everyone (a canary under test answers only its share of items)."""
+    return {"status": "ok", "policy_version": c.deployments.serving, "labels": c.store.labels.total()}
 
 
 @router.get("/me", response_model=Me)
@@ -150,7 +151,7 @@ def next_item(user: Annotator, c: Ctx):
 
 @router.post("/items/{item_id}/ranking", status_code=201, response_model=RankingCreated, responses=errors({
     403: "the item was not handed to you, or this token cannot label", 404: "no item with this id",
-    409: "you already ranked or skipped this item"}))
+    409: "you already ranked or skipped this item, or it has its `overlap` annotators"}))
 def rank(item_id: int, body: RankingBody, user: Annotator, c: Ctx) -> dict:
     """Rank an item `GET /api/items/next` handed to you (403 otherwise; 409 once it has its `overlap` annotators)."""
     return {"ranking_id": labelling.rank(c, user, item_id, body.ranking)}
@@ -166,7 +167,7 @@ def feedback(answer_id: int, body: FeedbackBody, user: Annotator, c: Ctx) -> dic
 
 @router.post("/items/{item_id}/skip", status_code=201, response_model=SkipCreated, responses=errors({
     403: "the item was not handed to you", 404: "no item with this id",
-    409: "you already ranked or skipped this item"}))
+    409: "you already ranked or skipped this item, or it has its `overlap` annotators"}))
 def skip(item_id: int, user: Annotator, c: Ctx, body: SkipBody | None = None) -> dict:
     """Be done with an item handed to you without ranking it."""
     return {"skip_id": labelling.skip(c, user, item_id, body.reason if body else None)}
@@ -198,7 +199,8 @@ def add_prompts(body: PromptsBody, user: Admin, c: Ctx) -> dict:
     return {"added": result.added, "duplicates": result.duplicates}
 
 
-@router.post("/suggestions", status_code=201)
+@router.post("/suggestions", status_code=201, responses=errors({
+    409: "the prompt is in the pool or waits for review already", 429: "over your suggestion limits"}))
 def suggest(body: SuggestionBody, user: Annotated[User, Depends(current_user)], c: Ctx) -> dict:
     """Suggest a prompt for the annotation pool (the Demo's "Send to annotation"): it waits for an admin's review
     (`status` "pending"), within per-user limits; an admin's own goes straight to the pool (`status` "added")."""
@@ -235,8 +237,9 @@ def export(user: Admin, c: Ctx, format: Annotated[Literal["dpo", "kto", "ranking
 def generate(body: GenerateBody, user: Annotated[User, Depends(current_user)], c: Ctx) -> dict:
     """One answer from the deployed version, or from `version` (any version the registry knows)."""
     if body.version is not None:
-        c.ensure_version_loadable(body.version)
+        c.deployments.ensure_loadable(body.version)
     params = with_max_new_tokens(c.config.sampling, body.max_new_tokens)
     with c.generation_slots.held():  # shared with the Demo tab: 429 when both slots are taken
-        version, text = c.policy.generate(body.prompt, params, body.version)
+        wanted = c.deployments.serving if body.version is None else body.version
+        version, text = c.policy.generate(body.prompt, params, wanted)
     return {"text": text, "version": version}

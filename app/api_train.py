@@ -8,6 +8,7 @@ from fastapi import APIRouter, Body
 
 from app.api import Admin, Ctx
 from app.api_models import RunInfo, RunStarted, VersionInfo, errors
+from app.deployments import CanaryStatus
 from storage.runs import Run
 from storage.versions import PolicyVersion
 
@@ -20,11 +21,12 @@ def run_json(run: Run) -> dict:
             "error": run.error}
 
 
-def version_json(v: PolicyVersion, deployed: int) -> dict:
+def version_json(v: PolicyVersion, serving: int, canary: CanaryStatus | None) -> dict:
     return {"version": v.version, "parent": v.parent, "algorithm": v.algorithm, "status": v.status,
-            "deployed": v.version == deployed, "labels_used": v.labels_used, "reason": v.reason,
+            "deployed": v.version == serving, "labels_used": v.labels_used, "reason": v.reason,
             "metrics": v.metrics or {}, "config": v.config or {},
-            "created_at": v.created_at.isoformat() if v.created_at else None}
+            "created_at": v.created_at.isoformat() if v.created_at else None,
+            "canary": None if canary is None else canary.to_json()}
 
 
 @router.post("/train", status_code=202, response_model=RunStarted, responses=errors({
@@ -53,16 +55,36 @@ def cancel(run_id: int, user: Admin, c: Ctx) -> dict:
 
 @router.get("/versions", response_model=list[VersionInfo])
 def versions(user: Admin, c: Ctx) -> list[dict]:
-    deployed = c.policy.version
-    return [version_json(v, deployed) for v in c.store.versions.list()]
+    """Every version; `canary` is null, or the human evidence of its test against the serving version."""
+    serving, canaries = c.deployments.serving, c.deployments.canary_statuses()
+    return [version_json(v, serving, canaries.get(v.version)) for v in c.store.versions.list()]
 
 
 @router.post("/versions/{version}/deploy", responses=errors({
     404: "no such version", 409: "the gate rejected this version: deploy it with ?force=true",
     503: "the version's adapter cannot be loaded"}))
 def deploy(version: int, user: Admin, c: Ctx, force: bool = False) -> dict:
-    """Roll back or forward to `version` (hot swap; annotators get its answers next)."""
-    c.scheduler.deploy(version, force=force)
+    """Roll back or forward to `version` (hot swap; annotators get its answers next). The canary is promoted; a
+    version the gate rejected needs `?force=true` (409 otherwise); a canary against the old version ends undecided."""
+    c.deployments.deploy(version, force=force, by=user.name)
     return {"version": version, "status": "deployed"}
 
 
+@router.post("/versions/{version}/canary")
+def start_canary(version: int, user: Admin, c: Ctx) -> dict:
+    """Test a candidate on annotators by hand (a round does this itself under deploy_policy "canary")."""
+    c.deployments.start_canary(version)
+    return {"version": version, "status": "canary"}
+
+
+@router.post("/versions/{version}/promote")
+def promote(version: int, user: Admin, c: Ctx) -> dict:
+    """Promote the canary now, whatever its evidence says (409 when `version` is not the canary)."""
+    return {"version": version, "status": "deployed", "canary": c.deployments.promote(version, by=user.name).to_json()}
+
+
+@router.post("/versions/{version}/reject-canary")
+def reject_canary(version: int, user: Admin, c: Ctx) -> dict:
+    """Roll the canary back now: the serving version stays; the canary is marked rolled_back (409 if not the canary)."""
+    status = c.deployments.reject_canary(version, by=user.name)
+    return {"version": version, "status": "rolled_back", "canary": status.to_json()}
