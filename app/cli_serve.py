@@ -16,7 +16,7 @@ import tokenize
 from dataclasses import fields
 
 from app.config import BACKENDS, ServeConfig
-from learner.sampling import SamplingParams
+from learner.params import SamplingParams
 
 # data_dir is every command's --data-dir (app/cli.py); sampling is a group whose own fields are flags.
 NOT_FLAGS = {"data_dir", "sampling"}

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from learner.errors import ConfigError
-from learner.sampling import SamplingParams
+from learner.params import SamplingParams
 
 BACKENDS = ("worker", "inprocess", "openai")
 DEFAULT_DATA_DIR = Path("prefloop-data")  # relative to the working directory, like a Jupyter notebook's folder
