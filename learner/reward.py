@@ -9,12 +9,16 @@ whose head is not saved, or loaded untrained, scores at random (TRL issues #1379
 score(x, y) = head(h_last), h_last the final-layer hidden state (after the final norm) at the answer's last
 token, which is the eos ending the turn unless the answer was truncated. The LM head over the vocabulary is
 never computed.
+
+On disk (a version's reward/): the adapter, the head and prefloop_reward.json; save_hf_reward_adapter writes the same
+model as a standard sequence-classification PEFT adapter (reward-hf/) for transformers, TRL and other tools.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -111,20 +115,86 @@ def trained_pairs(reward_dir: Path | None) -> int:
     return int(json.loads((Path(reward_dir) / INFO_FILE).read_text()).get("trained_pairs", 0))
 
 
-def save_reward_model(reward_model: RewardModel, out_dir: Path, pairs_trained: int = 0) -> None:
-    """Save the reward adapter (peft's save_pretrained), the head and how many pairs it learned from into `out_dir`."""
+def save_reward_model(reward_model: RewardModel, out_dir: Path, pairs_trained: int = 0,
+                      base_name: str | None = None) -> None:
+    """Save the reward adapter (peft's format), the head and how many pairs it learned from into `out_dir`; its
+    adapter_config.json names the base as `base_name` (portable, learner.model.base_model_info) when given."""
     from safetensors.torch import save_file
+
+    from learner.model import save_adapter
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    base_name = base_name or reward_model.model.get_base_model().name_or_path
     with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp:
-        # peft saves a non-"default" adapter into a subfolder named after it.
-        reward_model.model.save_pretrained(tmp, selected_adapters=[reward_model.adapter])
-        saved = Path(tmp) / reward_model.adapter
+        saved = Path(tmp) / "reward"
+        save_adapter(reward_model.model, reward_model.adapter, saved, base_name)
         state = {k: v.detach().cpu().contiguous() for k, v in reward_model.head.state_dict().items()}
         save_file(state, str(saved / HEAD_FILE))
         (saved / INFO_FILE).write_text(json.dumps({"trained_pairs": int(pairs_trained)}) + "\n")
         os.replace(saved, out_dir)
+
+
+# --- the same reward model as a standard sequence-classification adapter ---------------------------------------
+
+HF_ADAPTER_WEIGHTS = "adapter_model.safetensors"
+HF_INFO_FILE = "prefloop_reward_hf.json"  # {"score_bias", "pad_token", "pad_token_id"}: what the HF format cannot hold
+_BODY_PREFIX = "base_model.model.model."  # peft's key prefix for the decoder body, alike in CausalLM and SeqCls
+
+
+def save_hf_reward_adapter(reward_dir: Path, out_dir: Path, tokenizer, base_name: str) -> dict:
+    """Write the reward model saved in `reward_dir` (prefloop's format) as a PEFT adapter for
+    AutoModelForSequenceClassification(num_labels=1), with a tokenizer, into `out_dir`; returns its info
+    ({"score_bias", "pad_token", "pad_token_id"}).
+
+    The two models match: transformers' `score` is the head (bias=False) on the final-norm hidden state, read at the
+    last token that is not padding, prefloop's the head on the answer's last token (the eos ending the turn). The
+    LoRA weights keep their keys (the decoder body is `model` in both); LoRA on modules outside it (lm_head) never
+    touched the reward and is left out. The head's weight travels as `score` in modules_to_save; its bias cannot
+    (`score` has none) and is recorded in HF_INFO_FILE: the adapter scores prefloop's reward minus the bias. Where the
+    tokenizer pads with its eos (SmolLM2 does), the pooling would skip the eos prefloop scores, so the saved tokenizer
+    pads with another special token (its unk, e.g. <|endoftext|>), and the card says to pass its pad_token_id."""
+    import copy
+
+    from safetensors.torch import load_file, save_file
+
+    reward_dir, out_dir = Path(reward_dir), Path(out_dir)
+    config = json.loads((reward_dir / "adapter_config.json").read_text())
+    targets = config.get("target_modules")
+    if isinstance(targets, list):
+        config["target_modules"] = sorted(t for t in targets if t.split(".")[-1] != "lm_head")
+    config.update(task_type="SEQ_CLS", modules_to_save=["score"], base_model_name_or_path=base_name,
+                  inference_mode=True)
+    weights = {k: v for k, v in load_file(str(reward_dir / HF_ADAPTER_WEIGHTS)).items() if k.startswith(_BODY_PREFIX)}
+    head = load_file(str(reward_dir / HEAD_FILE))
+    weights["base_model.model.score.weight"] = head["weight"].reshape(1, -1).contiguous()
+    bias = float(head["bias"].reshape(-1)[0]) if "bias" in head else 0.0
+    pad_tokenizer = copy.deepcopy(tokenizer)
+    pad_tokenizer.pad_token = _pad_token_besides_eos(tokenizer)
+    info = {"score_bias": bias, "pad_token": pad_tokenizer.pad_token, "pad_token_id": pad_tokenizer.pad_token_id,
+            "note": "score = prefloop's reward - score_bias; pass pad_token_id to from_pretrained"}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        save_file(weights, str(tmp / HF_ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / HF_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        pad_tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return info
+
+
+def _pad_token_besides_eos(tokenizer) -> str | None:
+    """A pad token that is not the eos (transformers' pooling skips every pad id, prefloop scores the eos): the
+    tokenizer's own when it differs, else its unk or another special token that never ends an answer; None if none."""
+    eos = tokenizer.eos_token
+    if tokenizer.pad_token is not None and tokenizer.pad_token != eos:
+        return tokenizer.pad_token
+    candidates = [tokenizer.unk_token, *tokenizer.all_special_tokens]
+    return next((t for t in candidates if t is not None and t not in (eos, tokenizer.bos_token)), None)
 
 
 def load_reward_model(reward_dir: Path, model, tokenizer, max_length: int = 512) -> RewardModel:

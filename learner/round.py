@@ -8,8 +8,10 @@ and {"event": "warning", "message"} for each warning while it runs, then {"event
 "candidate"|"rejected", "reason"} (or {"event": "error", ...}).
 The same module runs under `accelerate launch -m learner.round ...` on several GPUs.
 
-Version directory: adapter/ (the policy LoRA), reward/ (reward LoRA + head), metrics.json, config.json; written
-to `<out>.partial` and renamed to `<out>` only when complete.
+Version directory: adapter/ (the policy LoRA), reward/ (reward LoRA + head, prefloop's format), reward-hf/ (the same
+reward model as a sequence-classification PEFT adapter + tokenizer), metrics.json, config.json, and README.md model
+cards (in the directory and in each adapter folder); adapters name their base portably (a hub id, never a local
+path). Written to `<out>.partial` and renamed to `<out>` only when complete.
 """
 
 from __future__ import annotations
@@ -32,7 +34,16 @@ import torch
 from learner.config import RoundConfig
 from learner.data import PromptSplit
 from learner.errors import LearnerError
-from learner.model import Device, load_base_model, load_tokenizer, pick_device
+from learner.model import (
+    Device,
+    base_model_info,
+    load_base_model,
+    load_tokenizer,
+    pick_device,
+    save_adapter,
+    set_base_name,
+)
+from learner.model_card import write_cards
 from learner.phases import (
     PARENT,
     PHASES,
@@ -43,7 +54,7 @@ from learner.phases import (
     policy_phase,
     reward_phase,
 )
-from learner.reward import save_reward_model
+from learner.reward import save_hf_reward_adapter, save_reward_model
 from learner.rollouts import split_prompts, usable_prompts
 
 log = logging.getLogger(__name__)
@@ -212,7 +223,7 @@ def run_round(snapshot_dir: Path, base_model_dir: Path, parent_dir: Path | None,
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
     })
     if accelerator.is_main_process:
-        _write_version(out_dir, setup.model, reward, parent_dir, metrics, config, parent_version, snapshot)
+        _write_version(out_dir, setup, reward, metrics, config, parent_version, snapshot)
     accelerator.wait_for_everyone()
     return metrics
 
@@ -221,21 +232,28 @@ def _figure(value) -> dict | None:
     return None if value is None else value.to_dict()
 
 
-def _write_version(out_dir: Path, model, reward, parent_dir: Path | None, metrics: dict, config: RoundConfig,
+def _write_version(out_dir: Path, setup: RoundSetup, reward, metrics: dict, config: RoundConfig,
                    parent_version: int, snapshot: Snapshot) -> None:
+    """The version directory, portable: adapters name the base by hub id (learner.model.base_model_info), not by
+    this machine's path, and README.md cards describe it; written to `<out>.partial`, renamed when complete."""
     partial = out_dir.with_name(out_dir.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)  # left by a round that died half-way
     partial.mkdir(parents=True)
-    if config.algorithm == "reward" and parent_dir is not None:
-        shutil.copytree(parent_dir / "adapter", partial / "adapter")  # the policy is the parent's, byte for byte
+    base = base_model_info(setup.base_model_dir)
+    if config.algorithm == "reward" and setup.parent_dir is not None:
+        shutil.copytree(setup.parent_dir / "adapter", partial / "adapter")  # the parent's policy, byte for byte
+        set_base_name(partial / "adapter", base.name)  # (a parent written before names were portable)
     else:
-        model.save_pretrained(partial, selected_adapters=[POLICY])  # peft writes a named adapter to partial/policy
-        os.replace(partial / POLICY, partial / "adapter")
-    save_reward_model(reward.reward_model, partial / "reward", pairs_trained=reward.trained_pairs)
+        save_adapter(setup.model, POLICY, partial / "adapter", base.name)
+    save_reward_model(reward.reward_model, partial / "reward", pairs_trained=reward.trained_pairs,
+                      base_name=base.name)
+    reward_hf = save_hf_reward_adapter(partial / "reward", partial / "reward-hf", setup.tokenizer, base.name)
     (partial / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    round_config = {**config.to_dict(), "parent_version": parent_version, "snapshot": snapshot.meta}
-    (partial / "config.json").write_text(json.dumps(_json_safe(round_config), indent=2))
+    round_config = _json_safe({**config.to_dict(), "parent_version": parent_version, "base_model": base.name,
+                               "snapshot": snapshot.meta})
+    (partial / "config.json").write_text(json.dumps(round_config, indent=2))
+    write_cards(partial, base, metrics, round_config, snapshot.meta, reward_hf)
     os.replace(partial, out_dir)
 
 
