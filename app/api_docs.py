@@ -14,10 +14,7 @@ validates, is shown as RoundConfig's fields, each with its default and the reaso
 
 from __future__ import annotations
 
-import inspect
 import json
-import re
-import textwrap
 from collections.abc import Iterator
 from dataclasses import MISSING, fields
 from functools import cache
@@ -35,6 +32,7 @@ from pydantic import TypeAdapter
 from app.api import admin, annotator, current_user
 from app.api_models import ErrorBody
 from app.errors import ApiError
+from app.reasons import field_reasons  # noqa: F401  (also read from here by the docs tests)
 from learner.config import RoundConfig
 
 DOCS_URL = "/api/docs"
@@ -117,22 +115,6 @@ def api_routes(app: FastAPI) -> Iterator[tuple[str, set[str], APIRoute]]:
     for path, methods, route in contexts:
         if isinstance(route, APIRoute) and route.include_in_schema:
             yield path, methods, route
-
-
-def field_reasons(cls: type) -> dict[str, str]:
-    """Each dataclass field's reason: the comment after its default, with the `#   ...` lines that continue it (the
-    style every config class here follows), so the docs read the reasons from their one home, the class itself."""
-    reasons: dict[str, str] = {}
-    current = None
-    for line in textwrap.dedent(inspect.getsource(cls)).splitlines():
-        if field := re.match(r"\s*(\w+): [^=#]+=[^#]*#\s?(.*)$", line):
-            current = field.group(1)
-            reasons[current] = field.group(2).strip()
-        elif current and (more := re.match(r"\s*#\s{2,}(.*)$", line)):
-            reasons[current] += " " + more.group(1).strip()
-        else:
-            current = None
-    return reasons
 
 
 def config_schema(cls: type) -> dict:

@@ -9,42 +9,16 @@ beside each default stays the one home of its reason. Flags win over the variabl
 from __future__ import annotations
 
 import argparse
-import inspect
-import io
-import textwrap
-import tokenize
 from dataclasses import fields
 
 from app.config import BACKENDS, ServeConfig
+from app.reasons import field_reasons
 from learner.params import SamplingParams
 
 # data_dir is every command's --data-dir (app/cli.py); sampling is a group whose own fields are flags.
 NOT_FLAGS = {"data_dir", "sampling"}
 CHOICES = {"backend": BACKENDS, "device": ("cpu", "cuda")}
 RENAMED = {"--max-staleness": "--max-item-staleness"}  # PREFLOOP_MAX_STALENESS is refused likewise (build_config)
-
-
-def field_reasons(cls: type) -> dict[str, str]:
-    """Each dataclass field's reason: the comment lines just above its line, then the comment on it."""
-    try:
-        source = textwrap.dedent(inspect.getsource(cls))
-    except (OSError, TypeError):  # no source shipped: the help falls back to the variable and the default
-        return {}
-    names = {f.name for f in fields(cls)}
-    reasons: dict[str, str] = {}
-    above: list[str] = []
-    line: list[tokenize.TokenInfo] = []
-    for token in tokenize.generate_tokens(io.StringIO(source).readline):
-        if token.type == tokenize.COMMENT and not line:  # a comment on a line of its own
-            above.append(token.string.lstrip("#").strip())
-        elif token.type == tokenize.NEWLINE:  # the end of a statement
-            if len(line) > 1 and line[0].string in names and line[1].string == ":":
-                inline = [t.string.lstrip("#").strip() for t in line if t.type == tokenize.COMMENT]
-                reasons[line[0].string] = " ".join(above + inline)
-            above, line = [], []
-        elif token.type not in (tokenize.NL, tokenize.INDENT, tokenize.DEDENT):
-            line.append(token)
-    return reasons
 
 
 def flag(name: str) -> str:

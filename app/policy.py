@@ -69,6 +69,7 @@ class PolicyService:
         self._lock = threading.Lock()  # guards the bookkeeping below, never a generation
         self._adapters: dict[int, Path] = {}  # version -> adapter dir, for versions known to the service
         self._last_used: dict[int, float] = {}
+        self._loaded: set[int] = set()  # versions this service had the backend load (a restarted worker reloads them)
         self._pinned: frozenset[int] = frozenset()  # never evicted: the serving version and the canary
 
     @classmethod
@@ -169,16 +170,20 @@ class PolicyService:
             self._last_used[version] = time.monotonic()
         if adapter_dir is None:
             raise ModelError(f"version {version} is not known to the policy service")
-        if version not in self.backend.loaded_versions():
-            self.backend.load_version(version, adapter_dir)
+        if version in self._loaded:  # the hot path: no call to the backend (for the worker, a round trip)
+            return
+        self.backend.load_version(version, adapter_dir)  # idempotent in every backend
+        with self._lock:
+            self._loaded.add(version)
         self._evict(keep=version)
 
     def _evict(self, keep: int) -> None:
-        loaded = [v for v in self.backend.loaded_versions() if v != 0]
         with self._lock:
-            spare = sorted((v for v in loaded if v != keep and v not in self._pinned),
+            spare = sorted((v for v in self._loaded if v != keep and v not in self._pinned),
                            key=lambda v: self._last_used.get(v, 0.0))
-        for version in spare[: max(0, len(loaded) - MAX_LOADED_ADAPTERS)]:
+            dropped = spare[: max(0, len(self._loaded) - MAX_LOADED_ADAPTERS)]
+            self._loaded.difference_update(dropped)
+        for version in dropped:
             self.backend.drop_version(version)
 
 

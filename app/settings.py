@@ -17,8 +17,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from app.canary import CanaryConfig
-from app.cli_serve import field_reasons
 from app.config import ServeConfig
+from app.reasons import field_reasons
 from learner.config import RoundConfig
 from learner.errors import ConfigError
 from storage.settings import Settings

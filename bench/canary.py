@@ -16,6 +16,7 @@ import math
 import numpy as np
 
 from app.canary import CanaryConfig, decide, win_rate
+from learner.stats import wilson_interval
 
 SHIFTS = (-0.5, -0.25, 0.0, 0.25, 0.5)  # candidate quality shift in serving-answer standard deviations
 
@@ -36,13 +37,6 @@ def true_win_rate(shift: float) -> float:
     return 0.5 * (1 + math.erf(shift / 2))
 
 
-def wilson(k: int, n: int) -> tuple[float, float]:
-    z = 1.96
-    centre = (k + z * z / 2) / (n + z * z)
-    half = z * math.sqrt(k * (n - k) / n + z * z / 4) / (n + z * z)
-    return centre - half, centre + half
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=200)
@@ -55,7 +49,7 @@ def main() -> None:
         rng = np.random.default_rng(args.seed)
         outcomes = [one_canary(rng, shift, config) for _ in range(args.runs)]
         promoted = outcomes.count("promoted")
-        low, high = wilson(promoted, args.runs)
+        low, high = wilson_interval(promoted, args.runs)
         print(f"{true_win_rate(shift):13.2f} | {promoted / args.runs:.3f} [{low:.3f}, {high:.3f}] | "
               f"{outcomes.count('rolled_back') / args.runs:11.3f} | {outcomes.count('undecided') / args.runs:9.3f} | "
               f"{args.runs}")

@@ -13,13 +13,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
-import torch
 
 from learner.data import EVAL, TRAIN, PromptSplit
 from learner.errors import TokenizationError
 from learner.logprobs import encode_answer, finish_ended
 from learner.reward import RewardModel, score
-from learner.sampling import SamplingParams, encode_prompt, eos_token_ids
+from learner.sampling import SamplingParams, encode_prompt, sample_many
 from learner.train import PairExample, UnaryExample, hash_fraction
 
 
@@ -33,48 +32,18 @@ class Rollout:
     finish_reason: str  # "eos" or "length"
 
 
-@torch.no_grad()
 def sample_batch(model, tokenizer, prompts: Sequence[str], n: int, params: SamplingParams,
                  seed: int | None = None) -> list[list[Rollout]]:
-    """`n` answers for each prompt from ONE generate call: every prompt repeated n times, left-padded.
-
-    Left padding keeps each row's last prompt token at the same position, where generation continues.
-    The model is put in eval mode for the call (LoRA dropout off) and restored after.
-    """
-    if not prompts:
-        return []
-    device = next(model.parameters()).device
-    rows = [ids for ids in (encode_prompt(tokenizer, p) for p in prompts) for _ in range(n)]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, ids in enumerate(rows):
-        input_ids[i, width - len(ids):] = torch.tensor(ids)
-        attention_mask[i, width - len(ids):] = 1
-    if seed is not None:
-        torch.manual_seed(seed)
-    eos_ids = eos_token_ids(tokenizer, model)
+    """`n` answers for each prompt from ONE generate call (`learner.sampling.sample_many`: every prompt repeated n
+    times, left-padded). The model is put in eval mode for the call (LoRA dropout off) and restored after."""
     was_training = model.training
     model.eval()
     try:
-        sequences = model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=True,
-            temperature=params.temperature, top_p=params.top_p, top_k=0, max_new_tokens=params.max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos_ids),
-            # Weights mid-training can overflow the logits (a learning rate far too high); sampling must not crash
-            # outside the gate: the next loss is then non-finite and the round is rejected for it.
-            remove_invalid_values=True,
-        )
+        answers = sample_many(model, tokenizer, list(prompts), n, params, seed=seed)
     finally:
         model.train(was_training)
-    new_tokens = sequences[:, width:].tolist()
-    out: list[list[Rollout]] = [[] for _ in prompts]
-    for i, tokens in enumerate(new_tokens):
-        ended = [j for j, t in enumerate(tokens) if t in eos_ids]
-        length = ended[0] if ended else len(tokens)
-        text = tokenizer.decode(tokens[:length], skip_special_tokens=True).strip()
-        out[i // n].append(Rollout(prompts[i // n], text, length, "eos" if ended else "length"))
-    return out
+    return [[Rollout(prompt, a.text, a.token_count, a.finish_reason) for a in item]
+            for prompt, item in zip(prompts, answers)]
 
 
 def best_vs_worst(prompt: str, answers: Sequence[Rollout], scores: Sequence[float]) -> list[PairExample]:

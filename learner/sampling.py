@@ -123,6 +123,9 @@ def sample_many(model, tokenizer, prompts: Sequence[str | list[dict]], k: int, p
         temperature=params.temperature, top_p=params.top_p, top_k=0, max_new_tokens=params.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos_ids),
         logits_processor=[recorder],  # log-probs at temperature 1, before top-p
+        # Weights mid-training can overflow the logits (a learning rate far too high): a round's rollouts must not
+        # crash outside the gate (the next loss is then non-finite and the round is rejected for it).
+        remove_invalid_values=True,
     )
     new_tokens = sequences[:, width:]  # (rows, T)
     token_logprobs = recorder.finish(sequences, new_tokens.shape[1]).cpu()

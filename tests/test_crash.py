@@ -38,8 +38,11 @@ def prepare(data_dir: Path, n_items: int) -> tuple[str, list[str]]:
     return admin, tokens
 
 
-def start_server(data_dir: Path, port: int, model: Path, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PREFLOOP_BUFFER_SIZE": "40", "PREFLOOP_MAX_NEW_TOKENS": "8", "PREFLOOP_DEVICE": "cpu"}
+def start_server(data_dir: Path, port: int, model: Path, log: Path, buffer_size: int = 40,
+                 max_new_tokens: int = 8) -> subprocess.Popen:
+    """`prefloop serve` as its own process on the tiny model; returns once /api/health answers."""
+    env = {**os.environ, "PREFLOOP_BUFFER_SIZE": str(buffer_size), "PREFLOOP_MAX_NEW_TOKENS": str(max_new_tokens),
+           "PREFLOOP_DEVICE": "cpu"}
     with open(log, "ab") as out:
         server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--data-dir", str(data_dir),
                                    "--port", str(port), "--model", str(model)],

@@ -4,16 +4,15 @@ version serving everyone and the canary's state consistent."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import torch
+from test_crash import start_server as crash_start_server
+from test_crash import wait_for
 
 from app.server import free_port
 from storage.store import Store
@@ -184,21 +183,7 @@ def make_adapter(base_dir: Path, out: Path, seed: int) -> None:
 
 
 def start_server(data_dir: Path, port: int, model: Path, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PREFLOOP_BUFFER_SIZE": "6", "PREFLOOP_MAX_NEW_TOKENS": "6", "PREFLOOP_DEVICE": "cpu"}
-    with open(log, "ab") as out:
-        server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--data-dir", str(data_dir),
-                                   "--port", str(port), "--model", str(model)], env=env, stdout=out,
-                                  stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300  # generous: a loaded 2-core machine starts torch slowly
-    while time.monotonic() < deadline and server.poll() is None:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    server.kill()
-    raise AssertionError(f"the server did not come up:\n{log.read_text()[-3000:]}")
+    return crash_start_server(data_dir, port, model, log, buffer_size=6, max_new_tokens=6)
 
 
 class Annotators:
@@ -224,13 +209,6 @@ class Annotators:
                         self.ranked += 1
                 except httpx.HTTPError:  # the server is being killed or restarted: try again
                     self.stop.wait(0.3)
-
-
-def wait_for(condition, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.2)
 
 
 def test_kill_9_during_a_canary_leaves_one_version_serving_and_the_canary_consistent(tmp_path, tiny_model_dir):

@@ -79,22 +79,25 @@ def canary_panel(ctx: AppContext, username: str | None) -> str:
     return f"{text}\n\n{settings}"
 
 
-def promote_canary(ctx: AppContext, username: str | None) -> str:
-    """Promote the canary now (same call as POST /api/versions/{v}/promote)."""
+def _running_canary(ctx: AppContext, username: str | None):
+    """(the admin, the running canary); UiError when there is none."""
     user = require_admin(ctx, username)
     canary = ctx.deployments.canary
     if canary is None:
         raise UiError("no canary is running")
+    return user, canary
+
+
+def promote_canary(ctx: AppContext, username: str | None) -> str:
+    """Promote the canary now (same call as POST /api/versions/{v}/promote)."""
+    user, canary = _running_canary(ctx, username)
     ctx.deployments.promote(canary.version, by=user.name)
     return f"Promoted {version_name(canary.version)}: it serves everyone now."
 
 
 def reject_canary(ctx: AppContext, username: str | None) -> str:
     """Roll the canary back now (same call as POST /api/versions/{v}/reject-canary)."""
-    user = require_admin(ctx, username)
-    canary = ctx.deployments.canary
-    if canary is None:
-        raise UiError("no canary is running")
+    user, canary = _running_canary(ctx, username)
     ctx.deployments.reject_canary(canary.version, by=user.name)
     return f"Rolled back the canary {version_name(canary.version)}; {version_name(ctx.deployments.serving)} serves."
 
