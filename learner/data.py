@@ -37,9 +37,11 @@ class PromptSplit:
 
     @classmethod
     def build(cls, prompts: Iterable[str], eval_fraction: float, heldout_fraction: float,
-              fallback_eval: str | None = None) -> PromptSplit:
+              fallback_eval: str | None = None, labelled: Iterable[str] = ()) -> PromptSplit:
         """By hash_fraction(text): [0, eval_fraction) eval, then heldout_fraction held out. `fallback_eval` becomes
-        an eval prompt when none hashed there (a tiny prompt set): its labels then leave training too."""
+        an eval prompt when none hashed there (a tiny prompt set): its labels then leave training too. When every
+        `labelled` prompt would leave training (a first round on a few labels), none is held out: the round trains,
+        and its held-out metrics say n = 0."""
         eval_, heldout = set(), set()
         for prompt in set(prompts):
             h = hash_fraction(prompt)
@@ -50,6 +52,9 @@ class PromptSplit:
         if not eval_ and fallback_eval is not None:
             eval_.add(fallback_eval)
             heldout.discard(fallback_eval)
+        labelled = set(labelled)
+        if labelled and labelled <= eval_ | heldout:
+            heldout -= labelled
         return cls(frozenset(eval_), frozenset(heldout))
 
 

@@ -153,7 +153,7 @@ def prepare(snapshot: Snapshot, base_model_dir: Path, parent_dir: Path | None, c
     usable = usable_prompts(snapshot.prompts, tokenizer, config.max_length)
     labelled = list(snapshot.pairs["prompt"]) + list(snapshot.unary["prompt"])
     fallback = min(usable, key=_hash) if usable and config.eval_prompts else None
-    split = PromptSplit.build(usable + labelled, config.eval_fraction, config.heldout_fraction, fallback)
+    split = PromptSplit.build(usable + labelled, config.eval_fraction, config.heldout_fraction, fallback, labelled)
     rollout_prompts, eval_prompts = split_prompts(usable, split, config.eval_prompts)
     return RoundSetup(_with_roles(snapshot.pairs, split), _with_roles(snapshot.unary, split), split, rollout_prompts,
                       eval_prompts, model, tokenizer, lora, parent_dir, base_model_dir, ref_cache_dir, accelerator,
