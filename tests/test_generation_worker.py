@@ -124,3 +124,19 @@ def test_a_killed_worker_restarts_with_its_versions(worker, adapter_dir):
     assert worker.pid != first
     assert len(items[0]) == 2
     assert worker.loaded_versions() == [0, 1]
+
+
+def test_a_worker_reaped_elsewhere_is_still_restarted(worker, adapter_dir):
+    """CI once saw a killed worker that `is_alive()` still called alive: the pipe reader read `exitcode` while the
+    caller polled too, and the poll that lost the race to waitpid got ECHILD, which multiprocessing reads as
+    "running". The reader no longer polls, and a broken pipe itself triggers the restart; here the exit status is
+    collected behind multiprocessing's back, which leaves it in exactly that state."""
+    worker.load_version(1, adapter_dir)
+    first = worker.pid
+    os.kill(first, signal.SIGKILL)
+    os.waitpid(first, 0)  # reap it ourselves, as a stray SIGCHLD handler or waitpid(-1) would
+    assert worker._process.is_alive()  # the state CI hit: multiprocessing cannot tell it is gone
+    items = worker.sample_items([ItemRequest("a", 2, 1, 0)], PARAMS)
+    assert worker.pid != first
+    assert len(items[0]) == 2
+    assert worker.loaded_versions() == [0, 1]

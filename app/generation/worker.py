@@ -49,7 +49,7 @@ class WorkerBackend:
         self._adapters: dict[int, Path] = {}  # what to reload if the worker restarts
         self._send_lock = threading.Lock()
         self._start_lock = threading.Lock()
-        self._pending: dict[int, queue.Queue] = {}
+        self._pending: dict[int, tuple[object, queue.Queue]] = {}  # request id -> (the pipe it went down, replies)
         self._ids = itertools.count(1)
         self._process: multiprocessing.process.BaseProcess | None = None
         self.device = ""
@@ -131,25 +131,38 @@ class WorkerBackend:
         for version, adapter_dir in list(self._adapters.items()):  # a restart serves what the last worker did
             self._wait(self._send("load_version", version, str(adapter_dir)))
 
-    def _ensure_alive(self) -> None:
+    def _ensure_alive(self, dead_conn=None) -> None:
+        """Restart the worker if it is gone; `dead_conn` is a pipe a send just found broken (the process may not
+        have been reaped yet, or someone else reaped it, so `is_alive` alone cannot tell)."""
         with self._start_lock:
-            if self._process is not None and self._process.is_alive():
+            process = self._process
+            broken = dead_conn is not None and dead_conn is self._conn
+            if process is not None and process.is_alive() and not broken:
                 return
             log.warning("the policy worker is not running (exit code %s); restarting it",
-                        None if self._process is None else self._process.exitcode)
+                        None if process is None else process.exitcode)
+            if process is not None and process.is_alive():
+                process.kill()
+                process.join(5)
             self._start()
 
     def _request(self, op: str, *args) -> queue.Queue:
         self._ensure_alive()
-        return self._send(op, *args)
+        conn = self._conn
+        try:
+            return self._send(op, *args)
+        except WorkerError:  # died between the check and the send: restart once, then give up
+            self._ensure_alive(dead_conn=conn)
+            return self._send(op, *args)
 
     def _send(self, op: str, *args) -> queue.Queue:
         request_id = next(self._ids)
         replies: queue.Queue = queue.Queue()
-        self._pending[request_id] = replies
         try:
             with self._send_lock:
-                self._conn.send((request_id, op, args))
+                conn = self._conn
+                self._pending[request_id] = (conn, replies)
+                conn.send((request_id, op, args))
         except (OSError, ValueError) as exc:
             self._pending.pop(request_id, None)
             raise WorkerError(f"the policy worker cannot be reached: {exc}") from exc
@@ -172,15 +185,17 @@ class WorkerBackend:
                 request_id, kind, payload = conn.recv()
             except (EOFError, OSError):
                 break
-            replies = self._pending.get(request_id)
-            if replies is None:
+            pending = self._pending.get(request_id)
+            if pending is None:
                 continue
             if kind != "piece":
                 self._pending.pop(request_id, None)
-            replies.put((kind, payload))
-        code = None if self._process is None else self._process.exitcode
-        for request_id in list(self._pending):
-            self._pending.pop(request_id).put(("error", ("WorkerError", f"the policy worker died (exit code {code})")))
+            pending[1].put((kind, payload))
+        died = ("error", ("WorkerError", "the policy worker died"))
+        for request_id, (sent_on, replies) in list(self._pending.items()):
+            if sent_on is conn:  # requests already sent to a restarted worker are not this reader's
+                self._pending.pop(request_id, None)
+                replies.put(died)
 
 
 def _error(payload) -> Exception:
