@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.learner step      # DPO step time + peak memory: reference by disable_adapter() vs a copy
     .venv/bin/python -m bench.learner round     # wall time of one default round, split by phase, + the hot-swap pause
+    .venv/bin/python -m bench.learner round --items 24 --round steps=8   # the same with RoundConfig overrides
     .venv/bin/python -m bench.learner api       # POST /api/train -> the new version's first item from /api/items/next
     .venv/bin/python -m bench.learner all
     .venv/bin/python -m bench.learner --vs-trl  # one DPO step of prefloop vs TRL's DPOTrainer (pip install .[bench])
@@ -241,7 +242,7 @@ def labelled_store(data_dir: Path, n_items: int):
     return store, policy, token
 
 
-def bench_round(n_items: int) -> None:
+def bench_round(n_items: int, overrides: dict | None = None) -> None:
     from learner.config import RoundConfig
     from learner.round import run_round
     from storage.exports import write_snapshot
@@ -251,13 +252,15 @@ def bench_round(n_items: int) -> None:
         tmp = Path(tmp)
         store, policy, _ = labelled_store(tmp / "data", n_items)
         write_snapshot(store, tmp / "snapshot", parent_version=0, base_model=str(policy.base_model_dir))
-        config = RoundConfig()
+        config = RoundConfig.from_dict(overrides or {})
         started = time.perf_counter()
         metrics = run_round(tmp / "snapshot", policy.base_model_dir, None, tmp / "v1", config)
         wall = time.perf_counter() - started
         phases = ", ".join(f"{k} {v:.0f} s" for k, v in metrics["timings_s"].items())
-        print(f"one default round (DPO, {config.steps} steps, batch {config.batch_size} pairs, reward "
-              f"{config.reward_steps} steps, rollouts {config.rollout_prompts}x{config.rollout_n} every "
+        named = ", ".join(f"{k}={v}" for k, v in (overrides or {}).items())
+        title = f"round with {named}" if named else "default round"
+        print(f"one {title} on {n_items} rankings (DPO, {config.steps} steps, batch {config.batch_size} pairs, "
+              f"reward {config.reward_steps} steps, rollouts {config.rollout_prompts}x{config.rollout_n} every "
               f"{config.sync_every} steps): {wall:.0f} s wall")
         print(f"  phases: {phases}")
         data = metrics["data"]
@@ -340,6 +343,8 @@ def main() -> None:
     p.add_argument("--items", type=int, default=12, help="labelled items (rankings) the rounds learn from")
     p.add_argument("--vs-trl", action="store_true", help="one DPO step of prefloop vs TRL's DPOTrainer, interleaved")
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats of --vs-trl")
+    p.add_argument("--round", action="append", default=[], metavar="KEY=JSON",
+                   help="RoundConfig override for `round`, e.g. steps=8 (repeatable)")
     a = p.parse_args()
     if a.what is None and not a.vs_trl:
         p.error("name a benchmark (step, round, api, all) or pass --vs-trl")
@@ -348,7 +353,9 @@ def main() -> None:
     if a.what in ("step", "all"):
         bench_step()
     if a.what in ("round", "all"):
-        bench_round(a.items)
+        from bench.loop import round_overrides  # one parser of KEY=JSON for both benchmarks
+
+        bench_round(a.items, round_overrides(a.round))
     if a.what in ("api", "all"):
         bench_api(a.items)
 
