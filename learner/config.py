@@ -52,8 +52,11 @@ class RoundConfig:
     #   fresh and human data; half keeps the human signal dominant per label while the policy sees its own answers)
     sync_every: int = 4  # regenerate on-policy pairs every 4 optimizer steps: semi-online (arXiv 2506.21495);
     #   1 = online (fresh rollouts every step), >= steps = offline (one generation before the first step)
-    rollout_prompts: int = 4  # prompts sampled per regeneration: 4 x 4 answers ~ 15 s of sampling on a CPU; each
-    #   on-policy example is reused within its sync window when a window needs more than a regeneration makes
+    onpolicy_max_uses: int = 4  # steps one on-policy example may serve: a regeneration samples enough prompts for
+    #   its window at this reuse, so a large sync_every means older rollouts, not fewer (offline would otherwise
+    #   repeat ~6 pairs 21 times); 4 = what sync_every 4 gives, so the default round samples no more than before
+    rollout_prompts: int = 4  # prompts sampled per regeneration at least: 4 x 4 answers ~ 15 s of sampling on a
+    #   CPU; more when one step's on-policy share, or its window at onpolicy_max_uses, needs more
     rollout_n: int = 4  # answers per prompt, best vs worst by the reward model (K=4 as annotators see)
     max_new_tokens: int = 64  # rollout and eval answers; shorter than the app's 96 to keep a CPU round quick
     temperature: float = 0.8  # the policy service's temperature, so rollouts look like what annotators rank
@@ -156,6 +159,7 @@ def _problems(c: RoundConfig) -> list[str]:
         (0 <= c.onpolicy_fraction < 1, f"onpolicy_fraction must be in [0, 1), got {c.onpolicy_fraction}"),
         (c.sync_every >= 1, f"sync_every must be >= 1, got {c.sync_every}"),
         (c.rollout_prompts >= 0, f"rollout_prompts must be >= 0, got {c.rollout_prompts}"),
+        (c.onpolicy_max_uses >= 1, f"onpolicy_max_uses must be >= 1, got {c.onpolicy_max_uses}"),
         (c.rollout_n >= 2, f"rollout_n must be >= 2 (best vs worst needs two answers), got {c.rollout_n}"),
         (c.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {c.max_new_tokens}"),
         (c.temperature > 0, f"temperature must be > 0, got {c.temperature}"),

@@ -149,8 +149,13 @@ class OnPolicyStream:
                 "mean_uses_per_example": round(self.used / self.made, 3) if self.made else None}
 
 
-def rollout_prompt_count(config_prompts: int, per_step: Sequence[int], sync_every: int) -> int:
-    """Prompts per regeneration: at least `config_prompts`, and at least one step's on-policy need (best vs worst
-    gives one pair per prompt), so a step never repeats an example; beyond that, a window reuses its examples."""
-    need = max(per_step, default=0)
-    return max(config_prompts, math.ceil(need)) if need else config_prompts
+def rollout_prompt_count(config_prompts: int, per_step: Sequence[int], sync_every: int, max_uses: int) -> int:
+    """Prompts per regeneration (best vs worst gives one pair per prompt): at least `config_prompts`; at least one
+    step's on-policy need, so a step never repeats an example; and at least the largest sync window's need divided
+    by `max_uses`, so no example serves more than `max_uses` steps. The last rule is what makes a large `sync_every`
+    mean "older rollouts", not "fewer rollouts": offline (one window of every step) samples as many distinct
+    examples as semi-online does over its windows, instead of a few repeated at every step."""
+    if not per_step or not max(per_step):
+        return config_prompts
+    windows = [sum(per_step[i:i + sync_every]) for i in range(0, len(per_step), sync_every)]
+    return max(config_prompts, math.ceil(max(per_step)), math.ceil(max(windows) / max_uses))

@@ -169,8 +169,8 @@ def policy_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome) 
     wanted = [onpolicy_count(len(chunk), config.onpolicy_fraction, config.batch_size) if use_rollouts else 0
               for chunk in plan]
     wanted = [max(o, minimum - len(chunk)) if use_rollouts else 0 for o, chunk in zip(wanted, plan, strict=True)]
-    stream = _onpolicy_stream(setup, config, reward, rollout_prompt_count(config.rollout_prompts, wanted,
-                                                                          config.sync_every), steps)
+    prompts = rollout_prompt_count(config.rollout_prompts, wanted, config.sync_every, config.onpolicy_max_uses)
+    stream = _onpolicy_stream(setup, config, reward, prompts, steps)
     if config.algorithm == "kto" and human:
         n_desirable = sum(e.desirable for e in human)
         warning = kto_weight_warning(n_desirable, len(human) - n_desirable, config.desirable_weight,

@@ -4,7 +4,14 @@ from collections import Counter
 
 import pytest
 
-from learner.data import OnPolicyStream, even_chunks, human_plan, onpolicy_count, reward_batches
+from learner.data import (
+    OnPolicyStream,
+    even_chunks,
+    human_plan,
+    onpolicy_count,
+    reward_batches,
+    rollout_prompt_count,
+)
 from learner.stats import proportion, refusal_probability, wilson_interval
 
 
@@ -59,6 +66,29 @@ def test_sync_every_decides_what_each_step_learns_from():
     for step in range(5):
         semi.take(step, 1)
     assert calls == [0, 2, 4]
+
+
+def test_a_regeneration_is_large_enough_that_no_example_serves_more_than_max_uses_steps():
+    per_step = [5] * 24  # 24 steps needing 5 on-policy pairs each
+    # semi-online (every 4 steps): one step's need already keeps the reuse at 4
+    assert rollout_prompt_count(4, per_step, sync_every=4, max_uses=4) == 5
+    # offline (one window of 24 steps = 120 uses): 30 prompts, not 5 pairs repeated 24 times
+    assert rollout_prompt_count(4, per_step, sync_every=24, max_uses=4) == 30
+    assert rollout_prompt_count(4, per_step, sync_every=24, max_uses=1) == 120  # every use a distinct pair
+    assert rollout_prompt_count(4, per_step, sync_every=1, max_uses=4) == 5  # online: one step's need
+    assert rollout_prompt_count(8, [1, 1], sync_every=2, max_uses=4) == 8  # rollout_prompts is the floor
+    assert rollout_prompt_count(4, [0, 0], sync_every=2, max_uses=4) == 4  # no on-policy share
+    assert rollout_prompt_count(4, [3, 9, 2], sync_every=2, max_uses=2) == 9  # the largest window (12) and step (9)
+    # Through the stream: offline with a regeneration that size uses each example at most max_uses times.
+    made = []
+
+    def regenerate(step: int) -> list[str]:
+        made.append(step)
+        return [f"e{k}" for k in range(rollout_prompt_count(4, per_step, 24, 4))]
+
+    offline = OnPolicyStream(regenerate, 24, seed=0)
+    uses = Counter(e for step in range(24) for e in offline.take(step, 5))
+    assert made == [0] and max(uses.values()) == 4 and sum(uses.values()) == 120
 
 
 def test_ranks_draw_distinct_reward_model_batches():
