@@ -32,7 +32,7 @@ from pydantic import TypeAdapter
 from app.api import admin, annotator, current_user
 from app.api_models import ErrorBody
 from app.errors import ApiError
-from app.reasons import field_reasons  # noqa: F401  (also read from here by the docs tests)
+from app.reasons import field_reasons
 from learner.config import RoundConfig
 
 DOCS_URL = "/api/docs"

@@ -196,7 +196,7 @@ def test_train_body_is_round_configs_schema(spec):
 def test_field_reasons_read_the_comment_beside_each_default():
     from dataclasses import dataclass
 
-    from app.api_docs import field_reasons
+    from app.reasons import field_reasons
 
     @dataclass(frozen=True)
     class Example:

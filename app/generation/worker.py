@@ -136,13 +136,12 @@ class WorkerBackend:
         have been reaped yet, or someone else reaped it, so `is_alive` alone cannot tell)."""
         with self._start_lock:
             process = self._process
-            broken = dead_conn is not None and dead_conn is self._conn
-            if process is not None and process.is_alive() and not broken:
-                return
+            if dead_conn is not self._conn and process is not None and process.is_alive():
+                return  # running, or another caller already restarted it after `dead_conn` broke
             log.warning("the policy worker is not running (exit code %s); restarting it",
                         None if process is None else process.exitcode)
-            if process is not None and process.is_alive():
-                process.kill()
+            if process is not None:
+                process.kill()  # a no-op for a process already reaped
                 process.join(5)
             self._start()
 
