@@ -32,6 +32,7 @@ from app.api_models import (
 from app.buffer import shown_answers
 from app.context import AppContext
 from app.errors import ApiError
+from app.login import TOKEN_ACCEPTED
 from app.policy import MAX_GENERATE_TOKENS, with_max_new_tokens
 from storage.exports import iter_export
 from storage.items import Item
@@ -103,6 +104,7 @@ def current_user(request: Request,
     user = ctx(request).authenticate_token(token)
     if user is None:
         raise ApiError(401, "invalid, revoked or disabled token")
+    request.scope[TOKEN_ACCEPTED] = True  # app.web_guard: this token passes a lockout of its address
     return user
 
 

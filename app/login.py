@@ -7,10 +7,16 @@ takes both apps away at once. Sessions live in memory: a restart logs everyone o
 Password guessing (issue 8 item 2) is slowed per user name and per client address: after `user_failures` failed
 logins for one name (or `address_failures` from one address) further attempts are refused, the right password
 included, for `lockout_s`, doubling with each further failure up to `max_lockout_s`.
+
+Invalid API tokens are counted per address too, but a lockout there refuses only tokens the server has not seen
+accepted: behind a reverse proxy every client shares one address, and a token-guesser there must not lock out the
+annotators and the local CLI whose tokens work (the API marks each accepted token in the request's scope under
+`TOKEN_ACCEPTED`; the throttle keeps their sha256, never the token).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import secrets
 import threading
@@ -20,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from storage.users import User
+
+TOKEN_ACCEPTED = "prefloop.token_accepted"  # the ASGI scope key where the API notes that the request's token was valid
 
 
 @dataclass(frozen=True)
@@ -70,12 +78,14 @@ class _Failures:
 
 
 class LoginThrottle:
-    """Failure counts per key ("user", name) / ("address", ip) / ("token", ip), with a clock tests can drive."""
+    """Failure counts per key ("user", name) / ("address", ip) / ("token", ip), with a clock tests can drive, and
+    the digests of API tokens recently accepted (a token lockout lets those through)."""
 
     def __init__(self, policy: LoginPolicy = LoginPolicy(), clock: Callable[[], float] = time.monotonic):
         self.policy = policy
         self.clock = clock
         self._records: OrderedDict[tuple[str, str], _Failures] = OrderedDict()
+        self._accepted: OrderedDict[str, float] = OrderedDict()  # sha256 of a token -> when it was last accepted
         self._lock = threading.Lock()
 
     def begin_login(self, name: str, address: str) -> None:
@@ -100,13 +110,29 @@ class LoginThrottle:
                 if record.count < self.policy.address_failures:
                     record.locked_until = 0.0
 
-    def check_token(self, address: str) -> None:
-        """LockedOut while `address` has sent too many invalid API tokens."""
+    def check_token(self, address: str, token: str) -> None:
+        """LockedOut while `address` has sent too many invalid API tokens, unless `token` was accepted within
+        `forget_after_s` (a valid token is never refused because someone else guessed from the same address)."""
+        digest = _digest(token)
         with self._lock:
-            self._refuse_if_locked(("token", address), f"with an invalid API token from {address}", self.clock())
+            now = self.clock()
+            accepted = self._accepted.get(digest)
+            if accepted is not None and now - accepted <= self.policy.forget_after_s:
+                return
+            self._refuse_if_locked(("token", address), f"with an invalid API token from {address}", now)
 
-    def token_failed(self, address: str) -> None:
+    def token_accepted(self, token: str) -> None:
         with self._lock:
+            digest = _digest(token)
+            self._accepted.pop(digest, None)
+            self._accepted[digest] = self.clock()  # most recently accepted last: the oldest go first
+            while len(self._accepted) > self.policy.max_tracked:
+                self._accepted.popitem(last=False)
+
+    def token_failed(self, address: str, token: str) -> None:
+        """An invalid token (also one revoked or disabled since it was accepted: it loses its pass)."""
+        with self._lock:
+            self._accepted.pop(_digest(token), None)
             self._fail(("token", address), self.policy.token_failures, self.clock())
 
     def _refuse_if_locked(self, key: tuple[str, str], who: str, now: float) -> None:
@@ -128,6 +154,10 @@ class LoginThrottle:
         self._records[key] = record  # most recently failed last: the oldest go first below
         while len(self._records) > self.policy.max_tracked:
             self._records.popitem(last=False)
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import anyio
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from app.context import AppContext
-from app.login import LockedOut, LoginThrottle
+from app.login import TOKEN_ACCEPTED, LockedOut, LoginThrottle
 from storage.users import User
 
 SESSION_COOKIE = "prefloop_session"
@@ -196,18 +196,24 @@ class WebGuard:
         return await response(scope, receive, send)
 
     async def _api_with_token(self, scope, receive, send):
-        """Invalid API tokens from one address are throttled like passwords (the API answers the 401 itself)."""
+        """Invalid API tokens from one address are throttled like passwords (the API answers the 401 itself); a
+        token the API accepted before passes a lockout (`LoginThrottle.check_token`)."""
         address = _address(scope)
+        scheme, _, token = _header(scope, b"authorization").partition(" ")
+        token = token.strip() if scheme.lower() == "bearer" else ""
         try:
-            self.throttle.check_token(address)
+            self.throttle.check_token(address, token)
         except LockedOut as exc:
             response = _error(429, exc.args[0])
             response.headers["retry-after"] = str(exc.retry_after_s)
             return await response(scope, receive, send)
 
         async def counting_send(message):
-            if message["type"] == "http.response.start" and message["status"] == 401:
-                self.throttle.token_failed(address)
+            if message["type"] == "http.response.start":
+                if message["status"] == 401:
+                    self.throttle.token_failed(address, token)
+                elif scope.get(TOKEN_ACCEPTED):
+                    self.throttle.token_accepted(token)
             await send(message)
 
         return await self.app(scope, receive, counting_send)

@@ -101,17 +101,33 @@ def test_one_address_spraying_many_names_is_locked_out(make_server, clock):
 
 def test_guessing_api_tokens_is_throttled_per_address(make_server, clock, accounts):
     url = make_server(LoginThrottle(LoginPolicy(token_failures=3), clock))
-    good = {"authorization": f"Bearer {accounts['ann'][1]}"}
+    seen = {"authorization": f"Bearer {accounts['ann'][1]}"}
+    unseen = {"authorization": f"Bearer {accounts['bob'][1]}"}  # valid, but not used before the lockout
     with httpx.Client(base_url=url, timeout=TIMEOUT_S) as client:
-        assert client.get("/api/items/next", headers=good).status_code in (200, 204)  # successes do not count
+        assert client.get("/api/items/next", headers=seen).status_code in (200, 204)  # successes do not count
         for i in range(3):
             assert client.get("/api/items/next", headers={"authorization": f"Bearer guess-{i}"}).status_code == 401
-        r = client.get("/api/items/next", headers=good)
+        r = client.get("/api/items/next", headers={"authorization": "Bearer guess-4"})
         assert r.status_code == 429
         assert r.json()["error"] == "too many attempts with an invalid API token from 127.0.0.1; try again in 30 s"
+        assert r.headers["retry-after"] == "30"
+        assert client.get("/api/items/next", headers=unseen).status_code == 429  # unknown to the throttle: refused
         assert client.get("/api/health").status_code == 200  # no token, no throttle: health always answers
+        # The guesser shares the address with people whose tokens work: they are not locked out with it.
+        assert client.get("/api/items/next", headers=seen).status_code in (200, 204)
         clock.now += 31
-        assert client.get("/api/items/next", headers=good).status_code in (200, 204)
+        assert client.get("/api/items/next", headers=unseen).status_code in (200, 204)
+
+
+def test_a_token_that_stops_working_loses_its_pass_through_a_lockout(make_server, clock, accounts, ctx):
+    url = make_server(LoginThrottle(LoginPolicy(token_failures=2), clock))
+    ann = {"authorization": f"Bearer {accounts['ann'][1]}"}
+    with httpx.Client(base_url=url, timeout=TIMEOUT_S) as client:
+        assert client.get("/api/items/next", headers=ann).status_code in (200, 204)
+        client.get("/api/items/next", headers={"authorization": "Bearer guess-0"})
+        ctx.store.users.set_disabled("ann", True)  # ann's token is refused from now on: it no longer passes the lockout
+        assert client.get("/api/items/next", headers=ann).status_code == 401  # the second failure: locked
+        assert client.get("/api/items/next", headers=ann).status_code == 429
 
 
 def test_parallel_password_guessing_does_not_stall_the_server(make_server, clock):
