@@ -271,10 +271,11 @@ class ItemBuffer:
             self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
             self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 30.0, join: bool = True) -> None:
+        """Stop sampling; with `join`, wait (up to `timeout`) for the batch in flight to end or fail."""
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
+        if join and self._thread is not None:
             self._thread.join(timeout)
 
     def wake(self) -> None:
@@ -286,6 +287,8 @@ class ItemBuffer:
                 sampled = self.fill_once()
                 self.last_error = None
             except Exception as exc:  # keep the thread alive: log, show it in health/admin, retry after a pause
+                if self._stop.is_set():
+                    break  # stopping: the batch failed because the worker was closed under it
                 log.exception("prefetch failed")
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 sampled = False

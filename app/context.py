@@ -56,8 +56,9 @@ class AppContext:
 
     def stop(self) -> None:
         self.scheduler.stop()
+        self.buffer.stop(join=False)  # no new batches; the one in flight is abandoned when the worker goes
+        self.policy.close()  # the worker process, when there is one: at once, mid-batch if need be
         self.buffer.stop()
-        self.policy.close()  # the worker process, when there is one
 
     def authenticate_token(self, token: str) -> User | None:
         if hmac.compare_digest(token.encode(), self.local_token.encode()):

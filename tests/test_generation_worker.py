@@ -10,7 +10,7 @@ import torch
 
 from app.generation.backend import ItemRequest
 from app.generation.transformers_backend import TransformersBackend
-from app.generation.worker import WorkerBackend
+from app.generation.worker import WorkerBackend, WorkerError
 from learner.errors import ModelError
 from learner.model import Device
 from learner.sampling import SamplingParams
@@ -140,3 +140,22 @@ def test_a_worker_reaped_elsewhere_is_still_restarted(worker, adapter_dir):
     assert worker.pid != first
     assert len(items[0]) == 2
     assert worker.loaded_versions() == [0, 1]
+
+
+def test_closing_the_worker_abandons_the_answer_in_flight_and_restarts_nothing(worker):
+    """Shutdown must not wait for a batch (~20 s of a CPU): close() ends the worker mid-answer, the caller gets a
+    WorkerError, and no later call brings a worker back."""
+    long = SamplingParams(max_new_tokens=480, temperature=1.0)  # far longer than close() takes (the tiny model's
+    # context is 512 tokens)
+    pieces = worker.stream([{"role": "user", "content": "hi"}], long, version=0, seed=0)
+    next(pieces)  # the answer is being generated now
+    pid = worker.pid
+    worker.close()
+    with pytest.raises(WorkerError, match="died"):
+        list(pieces)
+    assert worker.pid is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # gone, and reaped
+    with pytest.raises(WorkerError, match="closed"):
+        worker.sample_items([ItemRequest("a", 2, 0, 0)], PARAMS)
+    assert worker.pid is None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
+import os
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -52,6 +53,7 @@ class WorkerBackend:
         self._pending: dict[int, tuple[object, queue.Queue]] = {}  # request id -> (the pipe it went down, replies)
         self._ids = itertools.count(1)
         self._process: multiprocessing.process.BaseProcess | None = None
+        self._closed = False  # after close() no call restarts the worker
         self.device = ""
         self._start()
 
@@ -89,19 +91,24 @@ class WorkerBackend:
         self._call("set_threads", threads)
 
     def close(self) -> None:
-        process = self._process
-        if process is None:
-            return
-        try:
-            with self._send_lock:
-                self._conn.send((0, "exit", ()))
-        except OSError:
-            pass
-        process.join(10)
-        if process.is_alive():
-            process.kill()
-            process.join(5)
-        self._process = None
+        """Stop the worker now: it exits without finishing what it was sampling (an item batch can take ~20 s on a
+        CPU, and nothing it holds needs saving: the app stores items). Calls in flight fail with WorkerError, and
+        later calls fail too instead of starting a new worker."""
+        with self._start_lock:
+            self._closed = True
+            process = self._process
+            if process is None:
+                return
+            try:
+                with self._send_lock:
+                    self._conn.send((0, "exit", ()))
+            except OSError:
+                pass
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+            self._process = None
 
     @property
     def pid(self) -> int | None:
@@ -135,6 +142,8 @@ class WorkerBackend:
         """Restart the worker if it is gone; `dead_conn` is a pipe a send just found broken (the process may not
         have been reaped yet, or someone else reaped it, so `is_alive` alone cannot tell)."""
         with self._start_lock:
+            if self._closed:
+                raise WorkerError("the policy worker is closed (the server is shutting down)")
             process = self._process
             if dead_conn is not self._conn and process is not None and process.is_alive():
                 return  # running, or another caller already restarted it after `dead_conn` broke
@@ -237,8 +246,10 @@ def serve_worker(conn, model_path: str, device_name: str | None, merge: bool, th
             break
         lane = {"sample_items": "items", "stream": "demand"}.get(op, "control")
         lanes[lane].submit(_handle, backend, send, request_id, op, args)
-    for pool in lanes.values():
-        pool.shutdown(wait=False, cancel_futures=True)
+    # Nothing here needs saving, and a normal exit would wait for the lanes' threads (an item batch in flight):
+    # leave at once, so the server's shutdown never waits for a batch.
+    conn.close()
+    os._exit(0)
 
 
 def _handle(backend, send, request_id: int, op: str, args: tuple) -> None:
