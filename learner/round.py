@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,6 +297,10 @@ def _parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; prints JSON lines on stdout and returns the exit status."""
     args = _parse_args(argv)
+    # Libraries' deprecation notices (peft reading transformers' `is_gradient_checkpointing`...) are for whoever
+    # upgrades them, not for the admin watching the round: stderr is the Admin's log tail. Only when run as a program.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     # Under accelerate launch / torchrun only rank 0 speaks. Read from the launcher's env rather than an accelerate
     # state: creating one here, before run_round's Accelerator(cpu=...), would fix the wrong distributed setup.
     main_process = os.environ.get("RANK", "0") == "0"
