@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import gradio as gr
 
@@ -63,166 +64,129 @@ def build_admin_ui(ctx: AppContext) -> gr.Blocks:
     return admin_ui
 
 
+FREE = {"concurrency_limit": None}  # admin reads are quick; nobody queues behind another admin
+ONE_SWAP = {"concurrency_limit": 1, "concurrency_id": "admin_deploy"}  # one hot swap at a time, whichever button
+
+
 def build_admin_panel(ctx: AppContext, page: gr.Blocks) -> gr.Column:
-    """Every admin component and event, inside `page` (being built)."""
+    """Every admin component and event, inside `page` (being built): one function per tab, each wiring its own
+    events to the handlers of admin*.py (the role check is inside every admin.* call)."""
     with gr.Column(elem_id="pl-admin") as admin_panel:
         gr.Markdown(f"**prefloop admin** · [Annotate]({ANNOTATOR_DOOR.prefix}/) · "
                     f"[Log out]({ANNOTATOR_DOOR.prefix}/logout)")
         with gr.Tabs():
-            with gr.Tab("Overview") as overview_tab:
-                counts = gr.Markdown()
-                status = gr.Markdown()
-                run = gr.Markdown(elem_id="pl-run")
-                bar = gr.HTML()
-                with gr.Row():
-                    loss_live = gr.HTML(elem_id="pl-loss-live")
-                    with gr.Column():
-                        run_warnings = gr.Markdown(elem_id="pl-run-warnings")
-                        log_tail = gr.Textbox(label="round log (newest lines)", lines=6, max_lines=12,
-                                              interactive=False, elem_id="pl-run-log")
-                with gr.Row():
-                    refresh_btn = gr.Button("Refresh")
-                    cancel_btn = gr.Button("Cancel the round in progress", variant="stop", interactive=False)
-                with gr.Row(visible=False) as confirm_row:  # a second click, so a stray one cancels nothing
-                    gr.Markdown("Cancel the round? Its work so far is lost; the serving version stays.")
-                    confirm_cancel_btn = gr.Button("Yes, cancel the round", variant="stop")
-                    keep_btn = gr.Button("No, keep it running")
-                overview_message = gr.Markdown()
-
-            with gr.Tab("Train") as train_tab:
-                train_banner = gr.Markdown(elem_id="pl-train-banner")
-                gr.Markdown("Every setting of a round, each with its default and why. On a CPU, **Quick round** "
-                            "fills in a round of about a minute (too small to improve the model: it shows the loop).")
-                form = admin_rounds.train_fields()
-                knob_inputs = _form_rows([f for f in form if f.common])
-                with gr.Accordion("Advanced: every other setting", open=False):
-                    knob_inputs += _form_rows([f for f in form if not f.common])
-                with gr.Row():
-                    quick_btn = gr.Button("Quick round (CPU, ~1 min)")
-                    defaults_btn = gr.Button("Reset to defaults")
-                start_btn = gr.Button("Start a round", variant="primary")
-                train_message = gr.Markdown()
-                gr.Markdown("### Automatic rounds (with the settings above)")
-                with gr.Row():
-                    auto_on = gr.Checkbox(label="on")
-                    every_labels = gr.Number(0, precision=0, label="every N new labels (0 = off)")
-                    every_minutes = gr.Number(0, precision=0, label="every T minutes (0 = off)")
-                    save_auto_btn = gr.Button("Save")
-                auto_message = gr.Markdown()
-
-            with gr.Tab("Versions") as versions_tab:
-                versions = gr.Dataframe(interactive=False, label="versions, newest first")
-                with gr.Row():
-                    deploy_to = gr.Dropdown(label="version", allow_custom_value=True)
-                    force = gr.Checkbox(label="force (deploy a version the gate rejected)")
-                    deploy_btn = gr.Button("Deploy", variant="primary")
-                    rollback_btn = gr.Button("Roll back to the parent")
-                versions_message = gr.Markdown()
-                canary = gr.Markdown(elem_id="pl-canary")
-                with gr.Row():
-                    promote_btn = gr.Button("Promote the canary")
-                    reject_btn = gr.Button("Roll back the canary", variant="stop")
-                charts = gr.HTML(elem_id="pl-version-charts")
-                with gr.Row():
-                    detail_picker = gr.Dropdown(label="details of version", allow_custom_value=True)
-                    run_picker = gr.Dropdown(label="loss curve of round", allow_custom_value=True)
-                with gr.Row():
-                    detail = gr.Markdown(elem_id="pl-version-detail")
-                    loss_plot = gr.HTML(elem_id="pl-loss-plot")
-                versions_refresh_btn = gr.Button("Refresh")
-
-            with gr.Tab("Annotators") as annotators_tab:
-                stats = gr.Dataframe(interactive=False, label="labels per annotator (median seconds per ranking)")
-                agreement = gr.Markdown()
-                agreement_table = gr.Dataframe(interactive=False, label="agreement by annotator")
-                flags = gr.Dataframe(interactive=False, label="flagged items to review, newest first")
-                with gr.Row():
-                    overlap = gr.Number(ctx.config.overlap, precision=0, label="overlap: annotators per item")
-                    overlap_btn = gr.Button("Set overlap")
-                users = gr.Dataframe(interactive=False, label="users")
-                with gr.Row():
-                    new_name = gr.Textbox(label="new user name")
-                    new_role = gr.Radio(list(ROLES), value="annotator", label="role")
-                    new_password = gr.Textbox(label="password (blank = generate one)", type="password")
-                    add_user_btn = gr.Button("Add user")
-                new_account = gr.Textbox(label="new password / API token, shown once", lines=3,
-                                         interactive=False)
-                with gr.Row():
-                    user_name = gr.Textbox(label="user name")
-                    disabled = gr.Checkbox(True, label="disabled")
-                    disable_btn = gr.Button("Apply")
-                with gr.Row():
-                    reset_password = gr.Textbox(label="new password for that user (blank = generate one)",
-                                                type="password")
-                    reset_password_btn = gr.Button("Reset password")
-                    rotate_token_btn = gr.Button("Rotate API token")
-                annotators_message = gr.Markdown()
-                annotators_refresh_btn = gr.Button("Refresh")
-
-            with gr.Tab("Data") as data_tab:
-                with gr.Row():
-                    upload = gr.File(label="prompts file (.jsonl, .json, .csv, .parquet)",
-                                     file_types=[".jsonl", ".json", ".csv", ".parquet"], type="filepath")
-                    with gr.Column():
-                        skip_invalid = gr.Checkbox(label="skip invalid rows (otherwise a file with errors imports "
-                                                         "nothing)")
-                        import_btn = gr.Button("Import", variant="primary")
-                import_result = gr.Textbox(label="import", lines=3, interactive=False)
-                gr.Markdown("### Prompt pool")
-                pool_summary = gr.Markdown(elem_id="pl-pool-summary")
-                with gr.Row():
-                    pool_search = gr.Textbox(label="search prompts (words they contain)", scale=3)
-                    pool_page = gr.Number(1, precision=0, minimum=1, label="page")
-                    pool_search_btn = gr.Button("Search")
-                pool_table = gr.Dataframe(interactive=False, label="prompts in the pool, newest first (items: answers "
-                                          "sampled for it so far)", elem_id="pl-pool", wrap=True)
-                with gr.Row():
-                    pool_remove_id = gr.Number(None, precision=0, label="id of the prompt to remove")
-                    pool_remove_btn = gr.Button("Remove it from the pool", variant="stop")
-                pool_message = gr.Markdown()
-                with gr.Row():
-                    export_format = gr.Radio(list(FORMATS), value="dpo", label="export format")
-                    export_btn = gr.Button("Export")
-                    export_file = gr.File(label="download", interactive=False)
-                export_message = gr.Markdown()
-                guidelines = gr.Textbox(label="annotator guidelines (Markdown)", lines=10)
-                save_guidelines_btn = gr.Button("Save guidelines")
-                guidelines_preview = rendered_text(container=True, padding=True)
-                guidelines_message = gr.Markdown()
-                suggestions_table = gr.Dataframe(interactive=False, label="prompts annotators suggested from the Demo, "
-                                                                          "waiting for review (newest first)")
-                with gr.Row():
-                    suggestion_id = gr.Number(None, precision=0, label="suggestion id")
-                    approve_suggestion_btn = gr.Button("Approve: add to the pool")
-                    reject_suggestion_btn = gr.Button("Reject")
-                    suggestions_refresh_btn = gr.Button("Refresh")
-                suggestions_message = gr.Markdown()
-            with gr.Tab("Arena") as arena_tab:  # the Demo's blind votes, read-only (app/arena.py)
-                arena_standings = gr.Dataframe(interactive=False, label="arena votes per version pair (a tie or "
-                                               "both-bad vote is half a win each)", elem_id="pl-arena-standings")
-                arena_recent = gr.Dataframe(interactive=False, label="newest votes")
+            overview = _overview_layout()
+            train_banner = _train_tab(ctx)
+            _versions_tab(ctx)
+            _annotators_tab(ctx)
+            _data_tab(ctx)
+            _arena_tab(ctx)
         # Started on load for an admin: it ticks while an Admin page is open, and stops with the page.
         timer = gr.Timer(OVERVIEW_EVERY_S, active=False)
 
-    # -- handlers: (inputs, request) -> component values; the role check is inside every admin.* call ----------
-    def show_overview(view: admin_rounds.OverviewView) -> list:
+    def on_load(request: gr.Request):
+        shown = admin.is_admin(ctx, request.username)
+        return [gr.update(visible=shown), gr.Timer(active=shown)]
+
+    gr.on(None, on_load, outputs=[admin_panel, timer], api_visibility="private", **FREE)
+    _wire_overview(ctx, page, overview, timer, train_banner)
+    return admin_panel
+
+
+# -- Overview: counts, the round in progress (live), cancel ---------------------------------------------------------
+@dataclass(frozen=True)
+class _Overview:
+    tab: gr.Tab
+    outputs: list  # what show_overview fills, except the Train tab's banner
+    refresh_btn: gr.Button
+    cancel_btn: gr.Button
+    confirm_row: gr.Row
+    confirm_cancel_btn: gr.Button
+    keep_btn: gr.Button
+
+
+def _overview_layout() -> _Overview:
+    with gr.Tab("Overview") as tab:
+        counts = gr.Markdown()
+        status = gr.Markdown()
+        run = gr.Markdown(elem_id="pl-run")
+        bar = gr.HTML()
+        with gr.Row():
+            loss_live = gr.HTML(elem_id="pl-loss-live")
+            with gr.Column():
+                run_warnings = gr.Markdown(elem_id="pl-run-warnings")
+                log_tail = gr.Textbox(label="round log (newest lines)", lines=6, max_lines=12, interactive=False,
+                                      elem_id="pl-run-log")
+        with gr.Row():
+            refresh_btn = gr.Button("Refresh")
+            cancel_btn = gr.Button("Cancel the round in progress", variant="stop", interactive=False)
+        with gr.Row(visible=False) as confirm_row:  # a second click, so a stray one cancels nothing
+            gr.Markdown("Cancel the round? Its work so far is lost; the serving version stays.")
+            confirm_cancel_btn = gr.Button("Yes, cancel the round", variant="stop")
+            keep_btn = gr.Button("No, keep it running")
+        message = gr.Markdown()
+    return _Overview(tab, [counts, status, run, bar, message, loss_live, run_warnings, log_tail], refresh_btn,
+                     cancel_btn, confirm_row, confirm_cancel_btn, keep_btn)
+
+
+def _wire_overview(ctx: AppContext, page: gr.Blocks, tab: _Overview, timer: gr.Timer, train_banner) -> None:
+    outputs = [*tab.outputs, train_banner, tab.cancel_btn]
+
+    def show(view: admin_rounds.OverviewView) -> list:
         return [view.counts, view.status, view.run, admin_rounds.progress_html(view.progress), view.message,
                 view.loss_chart, view.warnings, view.log_tail, view.train_banner,
                 gr.update(interactive=view.active_run is not None)]
 
     def on_overview(request: gr.Request):
         with as_toast():
-            return show_overview(admin_rounds.overview(ctx, request.username))
+            return show(admin_rounds.overview(ctx, request.username))
 
     def on_cancel(request: gr.Request):
         with as_toast():
-            return [*show_overview(admin_rounds.cancel_round(ctx, request.username)), gr.update(visible=False)]
+            return [*show(admin_rounds.cancel_round(ctx, request.username)), gr.update(visible=False)]
+
+    gr.on([page.load, tab.tab.select, tab.refresh_btn.click], on_overview, outputs=outputs,
+          api_name="admin_overview", **FREE)
+    timer.tick(on_overview, outputs=outputs, api_visibility="private", show_progress="hidden", **FREE)
+    tab.cancel_btn.click(lambda: gr.update(visible=True), outputs=tab.confirm_row, api_visibility="private", **FREE)
+    tab.keep_btn.click(lambda: gr.update(visible=False), outputs=tab.confirm_row, api_visibility="private", **FREE)
+    tab.confirm_cancel_btn.click(on_cancel, outputs=[*outputs, tab.confirm_row], api_name="admin_cancel_round",
+                                 **FREE)
+
+
+# -- Train: every knob of a round, start one, automatic rounds -------------------------------------------------------
+def _train_tab(ctx: AppContext) -> gr.Markdown:
+    """The Train tab; returns its banner ("a round is running"), which the Overview's refresh fills too."""
+    with gr.Tab("Train") as tab:
+        banner = gr.Markdown(elem_id="pl-train-banner")
+        gr.Markdown("Every setting of a round, each with its default and why. On a CPU, **Quick round** "
+                    "fills in a round of about a minute (too small to improve the model: it shows the loop).")
+        form = admin_rounds.train_fields()
+        knob_inputs = _form_rows([f for f in form if f.common])
+        with gr.Accordion("Advanced: every other setting", open=False):
+            knob_inputs += _form_rows([f for f in form if not f.common])
+        with gr.Row():
+            quick_btn = gr.Button("Quick round (CPU, ~1 min)")
+            defaults_btn = gr.Button("Reset to defaults")
+        start_btn = gr.Button("Start a round", variant="primary")
+        train_message = gr.Markdown()
+        gr.Markdown("### Automatic rounds (with the settings above)")
+        with gr.Row():
+            auto_on = gr.Checkbox(label="on")
+            every_labels = gr.Number(0, precision=0, label="every N new labels (0 = off)")
+            every_minutes = gr.Number(0, precision=0, label="every T minutes (0 = off)")
+            save_auto_btn = gr.Button("Save")
+        auto_message = gr.Markdown()
+    triggers = [auto_on, every_labels, every_minutes, auto_message, banner]
 
     def knobs(values) -> dict:
         return dict(zip(admin_rounds.TRAIN_KNOBS, values, strict=True))
 
     def show_triggers(view: admin_rounds.TriggersView) -> list:
         return [view.enabled, view.every_labels, view.every_minutes, view.message, view.banner]
+
+    def fill_form(values: dict) -> list:
+        return [values[name] for name in admin_rounds.TRAIN_KNOBS]
 
     def on_train_state(request: gr.Request):
         with as_toast():
@@ -237,8 +201,40 @@ def build_admin_panel(ctx: AppContext, page: gr.Blocks) -> gr.Column:
             return show_triggers(admin_rounds.save_triggers(ctx, request.username, enabled, labels, minutes,
                                                             knobs(values)))
 
-    def fill_form(values: dict) -> list:
-        return [values[name] for name in admin_rounds.TRAIN_KNOBS]
+    tab.select(on_train_state, outputs=triggers, api_name="admin_train_state", **FREE)
+    quick_btn.click(lambda: fill_form(admin_rounds.quick_values()), outputs=knob_inputs, api_visibility="private",
+                    **FREE)
+    defaults_btn.click(lambda: fill_form(admin_rounds.knob_defaults()), outputs=knob_inputs,
+                       api_visibility="private", **FREE)
+    start_btn.click(on_start, knob_inputs, train_message, api_name="admin_start_round", **FREE)
+    save_auto_btn.click(on_save_triggers, [auto_on, every_labels, every_minutes, *knob_inputs], triggers,
+                        api_name="admin_save_triggers", **FREE)
+    return banner
+
+
+# -- Versions: the registry, deploy and roll back, the canary, charts -----------------------------------------------
+def _versions_tab(ctx: AppContext) -> None:
+    with gr.Tab("Versions") as tab:
+        versions = gr.Dataframe(interactive=False, label="versions, newest first")
+        with gr.Row():
+            deploy_to = gr.Dropdown(label="version", allow_custom_value=True)
+            force = gr.Checkbox(label="force (deploy a version the gate rejected)")
+            deploy_btn = gr.Button("Deploy", variant="primary")
+            rollback_btn = gr.Button("Roll back to the parent")
+        versions_message = gr.Markdown()
+        canary = gr.Markdown(elem_id="pl-canary")
+        with gr.Row():
+            promote_btn = gr.Button("Promote the canary")
+            reject_btn = gr.Button("Roll back the canary", variant="stop")
+        charts = gr.HTML(elem_id="pl-version-charts")
+        with gr.Row():
+            detail_picker = gr.Dropdown(label="details of version", allow_custom_value=True)
+            run_picker = gr.Dropdown(label="loss curve of round", allow_custom_value=True)
+        with gr.Row():
+            detail = gr.Markdown(elem_id="pl-version-detail")
+            loss_plot = gr.HTML(elem_id="pl-loss-plot")
+        refresh_btn = gr.Button("Refresh")
+    outputs = [versions, deploy_to, charts, run_picker, loss_plot, detail_picker, detail]
 
     def on_versions(request: gr.Request):
         with as_toast():
@@ -272,17 +268,6 @@ def build_admin_panel(ctx: AppContext, page: gr.Blocks) -> gr.Column:
             message = admin_versions.roll_back(ctx, request.username)
         return [message, *on_versions(request)]
 
-    def show_pool(view: admin_prompts.PoolView) -> list:
-        return [view.summary, view.table, view.page, view.message]
-
-    def on_pool(search, page_number, request: gr.Request):
-        with as_toast():
-            return show_pool(admin_prompts.prompt_pool(ctx, request.username, search, page_number))
-
-    def on_remove_prompt(prompt_id, search, page_number, request: gr.Request):
-        with as_toast():
-            return show_pool(admin_prompts.remove_prompt(ctx, request.username, prompt_id, search, page_number))
-
     def on_canary(request: gr.Request):
         with as_toast():
             return admin.canary_panel(ctx, request.username)
@@ -294,36 +279,108 @@ def build_admin_panel(ctx: AppContext, page: gr.Blocks) -> gr.Column:
             return [message, admin.canary_panel(ctx, request.username), *on_versions(request)]
         return handler
 
-    def show_annotators(view: admin.AnnotatorsView) -> list:
+    gr.on([tab.select, refresh_btn.click], on_versions, outputs=outputs, api_name="admin_versions", **FREE)
+    run_picker.input(on_loss_curve, run_picker, loss_plot, api_name="admin_loss_curve", **FREE)
+    detail_picker.input(on_version_detail, detail_picker, detail, api_name="admin_version_detail", **FREE)
+    deploy_btn.click(on_deploy, [deploy_to, force], [versions_message, *outputs], api_name="admin_deploy",
+                     **ONE_SWAP)
+    rollback_btn.click(on_roll_back, None, [versions_message, *outputs], api_name="admin_roll_back", **ONE_SWAP)
+    gr.on([tab.select, refresh_btn.click], on_canary, outputs=canary, api_name="admin_canary", **FREE)
+    promote_btn.click(on_canary_action(admin.promote_canary), None, [versions_message, canary, *outputs],
+                      api_name="admin_promote_canary", **ONE_SWAP)
+    reject_btn.click(on_canary_action(admin.reject_canary), None, [versions_message, canary, *outputs],
+                     api_name="admin_reject_canary", **ONE_SWAP)
+
+
+# -- Annotators: their work and agreement, overlap, accounts --------------------------------------------------------
+def _annotators_tab(ctx: AppContext) -> None:
+    with gr.Tab("Annotators") as tab:
+        stats = gr.Dataframe(interactive=False, label="labels per annotator (median seconds per ranking)")
+        agreement = gr.Markdown()
+        agreement_table = gr.Dataframe(interactive=False, label="agreement by annotator")
+        flags = gr.Dataframe(interactive=False, label="flagged items to review, newest first")
+        with gr.Row():
+            overlap = gr.Number(ctx.config.overlap, precision=0, label="overlap: annotators per item")
+            overlap_btn = gr.Button("Set overlap")
+        users = gr.Dataframe(interactive=False, label="users")
+        with gr.Row():
+            new_name = gr.Textbox(label="new user name")
+            new_role = gr.Radio(list(ROLES), value="annotator", label="role")
+            new_password = gr.Textbox(label="password (blank = generate one)", type="password")
+            add_user_btn = gr.Button("Add user")
+        new_account = gr.Textbox(label="new password / API token, shown once", lines=3, interactive=False)
+        with gr.Row():
+            user_name = gr.Textbox(label="user name")
+            disabled = gr.Checkbox(True, label="disabled")
+            disable_btn = gr.Button("Apply")
+        with gr.Row():
+            reset_password = gr.Textbox(label="new password for that user (blank = generate one)", type="password")
+            reset_password_btn = gr.Button("Reset password")
+            rotate_token_btn = gr.Button("Rotate API token")
+        message = gr.Markdown()
+        refresh_btn = gr.Button("Refresh")
+    outputs = [stats, agreement, agreement_table, flags, overlap, users, message]
+
+    def show(view: admin.AnnotatorsView) -> list:
         return [view.stats, view.agreement, view.agreement_by_annotator, view.flags, view.overlap, view.users,
                 view.message]
 
     def on_annotators(request: gr.Request):
         with as_toast():
-            return show_annotators(admin.annotators(ctx, request.username))
+            return show(admin.annotators(ctx, request.username))
 
     def on_set_overlap(value, request: gr.Request):
         with as_toast():
-            return show_annotators(admin.set_overlap(ctx, request.username, value))
+            return show(admin.set_overlap(ctx, request.username, value))
 
     def on_add_user(name, role, password, request: gr.Request):
         with as_toast():
             created = admin.add_user(ctx, request.username, name, role, password)
-            return [created.text, *show_annotators(created.view)]
+            return [created.text, *show(created.view)]
 
     def on_disable(name, disable, request: gr.Request):
         with as_toast():
-            return show_annotators(admin.set_user_disabled(ctx, request.username, name, disable))
+            return show(admin.set_user_disabled(ctx, request.username, name, disable))
 
     def on_reset_password(name, password, request: gr.Request):
         with as_toast():
             changed = admin.reset_password(ctx, request.username, name, password)
-            return [changed.text, *show_annotators(changed.view)]
+            return [changed.text, *show(changed.view)]
 
     def on_rotate_token(name, request: gr.Request):
         with as_toast():
             rotated = admin.rotate_token(ctx, request.username, name)
-            return [rotated.text, *show_annotators(rotated.view)]
+            return [rotated.text, *show(rotated.view)]
+
+    gr.on([tab.select, refresh_btn.click], on_annotators, outputs=outputs, api_name="admin_annotators", **FREE)
+    overlap_btn.click(on_set_overlap, overlap, outputs, api_name="admin_set_overlap", **FREE)
+    add_user_btn.click(on_add_user, [new_name, new_role, new_password], [new_account, *outputs],
+                       api_name="admin_add_user", **FREE)
+    disable_btn.click(on_disable, [user_name, disabled], outputs, api_name="admin_set_user_disabled", **FREE)
+    reset_password_btn.click(on_reset_password, [user_name, reset_password], [new_account, *outputs],
+                             api_name="admin_reset_password", **FREE)
+    rotate_token_btn.click(on_rotate_token, user_name, [new_account, *outputs], api_name="admin_rotate_token",
+                           **FREE)
+
+
+# -- Data: import prompts, the prompt pool, export labels, guidelines, suggestions ----------------------------------
+def _data_tab(ctx: AppContext) -> None:
+    with gr.Tab("Data") as tab:
+        with gr.Row():
+            upload = gr.File(label="prompts file (.jsonl, .json, .csv, .parquet)",
+                             file_types=[".jsonl", ".json", ".csv", ".parquet"], type="filepath")
+            with gr.Column():
+                skip_invalid = gr.Checkbox(label="skip invalid rows (otherwise a file with errors imports nothing)")
+                import_btn = gr.Button("Import", variant="primary")
+        import_result = gr.Textbox(label="import", lines=3, interactive=False)
+        _prompt_pool(ctx, tab)
+        with gr.Row():
+            export_format = gr.Radio(list(FORMATS), value="dpo", label="export format")
+            export_btn = gr.Button("Export")
+            export_file = gr.File(label="download", interactive=False)
+        export_message = gr.Markdown()
+        _guidelines(ctx, tab)
+        _suggestions(ctx, tab)
 
     def on_import(path, skip, request: gr.Request):
         with as_toast():
@@ -334,15 +391,71 @@ def build_admin_panel(ctx: AppContext, page: gr.Blocks) -> gr.Column:
             view = admin.export_labels(ctx, request.username, fmt)
             return [view.path, view.message]
 
+    import_btn.click(on_import, [upload, skip_invalid], import_result, api_name="admin_upload_prompts", **FREE)
+    export_btn.click(on_export, export_format, [export_file, export_message], api_name="admin_export", **FREE)
+
+
+def _prompt_pool(ctx: AppContext, tab: gr.Tab) -> None:
+    gr.Markdown("### Prompt pool")
+    summary = gr.Markdown(elem_id="pl-pool-summary")
+    with gr.Row():
+        search = gr.Textbox(label="search prompts (words they contain)", scale=3)
+        page_number = gr.Number(1, precision=0, minimum=1, label="page")
+        search_btn = gr.Button("Search")
+    table = gr.Dataframe(interactive=False, label="prompts in the pool, newest first (items: answers sampled for it "
+                         "so far)", elem_id="pl-pool", wrap=True)
+    with gr.Row():
+        remove_id = gr.Number(None, precision=0, label="id of the prompt to remove")
+        remove_btn = gr.Button("Remove it from the pool", variant="stop")
+    message = gr.Markdown()
+    outputs = [summary, table, page_number, message]
+
+    def show(view: admin_prompts.PoolView) -> list:
+        return [view.summary, view.table, view.page, view.message]
+
+    def on_pool(text, page, request: gr.Request):
+        with as_toast():
+            return show(admin_prompts.prompt_pool(ctx, request.username, text, page))
+
+    def on_remove_prompt(prompt_id, text, page, request: gr.Request):
+        with as_toast():
+            return show(admin_prompts.remove_prompt(ctx, request.username, prompt_id, text, page))
+
+    gr.on([tab.select, search_btn.click, search.submit], on_pool, [search, page_number], outputs,
+          api_name="admin_prompt_pool", **FREE)
+    remove_btn.click(on_remove_prompt, [remove_id, search, page_number], outputs, api_name="admin_remove_prompt",
+                     **FREE)
+
+
+def _guidelines(ctx: AppContext, tab: gr.Tab) -> None:
+    text = gr.Textbox(label="annotator guidelines (Markdown)", lines=10)
+    save_btn = gr.Button("Save guidelines")
+    preview = rendered_text(container=True, padding=True)
+    message = gr.Markdown()
+
     def on_guidelines(request: gr.Request):
         with as_toast():
-            text = admin.guidelines_source(ctx, request.username)
-            return [text, render_markdown(text), ""]
+            source = admin.guidelines_source(ctx, request.username)
+            return [source, render_markdown(source), ""]
 
-    def on_save_guidelines(text, request: gr.Request):
+    def on_save_guidelines(source, request: gr.Request):
         with as_toast():
-            message = admin.save_guidelines(ctx, request.username, text)
-            return [text, render_markdown(text), message]
+            saved = admin.save_guidelines(ctx, request.username, source)
+            return [source, render_markdown(source), saved]
+
+    tab.select(on_guidelines, outputs=[text, preview, message], api_name="admin_guidelines", **FREE)
+    save_btn.click(on_save_guidelines, text, [text, preview, message], api_name="admin_save_guidelines", **FREE)
+
+
+def _suggestions(ctx: AppContext, tab: gr.Tab) -> None:
+    table = gr.Dataframe(interactive=False, label="prompts annotators suggested from the Demo, waiting for review "
+                                                  "(newest first)")
+    with gr.Row():
+        suggestion_id = gr.Number(None, precision=0, label="suggestion id")
+        approve_btn = gr.Button("Approve: add to the pool")
+        reject_btn = gr.Button("Reject")
+        refresh_btn = gr.Button("Refresh")
+    message = gr.Markdown()
 
     def on_suggestions(request: gr.Request):
         with as_toast():
@@ -356,80 +469,23 @@ def build_admin_panel(ctx: AppContext, page: gr.Blocks) -> gr.Column:
                 return [view.table, view.message]
         return decide
 
+    gr.on([tab.select, refresh_btn.click], on_suggestions, outputs=[table, message], api_name="admin_suggestions",
+          **FREE)
+    approve_btn.click(on_decide_suggestion(True), suggestion_id, [table, message],
+                      api_name="admin_approve_suggestion", **FREE)
+    reject_btn.click(on_decide_suggestion(False), suggestion_id, [table, message],
+                     api_name="admin_reject_suggestion", **FREE)
+
+
+# -- Arena: the Demo's blind votes, read-only (app/arena.py) --------------------------------------------------------
+def _arena_tab(ctx: AppContext) -> None:
+    with gr.Tab("Arena") as tab:
+        standings = gr.Dataframe(interactive=False, label="arena votes per version pair (a tie or both-bad vote is "
+                                 "half a win each)", elem_id="pl-arena-standings")
+        recent = gr.Dataframe(interactive=False, label="newest votes")
+
     def on_arena(request: gr.Request):
         with as_toast():
             return list(admin.arena_tables(ctx, request.username))
 
-    def on_load(request: gr.Request):
-        shown = admin.is_admin(ctx, request.username)
-        return [gr.update(visible=shown), gr.Timer(active=shown)]
-
-    # -- wiring -----------------------------------------------------------------------------------------------
-    overview_outputs = [counts, status, run, bar, overview_message, loss_live, run_warnings, log_tail, train_banner,
-                        cancel_btn]
-    versions_outputs = [versions, deploy_to, charts, run_picker, loss_plot, detail_picker, detail]
-    pool_outputs = [pool_summary, pool_table, pool_page, pool_message]
-    annotators_outputs = [stats, agreement, agreement_table, flags, overlap, users, annotators_message]
-    free = {"concurrency_limit": None}  # admin reads are quick; nobody queues behind another admin
-
-    gr.on(None, on_load, outputs=[admin_panel, timer], api_visibility="private", **free)
-    gr.on([page.load, overview_tab.select, refresh_btn.click], on_overview, outputs=overview_outputs,
-          api_name="admin_overview", **free)
-    timer.tick(on_overview, outputs=overview_outputs, api_visibility="private", show_progress="hidden", **free)
-    cancel_btn.click(lambda: gr.update(visible=True), outputs=confirm_row, api_visibility="private", **free)
-    keep_btn.click(lambda: gr.update(visible=False), outputs=confirm_row, api_visibility="private", **free)
-    confirm_cancel_btn.click(on_cancel, outputs=[*overview_outputs, confirm_row], api_name="admin_cancel_round",
-                             **free)
-    train_tab.select(on_train_state, outputs=[auto_on, every_labels, every_minutes, auto_message, train_banner],
-                     api_name="admin_train_state", **free)
-    quick_btn.click(lambda: fill_form(admin_rounds.quick_values()), outputs=knob_inputs, api_visibility="private",
-                    **free)
-    defaults_btn.click(lambda: fill_form(admin_rounds.knob_defaults()), outputs=knob_inputs,
-                       api_visibility="private", **free)
-    start_btn.click(on_start, knob_inputs, train_message, api_name="admin_start_round", **free)
-    save_auto_btn.click(on_save_triggers, [auto_on, every_labels, every_minutes, *knob_inputs],
-                        [auto_on, every_labels, every_minutes, auto_message, train_banner],
-                        api_name="admin_save_triggers", **free)
-    gr.on([versions_tab.select, versions_refresh_btn.click], on_versions, outputs=versions_outputs,
-          api_name="admin_versions", **free)
-    run_picker.input(on_loss_curve, run_picker, loss_plot, api_name="admin_loss_curve", **free)
-    detail_picker.input(on_version_detail, detail_picker, detail, api_name="admin_version_detail", **free)
-    deploy_btn.click(on_deploy, [deploy_to, force], [versions_message, *versions_outputs], api_name="admin_deploy",
-                     concurrency_limit=1, concurrency_id="admin_deploy")  # one hot swap at a time
-    rollback_btn.click(on_roll_back, None, [versions_message, *versions_outputs], api_name="admin_roll_back",
-                       concurrency_limit=1, concurrency_id="admin_deploy")
-    gr.on([versions_tab.select, versions_refresh_btn.click], on_canary, outputs=canary, api_name="admin_canary",
-          **free)
-    promote_btn.click(on_canary_action(admin.promote_canary), None, [versions_message, canary, *versions_outputs],
-                      api_name="admin_promote_canary", concurrency_limit=1, concurrency_id="admin_deploy")
-    reject_btn.click(on_canary_action(admin.reject_canary), None, [versions_message, canary, *versions_outputs],
-                     api_name="admin_reject_canary", concurrency_limit=1, concurrency_id="admin_deploy")
-    gr.on([annotators_tab.select, annotators_refresh_btn.click], on_annotators, outputs=annotators_outputs,
-          api_name="admin_annotators", **free)
-    overlap_btn.click(on_set_overlap, overlap, annotators_outputs, api_name="admin_set_overlap", **free)
-    add_user_btn.click(on_add_user, [new_name, new_role, new_password], [new_account, *annotators_outputs],
-                       api_name="admin_add_user", **free)
-    disable_btn.click(on_disable, [user_name, disabled], annotators_outputs, api_name="admin_set_user_disabled",
-                      **free)
-    reset_password_btn.click(on_reset_password, [user_name, reset_password], [new_account, *annotators_outputs],
-                             api_name="admin_reset_password", **free)
-    rotate_token_btn.click(on_rotate_token, user_name, [new_account, *annotators_outputs],
-                           api_name="admin_rotate_token", **free)
-    import_btn.click(on_import, [upload, skip_invalid], import_result, api_name="admin_upload_prompts", **free)
-    gr.on([data_tab.select, pool_search_btn.click, pool_search.submit], on_pool, [pool_search, pool_page],
-          pool_outputs, api_name="admin_prompt_pool", **free)
-    pool_remove_btn.click(on_remove_prompt, [pool_remove_id, pool_search, pool_page], pool_outputs,
-                          api_name="admin_remove_prompt", **free)
-    export_btn.click(on_export, export_format, [export_file, export_message], api_name="admin_export", **free)
-    data_tab.select(on_guidelines, outputs=[guidelines, guidelines_preview, guidelines_message],
-                    api_name="admin_guidelines", **free)
-    save_guidelines_btn.click(on_save_guidelines, guidelines, [guidelines, guidelines_preview, guidelines_message],
-                              api_name="admin_save_guidelines", **free)
-    gr.on([data_tab.select, suggestions_refresh_btn.click], on_suggestions,
-          outputs=[suggestions_table, suggestions_message], api_name="admin_suggestions", **free)
-    approve_suggestion_btn.click(on_decide_suggestion(True), suggestion_id, [suggestions_table, suggestions_message],
-                                 api_name="admin_approve_suggestion", **free)
-    reject_suggestion_btn.click(on_decide_suggestion(False), suggestion_id, [suggestions_table, suggestions_message],
-                                api_name="admin_reject_suggestion", **free)
-    arena_tab.select(on_arena, outputs=[arena_standings, arena_recent], api_name="admin_arena", **free)
-    return admin_panel
+    tab.select(on_arena, outputs=[standings, recent], api_name="admin_arena", **FREE)
