@@ -15,7 +15,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -71,6 +71,8 @@ class PolicyService:
         self._last_used: dict[int, float] = {}
         self._loaded: set[int] = set()  # versions this service had the backend load (a restarted worker reloads them)
         self._pinned: frozenset[int] = frozenset()  # never evicted: the serving version and the canary
+        self._generating = 0  # generations in flight (item batches and on-demand answers)
+        self._busy_watcher: Callable[[], None] | None = None  # called when generation starts or stops
 
     @classmethod
     def load(cls, model: str, cache_dir: Path, device: str | None = None, backend: str = "inprocess",
@@ -128,7 +130,8 @@ class PolicyService:
         """Answers for several items in as few generate calls as there are versions among them."""
         for version in {r.version for r in requests}:
             self._ensure_loaded(version)
-        return self.backend.sample_items(list(requests), params)
+        with self._generation():
+            return self.backend.sample_items(list(requests), params)
 
     def sample(self, prompt: str, k: int, params: SamplingParams, version: int,
                seed: int | None = None) -> tuple[int, list[SampledAnswer]]:
@@ -148,7 +151,40 @@ class PolicyService:
         """The growing text of one answer from `version`; never waits for an item batch in flight."""
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         self._ensure_loaded(version)
-        yield from self.backend.stream(messages, params, version, seed)
+        with self._generation():
+            yield from self.backend.stream(messages, params, version, seed)
+
+    @property
+    def generating(self) -> bool:
+        """Whether any generation is in flight now."""
+        return self._generating > 0
+
+    def watch_busy(self, watcher: Callable[[], None] | None) -> None:
+        """`watcher()` after generation starts (none ran) or stops (the last one ended); it reads `generating`, as
+        two calls from two threads may arrive in either order (the scheduler's CoreShare lends a round the
+        generator's cores while it idles). None stops watching."""
+        self._busy_watcher = watcher
+
+    @contextmanager
+    def _generation(self):
+        with self._lock:
+            self._generating += 1
+            started = self._generating == 1
+        if started:
+            self._tell_busy()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._generating -= 1
+                ended = self._generating == 0
+            if ended:
+                self._tell_busy()
+
+    def _tell_busy(self) -> None:
+        watcher = self._busy_watcher
+        if watcher is not None:
+            watcher()
 
     def set_threads(self, threads: int) -> None:
         """CPU threads generation may use (a round takes the others while it runs); only the worker has its own."""

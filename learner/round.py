@@ -280,6 +280,18 @@ class _WarningEvents(logging.Handler):
         self.emit_event({"event": "warning", "message": record.getMessage()})
 
 
+def follow_threads(path: Path) -> int:
+    """Use as many torch CPU threads as `path` says (a positive int); a missing or unreadable file changes nothing.
+    Returns the threads in use."""
+    try:
+        wanted = int(path.read_text().strip())
+    except (OSError, ValueError):
+        return torch.get_num_threads()
+    if wanted >= 1 and wanted != torch.get_num_threads():
+        torch.set_num_threads(wanted)
+    return torch.get_num_threads()
+
+
 def _parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m learner.round", description=__doc__.splitlines()[0])
     parser.add_argument("--snapshot", type=Path, required=True, help="snapshot directory written by storage")
@@ -289,6 +301,9 @@ def _parse_args(argv):
     parser.add_argument("--config", type=Path, default=None, help="a JSON file of RoundConfig fields")
     parser.add_argument("--ref-cache", type=Path, default=None,
                         help="keeps the base model's reference log-probs across rounds (e.g. the models dir)")
+    parser.add_argument("--threads-file", type=Path, default=None,
+                        help="a file holding the number of CPU threads to use, read again at every step (the app "
+                             "rewrites it: every core while its generator idles, the others while it samples)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config field (VALUE read as JSON, else as a string); repeatable")
     return parser.parse_args(argv)
@@ -309,6 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         if main_process:
             print(json.dumps(event), flush=True)
 
+    def on_progress(event: dict) -> None:
+        if args.threads_file is not None:
+            follow_threads(args.threads_file)
+        emit({"event": "progress", **event})
+
     # The learner's warnings (logging.warning: the KTO weight rule, no trained reward model...) as events too, so the
     # app shows them while the round runs; metrics.json keeps them as "warnings" afterwards.
     logging.getLogger("learner").addHandler(_WarningEvents(emit))
@@ -323,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                 values[key] = raw
         config = RoundConfig.from_dict(values)
         metrics = run_round(args.snapshot, args.base, args.parent, args.out, config,
-                            progress=lambda p: emit({"event": "progress", **p}), ref_cache_dir=args.ref_cache)
+                            progress=on_progress, ref_cache_dir=args.ref_cache)
     except LearnerError as exc:
         emit({"event": "error", "error": str(exc)})
         return 1

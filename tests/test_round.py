@@ -246,9 +246,11 @@ def test_a_round_that_diverges_is_rejected_with_its_reason(tmp_path, tiny_model_
 
 def test_module_prints_json_progress_and_a_done_line(tmp_path, tiny_model_dir):
     (tmp_path / "config.json").write_text(json.dumps(dict(TINY, steps=2, eval_prompts=1)))
+    (tmp_path / "threads").write_text("1")  # as the app's CoreShare writes it
     snapshot = write_snapshot(tmp_path / "snapshot")
     command = [sys.executable, "-m", "learner.round", "--snapshot", str(snapshot), "--base", str(tiny_model_dir),
-               "--out", str(tmp_path / "v1"), "--config", str(tmp_path / "config.json"), "--set", "seed=3"]
+               "--out", str(tmp_path / "v1"), "--config", str(tmp_path / "config.json"), "--set", "seed=3",
+               "--threads-file", str(tmp_path / "threads")]
     env = dict(os.environ, PREFLOOP_DEVICE="cpu")
     done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120, env=env,
                           cwd=Path(__file__).resolve().parents[1])
