@@ -14,6 +14,8 @@ from __future__ import annotations
 import html
 import inspect
 import logging
+from dataclasses import dataclass
+from functools import partial
 
 import gradio as gr
 
@@ -172,8 +174,35 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
     return blocks
 
 
-def _annotate_tab(ctx: AppContext, blocks: gr.Blocks) -> None:
-    k = ctx.config.k
+@dataclass(frozen=True)
+class _AnnotateTab:
+    session: gr.State
+    guide: gr.HTML
+    prompt: gr.HTML
+    counter: gr.HTML
+    message: gr.HTML
+    cards: list
+    answers: list
+    ranks: list
+    thumbs: list
+    submit_btn: gr.Button
+    clear_btn: gr.Button
+    skip_btn: gr.Button
+    undo_btn: gr.Button
+    next_btn: gr.Button
+    unrank_btn: gr.Button
+    flag_reason: gr.Textbox
+    flag_btn: gr.Button
+    timer: gr.Timer
+
+    @property
+    def view_outputs(self) -> list:
+        """What every handler fills (an AnnotateView), in `_annotate_tab`'s `show` order."""
+        return [self.session, self.prompt, self.counter, self.message, *self.cards, *self.answers, *self.ranks,
+                *self.thumbs, self.next_btn, self.undo_btn, self.timer]
+
+
+def _annotate_layout(k: int) -> _AnnotateTab:
     session = gr.State(Session())
     with gr.Accordion("Guidelines and keys", open=False):
         guide = rendered_text(elem_id="pl-guidelines")
@@ -193,8 +222,24 @@ def _annotate_tab(ctx: AppContext, blocks: gr.Blocks) -> None:
                                  elem_id="pl-flag-reason")
         flag_btn = gr.Button("Flag", scale=1, elem_id="pl-flag")
     timer = gr.Timer(POLL_SECONDS, active=False)
+    return _AnnotateTab(session, guide, prompt, counter, message, cards, answers, ranks, thumbs, submit_btn,
+                        clear_btn, skip_btn, undo_btn, next_btn, unrank_btn, flag_reason, flag_btn, timer)
 
-    view_outputs = [session, prompt, counter, message, *cards, *answers, *ranks, *thumbs, next_btn, undo_btn, timer]
+
+def _with_request_last(handler, names: list[str]):
+    """Gradio finds gr.Request by the signature, and a variadic one hides it: spell out the parameters `names`
+    (the API's parameter names), then `request`."""
+    handler.__signature__ = inspect.Signature(
+        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names]
+        + [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request)])
+    handler.__annotations__ = {"request": gr.Request}
+    return handler
+
+
+def _annotate_tab(ctx: AppContext, blocks: gr.Blocks) -> None:
+    k = ctx.config.k
+    tab = _annotate_layout(k)
+    view_outputs = tab.view_outputs
 
     def show(view: AnnotateView) -> list:
         """An AnnotateView as updates for `view_outputs` (ranks and thumbs as the view says: cleared by default)."""
@@ -213,7 +258,7 @@ def _annotate_tab(ctx: AppContext, blocks: gr.Blocks) -> None:
     def refused(message_text: str) -> list:
         """One message in one place; every other output (the form the annotator is fixing) stays as it is."""
         updates = [gr.skip()] * len(view_outputs)
-        updates[view_outputs.index(message)] = annotate.refusal_html(message_text)
+        updates[view_outputs.index(tab.message)] = annotate.refusal_html(message_text)
         return updates
 
     def guarded(action):
@@ -230,16 +275,10 @@ def _annotate_tab(ctx: AppContext, blocks: gr.Blocks) -> None:
     def on_load(request: gr.Request):
         return [annotate.guidelines(ctx), *guarded(annotate.load_view)(ctx, request.username)]
 
+    @partial(_with_request_last, names=["state", *(f"choice_{i}" for i in range(2 * k))])
     def on_submit(state, *values):
         *choices, request = values
         return guarded(annotate.submit)(ctx, request.username, state, choices[:k], choices[k:])
-
-    # Gradio finds gr.Request by the signature; a variadic one hides it, so spell the K-dependent one out.
-    on_submit.__signature__ = inspect.Signature(
-        [inspect.Parameter("state", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-        + [inspect.Parameter(f"choice_{i}", inspect.Parameter.POSITIONAL_OR_KEYWORD) for i in range(2 * k)]
-        + [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request)])
-    on_submit.__annotations__ = {"request": gr.Request}
 
     def on_skip(state, request: gr.Request):
         return guarded(annotate.skip)(ctx, request.username, state)
@@ -260,14 +299,14 @@ def _annotate_tab(ctx: AppContext, blocks: gr.Blocks) -> None:
             view = None
         return [gr.skip()] * len(view_outputs) if view is None else show(view)
 
-    blocks.load(on_load, outputs=[guide, *view_outputs], concurrency_limit=None)
-    submit_btn.click(on_submit, [session, *ranks, *thumbs], view_outputs, concurrency_limit=None,
-                     api_name="submit_ranking")
-    skip_btn.click(on_skip, [session], view_outputs, concurrency_limit=None, api_name="skip")
-    flag_btn.click(on_flag, [session, flag_reason], view_outputs, concurrency_limit=None, api_name="flag")
-    next_btn.click(on_next, None, view_outputs, concurrency_limit=None, api_name="next_item")
-    undo_btn.click(on_undo, [session], view_outputs, concurrency_limit=None, api_name="undo")
-    timer.tick(on_poll, [session], view_outputs, concurrency_limit=None, show_progress="hidden",
-               api_visibility="private")
-    clear_btn.click(None, None, [*ranks, *thumbs], js=f"() => Array({2 * k}).fill(null)", api_name=False)
-    unrank_btn.click(None, ranks, ranks, js=UNRANK_JS, api_name=False)
+    free = {"concurrency_limit": None}  # every handler is a few DuckDB reads or one write: nobody queues
+    blocks.load(on_load, outputs=[tab.guide, *view_outputs], **free)
+    tab.submit_btn.click(on_submit, [tab.session, *tab.ranks, *tab.thumbs], view_outputs, api_name="submit_ranking",
+                         **free)
+    tab.skip_btn.click(on_skip, [tab.session], view_outputs, api_name="skip", **free)
+    tab.flag_btn.click(on_flag, [tab.session, tab.flag_reason], view_outputs, api_name="flag", **free)
+    tab.next_btn.click(on_next, None, view_outputs, api_name="next_item", **free)
+    tab.undo_btn.click(on_undo, [tab.session], view_outputs, api_name="undo", **free)
+    tab.timer.tick(on_poll, [tab.session], view_outputs, show_progress="hidden", api_visibility="private", **free)
+    tab.clear_btn.click(None, None, [*tab.ranks, *tab.thumbs], js=f"() => Array({2 * k}).fill(null)", api_name=False)
+    tab.unrank_btn.click(None, tab.ranks, tab.ranks, js=UNRANK_JS, api_name=False)
