@@ -55,6 +55,11 @@ class RoundConfig:
     onpolicy_max_uses: int = 4  # steps one on-policy example may serve: a regeneration samples enough prompts for
     #   its window at this reuse, so a large sync_every means older rollouts, not fewer (bench.loop: offline repeated
     #   6 pairs 21 times and won 0.81 vs base; with 4, 29 pairs, 0.94); 4 = what the default sync_every gives
+    rollouts_min_reward_accuracy: float | None = None  # on-policy pairs only while the reward model's held-out pair
+    #   accuracy has its 95% lower bound >= this (0.5: shown better than chance), else human pairs alone, with a
+    #   warning. None = always: off until a benchmark shows it helps. Why it exists: in bench.loop's `structured`
+    #   sitting the reward model stayed at chance and semi-online (half its examples picked by it) got worse than
+    #   the base model, 0.43 [0.37, 0.49] (docs/benchmarks.md)
     rollout_prompts: int = 4  # prompts sampled per regeneration at least: 4 x 4 answers ~ 15 s of sampling on a
     #   CPU; more when one step's on-policy share, or its window at onpolicy_max_uses, needs more
     rollout_n: int = 4  # answers per prompt, best vs worst by the reward model (K=4 as annotators see)
@@ -157,6 +162,8 @@ def _problems(c: RoundConfig) -> list[str]:
          f"max_label_staleness must be >= 0 or null, got {c.max_label_staleness}"),
         (c.human_epochs >= 1, f"human_epochs must be >= 1, got {c.human_epochs}"),
         (0 <= c.onpolicy_fraction < 1, f"onpolicy_fraction must be in [0, 1), got {c.onpolicy_fraction}"),
+        (c.rollouts_min_reward_accuracy is None or 0 <= c.rollouts_min_reward_accuracy < 1,
+         f"rollouts_min_reward_accuracy must be None or in [0, 1), got {c.rollouts_min_reward_accuracy}"),
         (c.sync_every >= 1, f"sync_every must be >= 1, got {c.sync_every}"),
         (c.rollout_prompts >= 0, f"rollout_prompts must be >= 0, got {c.rollout_prompts}"),
         (c.onpolicy_max_uses >= 1, f"onpolicy_max_uses must be >= 1, got {c.onpolicy_max_uses}"),

@@ -82,6 +82,8 @@ def reference_adapter(setup: RoundSetup, config: RoundConfig) -> str | None:
 class RewardOutcome:
     reward_model: RewardModel
     ready: bool  # trained on at least one human pair, this round or before: only then may it judge
+    picks_rollouts: bool  # ready, and (with rollouts_min_reward_accuracy) shown good enough to pick on-policy pairs
+    heldout_accuracy: Proportion | None  # pair accuracy on the held-out human labels; None untrained or none held out
     trained_pairs: int  # human pairs it has learned from over all rounds (saved beside it)
     train_items: int
     heldout_items: tuple
@@ -112,8 +114,26 @@ def reward_phase(setup: RoundSetup, config: RoundConfig) -> RewardOutcome:
                               "check this round")
         log.warning(setup.warnings[-1])
     failure = f"reward model {result.failure}" if result and result.failure else None
-    return RewardOutcome(reward_model, total_pairs > 0, total_pairs, len(train_items), heldout_items,
+    ready = total_pairs > 0
+    accuracy = pair_accuracy(reward_model, heldout_items) if ready and heldout_items and failure is None else None
+    picks = ready and rollouts_allowed(accuracy, config.rollouts_min_reward_accuracy)
+    if ready and not picks:
+        shown = "no held-out labels" if accuracy is None else (
+            f"{accuracy.value:.2f} [{accuracy.ci95[0]:.2f}, {accuracy.ci95[1]:.2f}], n = {accuracy.n}")
+        setup.warnings.append(f"the reward model's held-out pair accuracy ({shown}) is not shown to reach "
+                              f"rollouts_min_reward_accuracy {config.rollouts_min_reward_accuracy}: this round "
+                              "trains on human labels only (no on-policy pairs)")
+        log.warning(setup.warnings[-1])
+    return RewardOutcome(reward_model, ready, picks, accuracy, total_pairs, len(train_items), heldout_items,
                          parent_reward is not None, result.history if result else [], failure)
+
+
+def rollouts_allowed(accuracy: Proportion | None, minimum: float | None) -> bool:
+    """Whether a reward model with this held-out accuracy may pick on-policy pairs: always without a minimum;
+    with one, only when the accuracy's 95% lower bound reaches it (no held-out labels: not shown, so no)."""
+    if minimum is None:
+        return True
+    return accuracy is not None and accuracy.n > 0 and accuracy.ci95[0] >= minimum
 
 
 # --- (b) policy ------------------------------------------------------------------------------------------------
@@ -157,7 +177,7 @@ def policy_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome) 
     human_frame = within_staleness(setup.trained_on(table), config.max_label_staleness)
     human, dropped = human_examples(human_frame, config.algorithm, setup.tokenizer, config.max_length)
     acc = setup.accelerator
-    use_rollouts = (reward.ready and config.rollout_prompts > 0 and bool(setup.rollout_prompts)
+    use_rollouts = (reward.picks_rollouts and config.rollout_prompts > 0 and bool(setup.rollout_prompts)
                     and (config.onpolicy_fraction > 0 or not human))
     minimum = MIN_BATCH[config.algorithm]
     steps = config.steps if use_rollouts else min(config.steps, config.human_epochs * len(human) // minimum)
@@ -300,9 +320,7 @@ def implicit_reward_accuracy(setup: RoundSetup, config: RoundConfig, reference: 
 
 def eval_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome, policy: PolicyOutcome) -> EvalOutcome:
     """Held-out human metrics (reward model and policy) and generation on the eval prompts."""
-    reward_accuracy = pair_accuracy(reward.reward_model, reward.heldout_items) if reward.heldout_items else None
-    if reward_accuracy is not None and not reward.ready:
-        reward_accuracy = None  # an untrained head's accuracy is a coin flip, not a finding
+    reward_accuracy = reward.heldout_accuracy  # None for an untrained head: its accuracy is a coin flip
     model = setup.model
     policy_accuracy = None
     generation = None

@@ -289,3 +289,24 @@ def test_a_thumbs_only_round_never_trusts_an_untrained_reward_model(tmp_path, ti
     assert second["gate"]["win_rate_check"] is None and "win_rate_vs_parent" not in second
     assert second["data"]["onpolicy"] is None and second["data"]["onpolicy_uses"] == 0
     assert second["status"] == "candidate"
+
+
+def test_rollouts_need_a_reward_model_shown_good_enough_only_when_asked():
+    from learner.phases import rollouts_allowed
+
+    good, chance = proportion(27, 30), proportion(18, 30)  # Wilson lower bounds 0.74 and 0.42
+    assert rollouts_allowed(chance, None) and rollouts_allowed(None, None)  # no minimum: as before
+    assert rollouts_allowed(good, 0.5) and not rollouts_allowed(chance, 0.5)
+    assert not rollouts_allowed(None, 0.5) and not rollouts_allowed(proportion(0, 0), 0.5)  # not shown: no
+    with pytest.raises(ConfigError, match="rollouts_min_reward_accuracy must be None or in"):
+        RoundConfig(rollouts_min_reward_accuracy=1.0)
+
+
+def test_a_reward_model_not_shown_good_enough_picks_no_on_policy_pairs(tmp_path, tiny_model_dir):
+    config = RoundConfig.from_dict(dict(TINY, rollouts_min_reward_accuracy=0.99, heldout_fraction=0.5))
+    metrics = run_round(write_snapshot(tmp_path / "snapshot", n_items=8), tiny_model_dir, None, tmp_path / "v1",
+                        config)
+    assert metrics["reward_heldout_accuracy"]["n"] > 0  # it was measured, and no 3-ranking model reaches 0.99
+    assert metrics["data"]["onpolicy"] is None and metrics["data"]["onpolicy_uses"] == 0  # no regeneration at all
+    assert metrics["data"]["human_uses"] > 0
+    assert any("rollouts_min_reward_accuracy 0.99" in w for w in metrics["warnings"]), metrics["warnings"]
