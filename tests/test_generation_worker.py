@@ -159,3 +159,21 @@ def test_closing_the_worker_abandons_the_answer_in_flight_and_restarts_nothing(w
     with pytest.raises(WorkerError, match="closed"):
         worker.sample_items([ItemRequest("a", 2, 0, 0)], PARAMS)
     assert worker.pid is None
+
+
+def test_a_closed_worker_leaves_no_leaked_semaphore_warning(tiny_model_dir):
+    """The worker leaves with os._exit (never waiting for a batch); multiprocessing's exit steps still run, or the
+    server's console ends with the resource tracker's "leaked semaphore objects" warning."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import sys; from pathlib import Path; from app.generation.worker import WorkerBackend; "
+              "from learner.sampling import SamplingParams; "
+              "w = WorkerBackend(Path(sys.argv[1]), device='cpu', threads=1); "
+              "list(w.stream([{'role': 'user', 'content': 'hi'}], SamplingParams(max_new_tokens=4), 0, 0)); "
+              "w.close(); print('closed')")
+    done = subprocess.run([sys.executable, "-c", script, str(tiny_model_dir)], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and "closed" in done.stdout, done.stderr[-2000:]
+    assert "leaked" not in done.stderr, done.stderr[-2000:]

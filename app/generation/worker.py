@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.util
 import os
 import queue
 import threading
@@ -247,8 +248,10 @@ def serve_worker(conn, model_path: str, device_name: str | None, merge: bool, th
         lane = {"sample_items": "items", "stream": "demand"}.get(op, "control")
         lanes[lane].submit(_handle, backend, send, request_id, op, args)
     # Nothing here needs saving, and a normal exit would wait for the lanes' threads (an item batch in flight):
-    # leave at once, so the server's shutdown never waits for a batch.
+    # leave at once, so the server's shutdown never waits for a batch. multiprocessing's own exit steps run first
+    # (they release the semaphores the libraries made; skipped, the server's resource tracker warns of a leak).
     conn.close()
+    multiprocessing.util._exit_function()
     os._exit(0)
 
 
