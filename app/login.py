@@ -16,7 +16,6 @@ annotators and the local CLI whose tokens work (the API marks each accepted toke
 
 from __future__ import annotations
 
-import hashlib
 import math
 import secrets
 import threading
@@ -25,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from storage.users import User
+from storage.users import User, hash_token
 
 TOKEN_ACCEPTED = "prefloop.token_accepted"  # the ASGI scope key where the API notes that the request's token was valid
 
@@ -113,7 +112,7 @@ class LoginThrottle:
     def check_token(self, address: str, token: str) -> None:
         """LockedOut while `address` has sent too many invalid API tokens, unless `token` was accepted within
         `forget_after_s` (a valid token is never refused because someone else guessed from the same address)."""
-        digest = _digest(token)
+        digest = hash_token(token)
         with self._lock:
             now = self.clock()
             accepted = self._accepted.get(digest)
@@ -123,7 +122,7 @@ class LoginThrottle:
 
     def token_accepted(self, token: str) -> None:
         with self._lock:
-            digest = _digest(token)
+            digest = hash_token(token)
             self._accepted.pop(digest, None)
             self._accepted[digest] = self.clock()  # most recently accepted last: the oldest go first
             while len(self._accepted) > self.policy.max_tracked:
@@ -132,7 +131,7 @@ class LoginThrottle:
     def token_failed(self, address: str, token: str) -> None:
         """An invalid token (also one revoked or disabled since it was accepted: it loses its pass)."""
         with self._lock:
-            self._accepted.pop(_digest(token), None)
+            self._accepted.pop(hash_token(token), None)
             self._fail(("token", address), self.policy.token_failures, self.clock())
 
     def _refuse_if_locked(self, key: tuple[str, str], who: str, now: float) -> None:
@@ -154,10 +153,6 @@ class LoginThrottle:
         self._records[key] = record  # most recently failed last: the oldest go first below
         while len(self._records) > self.policy.max_tracked:
             self._records.popitem(last=False)
-
-
-def _digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 @dataclass(frozen=True)

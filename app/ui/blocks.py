@@ -24,6 +24,7 @@ from app.ui import admin, annotate
 from app.ui.annotate import AnnotateView, Session, UiError
 from app.ui.demo_tab import ARENA_CSS, build_demo_tab
 from app.ui.render import rendered_text
+from app.ui.wiring import FREE
 from app.web_guard import ADMIN_DOOR, ANNOTATOR_DOOR
 from storage.errors import StorageError
 
@@ -299,14 +300,13 @@ def _annotate_tab(ctx: AppContext, blocks: gr.Blocks) -> None:
             view = None
         return [gr.skip()] * len(view_outputs) if view is None else show(view)
 
-    free = {"concurrency_limit": None}  # every handler is a few DuckDB reads or one write: nobody queues
-    blocks.load(on_load, outputs=[tab.guide, *view_outputs], **free)
+    blocks.load(on_load, outputs=[tab.guide, *view_outputs], **FREE)
     tab.submit_btn.click(on_submit, [tab.session, *tab.ranks, *tab.thumbs], view_outputs, api_name="submit_ranking",
-                         **free)
-    tab.skip_btn.click(on_skip, [tab.session], view_outputs, api_name="skip", **free)
-    tab.flag_btn.click(on_flag, [tab.session, tab.flag_reason], view_outputs, api_name="flag", **free)
-    tab.next_btn.click(on_next, None, view_outputs, api_name="next_item", **free)
-    tab.undo_btn.click(on_undo, [tab.session], view_outputs, api_name="undo", **free)
-    tab.timer.tick(on_poll, [tab.session], view_outputs, show_progress="hidden", api_visibility="private", **free)
+                         **FREE)
+    tab.skip_btn.click(on_skip, [tab.session], view_outputs, api_name="skip", **FREE)
+    tab.flag_btn.click(on_flag, [tab.session, tab.flag_reason], view_outputs, api_name="flag", **FREE)
+    tab.next_btn.click(on_next, None, view_outputs, api_name="next_item", **FREE)
+    tab.undo_btn.click(on_undo, [tab.session], view_outputs, api_name="undo", **FREE)
+    tab.timer.tick(on_poll, [tab.session], view_outputs, show_progress="hidden", api_visibility="private", **FREE)
     tab.clear_btn.click(None, None, [*tab.ranks, *tab.thumbs], js=f"() => Array({2 * k}).fill(null)", api_name=False)
     tab.unrank_btn.click(None, tab.ranks, tab.ranks, js=UNRANK_JS, api_name=False)

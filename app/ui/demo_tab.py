@@ -11,9 +11,9 @@ import gradio as gr
 
 from app.context import AppContext
 from app.ui import demo
-from app.ui.admin_tab import as_toast
 from app.ui.annotate import UiError
 from app.ui.render import rendered_chat, rendered_text
+from app.ui.wiring import as_toast
 from storage.errors import StorageError
 
 ARENA_CSS = ".pl-side { border: 1px solid var(--border-color-primary); border-radius: 10px; padding: 8px; }"
