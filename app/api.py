@@ -50,8 +50,11 @@ class Body(BaseModel):
 
 
 class RankingBody(Body):
-    ranking: list[int] = Field(description="answer ids, best first; every answer of the item exactly once",
-                               max_length=64)
+    ranking: list[int | Annotated[list[int], Field(min_length=1, max_length=64)]] = Field(
+        description="answer ids, best first; every answer of the item exactly once. A list of ids in place of one "
+                    "marks those answers as equally good and yields no pair between them: [[12, 13], 11, 14] ties 12 "
+                    "and 13 for best; [[11, 12, 13, 14]] says you have no preference",
+        max_length=64, examples=[[12, 11, 14, 13], [[12, 13], 11, 14]])
 
 
 class FeedbackBody(Body):
@@ -155,7 +158,9 @@ def next_item(user: Annotator, c: Ctx):
     403: "the item was not handed to you, or this token cannot label", 404: "no item with this id",
     409: "you already ranked or skipped this item, or it has its `overlap` annotators"}))
 def rank(item_id: int, body: RankingBody, user: Annotator, c: Ctx) -> dict:
-    """Rank an item `GET /api/items/next` handed to you (403 otherwise; 409 once it has its `overlap` annotators)."""
+    """Rank an item `GET /api/items/next` handed to you (403 otherwise; 409 once it has its `overlap` annotators).
+    Mark answers you find equally good as a tie rather than ordering them at random: a made-up order trains the
+    reward model and the policy as if it were a preference."""
     return {"ranking_id": labelling.rank(c, user, item_id, body.ranking)}
 
 

@@ -28,9 +28,10 @@ def _check_handed(ctx: AppContext, item_id: int, user: User) -> None:
         ctx.buffer.check_handed(item_id, user.user_id)
 
 
-def rank(ctx: AppContext, user: User, item_id: int, ranking: list[int],
+def rank(ctx: AppContext, user: User, item_id: int, ranking: list[int | list[int]],
          feedback: dict[int, str] | None = None) -> int:
-    """Store the ranking (answer ids, best first) and any thumbs in one transaction; returns the ranking id."""
+    """Store the ranking (answer ids, best first; a list of ids is a tie) and any thumbs in one transaction; returns
+    the ranking id."""
     _check_handed(ctx, item_id, user)
     ranking_id = ctx.store.labels.add_ranking(item_id, user.user_id, ranking,
                                               seconds=ctx.buffer.seconds_taken(item_id, user.user_id),

@@ -27,10 +27,13 @@ MAX_GUIDELINES_CHARS = 20_000  # a long style guide fits; the Annotate tab shows
 
 DEFAULT_GUIDELINES = """Rank the answers from best (1) to worst. Prefer answers that are correct, helpful and honest;
 then clear and concise. An answer marked "cut off" hit the length limit: judge what it says, not where it stops.
+Give answers you find equally good the same rank, and press "All equally good" when you have no preference at all:
+a tie teaches the model nothing, an order made up to fill the form teaches it the wrong thing.
 Thumbs are optional: up for an answer you would be glad to receive, down for one you would not.
 Skip what you cannot judge; flag anything harmful or broken.
 
 Keys: press the answers' numbers best first (when all but one are ranked, the last gets the last rank by itself);
+Shift + a number ties that answer with the one you ranked last; N ranks them all equally good;
 Backspace takes back the last rank you gave; U / D give thumbs up / down to the answer whose number you pressed last
 (or the one you clicked); Enter submits; Escape clears; S skips. Undo (Z, or the Undo button) takes back the ranking
 you just submitted, for a minute, and shows it again to change."""

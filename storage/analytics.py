@@ -2,13 +2,14 @@
 annotators who ranked the same item, and flagged items to review. Nothing here writes.
 
 Agreement compares every two rankings of the same item by different annotators, over the answer pairs both ranked:
-a pair is concordant when both put the same answer first. Per comparison of two rankings,
+a pair is judged alike when both put the same answer first or both marked the two as tied; concordant when both
+ordered it the same way (not tied), discordant when they ordered it opposite ways. Per comparison of two rankings,
 
-    pairwise agreement = concordant / pairs            (1 = identical order, 0.5 = chance, 0 = reversed)
-    Kendall's tau      = (concordant - discordant) / pairs   (tau-a; rankings of K answers have no ties)
+    pairwise agreement = judged alike / pairs                 (1 = identical, 0 = reversed)
+    Kendall's tau      = (concordant - discordant) / pairs    (tau-a: a pair one of them tied counts as neither)
 
-and the figures shown are means over comparisons. With full rankings tau = 2 * agreement - 1 per comparison; both
-are shown because people read one or the other (tau is what the inter-annotator literature reports).
+and the figures shown are means over comparisons. Without ties tau = 2 * agreement - 1 per comparison; both are
+shown because people read one or the other (tau is what the inter-annotator literature reports).
 """
 
 from __future__ import annotations
@@ -24,15 +25,19 @@ if TYPE_CHECKING:
 
     from storage.store import Store
 
-# One row per (item, annotator a, annotator b, answer pair) both ranked, a < b: whether they ordered it alike.
+# One row per (item, annotator a, annotator b) both ranked: the answer pairs compared, how many they judged alike (the
+# same answer better, or both a tie), and how many they ordered strictly alike and strictly opposite (Kendall's
+# tau-a counts a pair tied by one of them as neither).
 _COMPARISONS = """
     WITH shared AS (SELECT item_id FROM rankings GROUP BY item_id HAVING count(*) > 1),
     ranked AS (
-        SELECT r.item_id, r.user_id, x.answer_id, x.rank
+        SELECT r.item_id, r.user_id, x.answer_id, x.tier
         FROM rankings r JOIN ranking_answers x USING (ranking_id) JOIN shared USING (item_id)
     )
     SELECT a1.item_id, a1.user_id AS user_a, b1.user_id AS user_b, count(*) AS pairs,
-           sum(CASE WHEN (a1.rank < a2.rank) = (b1.rank < b2.rank) THEN 1 ELSE 0 END) AS concordant
+           count(*) FILTER (WHERE sign(a1.tier - a2.tier) = sign(b1.tier - b2.tier)) AS alike,
+           count(*) FILTER (WHERE sign(a1.tier - a2.tier) * sign(b1.tier - b2.tier) > 0) AS concordant,
+           count(*) FILTER (WHERE sign(a1.tier - a2.tier) * sign(b1.tier - b2.tier) < 0) AS discordant
     FROM ranked a1
     JOIN ranked a2 ON a2.item_id = a1.item_id AND a2.user_id = a1.user_id AND a2.answer_id > a1.answer_id
     JOIN ranked b1 ON b1.item_id = a1.item_id AND b1.answer_id = a1.answer_id AND b1.user_id > a1.user_id
@@ -90,9 +95,12 @@ def annotator_stats(store: Store, now: datetime | None = None) -> pd.DataFrame:
                          "flags": "int64", "median_seconds": "float64"})
 
 
-def _comparisons(store: Store) -> list[tuple[int, int, int, int, int]]:
-    """(item_id, user_a, user_b, pairs, concordant) for every two rankings of one item."""
-    return store.db.cursor().execute(_COMPARISONS).fetchall()
+def _comparisons(store: Store) -> list[tuple[int, int, int, float, float]]:
+    """(item_id, user_a, user_b, agreement, kendall_tau) for every two rankings of one item: agreement is the share
+    of answer pairs they judged alike, tau-a is (concordant - discordant) / pairs."""
+    rows = store.db.cursor().execute(_COMPARISONS).fetchall()
+    return [(item, a, b, alike / pairs, (concordant - discordant) / pairs)
+            for item, a, b, pairs, alike, concordant, discordant in rows]
 
 
 def agreement(store: Store) -> Agreement:
@@ -100,8 +108,8 @@ def agreement(store: Store) -> Agreement:
     rows = _comparisons(store)
     if not rows:
         return Agreement(0, 0, None, None)
-    agree = [concordant / pairs for _, _, _, pairs, concordant in rows]
-    tau = [(2 * concordant - pairs) / pairs for _, _, _, pairs, concordant in rows]
+    agree = [alike for _, _, _, alike, _ in rows]
+    tau = [tau for _, _, _, _, tau in rows]
     return Agreement(len({row[0] for row in rows}), len(rows), sum(agree) / len(agree), sum(tau) / len(tau))
 
 
@@ -112,8 +120,8 @@ def agreement_by_annotator(store: Store) -> pd.DataFrame:
 
     names = {user.user_id: user.name for user in store.users.list()}
     per_user: dict[int, list[tuple[float, float]]] = {}
-    for _, user_a, user_b, pairs, concordant in _comparisons(store):
-        scores = (concordant / pairs, (2 * concordant - pairs) / pairs)
+    for _, user_a, user_b, alike, tau in _comparisons(store):
+        scores = (alike, tau)
         per_user.setdefault(user_a, []).append(scores)
         per_user.setdefault(user_b, []).append(scores)
     rows = [(names.get(user_id, f"user {user_id}"), len(scores), sum(s[0] for s in scores) / len(scores),

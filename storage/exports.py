@@ -58,7 +58,7 @@ _KTO_SQL = """
 _RANKINGS_SQL = """
     SELECT r.ranking_id, r.item_id, r.user_id, i.policy_version, p.text,
            list(a.text ORDER BY ra.rank), list(a.answer_id ORDER BY ra.rank),
-           list(a.finish_reason ORDER BY ra.rank), r.seconds, r.created_at
+           list(a.finish_reason ORDER BY ra.rank), r.seconds, r.created_at, list(ra.tier ORDER BY ra.rank)
     FROM rankings r
     JOIN ranking_answers ra ON ra.ranking_id = r.ranking_id
     JOIN answers a ON a.answer_id = ra.answer_id
@@ -116,6 +116,7 @@ def _ranking(row: tuple, conversational: bool) -> dict:
         "answers": row[5],  # best first
         "answer_ids": row[6],
         "finish_reasons": row[7],
+        "tiers": row[10],  # per answer: 0 = best; answers with equal tiers were marked equally good
         "seconds": row[8],
         "created_at": utc(row[9]).isoformat(),
     }

@@ -80,20 +80,30 @@ def _check_feedback_value(answer_id: int, value: object) -> None:
         raise LabelError(f"feedback on answer {answer_id} must be 'up' or 'down', got {value!r}")
 
 
-def _check_ranking(item_id: int, answer_ids: list[int], ranking: object) -> list[int]:
-    if not isinstance(ranking, (list, tuple)) or not all(is_int(a) for a in ranking):
-        raise LabelError("ranking must be a list of answer ids (ints), best first")
-    if len(ranking) != len(answer_ids):
-        raise LabelError(f"ranking has {len(ranking)} answer ids, item {item_id} has {len(answer_ids)}")
+def _check_ranking(item_id: int, answer_ids: list[int], ranking: object) -> list[list[int]]:
+    """The ranking as tiers, best first: `ranking` lists answer ids best first, and a list of ids in place of one id
+    marks those answers as equally good ([[12, 13], 11, 14]: 12 and 13 tie for best). Every answer exactly once."""
+    if not isinstance(ranking, (list, tuple)):
+        raise LabelError("ranking must be a list of answer ids (ints), best first; a list of ids in it marks a tie")
+    tiers = []
+    for place, entry in enumerate(ranking):
+        tier = list(entry) if isinstance(entry, (list, tuple)) else [entry]
+        if not tier or not all(is_int(a) for a in tier):
+            raise LabelError(f"ranking entry {place} must be an answer id (int) or a non-empty list of answer ids "
+                             f"(a tie), got {entry!r}")
+        tiers.append(tier)
+    flat = [answer_id for tier in tiers for answer_id in tier]
+    if len(flat) != len(answer_ids):
+        raise LabelError(f"ranking has {len(flat)} answer ids, item {item_id} has {len(answer_ids)}")
     seen = set()
-    for answer_id in ranking:
+    for answer_id in flat:
         if answer_id in seen:
             raise LabelError(f"answer {answer_id} appears twice in the ranking")
         seen.add(answer_id)
-    for answer_id in ranking:
+    for answer_id in flat:
         if answer_id not in answer_ids:
             raise LabelError(f"answer {answer_id} is not an answer of item {item_id}")
-    return list(ranking)
+    return tiers
 
 
 class Labels:
@@ -104,12 +114,13 @@ class Labels:
         self,
         item_id: int,
         user_id: int,
-        ranking: list[int],
+        ranking: list[int | list[int]],
         seconds: float | None = None,
         feedback: dict[int, str] | None = None,
         overlap: int | None = None,
     ) -> int:
-        """Store `user_id`'s ranking of item `item_id` (answer ids, best first) and optional thumbs
+        """Store `user_id`'s ranking of item `item_id` (answer ids, best first; a list of ids marks a tie, see
+        _check_ranking) and optional thumbs
         {answer_id: "up"|"down"} in one transaction; returns the ranking id. Conflict if the user already ranked or
         skipped the item, or if `overlap` annotators are done with it."""
         if seconds is not None and not (is_number(seconds) and seconds >= 0):
@@ -120,7 +131,7 @@ class Labels:
         with self.db.write() as cur:
             answer_ids = _item_answers(cur, item_id)
             _check_user(cur, user_id)
-            ranking = _check_ranking(item_id, answer_ids, ranking)
+            tiers = _check_ranking(item_id, answer_ids, ranking)
             for answer_id, value in feedback.items():
                 if not is_int(answer_id) or answer_id not in answer_ids:
                     raise LabelError(f"feedback names answer {answer_id!r}, which is not an answer of item {item_id}")
@@ -137,10 +148,11 @@ class Labels:
                 [item_id, user_id, seconds],
             ).fetchone()
             # Multi-row VALUES rather than executemany, which runs one statement per row.
+            placed = [(tier, answer_id) for tier, ids in enumerate(tiers) for answer_id in ids]
             cur.execute(
-                "INSERT INTO ranking_answers (ranking_id, rank, answer_id) VALUES "
-                + ", ".join(["(?, ?, ?)"] * len(ranking)),
-                [x for rank, answer_id in enumerate(ranking) for x in (ranking_id, rank, answer_id)],
+                "INSERT INTO ranking_answers (ranking_id, rank, answer_id, tier) VALUES "
+                + ", ".join(["(?, ?, ?, ?)"] * len(placed)),
+                [x for rank, (tier, answer_id) in enumerate(placed) for x in (ranking_id, rank, answer_id, tier)],
             )
             if feedback:
                 cur.execute(
@@ -225,15 +237,21 @@ class Labels:
                 [ranking_id, user_id]).fetchone()
         return Retraction(retraction_id, ranking_id, item_id)
 
-    def given(self, ranking_id: int) -> tuple[list[int], dict[int, str]]:
-        """What ranking `ranking_id` said, retracted or not: answer ids best first, and the thumbs given with it
-        (Undo shows them again so the annotator changes only what they meant to)."""
+    def given(self, ranking_id: int) -> tuple[list[list[int]], dict[int, str]]:
+        """What ranking `ranking_id` said, retracted or not: its tiers of answer ids best first (tied answers share
+        a tier), and the thumbs given with it (Undo shows them again so the annotator changes only what they meant
+        to)."""
         cur = self.db.cursor()
-        order = [a for (a,) in cur.execute(
-            "SELECT answer_id FROM ranking_answers WHERE ranking_id = ? ORDER BY rank", [ranking_id]).fetchall()]
+        rows = cur.execute("SELECT tier, answer_id FROM ranking_answers WHERE ranking_id = ? ORDER BY rank",
+                           [ranking_id]).fetchall()
+        tiers: list[list[int]] = []
+        for i, (tier, answer_id) in enumerate(rows):
+            if i == 0 or tier != rows[i - 1][0]:
+                tiers.append([])
+            tiers[-1].append(answer_id)
         thumbs = dict(cur.execute("SELECT answer_id, value FROM feedback_events WHERE ranking_id = ?",
                                   [ranking_id]).fetchall())
-        return order, thumbs
+        return tiers, thumbs
 
     def counts(self, since: datetime | None = None, user_id: int | None = None) -> LabelCounts:
         """Labels stored since `since` (naive = UTC; None = ever), by `user_id` (None = anyone)."""

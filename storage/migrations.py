@@ -391,3 +391,30 @@ def m015_run_phase_and_log(cur: Cursor) -> None:
             kind   VARCHAR NOT NULL DEFAULT 'log' CHECK (kind IN ('log', 'warning')),
             "at"   TIMESTAMPTZ NOT NULL DEFAULT current_timestamp  -- quoted: AT is a keyword
         )""")
+
+
+@migration
+def m016_ranking_ties(cur: Cursor) -> None:
+    # Issue 9: an annotator may mark answers as equally good (a tie), and a ranking of answers that are all alike says
+    # "no preference". A tie yields no pair: before this, a person with no preference had to order the answers anyway,
+    # and that made-up order trained the reward model and the policy as if it were one (in the structured benchmark
+    # 24 of 32 rankings were such noise). `tier` is the answer's place counting tied answers once (0 = best; equal
+    # tiers = tied); `rank` stays the position in the submitted order (unique per ranking). Rankings stored before
+    # this had no ties: tier = rank. The views that make pairs compare tiers.
+    cur.execute("ALTER TABLE ranking_answers ADD COLUMN tier INTEGER")
+    cur.execute("UPDATE ranking_answers SET tier = rank")
+    cur.execute("""
+        CREATE OR REPLACE VIEW pairs AS
+        SELECT r.ranking_id, r.item_id, u.name AS annotator, r.user_id AS annotator_id, i.policy_version,
+               i.prompt_id, p.text AS prompt,
+               c.answer_id AS chosen_answer_id, ca.text AS chosen,
+               j.answer_id AS rejected_answer_id, ja.text AS rejected,
+               c.rank AS chosen_rank, j.rank AS rejected_rank, r.created_at
+        FROM rankings r
+        JOIN ranking_answers c ON c.ranking_id = r.ranking_id
+        JOIN ranking_answers j ON j.ranking_id = r.ranking_id AND c.tier < j.tier
+        JOIN answers ca ON ca.answer_id = c.answer_id
+        JOIN answers ja ON ja.answer_id = j.answer_id
+        JOIN items i ON i.item_id = r.item_id
+        JOIN prompts p ON p.prompt_id = i.prompt_id
+        JOIN users u ON u.user_id = r.user_id""")

@@ -60,11 +60,15 @@ class Canary:
 _COLUMNS = "version, parent, algorithm, status, path, config, metrics, labels_used, reason, created_at, deployed_at"
 _CANARY_COLUMNS = ("version, serving, after_item, decision, reason, comparisons, win_rate, ci_low, ci_high, "
                    "started_at, decided_at")
-# Candidate-vs-serving comparisons per ranking of a canary's items: every pair (a ranked above b) where one answer is
-# the candidate's and the other the serving version's; the candidate wins the pair when its answer is above.
+# Candidate-vs-serving comparisons per ranking of a canary's items: every pair of answers, one the candidate's and one
+# the serving version's; the candidate wins the pair when its answer is ranked above, and half of it when the two are
+# tied (the annotator marked them equally good: the Chatbot Arena convention, so a candidate no better than the
+# serving version scores 0.5 whether its annotators order such answers at random or say they tie).
 _COMPARISONS = """
     SELECT r.ranking_id, r.item_id,
-           count(*) FILTER (WHERE ca.policy_version = $candidate) AS wins, count(*) AS comparisons
+           count(*) FILTER (WHERE ca.policy_version = $candidate AND c.tier < j.tier)
+             + 0.5 * count(*) FILTER (WHERE c.tier = j.tier) AS wins,
+           count(*) AS comparisons
     FROM rankings r
     JOIN ranking_answers c ON c.ranking_id = r.ranking_id
     JOIN ranking_answers j ON j.ranking_id = r.ranking_id AND c.rank < j.rank
@@ -286,12 +290,12 @@ class Versions:
         rows = self.db.cursor().execute(f"SELECT {_CANARY_COLUMNS} FROM canaries ORDER BY version").fetchall()
         return {row[0]: _canary(row) for row in rows}
 
-    def canary_comparisons(self, canary: Canary) -> list[tuple[int, int, int]]:
-        """(item_id, wins, comparisons) per ranking of the canary's items, in ranking order."""
+    def canary_comparisons(self, canary: Canary) -> list[tuple[int, float, int]]:
+        """(item_id, wins, comparisons) per ranking of the canary's items, in ranking order (a tie is half a win)."""
         rows = self.db.cursor().execute(
             _COMPARISONS, {"candidate": canary.version, "serving": canary.serving, "after_item": canary.after_item}
         ).fetchall()
-        return [(item_id, wins, n) for _, item_id, wins, n in rows]
+        return [(item_id, float(wins), n) for _, item_id, wins, n in rows]
 
     def canary_items(self, canary: Canary) -> tuple[int, int]:
         """(canary items, all items) sampled since the canary started."""

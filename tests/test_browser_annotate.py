@@ -1,6 +1,6 @@
 """The Annotate tab and the Demo arena in real Chromium (tests/test_browser.py's browser and login): ranking with the
-keyboard (badges, the last rank filled in, Backspace, thumbs keys), a refusal as one message with no error pills,
-Undo, and a blind arena vote. Screenshots of each screen land in test-artifacts/."""
+keyboard (badges, the last rank filled in, Backspace, thumbs keys, ties by Shift + digit and N), a refusal as one
+message with no error pills, Undo, and a blind arena vote. Screenshots of each screen land in test-artifacts/."""
 
 from __future__ import annotations
 
@@ -86,3 +86,33 @@ def test_rank_by_keys_see_a_refusal_undo_and_vote_in_the_arena(ctx, login):
     page.locator("#pl-arena-status").get_by_text("A is better: stored. A was base model (v0)").wait_for()
     assert len(ctx.store.arena.recent()) == 1
     page.screenshot(path=str(ARTIFACTS / "demo-arena-voted.png"), full_page=True)
+
+
+def test_ties_by_shift_digit_and_all_equally_good_by_n(ctx, login):
+    _add_item(ctx, "Explain what a heron eats.", ["eos"] * 4)
+    _add_item(ctx, "Name three rivers.", ["eos"] * 4)
+    page = login("ann")
+    page.locator("#pl-answer-0").get_by_text("Answer 1").wait_for()
+    page.keyboard.press("2")  # answer 2 best
+    page.keyboard.press("Shift+4")  # answer 4 ties with it (Shift + digit: the last rank given)
+    page.wait_for_function("document.querySelector('#pl-rank-3 input[value=\"1\"]').checked")
+    page.keyboard.press("1")  # the next free rank: 2
+    page.wait_for_function("document.querySelector('#pl-rank-0 input[value=\"2\"]').checked")
+    assert _ranks(page) == ["2", "1", None, "1"]  # two ranks free (3, 4): nothing filled in for answer 3
+    page.keyboard.press("3")
+    page.wait_for_function("document.querySelector('#pl-rank-2 input[value=\"3\"]').checked")
+    assert _badges(page) == ["#2", "#1", "#3", "#1"]
+    page.screenshot(path=str(ARTIFACTS / "annotate-tie.png"), full_page=True)
+    page.keyboard.press("Enter")
+    page.get_by_text("Saved. Here is the next one.").wait_for()
+    cur = ctx.store.db.cursor()
+    assert cur.execute("SELECT count(*) FROM pairs").fetchone() == (5,)  # 6 less the tie
+    assert cur.execute("SELECT count(DISTINCT tier) FROM ranking_answers").fetchone() == (3,)
+
+    page.keyboard.press("n")  # no preference: rank 1 for all, then submit
+    page.wait_for_function("[0, 1, 2, 3].every((s) => document.querySelector(`#pl-rank-${s} input[value=\"1\"]`)"
+                           ".checked)")
+    page.keyboard.press("Enter")
+    page.get_by_text("Nothing else waits right now").wait_for()
+    assert ctx.store.labels.counts().rankings == 2
+    assert cur.execute("SELECT count(*) FROM pairs").fetchone() == (5,)

@@ -103,6 +103,23 @@ def test_an_undecided_canary_stops_mixing_and_waits_for_an_admin(ctx, server, bo
     assert boss.get("/api/health").json()["policy_version"] == v1
 
 
+def test_ties_through_the_api_count_half_a_comparison_for_the_canary(ctx, server, boss, ann, add_version):
+    v1 = start_canary(ctx, boss, add_version)
+    assert ctx.buffer.fill_once()
+    shown = ann.get("/api/items/next").json()
+    versions = {a.answer_id: a.policy_version for a in ctx.store.items.get(shown["item_id"]).answers}
+    cand = [a for a, v in versions.items() if v == v1]
+    serv = [a for a, v in versions.items() if v != v1]
+    bad = ann.post(f"/api/items/{shown['item_id']}/ranking", json={"ranking": [[cand[0]], [], cand[1], *serv]})
+    assert bad.status_code == 422 and "body.ranking.1" in bad.json()["error"]  # an empty tie
+    # cand0 ties serv0 (half), cand0 > serv1 (win), serv0 > cand1 (loss), cand1 > serv1 (win): 2.5 of 4.
+    r = ann.post(f"/api/items/{shown['item_id']}/ranking", json={"ranking": [[cand[0], serv[0]], cand[1], serv[1]]})
+    assert r.status_code == 201, r.text
+    assert canary_of(boss, v1)["canary"]["comparisons"] == 4 and canary_of(boss, v1)["canary"]["win_rate"] == 0.625
+    pairs = ctx.store.db.cursor().execute("SELECT count(*) FROM pairs").fetchone()[0]
+    assert pairs == 5  # training pairs: 6 less the tie
+
+
 def test_admin_rolls_a_canary_back_and_a_new_round_supersedes_one(ctx, server, boss, add_version):
     v1 = start_canary(ctx, boss, add_version)
     r = boss.post(f"/api/versions/{v1}/reject-canary")

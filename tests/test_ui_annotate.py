@@ -38,7 +38,7 @@ def test_next_view_then_submit_stores_ranking_and_thumbs(ctx, accounts, sample_i
 
 
 @pytest.mark.parametrize("ranks, message", [
-    (["1", "1", "2", "3"], "rank 1 is used by Answer 1 and Answer 2"),
+    (["1", "1", None, "3"], "Answer 3 has none"),  # with a tie the rank left is not one: nothing is filled in
     (["1", None, None, "3"], "Answer 2, Answer 3 have none"),
     (["1", "2", "3", "9"], "rank must be 1..4"),
 ])
@@ -59,6 +59,29 @@ def test_the_last_rank_is_filled_in_when_all_others_are_given(ctx, accounts, sam
     order = ctx.store.db.cursor().execute(
         "SELECT answer_id FROM ranking_answers ORDER BY rank").fetchall()
     assert [a for (a,) in order] == [ids[2], ids[1], ids[3], ids[0]]
+
+
+def test_equal_ranks_tie_answers_and_undo_shows_the_tie_again(ctx, accounts, sample_items):
+    sample_items(2)
+    view = annotate.next_view(ctx, "ann")
+    ids = view.session.answer_ids
+    assert annotate.ranking_from(view.session, ["2", "1", "2", "3"]) == [ids[1], [ids[0], ids[2]], ids[3]]
+    after = annotate.submit(ctx, "ann", view.session, ["2", "1", "2", "3"], [None] * 4)
+    pairs = ctx.store.db.cursor().execute("SELECT chosen_answer_id, rejected_answer_id FROM pairs").fetchall()
+    assert sorted(pairs) == sorted([(ids[1], ids[0]), (ids[1], ids[2]), (ids[1], ids[3]), (ids[0], ids[3]),
+                                    (ids[2], ids[3])])  # 5: no pair between the two answers ranked 2
+    undone = annotate.undo(ctx, "ann", after.session)
+    assert undone.session.answer_ids == ids and undone.ranks == ("2", "1", "2", "3")
+
+
+def test_all_equally_good_is_a_ranking_without_pairs(ctx, accounts, sample_items):
+    sample_items(2)
+    view = annotate.next_view(ctx, "ann")
+    assert annotate.ranking_from(view.session, ["1"] * 4) == [list(view.session.answer_ids)]
+    after = annotate.submit(ctx, "ann", view.session, ["1"] * 4, ["up", None, None, None])
+    assert after.message.startswith("Saved.") and after.session.item_id != view.session.item_id
+    assert ctx.store.labels.counts().rankings == 1 and ctx.store.labels.counts().feedback == 1
+    assert ctx.store.db.cursor().execute("SELECT count(*) FROM pairs").fetchone()[0] == 0
 
 
 def test_skip_and_flag(ctx, accounts, sample_items):
@@ -204,9 +227,9 @@ def test_gradio_client_ranks_and_sees_refusals_as_one_message(ctx, server, accou
     shown = ui.predict(api_name="/next_item")
     assert any("Answer 1" in str(x) for x in shown)
     capfd.readouterr()
-    refused = ui.predict("1", "1", "2", "3", None, None, None, None, api_name="/submit_ranking")
+    refused = ui.predict("1", "1", "2", None, None, None, None, None, api_name="/submit_ranking")
     messages = [x for x in refused if "pl-refusal" in str(x)]
-    assert len(messages) == 1 and "rank 1 is used by Answer 1 and Answer 2" in messages[0]
+    assert len(messages) == 1 and "give every answer a rank: Answer 4 has none" in messages[0]
     assert "Traceback" not in capfd.readouterr().err  # an ordinary refusal logs no traceback
     assert ctx.store.labels.counts().rankings == 0
     saved = ui.predict("1", "2", "3", None, None, None, None, None, api_name="/submit_ranking")  # last rank filled

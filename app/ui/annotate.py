@@ -140,9 +140,10 @@ def _names(slots: list[int]) -> str:
     return ", ".join(answer_label(s) for s in slots)
 
 
-def ranking_from(session: Session, ranks: list[str | None]) -> list[int]:
-    """Answer ids best first from the rank chosen for each slot; every rank 1..K used exactly once. When every
-    answer but one has a rank, the one left gets the rank left (the page fills it in too)."""
+def ranking_from(session: Session, ranks: list[str | None]) -> list[int | list[int]]:
+    """Answer ids best first from the rank chosen for each slot (1..K); answers given the same rank are tied (equally
+    good: no pair between them), returned as a list in place of one id. When every answer but one has a rank and no
+    two share one, the one left gets the rank left (the page fills it in too)."""
     k = len(session.answer_ids)
     ranks = [str(r) if r else None for r in list(ranks)[:k]] + [None] * max(0, k - len(ranks))
     for slot, rank in enumerate(ranks):
@@ -152,16 +153,15 @@ def ranking_from(session: Session, ranks: list[str | None]) -> list[int]:
     for slot, rank in enumerate(ranks):
         if rank is not None:
             by_rank.setdefault(int(rank), []).append(slot)
-    for rank, slots in sorted(by_rank.items()):
-        if len(slots) > 1:
-            raise UiError(f"rank {rank} is used by {' and '.join(answer_label(s) for s in slots)}; use each once")
     missing = [slot for slot, rank in enumerate(ranks) if rank is None]
-    if len(missing) == 1:
+    if len(missing) == 1 and len(by_rank) == k - 1:
         (left,) = set(range(1, k + 1)) - set(by_rank)
         by_rank[left] = missing
     elif missing:
-        raise UiError(f"give every answer a rank: {_names(missing)} have none")
-    return [session.answer_ids[by_rank[r][0]] for r in range(1, k + 1)]
+        raise UiError(f"give every answer a rank: {_names(missing)} "
+                      f"{'has' if len(missing) == 1 else 'have'} none (the same rank for two answers ties them)")
+    ids = session.answer_ids
+    return [ids[slots[0]] if len(slots) == 1 else [ids[s] for s in slots] for _, slots in sorted(by_rank.items())]
 
 
 def thumbs_from(session: Session, thumbs: list[str | None]) -> dict[int, str]:
@@ -201,9 +201,10 @@ def undo(ctx: AppContext, username: str | None, session: Session) -> AnnotateVie
         return next_view(ctx, username, "Undone: your ranking is withdrawn. That item is no longer served, so "
                                         "here is your next one.")
     item = ctx.store.items.get(retraction.item_id)
-    order, given_thumbs = ctx.store.labels.given(retraction.ranking_id)
+    tiers, given_thumbs = ctx.store.labels.given(retraction.ranking_id)
+    rank_of = {a: str(place + 1) for place, tier in enumerate(tiers) for a in tier}  # tied answers share a rank
     shown = [a.answer_id for a in shown_answers(item, user.user_id)]
-    ranks = tuple(str(order.index(a) + 1) if a in order else None for a in shown)
+    ranks = tuple(rank_of.get(a) for a in shown)
     thumbs = tuple(given_thumbs.get(a) for a in shown)
     return _item_view(ctx, user, item, "Undone: your ranking is withdrawn. Change it and submit again.",
                       None, ranks, thumbs)

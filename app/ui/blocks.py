@@ -33,9 +33,11 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 3.0  # how often an empty Annotate tab asks for a new item: one cheap DuckDB read per open tab
 
 # Keys: digits 1..9 give that answer the next free rank (and make it the answer U / D give thumbs to; so does a
-# click on it); once all answers but one are ranked, the last gets the rank left (mouse too). Backspace takes back
-# the last rank given (with the one filled in for you); Enter submits; Escape clears; S skips; Z undoes the last
-# submitted ranking. Ignored while typing in a text field.
+# click on it); Shift + digit gives it the last rank given instead (a tie with the answer ranked before it); once all
+# answers but one are ranked, none tied, the last gets the rank left (mouse too). Backspace takes back the last rank
+# given (with the one filled in for you); N marks every answer equally good (rank 1 for all: no preference); Enter
+# submits; Escape clears; S skips; Z undoes the last submitted ranking. Ignored while typing in a text field.
+# Shifted digits are read from `ev.code` ("Digit3"): `ev.key` is "#" or "§" depending on the keyboard layout.
 SCRIPT = """
 <script>
 (() => {
@@ -72,8 +74,15 @@ SCRIPT = """
     if (typing(document.activeElement) || ev.ctrlKey || ev.metaKey || ev.altKey) return;
     const gs = groups();
     const key = ev.key.length === 1 ? ev.key.toLowerCase() : ev.key;
+    const digit = /^Digit[1-9]$/.test(ev.code) ? Number(ev.code.slice(5)) : 0;
     let done = false;
-    if (/^[1-9]$/.test(key) && gs[Number(key) - 1]) {
+    if (ev.shiftKey && digit && gs[digit - 1]) {
+      const group = gs[digit - 1];
+      const last = Math.max(0, ...gs.map(rankOf).filter(Boolean).map(Number));
+      current = digit - 1;
+      if (!rankOf(group) && last > 0) choose(group, String(last));
+      done = true;
+    } else if (/^[1-9]$/.test(key) && gs[Number(key) - 1]) {
       const group = gs[Number(key) - 1];
       current = Number(key) - 1;
       if (!rankOf(group)) choose(group, freeRanks(gs)[0]);
@@ -93,6 +102,8 @@ SCRIPT = """
       done = press("#pl-skip");
     } else if (key === "z") {
       done = press("#pl-undo");
+    } else if (key === "n") {
+      done = press("#pl-alike");
     }
     if (done) ev.preventDefault();
   });
@@ -109,6 +120,13 @@ UNRANK_JS = """(...ranks) => {
   const top = Math.max(0, ...given);
   const cut = count > 1 && count === shown ? top - 1 : top;
   return ranks.map((r, i) => (given[i] >= cut && given[i] > 0 ? null : r));
+}"""
+
+# "All equally good" (a client-side event, no server call): rank 1 for every answer shown, a tie of all of them; the
+# annotator still submits it (Enter), so thumbs can go with it.
+ALIKE_JS = """(...ranks) => {
+  const shown = Array.from(document.querySelectorAll(".pl-rank")).filter((g) => g.offsetParent !== null).length;
+  return ranks.map((r, i) => (i < shown ? "1" : r));
 }"""
 
 
@@ -188,6 +206,7 @@ class _AnnotateTab:
     thumbs: list
     submit_btn: gr.Button
     clear_btn: gr.Button
+    alike_btn: gr.Button
     skip_btn: gr.Button
     undo_btn: gr.Button
     next_btn: gr.Button
@@ -214,6 +233,7 @@ def _annotate_layout(k: int) -> _AnnotateTab:
     with gr.Row():
         submit_btn = gr.Button("Submit ranking (Enter)", variant="primary", elem_id="pl-submit")
         clear_btn = gr.Button("Clear (Esc)", elem_id="pl-clear")
+        alike_btn = gr.Button("All equally good (N)", elem_id="pl-alike")
         skip_btn = gr.Button("Skip (S)", elem_id="pl-skip")
         undo_btn = gr.Button("Undo last ranking (Z)", visible=False, elem_id="pl-undo")
         next_btn = gr.Button("Next item", elem_id="pl-next")
@@ -224,7 +244,8 @@ def _annotate_layout(k: int) -> _AnnotateTab:
         flag_btn = gr.Button("Flag", scale=1, elem_id="pl-flag")
     timer = gr.Timer(POLL_SECONDS, active=False)
     return _AnnotateTab(session, guide, prompt, counter, message, cards, answers, ranks, thumbs, submit_btn,
-                        clear_btn, skip_btn, undo_btn, next_btn, unrank_btn, flag_reason, flag_btn, timer)
+                        clear_btn, alike_btn, skip_btn, undo_btn, next_btn, unrank_btn, flag_reason, flag_btn,
+                        timer)
 
 
 def _with_request_last(handler, names: list[str]):
@@ -310,3 +331,4 @@ def _annotate_tab(ctx: AppContext, blocks: gr.Blocks) -> None:
     tab.timer.tick(on_poll, [tab.session], view_outputs, show_progress="hidden", api_visibility="private", **FREE)
     tab.clear_btn.click(None, None, [*tab.ranks, *tab.thumbs], js=f"() => Array({2 * k}).fill(null)", api_name=False)
     tab.unrank_btn.click(None, tab.ranks, tab.ranks, js=UNRANK_JS, api_name=False)
+    tab.alike_btn.click(None, tab.ranks, tab.ranks, js=ALIKE_JS, api_name=False)
