@@ -1,7 +1,8 @@
 """Personas for simulated annotators: small plug-in functions that say which answers a kind of annotator prefers.
 
 A persona is `score(prompt, answer) -> float` (higher = better) plus `thumbs(prompt, answer) -> "up"|"down"|None`
-(None: no opinion). The simulator ranks an item's K answers by score, ties broken at random, then adds noise.
+(None: no opinion). The simulator ranks an item's K answers by score (equal scores as a tie, or in random order with
+--random-ties), then adds noise.
 Add one by putting a `Persona` in `PERSONAS`, or pass `--persona package.module:attribute` to the simulator.
 
 Standard library only: the simulator imports this module and must stay importable without the server's packages.
@@ -149,16 +150,27 @@ def get_persona(name: str) -> Persona:
 
 
 def rank(persona: Persona, prompt: str, answers: Sequence[tuple[int, str]], rng: random.Random,
-         noise: float = 0.0) -> list[int]:
-    """Answer ids best first: sorted by the persona's score, ties in random order, then one pass over the K-1
-    adjacent positions, top to bottom, swapping each pair with probability `noise` (noise=1 moves the best to last).
-    `answers` is (answer_id, text) pairs."""
+         noise: float = 0.0, ties: bool = False) -> list[int | list[int]]:
+    """Answer ids best first, sorted by the persona's score. `ties=False`: equal scores in random order (a person who
+    must order answers they find alike); `ties=True`: answers with equal scores as one list, a tie (a person who
+    says so: no pair between them; all K alike is "no preference"). Then one pass over the adjacent places, top to
+    bottom, swapping each with probability `noise` (noise=1 moves the best to last). `answers` is (answer_id, text)
+    pairs."""
     if not 0.0 <= noise <= 1.0:
         raise ValueError(f"noise must be in [0, 1], got {noise}")
     shuffled = list(answers)
     rng.shuffle(shuffled)  # sort is stable: equal scores keep this random order
-    order = [answer_id for answer_id, _ in sorted(shuffled, key=lambda a: persona.score(prompt, a[1]), reverse=True)]
-    for i in range(len(order) - 1):
+    scored = sorted(((persona.score(prompt, text), answer_id) for answer_id, text in shuffled),
+                    key=lambda pair: pair[0], reverse=True)
+    if ties:
+        groups: list[list[int]] = []
+        for i, (score, answer_id) in enumerate(scored):
+            if i == 0 or score != scored[i - 1][0]:
+                groups.append([])
+            groups[-1].append(answer_id)
+    else:
+        groups = [[answer_id] for _, answer_id in scored]
+    for i in range(len(groups) - 1):
         if rng.random() < noise:
-            order[i], order[i + 1] = order[i + 1], order[i]
-    return order
+            groups[i], groups[i + 1] = groups[i + 1], groups[i]
+    return [group[0] if len(group) == 1 else group for group in groups]

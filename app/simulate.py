@@ -1,7 +1,7 @@
 """Simulated annotators: N threads that rank items through prefloop's public REST API, each by a persona's taste.
 
     prefloop simulate --url http://127.0.0.1:7860 --token=ADMIN_TOKEN --persona arithmetic --add-prompts 50 \\
-        --annotators 4 --labels 200 [--noise 0.1] [--feedback]
+        --annotators 4 --labels 200 [--noise 0.1] [--feedback] [--random-ties]
     python -m app.simulate ...          # the same without the CLI (this module needs only httpx)
 
 It speaks HTTP only (httpx, the standard library and app.personas; nothing from storage or learner), so it runs as
@@ -13,14 +13,15 @@ and the local admin token of the server running there), it creates `sim-<persona
 token alone runs one annotator.
 
 Each annotator: `GET /api/items/next`; on 204 (nothing waits) it sleeps --poll seconds and asks again; else it ranks
-the K answers by the persona (ties random, each adjacent pair then swapped with probability --noise), posts the
-ranking and, with --feedback, the persona's thumbs. --labels M is the total over all annotators.
+the K answers by the persona (answers it scores alike as a tie, which yields no pair; --random-ties orders them at
+random instead, as annotators had to before ties existed; each adjacent place then swapped with probability --noise),
+posts the ranking and, with --feedback, the persona's thumbs. --labels M is the total over all annotators.
 
 Agreement with the current policy (printed every --every seconds over the items seen since the last line): the API
 does not tell annotators which version wrote an answer or its log-probs, so this reports what the persona thinks of
 the answers it is served, i.e. how far the policy already does what the persona wants:
   approval  = thumbs up / (up + down) over the served answers the persona has an opinion on
-  all-tie   = share of items whose K answers all get the same score (the persona's ranking is a coin flip there)
+  all-tie   = share of items whose K answers all get the same score (no preference: with --random-ties, a coin flip)
   score     = the persona's mean score of the served answers (persona-specific scale)
 The deployed policy version (from /api/health) is printed alongside; served items can be up to max_staleness older.
 
@@ -113,7 +114,7 @@ class Simulator:
 
     def __init__(self, url: str, tokens: list[str], persona: Persona, labels: int, noise: float = 0.0,
                  feedback: bool = False, timeout: float = 600.0, poll: float = 0.5, think: float = 0.0,
-                 seed: int = 0, log: IO[str] | None = None, request_timeout: float = 30.0):
+                 seed: int = 0, log: IO[str] | None = None, request_timeout: float = 30.0, ties: bool = True):
         if labels < 0:
             raise SimError(f"labels must be >= 0, got {labels}")
         if not 0.0 <= noise <= 1.0:
@@ -122,6 +123,7 @@ class Simulator:
         self.tokens = tokens
         self.persona = persona
         self.noise = noise
+        self.ties = ties  # answers the persona scores alike are sent as a tie (False: in random order)
         self.feedback = feedback
         self.timeout = timeout
         self.poll = poll
@@ -250,7 +252,7 @@ class Simulator:
         item = r.json()
         prompt = item["prompt"]
         answers = [(a["answer_id"], a["text"]) for a in item["answers"]]
-        order = rank(self.persona, prompt, answers, rng, self.noise)
+        order = rank(self.persona, prompt, answers, rng, self.noise, ties=self.ties)
         view = ItemView([self.persona.score(prompt, text) for _, text in answers],
                         [self.persona.thumbs(prompt, text) for _, text in answers])
         t0 = time.perf_counter()
@@ -389,6 +391,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", type=int, default=100, help="rankings to submit, all annotators together")
     p.add_argument("--noise", type=float, default=0.0, help="probability of swapping each adjacent pair (0..1)")
     p.add_argument("--feedback", action="store_true", help="also send the persona's thumbs up/down")
+    p.add_argument("--random-ties", action="store_true",
+                   help="order answers the persona scores alike at random instead of sending them as a tie")
     p.add_argument("--add-prompts", type=int, default=0, metavar="N",
                    help="first add N of the persona's prompts (admin token; arithmetic has a generator)")
     p.add_argument("--timeout", type=float, default=600.0, help="stop after this many seconds (default 600)")
@@ -420,7 +424,8 @@ def run(args: argparse.Namespace, report: Report = print) -> int:
             tokens = annotator_tokens(http, persona.name, args.annotators, args.tokens, report)
         with open(args.log, "a", encoding="utf-8") if args.log else contextlib.nullcontext() as log:
             simulator = Simulator(url, tokens, persona, args.labels, noise=args.noise, feedback=args.feedback,
-                                  timeout=args.timeout, poll=args.poll, think=args.think, seed=args.seed, log=log)
+                                  timeout=args.timeout, poll=args.poll, think=args.think, seed=args.seed, log=log,
+                                  ties=not args.random_ties)
             summary = simulator.run(report, every=args.every)
     except SimError as exc:
         print(f"prefloop simulate: {exc}", file=sys.stderr)

@@ -18,6 +18,8 @@ and seed; rounds take RoundConfig's defaults unless named):
   online       as semi-online with sync_every = 1 (fresh on-policy pairs every step)
   kto          as semi-online, KTO on the persona's thumbs
 The semi-online job also goes on to the grid's learning-curve budgets (16/32/64/128 labels), judged at each.
+The personas send answers they score alike as a tie (no pair), as the Annotate tab lets people do; `--random-ties`
+orders them at random instead, as the grids run before ties existed did (a results directory keeps one or the other).
 
 The judge is the persona, not our reward model: on held-out prompts that are not in the training pool (checked at
 start, and again against every label the job stored), the final policy and the base model each answer
@@ -202,8 +204,8 @@ def run_job(grid: Grid, persona_name: str, arm: str, seed: int, budgets: list[in
             chunk = max(budgets) if arm == "offline" else grid.every
             rounds, labelled = [], 0
             for index in range(max(budgets) // chunk):
-                sim = Simulator(url, tokens, persona, chunk, noise=grid.noise, feedback=(arm == "kto"), timeout=7200,
-                                seed=seed * 1000 + index)
+                sim = Simulator(url, tokens, persona, chunk, noise=grid.noise, ties=grid.ties, feedback=(arm == "kto"),
+                                timeout=7200, seed=seed * 1000 + index)
                 summary = sim.run(report=lambda line: None, every=60)
                 if summary.errors or summary.timed_out:
                     raise SystemExit(f"{arm}: the simulated annotators saw {summary.errors} errors "
@@ -268,6 +270,8 @@ def build_grid(args) -> Grid:
                                  ("samples", args.samples)) if v is not None}
     if args.seeds is not None:
         changes["seeds"] = tuple(range(args.seeds))
+    if args.random_ties:
+        changes["ties"] = False
     if args.round:
         changes["round"] = round_overrides(args.round)
     try:
@@ -293,6 +297,9 @@ def main() -> None:
     p.add_argument("--samples", type=int, help="override: answers per held-out prompt and model")
     p.add_argument("--seeds", type=int, help="override: number of seeds (0..N-1)")
     p.add_argument("--round", action="append", metavar="KEY=JSON", help="RoundConfig override, e.g. steps=4")
+    p.add_argument("--random-ties", action="store_true",
+                   help="the personas order answers they score alike at random instead of tying them (the grids "
+                        "run before ties existed, e.g. bench-results/loop-full)")
     p.add_argument("--model", help="the server's --model (default: the converted SmolLM2 in prefloop-data/models)")
     args = p.parse_args()
     if args.table:

@@ -79,6 +79,9 @@ class Grid:
     curve: tuple[int, ...] = ()  # label budgets at which the default arm is also judged: its learning curve
     annotators: int = 2  # simulated annotators (threads); more only queue on the sampler
     noise: float = 0.0  # the persona ranks without noise: the benchmark measures learning, not robustness
+    # answers the persona scores alike are sent as a tie (no pair), as the Annotate tab lets people do; False orders
+    # them at random, as annotators had to before ties existed (the grids of bench-results/ written before then)
+    ties: bool = True
     round: dict = field(default_factory=dict)  # RoundConfig overrides applied to every round (tiny sanity runs)
 
     def __post_init__(self) -> None:
@@ -119,13 +122,17 @@ def row_key(persona: str, arm: str, seed: int, labels: int) -> str:
 
 # -- the results directory ---------------------------------------------------------------------------------------
 
+# Grid fields added after results directories were written, with the value those directories were run with.
+LEGACY_FIELDS = {"ties": False}
+
+
 def open_results(directory: Path, grid: Grid) -> None:
     """Create `directory` for `grid`, or check that it was started with the same settings."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "grid.json"
     wanted = grid.settings()
     if path.exists():
-        stored = json.loads(path.read_text(encoding="utf-8"))
+        stored = {**LEGACY_FIELDS, **json.loads(path.read_text(encoding="utf-8"))}
         changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
         if changed:
             raise SystemExit(f"{directory} holds rows of another grid (differs in {', '.join(changed)}: "

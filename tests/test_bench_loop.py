@@ -193,9 +193,11 @@ def test_round_overrides_parse_json_values_and_plain_strings():
 
 def test_unknown_round_knob_is_refused_before_anything_runs():
     args = argparse.Namespace(grid="small", labels=None, every=None, held_out=None, samples=None, seeds=None,
-                              round=["max_staleness=2"])
+                              round=["max_staleness=2"], random_ties=False)
     with pytest.raises(SystemExit, match="unknown config key 'max_staleness'"):
         build_grid(args)
+    args.round, args.random_ties = None, True
+    assert build_grid(args).ties is False and GRIDS["small"].ties is True
 
 
 # -- the results directory ------------------------------------------------------------------------------------------
@@ -228,6 +230,18 @@ def test_results_dir_refuses_another_grid(tmp_path):
     open_results(tmp_path, GRIDS["small"])  # the same grid resumes
     with pytest.raises(SystemExit, match="differs in held_out"):
         open_results(tmp_path, replace(GRIDS["small"], held_out=20))
+    with pytest.raises(SystemExit, match="differs in ties"):
+        open_results(tmp_path, replace(GRIDS["small"], ties=False))
+
+
+def test_a_results_dir_from_before_ties_resumes_only_with_random_ties(tmp_path):
+    """grid.json written before the `ties` field existed: those rows were ranked with ties in random order."""
+    settings = GRIDS["full"].settings()
+    del settings["ties"]
+    (tmp_path / "grid.json").write_text(json.dumps(settings))
+    open_results(tmp_path, replace(GRIDS["full"], ties=False))
+    with pytest.raises(SystemExit, match="differs in ties"):
+        open_results(tmp_path, GRIDS["full"])
 
 
 def test_rerun_plans_only_missing_rows_and_the_curve_reruns_from_zero(tmp_path):

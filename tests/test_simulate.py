@@ -58,6 +58,20 @@ def test_rank_sorts_by_score_breaks_ties_at_random_and_adds_noise():
         rank(persona, "q", answers, random.Random(0), noise=1.5)
 
 
+def test_rank_with_ties_groups_equal_scores_and_noise_moves_whole_ties():
+    persona = PERSONAS["structured"]
+    answers = [(10, "plain"), (11, "- a\n- b"), (12, "also plain"), (13, "1. x\n2. y\n3. z")]
+    for seed in range(10):  # the order inside a tie is random, the tie itself is not
+        ranking = rank(persona, "q", answers, random.Random(seed), ties=True)
+        assert ranking[:2] == [13, 11] and sorted(ranking[2]) == [10, 12]
+    alike = [(1, "x"), (2, "y"), (3, "z")]
+    assert sorted(rank(persona, "q", alike, random.Random(0), ties=True)[0]) == [1, 2, 3]  # no preference
+    assert len(rank(persona, "q", alike, random.Random(0), ties=True)) == 1
+    assert len(rank(persona, "q", alike, random.Random(0))) == 3  # without ties: a made-up order
+    swapped = rank(persona, "q", answers, random.Random(0), noise=1.0, ties=True)
+    assert swapped[0] == 11 and sorted(swapped[1]) == [10, 12] and swapped[2] == 13  # the tie moved up as one
+
+
 def test_arithmetic_prompts_are_reproducible_distinct_and_understood():
     prompts = arithmetic_prompts(40, seed=3)
     assert prompts == arithmetic_prompts(40, seed=3) != arithmetic_prompts(40, seed=4)
