@@ -72,7 +72,9 @@ def counts_by_kind(store: Store, now: datetime | None = None) -> CountsByKind:
 
 def annotator_stats(store: Store, now: datetime | None = None) -> pd.DataFrame:
     """One row per user: annotator, role, disabled, rankings, rankings_today, thumbs, skips, flags,
-    median_seconds (per ranking, over rankings whose time was measured; NaN if none)."""
+    median_seconds (per ranking, over rankings whose time was measured; NaN if none), no_preference (rankings with
+    every answer tied: honest for answers that are alike, but one annotator with far more than the others may be
+    pressing "All equally good" to get through items)."""
     import pandas as pd
 
     rows = store.db.cursor().execute(
@@ -80,19 +82,22 @@ def annotator_stats(store: Store, now: datetime | None = None) -> pd.DataFrame:
                              median(seconds) AS median_seconds FROM rankings GROUP BY user_id),
                 f AS (SELECT user_id, count(*) AS n FROM feedback GROUP BY user_id),
                 s AS (SELECT user_id, count(*) AS n FROM skips GROUP BY user_id),
-                g AS (SELECT user_id, count(*) AS n FROM flags GROUP BY user_id)
+                g AS (SELECT user_id, count(*) AS n FROM flags GROUP BY user_id),
+                t AS (SELECT r.user_id, count(*) AS n FROM rankings r
+                      WHERE (SELECT max(x.tier) FROM ranking_answers x WHERE x.ranking_id = r.ranking_id) = 0
+                      GROUP BY r.user_id)
            SELECT u.name, u.role, u.disabled, coalesce(r.n, 0), coalesce(r.today, 0), coalesce(f.n, 0),
-                  coalesce(s.n, 0), coalesce(g.n, 0), r.median_seconds
+                  coalesce(s.n, 0), coalesce(g.n, 0), r.median_seconds, coalesce(t.n, 0)
            FROM users u LEFT JOIN r USING (user_id) LEFT JOIN f USING (user_id) LEFT JOIN s USING (user_id)
-                LEFT JOIN g USING (user_id)
+                LEFT JOIN g USING (user_id) LEFT JOIN t USING (user_id)
            ORDER BY coalesce(r.n, 0) DESC, u.name""",
         {"today": midnight_utc(now)},
     ).fetchall()
     columns = ["annotator", "role", "disabled", "rankings", "rankings_today", "thumbs", "skips", "flags",
-               "median_seconds"]
+               "median_seconds", "no_preference"]
     frame = pd.DataFrame(rows, columns=columns)
     return frame.astype({"rankings": "int64", "rankings_today": "int64", "thumbs": "int64", "skips": "int64",
-                         "flags": "int64", "median_seconds": "float64"})
+                         "flags": "int64", "median_seconds": "float64", "no_preference": "int64"})
 
 
 def _comparisons(store: Store) -> list[tuple[int, int, int, float, float]]:

@@ -114,6 +114,11 @@ def test_agreement_counts_ties_by_hand(store):
     assert result.kendall_tau == pytest.approx((4 - 0) / 6)
     cat = store.users.add("cat", "annotator", "pw-12345678")[0].user_id
     store.labels.add_ranking(item.item_id, cat, [[a[0], a[1]], a[3], a[2]])  # ties like ann, a2/a3 reversed
+    other, b = make_item(store, prompt="Another.")
+    store.labels.add_ranking(other.item_id, cat, [b])  # no preference
+    stats = analytics.annotator_stats(store).set_index("annotator")
+    assert stats["no_preference"].to_dict() == {"ann": 0, "bob": 0, "cat": 1}
+    assert stats.loc["cat", "rankings"] == 2
     per = analytics.agreement_by_annotator(store).set_index("annotator")
     # ann vs cat: (a0,a1) both tie -> alike; 4 concordant; (a2,a3) reversed -> discordant. 5/6 alike, tau 3/6.
     # bob vs cat: (a0,a1) not alike; 4 concordant; (a2,a3) bob tie -> neither. 4/6 alike, tau 4/6.
