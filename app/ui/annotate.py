@@ -28,7 +28,7 @@ CUT_OFF_HTML = ('<p class="pl-cutoff" title="this answer reached the length limi
 
 
 class UiError(Exception):
-    """Input in the UI the annotator has to correct (a rank used twice, a missing flag reason...)."""
+    """Input in the UI the annotator has to correct (a rank missing or out of range, a missing flag reason...)."""
 
 
 @dataclass(frozen=True)

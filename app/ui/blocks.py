@@ -4,7 +4,7 @@ tab. No logic lives here. The Admin UI is a separate Gradio app at /admin (admin
 Keyboard shortcuts: Gradio has no hotkey API, so HEAD holds a small script that clicks the radios by `elem_id`, and
 the CSS that draws each answer's "#n" badge from its checked rank (CSS `:has()`, so no script has to keep it in step).
 
-Refusals (a rank missing or used twice, a flag without a reason, an item no longer yours) are one message in
+Refusals (a rank missing, a flag without a reason, an item no longer yours) are one message in
 `#pl-message`, above the buttons; the form keeps what was entered. Raising gr.Error instead would paint an error
 over every output (the radios to fix among them) and log a traceback for an ordinary mistake.
 """
