@@ -183,7 +183,8 @@ def policy_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome) 
     steps = config.steps if use_rollouts else min(config.steps, config.human_epochs * len(human) // minimum)
     if steps == 0:
         raise LearnerError("no training examples: no human labels within max_label_staleness on training prompts "
-                           "and no on-policy rollouts (no trained reward model, no prompts, or rollout_prompts = 0)")
+                           "(a ranking whose answers are all tied gives no pair) and no on-policy rollouts (no "
+                           "trained reward model, no prompts, or rollout_prompts = 0)")
     plan = human_plan([e.group for e in human], config.human_epochs, steps, config.seed, acc.process_index,
                       acc.num_processes)
     wanted = [onpolicy_count(len(chunk), config.onpolicy_fraction, config.batch_size) if use_rollouts else 0

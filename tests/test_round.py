@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from learner.config import RoundConfig
 from learner.data import PromptSplit
-from learner.errors import ConfigError
+from learner.errors import ConfigError, LearnerError
 from learner.evaluate import gate, win_rate
 from learner.phases import within_staleness
 from learner.rollouts import Rollout, around_median, best_vs_worst, split_prompts, usable_prompts
@@ -310,3 +310,11 @@ def test_a_reward_model_not_shown_good_enough_picks_no_on_policy_pairs(tmp_path,
     assert metrics["data"]["onpolicy"] is None and metrics["data"]["onpolicy_uses"] == 0  # no regeneration at all
     assert metrics["data"]["human_uses"] > 0
     assert any("rollouts_min_reward_accuracy 0.99" in w for w in metrics["warnings"]), metrics["warnings"]
+
+
+def test_a_dpo_round_on_rankings_that_are_all_ties_says_why_it_has_nothing_to_train(tmp_path, tiny_model_dir):
+    """Every ranking "no preference" (all answers tied): no pair, so no reward model and no rollouts either."""
+    with pytest.raises(LearnerError, match="a ranking whose answers are all tied gives no pair"):
+        run_round(write_snapshot(tmp_path / "snapshot", rankings=False), tiny_model_dir, None, tmp_path / "v1",
+                  RoundConfig.from_dict(TINY))
+    assert not (tmp_path / "v1").exists()  # nothing half-written
