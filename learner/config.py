@@ -57,9 +57,10 @@ class RoundConfig:
     #   6 pairs 21 times and won 0.81 vs base; with 4, 29 pairs, 0.94); 4 = what the default sync_every gives
     rollouts_min_reward_accuracy: float | None = None  # on-policy pairs only while the reward model's held-out pair
     #   accuracy has its 95% lower bound >= this (0.5: shown better than chance), else human pairs alone, with a
-    #   warning. None = always: off until a benchmark shows it helps. Why it exists: in bench.loop's `structured`
-    #   sitting the reward model stayed at chance and semi-online (half its examples picked by it) got worse than
-    #   the base model, 0.43 [0.37, 0.49] (docs/benchmarks.md)
+    #   warning. None = always. Off by default, measured (docs/benchmarks.md, seed 0, paired): at 0.5 it lifted
+    #   `structured` with ties in random order from 0.43 to 0.54 (+0.115 [+0.036, +0.193], n = 96), but cost
+    #   `concise` 0.09 (1.00 -> 0.91, +0.094 [0.000, +0.188], n = 32: its first round, with 12 held-out pairs,
+    #   cannot show even 0.67 above chance), and with ties (the Annotate tab's) `structured` no longer needs it
     rollout_prompts: int = 4  # prompts sampled per regeneration at least: 4 x 4 answers ~ 15 s of sampling on a
     #   CPU; more when one step's on-policy share, or its window at onpolicy_max_uses, needs more
     rollout_n: int = 4  # answers per prompt, best vs worst by the reward model (K=4 as annotators see)
