@@ -278,7 +278,9 @@ def test_gradio_endpoints_refuse_bad_input_and_write_nothing(ctx, server, accoun
     assert "no item to flag" in refusal(ui.predict("spam", api_name="/flag"))  # no item shown yet in this session
     ui.predict(api_name="/next_item")
     assert "say why" in refusal(ui.predict("   ", api_name="/flag"))
-    assert "used by" in refusal(ui.predict("1", "1", "2", "3", None, None, None, None, api_name="/submit_ranking"))
+    # A shared rank is a tie now; a tie with an answer left unranked is refused (nothing to fill in).
+    assert "Answer 4 has none" in refusal(ui.predict("1", "1", "2", None, None, None, None, None,
+                                                     api_name="/submit_ranking"))
     with pytest.raises(Exception, match="not in the list of choices"):
         ui.predict("1", "2", "3", "", None, None, None, None, api_name="/submit_ranking")
     assert rows(ctx) == before
