@@ -306,7 +306,7 @@ def main() -> None:
         if not (args.table / "grid.json").is_file():
             raise SystemExit(f"{args.table} is not a bench.loop results directory (no grid.json)")
         settings = json.loads((args.table / "grid.json").read_text(encoding="utf-8"))
-        print(table(load_rows(args.table), settings["labels"]))
+        print(table(load_rows(args.table), settings["labels"], settings))
         return
     grid = build_grid(args)
     unknown = set(filter(None, args.only.split(","))) - set(grid.arms)
@@ -325,7 +325,7 @@ def main() -> None:
     for persona, arm, seed, budgets in jobs:
         run_job(grid, persona, arm, seed, budgets, results, args.model)
     print()
-    print(table(load_rows(results), grid.labels))
+    print(table(load_rows(results), grid.labels, grid.settings()))
 
 
 if __name__ == "__main__":

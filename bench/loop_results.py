@@ -228,10 +228,10 @@ def _arm_lines(group: list[dict]) -> list[str]:
     return lines
 
 
-def table(rows: dict[str, dict], budget: int) -> str:
+def table(rows: dict[str, dict], budget: int, settings: dict | None = None) -> str:
     """Markdown: per persona the arms at the label budget `budget` (each seed, then pooled), the paired
     differences against offline, and the default arm's learning curve. Every figure with n (seeds x prompts x
-    samples) and its 95% interval (bench/stats.py)."""
+    samples) and its 95% interval (bench/stats.py). `settings` (grid.json) adds how the rankings were made."""
     if not rows:
         return "no rows yet"
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -239,7 +239,7 @@ def table(rows: dict[str, dict], budget: int) -> str:
         groups[(r["persona"], r["arm"], r["labels"])].append(r)
     out = ["win-rate = the persona prefers the trained policy's answer to the base model's on a held-out prompt (ties "
            "half); 95% interval: percentile bootstrap over prompts and seeds (bench/stats.py); n = seeds x prompts "
-           "x samples judged pairs", ""]
+           "x samples judged pairs", *_grid_line(settings), ""]
     for persona in sorted({r["persona"] for r in rows.values()}):
         out += [f"### persona `{persona}`, {budget} labels", "",
                 "| arm | seed | win-rate | 95% CI | n | words final / base | rounds (deployed / not) | final "
@@ -251,6 +251,16 @@ def table(rows: dict[str, dict], budget: int) -> str:
         out += _differences(groups, persona, budget) + _curve(groups, persona)
         out.append("")
     return "\n".join(out)
+
+
+def _grid_line(settings: dict | None) -> list[str]:
+    if settings is None:
+        return []
+    settings = {**LEGACY_FIELDS, **settings}
+    ties = ("the personas tie answers they score alike (no pair)" if settings["ties"]
+            else "the personas order answers they score alike at random (--random-ties)")
+    overrides = ", ".join(f"{k}={v}" for k, v in settings.get("round", {}).items()) or "none"
+    return [f"rankings: {ties}; RoundConfig overrides: {overrides}"]
 
 
 def _differences(groups: dict, persona: str, budget: int) -> list[str]:

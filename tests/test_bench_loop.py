@@ -282,6 +282,11 @@ def test_table_prints_each_row_pooled_rows_differences_and_the_curve_with_n_and_
                           [rows[f"concise/offline/seed{s}/labels32"]["verdicts"] for s in (0, 1)])
     assert f"| semi-online - offline | {d.value:+.3f} | [{d.ci95[0]:+.3f}, {d.ci95[1]:+.3f}] |" in text
     assert "Learning curve" in text and "| 16 |" in text
+    assert "rankings:" not in text  # no settings given
+    old = {k: v for k, v in replace(GRIDS["full"], round={"steps": 4}).settings().items() if k != "ties"}
+    assert ("rankings: the personas order answers they score alike at random (--random-ties); RoundConfig "
+            "overrides: steps=4") in table(rows, 32, old)
+    assert "the personas tie answers they score alike" in table(rows, 32, GRIDS["full"].settings())
 
 
 # -- the judge and the leak check against the real server (tiny model) ------------------------------------------------
