@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -319,6 +320,9 @@ def main() -> None:
         raise SystemExit(f"run `make run` once (or bench.sampling) so that {MODELS / 'smollm2'} exists")
     results = args.results or ROOT / "bench-results" / f"loop-{args.grid}"
     open_results(results, grid)
+    # SIGTERM (kill, a CI timeout) unwinds like Ctrl+C, so each job's `finally` stops its server: the default action
+    # would leave the server and its policy worker running, orphaned (seen when a sitting was stopped early).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     jobs = plan(grid, load_rows(results), set(filter(None, args.only.split(","))),
                 set(filter(None, args.persona.split(","))), args.no_curve, {int(s) for s in args.seed.split(",") if s})
     print(f"machine: {os.cpu_count()} cores; {len(jobs)} job(s) to run into {results}", flush=True)
