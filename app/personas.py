@@ -11,6 +11,7 @@ Standard library only: the simulator imports this module and must stay importabl
 from __future__ import annotations
 
 import importlib
+import itertools
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -162,14 +163,8 @@ def rank(persona: Persona, prompt: str, answers: Sequence[tuple[int, str]], rng:
     rng.shuffle(shuffled)  # sort is stable: equal scores keep this random order
     scored = sorted(((persona.score(prompt, text), answer_id) for answer_id, text in shuffled),
                     key=lambda pair: pair[0], reverse=True)
-    if ties:
-        groups: list[list[int]] = []
-        for i, (score, answer_id) in enumerate(scored):
-            if i == 0 or score != scored[i - 1][0]:
-                groups.append([])
-            groups[-1].append(answer_id)
-    else:
-        groups = [[answer_id] for _, answer_id in scored]
+    groups = ([[answer_id for _, answer_id in tie] for _, tie in itertools.groupby(scored, key=lambda pair: pair[0])]
+              if ties else [[answer_id] for _, answer_id in scored])
     for i in range(len(groups) - 1):
         if rng.random() < noise:
             groups[i], groups[i + 1] = groups[i + 1], groups[i]

@@ -52,6 +52,7 @@ from bench.loop_results import (
     GRIDS,
     Grid,
     append_row,
+    grid_settings,
     held_out_prompts,
     load_base_answers,
     load_rows,
@@ -304,9 +305,9 @@ def main() -> None:
     p.add_argument("--model", help="the server's --model (default: the converted SmolLM2 in prefloop-data/models)")
     args = p.parse_args()
     if args.table:
-        if not (args.table / "grid.json").is_file():
+        settings = grid_settings(args.table)
+        if settings is None:
             raise SystemExit(f"{args.table} is not a bench.loop results directory (no grid.json)")
-        settings = json.loads((args.table / "grid.json").read_text(encoding="utf-8"))
         print(table(load_rows(args.table), settings["labels"], settings))
         return
     grid = build_grid(args)

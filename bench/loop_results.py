@@ -126,19 +126,26 @@ def row_key(persona: str, arm: str, seed: int, labels: int) -> str:
 LEGACY_FIELDS = {"ties": False}
 
 
+def grid_settings(directory: Path) -> dict | None:
+    """The settings `directory` was started with (grid.json, fields it predates filled in); None if it has none."""
+    path = directory / "grid.json"
+    if not path.is_file():
+        return None
+    return {**LEGACY_FIELDS, **json.loads(path.read_text(encoding="utf-8"))}
+
+
 def open_results(directory: Path, grid: Grid) -> None:
     """Create `directory` for `grid`, or check that it was started with the same settings."""
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "grid.json"
     wanted = grid.settings()
-    if path.exists():
-        stored = {**LEGACY_FIELDS, **json.loads(path.read_text(encoding="utf-8"))}
+    stored = grid_settings(directory)
+    if stored is not None:
         changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
         if changed:
             raise SystemExit(f"{directory} holds rows of another grid (differs in {', '.join(changed)}: "
                              f"{ {k: stored.get(k) for k in changed} }); use another results directory")
         return
-    _write_atomic(path, json.dumps(wanted, indent=2))
+    _write_atomic(directory / "grid.json", json.dumps(wanted, indent=2))
 
 
 def load_rows(directory: Path) -> dict[str, dict]:
@@ -231,7 +238,7 @@ def _arm_lines(group: list[dict]) -> list[str]:
 def table(rows: dict[str, dict], budget: int, settings: dict | None = None) -> str:
     """Markdown: per persona the arms at the label budget `budget` (each seed, then pooled), the paired
     differences against offline, and the default arm's learning curve. Every figure with n (seeds x prompts x
-    samples) and its 95% interval (bench/stats.py). `settings` (grid.json) adds how the rankings were made."""
+    samples) and its 95% interval (bench/stats.py). `settings` (grid_settings) adds how the rankings were made."""
     if not rows:
         return "no rows yet"
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -256,7 +263,6 @@ def table(rows: dict[str, dict], budget: int, settings: dict | None = None) -> s
 def _grid_line(settings: dict | None) -> list[str]:
     if settings is None:
         return []
-    settings = {**LEGACY_FIELDS, **settings}
     ties = ("the personas tie answers they score alike (no pair)" if settings["ties"]
             else "the personas order answers they score alike at random (--random-ties)")
     overrides = ", ".join(f"{k}={v}" for k, v in settings.get("round", {}).items()) or "none"

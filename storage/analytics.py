@@ -79,17 +79,18 @@ def annotator_stats(store: Store, now: datetime | None = None) -> pd.DataFrame:
 
     rows = store.db.cursor().execute(
         """WITH r AS (SELECT user_id, count(*) AS n, count(*) FILTER (WHERE created_at >= $today) AS today,
-                             median(seconds) AS median_seconds FROM rankings GROUP BY user_id),
+                             median(seconds) AS median_seconds,
+                             count(*) FILTER (WHERE ranking_id IN (SELECT ranking_id FROM ranking_answers
+                                                                   GROUP BY ranking_id HAVING max(tier) = 0))
+                               AS alike
+                      FROM rankings GROUP BY user_id),
                 f AS (SELECT user_id, count(*) AS n FROM feedback GROUP BY user_id),
                 s AS (SELECT user_id, count(*) AS n FROM skips GROUP BY user_id),
-                g AS (SELECT user_id, count(*) AS n FROM flags GROUP BY user_id),
-                t AS (SELECT r.user_id, count(*) AS n FROM rankings r
-                      WHERE (SELECT max(x.tier) FROM ranking_answers x WHERE x.ranking_id = r.ranking_id) = 0
-                      GROUP BY r.user_id)
+                g AS (SELECT user_id, count(*) AS n FROM flags GROUP BY user_id)
            SELECT u.name, u.role, u.disabled, coalesce(r.n, 0), coalesce(r.today, 0), coalesce(f.n, 0),
-                  coalesce(s.n, 0), coalesce(g.n, 0), r.median_seconds, coalesce(t.n, 0)
+                  coalesce(s.n, 0), coalesce(g.n, 0), r.median_seconds, coalesce(r.alike, 0)
            FROM users u LEFT JOIN r USING (user_id) LEFT JOIN f USING (user_id) LEFT JOIN s USING (user_id)
-                LEFT JOIN g USING (user_id) LEFT JOIN t USING (user_id)
+                LEFT JOIN g USING (user_id)
            ORDER BY coalesce(r.n, 0) DESC, u.name""",
         {"today": midnight_utc(now)},
     ).fetchall()

@@ -3,6 +3,7 @@ that fails any check writes nothing."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -244,11 +245,7 @@ class Labels:
         cur = self.db.cursor()
         rows = cur.execute("SELECT tier, answer_id FROM ranking_answers WHERE ranking_id = ? ORDER BY rank",
                            [ranking_id]).fetchall()
-        tiers: list[list[int]] = []
-        for i, (tier, answer_id) in enumerate(rows):
-            if i == 0 or tier != rows[i - 1][0]:
-                tiers.append([])
-            tiers[-1].append(answer_id)
+        tiers = [[answer_id for _, answer_id in tie] for _, tie in itertools.groupby(rows, key=lambda row: row[0])]
         thumbs = dict(cur.execute("SELECT answer_id, value FROM feedback_events WHERE ranking_id = ?",
                                   [ranking_id]).fetchall())
         return tiers, thumbs

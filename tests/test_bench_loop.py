@@ -18,6 +18,7 @@ from bench.loop_results import (
     GRIDS,
     Grid,
     append_row,
+    grid_settings,
     held_out_prompts,
     load_base_answers,
     load_rows,
@@ -267,7 +268,7 @@ def test_base_answers_are_kept_per_seed_and_checked(tmp_path):
         load_base_answers(tmp_path, 0, held_out_prompts(4), 2)
 
 
-def test_table_prints_each_row_pooled_rows_differences_and_the_curve_with_n_and_intervals():
+def test_table_prints_each_row_pooled_rows_differences_and_the_curve_with_n_and_intervals(tmp_path):
     rows = {}
     for seed in (0, 1):
         for arm, labels in (("offline", 32), ("semi-online", 16), ("semi-online", 32)):
@@ -283,7 +284,9 @@ def test_table_prints_each_row_pooled_rows_differences_and_the_curve_with_n_and_
     assert f"| semi-online - offline | {d.value:+.3f} | [{d.ci95[0]:+.3f}, {d.ci95[1]:+.3f}] |" in text
     assert "Learning curve" in text and "| 16 |" in text
     assert "rankings:" not in text  # no settings given
-    old = {k: v for k, v in replace(GRIDS["full"], round={"steps": 4}).settings().items() if k != "ties"}
+    legacy = {k: v for k, v in replace(GRIDS["full"], round={"steps": 4}).settings().items() if k != "ties"}
+    (tmp_path / "grid.json").write_text(json.dumps(legacy))  # a results dir from before the ties field
+    old = grid_settings(tmp_path)
     assert ("rankings: the personas order answers they score alike at random (--random-ties); RoundConfig "
             "overrides: steps=4") in table(rows, 32, old)
     assert "the personas tie answers they score alike" in table(rows, 32, GRIDS["full"].settings())
