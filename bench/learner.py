@@ -38,7 +38,7 @@ def device_line() -> str:
     d = pick_device()
     cpu = f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
     name = torch.cuda.get_device_name() if d.is_cuda else cpu
-    return f"device: {name}, dtype {d.dtype}"
+    return f"device: {name}, {d.precision} (PREFLOOP_PRECISION={os.environ.get('PREFLOOP_PRECISION', 'auto')})"
 
 
 # --- step: reference through the disabled adapter vs a second copy of the weights --------------------------------
@@ -136,8 +136,9 @@ def _prefloop_stepper(path, device, rows, lora_config):
     optimizer = torch.optim.AdamW(params, lr=1e-5, eps=1e-5, weight_decay=0.0)
 
     def step() -> None:
-        for loss, weight, _ in step_micro_losses(context, "dpo", batch):
-            (loss * weight).backward()
+        with device.compute():  # as a round runs (learner.round): bf16 autocast where the CPU has native bf16
+            for loss, weight, _ in step_micro_losses(context, "dpo", batch):
+                (loss * weight).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -160,7 +161,8 @@ def _trl_stepper(path, device, rows, lora_config, out_dir: Path):
                                "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
     args = DPOConfig(output_dir=str(out_dir), per_device_train_batch_size=VS_TRL_PAIRS, max_length=VS_TRL_LENGTH,
                      learning_rate=1e-5, beta=0.1, report_to=[], use_cpu=not device.is_cuda,
-                     bf16=device.is_cuda, save_strategy="no", logging_strategy="no", max_grad_norm=1.0,
+                     bf16=device.is_cuda or device.autocast is not None, save_strategy="no", logging_strategy="no",
+                     max_grad_norm=1.0,
                      gradient_checkpointing=False)  # TRL turns it on by default; prefloop keeps activations too
     trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                          peft_config=lora_config)
@@ -180,13 +182,14 @@ def _trl_stepper(path, device, rows, lora_config, out_dir: Path):
 
 
 def bench_vs_trl(repeats: int) -> None:
-    """prefloop's and TRL's DPO steps on SmolLM2, same data, LoRA and reference, interleaved (A B A B ...) so a
-    machine busy at one moment slows both; median seconds per step after one warm-up step each."""
+    """prefloop's and TRL's DPO steps on SmolLM2, same data, LoRA, reference and precision, interleaved (A B A B ...)
+    so a machine busy at one moment slows both; median seconds per step after one warm-up step each. Where the
+    device autocasts to bf16 (a CPU with native bf16), prefloop in fp32 runs alongside: the mixed-precision gain."""
     import statistics
 
     from peft import LoraConfig
 
-    from learner.model import pick_device, resolve_model
+    from learner.model import Device, pick_device, resolve_model
 
     print(device_line())
     device = pick_device()
@@ -194,11 +197,14 @@ def bench_vs_trl(repeats: int) -> None:
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     rows = _vs_trl_data()
     with tempfile.TemporaryDirectory() as tmp:
-        ours = _prefloop_stepper(path, device, rows, lora)
-        theirs, lengths = _trl_stepper(path, device, rows, lora, Path(tmp))
-        times: dict[str, list[float]] = {"prefloop": [], "trl": []}
+        steppers = {"prefloop": _prefloop_stepper(path, device, rows, lora)}
+        steppers["trl"], lengths = _trl_stepper(path, device, rows, lora, Path(tmp))
+        if device.autocast is not None:
+            fp32 = Device(device.torch_device, torch.float32)
+            steppers["prefloop fp32"] = _prefloop_stepper(path, fp32, rows, lora)
+        times: dict[str, list[float]] = {name: [] for name in steppers}
         for repeat in range(repeats + 1):  # repeat 0 warms up (prefloop computes its reference log-probs there)
-            for name, step in (("prefloop", ours), ("trl", theirs)):
+            for name, step in steppers.items():
                 if device.is_cuda:
                     torch.cuda.synchronize()
                 start = time.perf_counter()
@@ -207,13 +213,17 @@ def bench_vs_trl(repeats: int) -> None:
                     torch.cuda.synchronize()
                 if repeat:
                     times[name].append(time.perf_counter() - start)
-    ours_s, trl_s = statistics.median(times["prefloop"]), statistics.median(times["trl"])
+    median = {name: statistics.median(t) for name, t in times.items()}
     print(f"one DPO step, SmolLM2-135M, LoRA r=16 all-linear, {VS_TRL_PAIRS} pairs = {2 * VS_TRL_PAIRS} sequences "
           f"(TRL's rows: {min(lengths)}-{max(lengths)} tokens), reference = the base through the disabled adapter, "
-          f"median of {repeats} interleaved repeats:")
-    print(f"  prefloop {ours_s:6.2f} s/step (reference log-probs computed once, then cached)")
-    print(f"  TRL      {trl_s:6.2f} s/step (DPOTrainer defaults: a reference forward every step)")
-    print(f"  ratio prefloop / TRL: {ours_s / trl_s:.2f} (goal <= 0.75)")
+          f"median of {repeats} interleaved repeats, both in {device.precision}:")
+    print(f"  prefloop {median['prefloop']:6.2f} s/step (reference log-probs computed once, then cached)")
+    print(f"  TRL      {median['trl']:6.2f} s/step (DPOTrainer defaults: a reference forward every step"
+          f"{', bf16=True' if device.autocast is not None else ''})")
+    print(f"  ratio prefloop / TRL: {median['prefloop'] / median['trl']:.2f} (goal <= 0.75)")
+    if "prefloop fp32" in median:
+        print(f"  prefloop in float32: {median['prefloop fp32']:6.2f} s/step; bf16 autocast / float32: "
+              f"{median['prefloop'] / median['prefloop fp32']:.2f}")
 
 
 # --- round: a labelled store, one default round in-process, the swap ----------------------------------------------

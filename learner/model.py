@@ -12,6 +12,7 @@ import json
 import os
 import re
 import tempfile
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,29 +35,71 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "owner/name", as the Hu
 
 @dataclass(frozen=True)
 class Device:
-    """Where the policy runs and in which precision."""
+    """Where the policy runs, the dtype its weights are kept in, and the dtype its matmuls run in (autocast)."""
 
     torch_device: torch.device
     dtype: torch.dtype
+    autocast: torch.dtype | None = None  # None: compute in `dtype`; bf16 on a CPU with native bf16 (see pick_device)
 
     @property
     def is_cuda(self) -> bool:
         return self.torch_device.type == "cuda"
 
+    @property
+    def precision(self) -> str:
+        """How it computes, for logs and metrics: "float32", "bfloat16" or "float32 weights, bfloat16 autocast"."""
+        def name(dtype: torch.dtype) -> str:
+            return str(dtype).removeprefix("torch.")
 
-def pick_device(prefer: str | None = None) -> Device:
-    """CUDA in bf16 when present, else CPU in fp32 (bf16 matmuls on a CPU are slower, not faster).
+        if self.autocast is None:
+            return name(self.dtype)
+        return f"{name(self.dtype)} weights, {name(self.autocast)} autocast"
 
-    `prefer` ("cpu" or "cuda") overrides, e.g. from `PREFLOOP_DEVICE`.
+    def compute(self) -> AbstractContextManager:
+        """The context every forward pass (training, scoring, sampling) runs in: torch.autocast when set, else
+        nothing. Autocast is per thread: enter it in the thread that runs the model."""
+        if self.autocast is None:
+            return nullcontext()
+        # cache_enabled=False: autocast otherwise keeps the bf16 copy of each trainable weight until the context is
+        # left, so a round (one context, many optimizer steps) would keep running the LoRA weights of step 0.
+        return torch.autocast(self.torch_device.type, dtype=self.autocast, cache_enabled=False)
+
+
+PRECISIONS = ("auto", "fp32", "bf16")  # PREFLOOP_PRECISION
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX, e.g. AMD Zen 4, Intel Sapphire Rapids).
+    There, bf16 autocast makes a training step ~1.8x faster than fp32 (bench/learner.py --precision); without it
+    torch emulates bf16 and it is slower than fp32."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
+def pick_device(prefer: str | None = None, precision: str | None = None) -> Device:
+    """CUDA in bf16 when present, else the CPU: fp32 weights, with bf16 autocast where the CPU has native bf16.
+
+    `prefer` ("cpu" or "cuda") overrides, e.g. from `PREFLOOP_DEVICE`; `precision` ("auto", "fp32" or "bf16"), e.g.
+    from `PREFLOOP_PRECISION`: "fp32" computes in fp32 everywhere (exact; the reference the losses are checked
+    against), "bf16" uses bf16 even where the CPU only emulates it.
     """
     prefer = prefer or os.environ.get("PREFLOOP_DEVICE")
+    precision = precision or os.environ.get("PREFLOOP_PRECISION") or "auto"
     if prefer not in (None, "", "cpu", "cuda"):
         raise ModelError(f"device must be 'cpu' or 'cuda', got {prefer!r}")
+    if precision not in PRECISIONS:
+        raise ModelError(f"precision (PREFLOOP_PRECISION) must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if prefer == "cuda" and not torch.cuda.is_available():
         raise ModelError("device 'cuda' was asked for, but torch sees no CUDA GPU (is this a CPU build of torch?)")
     if prefer != "cpu" and torch.cuda.is_available():
-        return Device(torch.device("cuda"), torch.bfloat16)
-    return Device(torch.device("cpu"), torch.float32)
+        return Device(torch.device("cuda"), torch.float32 if precision == "fp32" else torch.bfloat16)
+    # fp32 weights on the CPU either way: LoRA's optimizer state and the merged serving copy stay exact, and only the
+    # matmuls (where the time goes) drop to bf16.
+    bf16 = precision == "bf16" or (precision == "auto" and cpu_has_native_bf16())
+    return Device(torch.device("cpu"), torch.float32, torch.bfloat16 if bf16 else None)
 
 
 def smollm2_gguf_path() -> Path:

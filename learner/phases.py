@@ -18,6 +18,7 @@ from learner.errors import LearnerError
 from learner.evaluate import evaluate_policy, gate
 from learner.logprobs import encode_answer
 from learner.losses import kto_weight_warning
+from learner.model import Device
 from learner.refcache import ReferenceLogps, base_model_key
 from learner.reward import (
     RewardModel,
@@ -61,6 +62,7 @@ class RoundSetup:
     base_model_dir: Path
     ref_cache_dir: Path | None
     accelerator: object
+    device: Device  # where the model runs and its precision (the round's phases run inside device.compute())
     report: Callable[..., None]  # report(phase, step, total, loss=None, within=None, metrics=None)
     warnings: list[str] = field(default_factory=list)
 
@@ -161,8 +163,7 @@ def make_reference(setup: RoundSetup, config: RoundConfig) -> ReferenceLogps:
     adapter = reference_adapter(setup, config)
     cache_file = None
     if adapter is None and setup.ref_cache_dir is not None:  # only the base model is the same in every round
-        dtype = next(setup.model.parameters()).dtype
-        name = f"{base_model_key(setup.base_model_dir, dtype)}-{config.max_length}.jsonl"
+        name = f"{base_model_key(setup.base_model_dir, setup.device.precision)}-{config.max_length}.jsonl"
         cache_file = Path(setup.ref_cache_dir) / name
     return ReferenceLogps(setup.model, setup.tokenizer.pad_token_id, adapter, 2 * config.batch_size, cache_file)
 

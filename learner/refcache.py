@@ -5,7 +5,7 @@ Within a round the reference is fixed: the base model (the policy's adapter disa
 round; on-policy answers the first time a regeneration's examples are used. When the reference is the base model
 they are also kept on disk across rounds (`--ref-cache DIR`): the base never changes, so a label's reference
 log-prob is computed once in its life. The disk cache is keyed by the base model's identity (config and weight
-files), the dtype, and the exact token ids (prompt template, answer, eos or not, max_length cut all included).
+files), the precision, and the exact token ids (prompt template, answer, eos or not, max_length cut all included).
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from torch import Tensor
 from learner.logprobs import EncodedAnswer, sequence_logprobs
 
 
-def base_model_key(base_model_dir: Path, dtype: torch.dtype) -> str:
-    """A short id of a base model's weights and the precision they run in (bf16 and fp32 log-probs differ)."""
+def base_model_key(base_model_dir: Path, precision: str) -> str:
+    """A short id of a base model's weights and the precision they run in (`Device.precision`: bf16, fp32 and bf16
+    autocast log-probs differ)."""
     base_model_dir = Path(base_model_dir)
-    digest = hashlib.sha256(str(dtype).encode())
+    digest = hashlib.sha256(precision.encode())
     config = base_model_dir / "config.json"
     digest.update(config.read_bytes() if config.is_file() else b"")
     for weights in sorted(base_model_dir.glob("*.safetensors")) + sorted(base_model_dir.glob("*.bin")):

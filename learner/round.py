@@ -158,7 +158,7 @@ def prepare(snapshot: Snapshot, base_model_dir: Path, parent_dir: Path | None, c
     rollout_prompts, eval_prompts = split_prompts(usable, split, config.eval_prompts)
     return RoundSetup(_with_roles(snapshot.pairs, split), _with_roles(snapshot.unary, split), split, rollout_prompts,
                       eval_prompts, model, tokenizer, lora, parent_dir, base_model_dir, ref_cache_dir, accelerator,
-                      _reporter(progress if accelerator.is_main_process else None))
+                      device, _reporter(progress if accelerator.is_main_process else None))
 
 
 def _hash(prompt: str) -> float:
@@ -179,21 +179,23 @@ def run_round(snapshot_dir: Path, base_model_dir: Path, parent_dir: Path | None,
         raise LearnerError(f"{out_dir} already exists; a version directory is written once")
     snapshot = read_snapshot(snapshot_dir)
     parent_version = int(snapshot.meta.get("parent_version", 0))
-    accelerator = Accelerator(cpu=not pick_device().is_cuda)
-    device = Device(accelerator.device, pick_device().dtype)
+    chosen = pick_device()
+    accelerator = Accelerator(cpu=not chosen.is_cuda)
+    device = Device(accelerator.device, chosen.dtype, chosen.autocast)
     torch.manual_seed(config.seed)
     setup = prepare(snapshot, base_model_dir, parent_dir, config, accelerator, device, progress, ref_cache_dir)
     timings: dict[str, float] = {}
 
-    started = time.monotonic()
-    reward = reward_phase(setup, config)
-    timings["reward"] = time.monotonic() - started
-    started = time.monotonic()
-    policy = policy_phase(setup, config, reward)
-    timings["policy"] = time.monotonic() - started
-    started = time.monotonic()
-    evaluation = eval_phase(setup, config, reward, policy)
-    timings["eval"] = time.monotonic() - started
+    with device.compute():  # every forward pass of the round (training, scoring, sampling) in the device's precision
+        started = time.monotonic()
+        reward = reward_phase(setup, config)
+        timings["reward"] = time.monotonic() - started
+        started = time.monotonic()
+        policy = policy_phase(setup, config, reward)
+        timings["policy"] = time.monotonic() - started
+        started = time.monotonic()
+        evaluation = eval_phase(setup, config, reward, policy)
+        timings["eval"] = time.monotonic() - started
     verdict = gate_phase(config, reward, policy, evaluation)
 
     heldout_pairs = setup.held_out(setup.pairs)
@@ -222,6 +224,7 @@ def run_round(snapshot_dir: Path, base_model_dir: Path, parent_dir: Path | None,
         **(evaluation.generation or {}),
         "warnings": setup.warnings,
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "precision": device.precision,
     })
     if accelerator.is_main_process:
         _write_version(out_dir, setup, reward, metrics, config, parent_version, snapshot)

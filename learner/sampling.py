@@ -8,7 +8,8 @@ were drawn).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from threading import Thread
 
@@ -149,8 +150,10 @@ def _answer(tokenizer, tokens: torch.Tensor, logprobs: torch.Tensor, eos_ids: se
     )
 
 
-def stream_answer(model, tokenizer, messages: list[dict], params: SamplingParams) -> Iterator[str]:
-    """Yield the growing text of one answer token by token (for the Demo chat)."""
+def stream_answer(model, tokenizer, messages: list[dict], params: SamplingParams,
+                  compute: Callable[[], AbstractContextManager] = nullcontext) -> Iterator[str]:
+    """Yield the growing text of one answer token by token (for the Demo chat). `compute()` is the context the
+    generating thread runs in (`Device.compute`: autocast is per thread, so the caller's would not reach it)."""
     from transformers import TextIteratorStreamer
 
     device = next(model.parameters()).device
@@ -160,7 +163,11 @@ def stream_answer(model, tokenizer, messages: list[dict], params: SamplingParams
                   top_p=params.top_p, top_k=0, max_new_tokens=params.max_new_tokens,
                   pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos_token_ids(tokenizer, model)),
                   streamer=streamer)
-    worker = Thread(target=torch.no_grad()(model.generate), kwargs=kwargs, daemon=True)
+    def generate() -> None:
+        with torch.no_grad(), compute():
+            model.generate(**kwargs)
+
+    worker = Thread(target=generate, daemon=True)
     worker.start()
     text = ""
     for piece in streamer:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from learner.config import RoundConfig
@@ -318,3 +319,31 @@ def test_a_dpo_round_on_rankings_that_are_all_ties_says_why_it_has_nothing_to_tr
         run_round(write_snapshot(tmp_path / "snapshot", rankings=False), tiny_model_dir, None, tmp_path / "v1",
                   RoundConfig.from_dict(TINY))
     assert not (tmp_path / "v1").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_round_in_each_precision_trains_the_policy_it_runs(tmp_path, tiny_model_dir, monkeypatch, precision):
+    # bf16 autocast is the default on CPUs with native bf16. Autocast caches the bf16 copy of every trainable weight
+    # until its context is left, and a round runs in one context: with the cache on, every step ran step 0's LoRA
+    # weights (B = 0), so the policy's log-probs stayed the reference's (reward margin and KL 0 at every step) while
+    # the fp32 weights moved. Forced to "bf16" here so the test means the same on a CPU without native bf16.
+    monkeypatch.setenv("PREFLOOP_PRECISION", precision)
+    metrics = run_round(write_snapshot(tmp_path / "snapshot"), tiny_model_dir, None, tmp_path / "v1",
+                        RoundConfig.from_dict(dict(TINY, rollout_prompts=0)))
+    assert metrics["precision"] == {"fp32": "float32", "bf16": "float32 weights, bfloat16 autocast"}[precision]
+    later = metrics["history"][1:]
+    assert later and all(step["kl"] != 0 and step["reward_chosen"] != 0 for step in later)
+
+
+def test_precision_is_chosen_by_name_and_refused_when_unknown(monkeypatch):
+    from learner.errors import ModelError
+    from learner.model import cpu_has_native_bf16, pick_device
+
+    assert pick_device("cpu", "fp32").autocast is None
+    assert pick_device("cpu", "bf16").autocast == torch.bfloat16
+    assert pick_device("cpu", "auto").autocast == (torch.bfloat16 if cpu_has_native_bf16() else None)
+    monkeypatch.setenv("PREFLOOP_PRECISION", "fp32")
+    assert pick_device("cpu").autocast is None
+    monkeypatch.setenv("PREFLOOP_PRECISION", "half")
+    with pytest.raises(ModelError, match="PREFLOOP_PRECISION.*auto, fp32, bf16.*'half'"):
+        pick_device("cpu")

@@ -61,8 +61,9 @@ class TransformersBackend:
     def sample_items(self, requests: Sequence[ItemRequest], params: SamplingParams) -> list[list[SampledAnswer]]:
         out: list[list[SampledAnswer] | None] = [None] * len(requests)
         for (version, k), indices in group_requests(requests).items():
-            answers = sample_many(self._model(version), self.tokenizer, [requests[i].prompt for i in indices], k,
-                                  params, seed=requests[indices[0]].seed)
+            with self.device.compute():
+                answers = sample_many(self._model(version), self.tokenizer, [requests[i].prompt for i in indices], k,
+                                      params, seed=requests[indices[0]].seed)
             for i, item_answers in zip(indices, answers):
                 out[i] = item_answers
         return out  # type: ignore[return-value]
@@ -72,7 +73,7 @@ class TransformersBackend:
         model = self._model(version)
         if seed is not None:
             torch.manual_seed(seed)
-        yield from stream_answer(model, self.tokenizer, messages, params)
+        yield from stream_answer(model, self.tokenizer, messages, params, self.device.compute)
 
     def close(self) -> None:
         with self._lock:
