@@ -13,11 +13,11 @@ from dataclasses import fields
 
 from app.config import BACKENDS, ServeConfig
 from app.reasons import field_reasons
-from learner.params import SamplingParams
+from learner.params import PRECISIONS, SamplingParams
 
 # data_dir is every command's --data-dir (app/cli.py); sampling is a group whose own fields are flags.
 NOT_FLAGS = {"data_dir", "sampling"}
-CHOICES = {"backend": BACKENDS, "device": ("cpu", "cuda")}
+CHOICES = {"backend": BACKENDS, "device": ("cpu", "cuda"), "precision": PRECISIONS}
 RENAMED = {"--max-staleness": "--max-item-staleness"}  # PREFLOOP_MAX_STALENESS is refused likewise (build_config)
 
 

@@ -76,24 +76,25 @@ class PolicyService:
 
     @classmethod
     def load(cls, model: str, cache_dir: Path, device: str | None = None, backend: str = "inprocess",
-             merge: bool = True) -> PolicyService:
+             merge: bool = True, precision: str | None = None) -> PolicyService:
         """Resolve `--model` (converting the shipped GGUF once), then start the backend on the best device."""
         path = resolve_model(model, cache_dir)
         if backend == "worker":
             from app.generation.worker import WorkerBackend
 
-            worker = WorkerBackend(path, device, merge=merge)
+            worker = WorkerBackend(path, device, merge=merge, precision=precision)
             return cls(worker, path, worker.device)
         from app.generation.transformers_backend import TransformersBackend
 
-        chosen = pick_device(device)
+        chosen = pick_device(device, precision)
         return cls(TransformersBackend(path, chosen, merge=merge), path, str(chosen.torch_device))
 
     @classmethod
     def from_config(cls, config: ServeConfig) -> PolicyService:
         """The backend `prefloop serve` was asked for (ServeConfig.backend)."""
         if config.backend != "openai":
-            return cls.load(config.model, config.models_dir, config.device, config.backend, config.merge_adapters)
+            return cls.load(config.model, config.models_dir, config.device, config.backend, config.merge_adapters,
+                            config.precision)
         from app.generation.openai_backend import OpenAIBackend
 
         root = (config.versions_dir, config.backend_adapter_root) if config.backend_adapter_root else None

@@ -125,9 +125,10 @@ class Scheduler:
             with self._lock:
                 if run_id in self._cancelled:
                     raise _Cancelled
+                env = {**os.environ, "PYTHONUNBUFFERED": "1", "PREFLOOP_PRECISION": self.config.precision,
+                       **round_env}  # the round computes as the server's policy does (--precision)
                 self._process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                                 text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **round_env},
-                                                 preexec_fn=die_with_parent)
+                                                 text=True, env=env, preexec_fn=die_with_parent)
             drain = threading.Thread(target=self._drain, args=(run_id, self._process.stderr, stderr_tail),
                                      daemon=True)
             drain.start()

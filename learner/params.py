@@ -26,3 +26,8 @@ class SamplingParams:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+# How the policy computes (ServeConfig.precision, PREFLOOP_PRECISION, learner.model.pick_device): "auto" is bf16
+# autocast on a CPU with native bf16 and bf16 on a GPU, else fp32; "fp32" computes in fp32 everywhere (exact: what
+# the losses are checked against); "bf16" uses bf16 even where the CPU only emulates it (slower than fp32 there).
+PRECISIONS = ("auto", "fp32", "bf16")

@@ -43,9 +43,11 @@ class WorkerError(RuntimeError):
 class WorkerBackend:
     """A `PolicyBackend` whose model lives in a child process."""
 
-    def __init__(self, model_path: Path, device: str | None = None, merge: bool = True, threads: int | None = None):
+    def __init__(self, model_path: Path, device: str | None = None, merge: bool = True, threads: int | None = None,
+                 precision: str | None = None):
         self.model_path = Path(model_path)
         self._device_name = device
+        self._precision = precision
         self.merge = merge
         self._threads = threads
         self._adapters: dict[int, Path] = {}  # what to reload if the worker restarts
@@ -121,7 +123,7 @@ class WorkerBackend:
         self._conn, child = context.Pipe()
         self._process = context.Process(target=serve_worker, name="prefloop-policy-worker", daemon=True,
                                         args=(child, str(self.model_path), self._device_name, self.merge,
-                                              self._threads))
+                                              self._threads, self._precision))
         self._process.start()
         child.close()
         if not self._conn.poll(START_TIMEOUT_S):
@@ -213,7 +215,8 @@ def _error(payload) -> Exception:
 
 
 # -- the child process ----------------------------------------------------------------------------------------------
-def serve_worker(conn, model_path: str, device_name: str | None, merge: bool, threads: int | None) -> None:
+def serve_worker(conn, model_path: str, device_name: str | None, merge: bool, threads: int | None,
+                 precision: str | None = None) -> None:
     """The worker's main loop: load the model, then answer requests until the pipe closes or "exit" arrives."""
     die_with_parent()
     import torch
@@ -230,12 +233,12 @@ def serve_worker(conn, model_path: str, device_name: str | None, merge: bool, th
     try:
         if threads:
             torch.set_num_threads(threads)
-        device = pick_device(device_name)
+        device = pick_device(device_name, precision)
         backend = TransformersBackend(Path(model_path), device, merge=merge)
     except Exception as exc:
         send(0, "error", (type(exc).__name__, str(exc)))
         return
-    send(0, "ok", {"device": str(device.torch_device)})
+    send(0, "ok", {"device": str(device.torch_device), "precision": device.precision})
     lanes = {"items": ThreadPoolExecutor(1, "items"), "demand": ThreadPoolExecutor(ON_DEMAND_THREADS, "demand"),
              "control": ThreadPoolExecutor(1, "control")}
     while True:
