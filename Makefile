@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# A CPU build where the registry offers one for this pin; a GPU user sets TORCH (see README, "GPU").
+# A CPU build where the registry offers one for this pin; a GPU user sets TORCH (see README, "GPU, CPU and precision").
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed-stamp
 BROWSER := $(VENV)/.chromium-stamp

@@ -20,6 +20,8 @@ and seed; rounds take RoundConfig's defaults unless named):
 The semi-online job also goes on to the grid's learning-curve budgets (16/32/64/128 labels), judged at each.
 The personas send answers they score alike as a tie (no pair), as the Annotate tab lets people do; `--random-ties`
 orders them at random instead, as the grids run before ties existed did (a results directory keeps one or the other).
+Each job's server computes in the grid's `--precision` (default auto: bf16 autocast on a CPU with native bf16); the
+directories written before precision was a setting ran in fp32 and resume only with `--precision fp32`.
 
 The judge is the persona, not our reward model: on held-out prompts that are not in the training pool (checked at
 start, and again against every label the job stored), the final policy and the base model each answer
@@ -65,6 +67,7 @@ from bench.loop_results import (
 from bench.stats import win_rate
 from learner.config import RoundConfig
 from learner.errors import ConfigError
+from learner.params import PRECISIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "prefloop-data" / "models"
@@ -82,11 +85,13 @@ def starter_prompts() -> set[str]:
         return {json.loads(line)["prompt"] for line in f if line.strip()}
 
 
-def start_server(data_dir: Path, log_path: Path, max_item_staleness: int, model: str | None) -> tuple:
+def start_server(data_dir: Path, log_path: Path, max_item_staleness: int, model: str | None,
+                 precision: str = "auto") -> tuple:
     """`prefloop serve` on a free port, its output in `log_path`; (process, url) once /api/health answers."""
     port = free_port()
     env = {**os.environ, **SERVER_ENV, "PREFLOOP_MAX_ITEM_STALENESS": str(max_item_staleness)}
-    command = [sys.executable, "-m", "app.cli", "serve", "--data-dir", str(data_dir), "--port", str(port)]
+    command = [sys.executable, "-m", "app.cli", "serve", "--data-dir", str(data_dir), "--port", str(port),
+               "--precision", precision]
     with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
         server = subprocess.Popen(command + (["--model", model] if model else []), env=env, stdout=log,
                                   stderr=subprocess.STDOUT, cwd=ROOT)
@@ -196,7 +201,7 @@ def run_job(grid: Grid, persona_name: str, arm: str, seed: int, budgets: list[in
     if model is None:
         os.symlink((MODELS / "smollm2").resolve(), data_dir / "models" / "smollm2")
     token = admin_token(data_dir)
-    server, url = start_server(data_dir, job_dir / "server.log", 2 if arm == "offline" else 0, model)
+    server, url = start_server(data_dir, job_dir / "server.log", 2 if arm == "offline" else 0, model, grid.precision)
     started = time.monotonic()
     try:
         with httpx.Client(base_url=url, headers={"authorization": f"Bearer {token}"}, timeout=600) as http:
@@ -274,6 +279,8 @@ def build_grid(args) -> Grid:
         changes["seeds"] = tuple(range(args.seeds))
     if args.random_ties:
         changes["ties"] = False
+    if args.precision:
+        changes["precision"] = args.precision
     if args.round:
         changes["round"] = round_overrides(args.round)
     try:
@@ -302,6 +309,9 @@ def main() -> None:
     p.add_argument("--random-ties", action="store_true",
                    help="the personas order answers they score alike at random instead of tying them (the grids "
                         "run before ties existed, e.g. bench-results/loop-full)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="the server's --precision (default auto); the directories written before it existed ran in "
+                        "fp32 (loop-ties, loop-full, ...): resume them with --precision fp32")
     p.add_argument("--model", help="the server's --model (default: the converted SmolLM2 in prefloop-data/models)")
     args = p.parse_args()
     if args.table:

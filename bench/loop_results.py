@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench.stats import Estimate, paired_difference, win_rate
+from learner.params import PRECISIONS
 
 ARMS = ("offline", "semi-online", "online", "kto")
 DEFAULT_ARM = "semi-online"  # the round's defaults (sync_every from RoundConfig): the learning curve's arm
@@ -82,6 +83,9 @@ class Grid:
     # answers the persona scores alike are sent as a tie (no pair), as the Annotate tab lets people do; False orders
     # them at random, as annotators had to before ties existed (the grids of bench-results/ written before then)
     ties: bool = True
+    # the server's --precision in every job ("auto": bf16 autocast on a CPU with native bf16, see README); the
+    # directories of bench-results/ written before it existed ran in fp32
+    precision: str = "auto"
     round: dict = field(default_factory=dict)  # RoundConfig overrides applied to every round (tiny sanity runs)
 
     def __post_init__(self) -> None:
@@ -92,6 +96,8 @@ class Grid:
         if not 1 <= self.held_out <= MAX_HELD_OUT or self.samples < 1:
             problems.append(f"held-out prompts must be 1..{MAX_HELD_OUT} and samples >= 1, got {self.held_out} x "
                             f"{self.samples}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not (self.personas and self.arms and self.seeds):
             problems.append("the grid needs at least one persona, arm and seed")
         if problems:
@@ -123,7 +129,7 @@ def row_key(persona: str, arm: str, seed: int, labels: int) -> str:
 # -- the results directory ---------------------------------------------------------------------------------------
 
 # Grid fields added after results directories were written, with the value those directories were run with.
-LEGACY_FIELDS = {"ties": False}
+LEGACY_FIELDS = {"ties": False, "precision": "fp32"}
 
 
 def grid_settings(directory: Path) -> dict | None:
@@ -266,7 +272,7 @@ def _grid_line(settings: dict | None) -> list[str]:
     ties = ("the personas tie answers they score alike (no pair)" if settings["ties"]
             else "the personas order answers they score alike at random (--random-ties)")
     overrides = ", ".join(f"{k}={v}" for k, v in settings.get("round", {}).items()) or "none"
-    return [f"rankings: {ties}; RoundConfig overrides: {overrides}"]
+    return [f"rankings: {ties}; precision: {settings['precision']}; RoundConfig overrides: {overrides}"]
 
 
 def _differences(groups: dict, persona: str, budget: int) -> list[str]:

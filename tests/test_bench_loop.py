@@ -194,11 +194,15 @@ def test_round_overrides_parse_json_values_and_plain_strings():
 
 def test_unknown_round_knob_is_refused_before_anything_runs():
     args = argparse.Namespace(grid="small", labels=None, every=None, held_out=None, samples=None, seeds=None,
-                              round=["max_staleness=2"], random_ties=False)
+                              round=["max_staleness=2"], random_ties=False, precision=None)
     with pytest.raises(SystemExit, match="unknown config key 'max_staleness'"):
         build_grid(args)
-    args.round, args.random_ties = None, True
-    assert build_grid(args).ties is False and GRIDS["small"].ties is True
+    args.round, args.random_ties, args.precision = None, True, "fp32"
+    grid = build_grid(args)
+    assert grid.ties is False and GRIDS["small"].ties is True
+    assert grid.precision == "fp32" and GRIDS["small"].precision == "auto"
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, got 'half'"):
+        replace(GRIDS["small"], precision="half")
 
 
 # -- the results directory ------------------------------------------------------------------------------------------
@@ -235,14 +239,17 @@ def test_results_dir_refuses_another_grid(tmp_path):
         open_results(tmp_path, replace(GRIDS["small"], ties=False))
 
 
-def test_a_results_dir_from_before_ties_resumes_only_with_random_ties(tmp_path):
-    """grid.json written before the `ties` field existed: those rows were ranked with ties in random order."""
+def test_a_results_dir_from_before_ties_resumes_only_with_random_ties_and_fp32(tmp_path):
+    """grid.json written before the `ties` and `precision` fields existed: those rows were ranked with ties in random
+    order, by a server computing in fp32."""
     settings = GRIDS["full"].settings()
-    del settings["ties"]
+    del settings["ties"], settings["precision"]
     (tmp_path / "grid.json").write_text(json.dumps(settings))
-    open_results(tmp_path, replace(GRIDS["full"], ties=False))
+    open_results(tmp_path, replace(GRIDS["full"], ties=False, precision="fp32"))
     with pytest.raises(SystemExit, match="differs in ties"):
-        open_results(tmp_path, GRIDS["full"])
+        open_results(tmp_path, replace(GRIDS["full"], precision="fp32"))
+    with pytest.raises(SystemExit, match="differs in precision"):
+        open_results(tmp_path, replace(GRIDS["full"], ties=False))
 
 
 def test_rerun_plans_only_missing_rows_and_the_curve_reruns_from_zero(tmp_path):
@@ -284,11 +291,12 @@ def test_table_prints_each_row_pooled_rows_differences_and_the_curve_with_n_and_
     assert f"| semi-online - offline | {d.value:+.3f} | [{d.ci95[0]:+.3f}, {d.ci95[1]:+.3f}] |" in text
     assert "Learning curve" in text and "| 16 |" in text
     assert "rankings:" not in text  # no settings given
-    legacy = {k: v for k, v in replace(GRIDS["full"], round={"steps": 4}).settings().items() if k != "ties"}
+    legacy = {k: v for k, v in replace(GRIDS["full"], round={"steps": 4}).settings().items()
+              if k not in ("ties", "precision")}
     (tmp_path / "grid.json").write_text(json.dumps(legacy))  # a results dir from before the ties field
     old = grid_settings(tmp_path)
-    assert ("rankings: the personas order answers they score alike at random (--random-ties); RoundConfig "
-            "overrides: steps=4") in table(rows, 32, old)
+    assert ("rankings: the personas order answers they score alike at random (--random-ties); precision: fp32; "
+            "RoundConfig overrides: steps=4") in table(rows, 32, old)
     assert "the personas tie answers they score alike" in table(rows, 32, GRIDS["full"].settings())
 
 
