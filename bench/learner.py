@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.learner step      # DPO step time + peak memory: reference by disable_adapter() vs a copy
     .venv/bin/python -m bench.learner round     # wall time of one default round, split by phase, + the hot-swap pause
     .venv/bin/python -m bench.learner round --items 24 --round steps=8   # the same with RoundConfig overrides
+    .venv/bin/python -m bench.learner round --items 24 --precisions fp32,auto  # one snapshot, a round per precision
     .venv/bin/python -m bench.learner api       # POST /api/train -> the new version's first item from /api/items/next
     .venv/bin/python -m bench.learner all
     .venv/bin/python -m bench.learner --vs-trl  # one DPO step of prefloop vs TRL's DPOTrainer (pip install .[bench])
@@ -252,9 +253,10 @@ def labelled_store(data_dir: Path, n_items: int):
     return store, policy, token
 
 
-def bench_round(n_items: int, overrides: dict | None = None) -> None:
+def bench_round(n_items: int, overrides: dict | None = None, precisions: list[str] | None = None) -> None:
+    """One default round on n_items rankings; with `precisions` (e.g. fp32,auto) the same snapshot is trained once
+    per precision, so the figures differ by the precision alone (the items are sampled once, in the default's)."""
     from learner.config import RoundConfig
-    from learner.round import run_round
     from storage.exports import write_snapshot
 
     print(device_line())
@@ -263,33 +265,54 @@ def bench_round(n_items: int, overrides: dict | None = None) -> None:
         store, policy, _ = labelled_store(tmp / "data", n_items)
         write_snapshot(store, tmp / "snapshot", parent_version=0, base_model=str(policy.base_model_dir))
         config = RoundConfig.from_dict(overrides or {})
-        started = time.perf_counter()
-        metrics = run_round(tmp / "snapshot", policy.base_model_dir, None, tmp / "v1", config)
-        wall = time.perf_counter() - started
-        phases = ", ".join(f"{k} {v:.0f} s" for k, v in metrics["timings_s"].items())
         named = ", ".join(f"{k}={v}" for k, v in (overrides or {}).items())
         title = f"round with {named}" if named else "default round"
         print(f"one {title} on {n_items} rankings (DPO, {config.steps} steps, batch {config.batch_size} pairs, "
               f"reward {config.reward_steps} steps, rollouts {config.rollout_prompts}x{config.rollout_n} every "
-              f"{config.sync_every} steps): {wall:.0f} s wall")
-        print(f"  phases: {phases}")
-        data = metrics["data"]
-        print(f"  data: {data['steps']} steps, {data['human_uses']} human / {data['onpolicy_uses']} on-policy example "
-              f"uses, on-policy {data['onpolicy']}; reference log-probs {data['reference_logps']}")
-
-        def figure(key: str) -> str:
-            f = metrics.get(key)
-            return "n/a" if not f else f"{f['value']:.2f} (n={f['n']}, 95% CI [{f['ci95'][0]:.2f}, {f['ci95'][1]:.2f}])"
-
-        print(f"  gate: passed={metrics['gate']['passed']} reason={metrics['gate']['reason']}; "
-              f"KL {metrics.get('kl_to_reference')}")
-        for key in ("win_rate_vs_parent", "reward_heldout_accuracy", "policy_heldout_accuracy"):
-            print(f"  {key}: {figure(key)}")
+              f"{config.sync_every} steps)")
+        outs = []
+        for precision in precisions or [None]:
+            out = tmp / f"v1-{precision or 'default'}"
+            _round_figures(tmp / "snapshot", policy.base_model_dir, out, config, precision)
+            outs.append(out)
         start = time.perf_counter()
-        policy.load_adapter(1, tmp / "v1" / "adapter")
+        policy.load_adapter(1, outs[-1] / "adapter")
         print(f"  hot-swap pause (load the adapter + switch, under the model lock): "
               f"{(time.perf_counter() - start) * 1000:.0f} ms")
         store.close()
+
+
+def _round_figures(snapshot: Path, base_model_dir: Path, out: Path, config, precision: str | None) -> None:
+    """Run one round (in `precision`, else PREFLOOP_PRECISION's) and print its time, data and held-out figures."""
+    from learner.round import run_round
+
+    previous = os.environ.get("PREFLOOP_PRECISION")
+    if precision is not None:
+        os.environ["PREFLOOP_PRECISION"] = precision
+    try:
+        started = time.perf_counter()
+        metrics = run_round(snapshot, base_model_dir, None, out, config)
+        wall = time.perf_counter() - started
+    finally:
+        if previous is None:
+            os.environ.pop("PREFLOOP_PRECISION", None)
+        else:
+            os.environ["PREFLOOP_PRECISION"] = previous
+    phases = ", ".join(f"{k} {v:.0f} s" for k, v in metrics["timings_s"].items())
+    print(f"  [{metrics['precision']}] {wall:.0f} s wall; phases: {phases}")
+    data = metrics["data"]
+    print(f"    data: {data['steps']} steps, {data['human_uses']} human / {data['onpolicy_uses']} on-policy example "
+          f"uses, on-policy {data['onpolicy']}; reference log-probs {data['reference_logps']}")
+
+    def figure(key: str) -> str:
+        f = metrics.get(key)
+        return "n/a" if not f else f"{f['value']:.2f} (n={f['n']}, 95% CI [{f['ci95'][0]:.2f}, {f['ci95'][1]:.2f}])"
+
+    losses = [round(h["loss"], 3) for h in metrics["history"] if h.get("loss") is not None]
+    print(f"    gate: passed={metrics['gate']['passed']} reason={metrics['gate']['reason']}; "
+          f"KL {metrics.get('kl_to_reference')}; policy losses {losses}")
+    for key in ("win_rate_vs_parent", "reward_heldout_accuracy", "policy_heldout_accuracy"):
+        print(f"    {key}: {figure(key)}")
 
 
 # --- api: POST /api/train until the new version answers /api/items/next ------------------------------------------
@@ -353,6 +376,8 @@ def main() -> None:
     p.add_argument("--items", type=int, default=12, help="labelled items (rankings) the rounds learn from")
     p.add_argument("--vs-trl", action="store_true", help="one DPO step of prefloop vs TRL's DPOTrainer, interleaved")
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats of --vs-trl")
+    p.add_argument("--precisions", metavar="P,P", help="round: train the same snapshot once per precision "
+                   "(e.g. fp32,auto), sampled once in the default's")
     p.add_argument("--round", action="append", default=[], metavar="KEY=JSON",
                    help="RoundConfig override for `round`, e.g. steps=8 (repeatable)")
     a = p.parse_args()
@@ -365,7 +390,7 @@ def main() -> None:
     if a.what in ("round", "all"):
         from bench.loop import round_overrides  # one parser of KEY=JSON for both benchmarks
 
-        bench_round(a.items, round_overrides(a.round))
+        bench_round(a.items, round_overrides(a.round), a.precisions.split(",") if a.precisions else None)
     if a.what in ("api", "all"):
         bench_api(a.items)
 
