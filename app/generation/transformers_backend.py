@@ -19,7 +19,7 @@ import torch
 
 from app.generation.backend import ItemRequest, group_requests
 from learner.errors import ModelError
-from learner.model import Device, load_base_model, load_tokenizer
+from learner.model import Device, keep_lora_sums_fp32, load_base_model, load_tokenizer
 from learner.sampling import SampledAnswer, SamplingParams, sample_many, stream_answer
 
 
@@ -97,6 +97,8 @@ class TransformersBackend:
             model = PeftModel.from_pretrained(serving, adapter_dir, is_trainable=False)
             if self.merge:
                 model = model.merge_and_unload()
+            elif self.device.autocast is not None:
+                keep_lora_sums_fp32(model)
         except Exception as exc:  # peft/safetensors raise many types for a broken adapter; name the directory
             raise ModelError(f"the adapter in {adapter_dir} could not be loaded: {type(exc).__name__}: {exc}") from exc
         model.eval()
