@@ -51,7 +51,7 @@ class ServeConfig:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     device: str | None = None  # "cpu" or "cuda"; None picks CUDA when present
     # "auto": on a CPU with native bf16 (AVX512-BF16, AMX) the matmuls of sampling and rounds run in bf16 over
-    # fp32 weights, a DPO step in 0.61x the fp32 time (bench.learner --vs-trl); "fp32" exact; "bf16" forced
+    # fp32 weights: a default round in 0.76x the fp32 time (docs/benchmarks.md); "fp32" exact; "bf16" forced
     precision: str = "auto"
     prefetch: bool = True  # sample items in the background; tests turn it off to drive sampling by hand
 

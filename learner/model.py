@@ -68,8 +68,8 @@ class Device:
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX, e.g. AMD Zen 4, Intel Sapphire Rapids).
-    There, bf16 autocast makes a training step ~1.8x faster than fp32 (bench/learner.py --precision); without it
-    torch emulates bf16 and it is slower than fp32."""
+    There a DPO step under bf16 autocast takes 0.68x its fp32 time and a default round 0.76x (docs/benchmarks.md);
+    without it torch emulates bf16, slower than fp32."""
     try:
         flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     except OSError:
