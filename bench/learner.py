@@ -128,8 +128,7 @@ def _prefloop_stepper(path, device, rows, lora_config):
 
     tokenizer = load_tokenizer(path)
     model = get_peft_model(load_base_model(path, device), lora_config, adapter_name="policy")
-    if device.autocast is not None:
-        keep_lora_sums_fp32(model)  # as learner.round.build_model does
+    keep_lora_sums_fp32(model, device)  # as learner.round.build_model does
     model.train()
     config = RoundConfig(max_length=VS_TRL_LENGTH, batch_size=VS_TRL_PAIRS)
     reference = ReferenceLogps(model, tokenizer.pad_token_id, None, 2 * VS_TRL_PAIRS)

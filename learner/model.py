@@ -100,7 +100,7 @@ def pick_device(prefer: str | None = None, precision: str | None = None) -> Devi
     return Device(torch.device("cpu"), torch.float32, torch.bfloat16 if bf16 else None)
 
 
-def keep_lora_sums_fp32(model) -> int:
+def keep_lora_sums_fp32(model, device: Device) -> int:
     """Under bf16 autocast, make every LoRA layer of `model` add its adapter's output to the frozen layer's in fp32.
 
     peft computes `base_layer(x) + lora_B(lora_A(x)) * scaling` and casts the sum back to the frozen output's dtype:
@@ -110,9 +110,12 @@ def keep_lora_sums_fp32(model) -> int:
     with the sums in fp32; evaluated in fp32 the three adapters are alike (margins 33.7, 34.7, 33.9): plain bf16
     trains the weights but hides them from its own forward passes (a round's KL read 0.44 instead of 1.17). The frozen
     layer's matmul stays bf16; only its output is returned in fp32 (the next matmul casts again). Only for fp32
-    weights under autocast: with bf16 weights (a GPU) an fp32 output would meet a bf16 weight. Idempotent; returns the
-    layers changed."""
+    weights under autocast (`device.autocast`; otherwise nothing is changed): with bf16 weights (a GPU) an fp32
+    output would meet a bf16 weight. Idempotent; returns the layers changed."""
     from peft.tuners.lora import LoraLayer
+
+    if device.autocast is None:
+        return 0
 
     changed = 0
     for module in model.modules():

@@ -100,8 +100,7 @@ def reward_phase(setup: RoundSetup, config: RoundConfig) -> RewardOutcome:
     parent_reward = parent / "reward" if parent is not None and (parent / "reward").is_dir() else None
     reward_model = attach_reward_model(setup.model, setup.tokenizer, config.max_length, lora_config=setup.lora,
                                        reward_dir=parent_reward)
-    if setup.device.autocast is not None:
-        keep_lora_sums_fp32(setup.model)  # the reward adapter's layers (the same modules: hooked already, as a rule)
+    keep_lora_sums_fp32(setup.model, setup.device)  # the reward adapter's layers, if it targets other modules
     train_items = items_from_pairs(setup.trained_on(setup.pairs))
     heldout_items = tuple(items_from_pairs(setup.held_out(setup.pairs)))
     result = None

@@ -26,7 +26,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -140,8 +140,7 @@ def build_model(base_model_dir: Path, parent_dir: Path | None, config: RoundConf
         # Continue the parent's adapter (is_trainable), not a fresh LoRA stacked on top of it.
         model = PeftModel.from_pretrained(base, str(parent_dir / "adapter"), adapter_name=POLICY, is_trainable=True)
         model.load_adapter(str(parent_dir / "adapter"), adapter_name=PARENT, is_trainable=False)
-    if device.autocast is not None:
-        keep_lora_sums_fp32(model)
+    keep_lora_sums_fp32(model, device)
     return model, lora
 
 
@@ -184,7 +183,7 @@ def run_round(snapshot_dir: Path, base_model_dir: Path, parent_dir: Path | None,
     parent_version = int(snapshot.meta.get("parent_version", 0))
     chosen = pick_device()
     accelerator = Accelerator(cpu=not chosen.is_cuda)
-    device = Device(accelerator.device, chosen.dtype, chosen.autocast)
+    device = replace(chosen, torch_device=accelerator.device)
     torch.manual_seed(config.seed)
     setup = prepare(snapshot, base_model_dir, parent_dir, config, accelerator, device, progress, ref_cache_dir)
     timings: dict[str, float] = {}

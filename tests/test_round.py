@@ -380,5 +380,5 @@ def test_under_bf16_autocast_a_young_adapters_effect_is_kept_by_fp32_sums():
         exact = model(x) - frozen32
     assert float(exact.abs().min()) > 1e-3
     assert float(effect().abs().max()) == 0.0  # plain autocast: the adapter does nothing at all
-    assert keep_lora_sums_fp32(model) == 1 and keep_lora_sums_fp32(model) == 0  # idempotent
+    assert keep_lora_sums_fp32(model, bf16) == 1 and keep_lora_sums_fp32(model, bf16) == 0  # idempotent
     assert torch.allclose(effect(), exact, rtol=0.05, atol=1e-4)

@@ -97,8 +97,8 @@ class TransformersBackend:
             model = PeftModel.from_pretrained(serving, adapter_dir, is_trainable=False)
             if self.merge:
                 model = model.merge_and_unload()
-            elif self.device.autocast is not None:
-                keep_lora_sums_fp32(model)
+            else:
+                keep_lora_sums_fp32(model, self.device)
         except Exception as exc:  # peft/safetensors raise many types for a broken adapter; name the directory
             raise ModelError(f"the adapter in {adapter_dir} could not be loaded: {type(exc).__name__}: {exc}") from exc
         model.eval()

@@ -238,7 +238,7 @@ def serve_worker(conn, model_path: str, device_name: str | None, merge: bool, th
     except Exception as exc:
         send(0, "error", (type(exc).__name__, str(exc)))
         return
-    send(0, "ok", {"device": str(device.torch_device), "precision": device.precision})
+    send(0, "ok", {"device": str(device.torch_device)})
     lanes = {"items": ThreadPoolExecutor(1, "items"), "demand": ThreadPoolExecutor(ON_DEMAND_THREADS, "demand"),
              "control": ThreadPoolExecutor(1, "control")}
     while True:
