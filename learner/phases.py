@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,7 +232,8 @@ def policy_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome) 
             "human_uses": counts["human"], "onpolicy_uses": counts["onpolicy"],
             "onpolicy_share": round(counts["onpolicy"] / used, 4) if used else None,
             "onpolicy": {**stream.stats(), "regenerations": stream.regenerations, "answers": stream.answers,
-                         "dropped_tokenization": stream.dropped, "prompts_per_regeneration": stream.prompts}
+                         "dropped_tokenization": stream.dropped, "prompts_per_regeneration": stream.prompts,
+                         "seconds": round(stream.seconds, 2)}
             if use_rollouts else None,
             "reference_logps": reference.stats()}
     return PolicyOutcome(result.history, result.failure and f"policy {result.failure}", len(human), human_frame,
@@ -252,9 +254,11 @@ class _Regenerate:
     regenerations: int = 0
     answers: int = 0
     dropped: int = 0
+    seconds: float = 0.0  # sampling and scoring
 
     def __call__(self, step: int) -> list:
         s, c = self.setup, self.config
+        started = time.monotonic()
         s.report("rollouts", self.regenerations, self.regenerations_planned, within=step / self.steps)
         prompts = self.rng.sample(s.rollout_prompts, min(self.prompts_per_regeneration, len(s.rollout_prompts)))
         batch = onpolicy_examples(s.model, self.reward_model, s.tokenizer, prompts, c.algorithm, c.rollout_n,
@@ -262,6 +266,7 @@ class _Regenerate:
         self.regenerations += 1
         self.answers += batch.answers
         self.dropped += batch.dropped_tokenization
+        self.seconds += time.monotonic() - started
         s.report("rollouts", self.regenerations, self.regenerations_planned, within=step / self.steps)
         return batch.examples
 
@@ -284,6 +289,10 @@ class _Stream(OnPolicyStream):
     @property
     def prompts(self) -> int:
         return self.regenerate.prompts_per_regeneration
+
+    @property
+    def seconds(self) -> float:
+        return self.regenerate.seconds
 
 
 def _onpolicy_stream(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome, prompts: int,

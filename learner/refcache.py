@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -52,6 +53,7 @@ class ReferenceLogps:
         self.cache_file = Path(cache_file) if cache_file is not None else None
         self.memo: dict[str, float] = {}
         self.loaded = self.computed = 0
+        self.seconds = 0.0  # spent computing (what the memo saves is the rest of the steps' reference passes)
         if self.cache_file is not None and self.cache_file.is_file():
             for line in self.cache_file.read_text(encoding="utf-8").splitlines():
                 if line.strip():
@@ -75,6 +77,7 @@ class ReferenceLogps:
     def _compute(self, items: list[tuple[str, EncodedAnswer]]) -> None:
         from learner.train import use_adapter
 
+        started = time.monotonic()
         was_training = self.model.training
         self.model.eval()
         try:
@@ -86,6 +89,7 @@ class ReferenceLogps:
                     self.computed += len(chunk)
         finally:
             self.model.train(was_training)
+            self.seconds += time.monotonic() - started
 
     def save(self) -> None:
         """Write every known entry to the cache file (atomically); nothing without a file or anything new."""
@@ -103,4 +107,5 @@ class ReferenceLogps:
             raise
 
     def stats(self) -> dict:
-        return {"loaded_from_disk": self.loaded, "computed": self.computed, "on_disk": self.cache_file is not None}
+        return {"loaded_from_disk": self.loaded, "computed": self.computed, "on_disk": self.cache_file is not None,
+                "seconds": round(self.seconds, 2)}
