@@ -217,7 +217,7 @@ class ItemBuffer:
             self.reserved_count()
 
     def fill_once(self, up_to: int | None = None) -> int:
-        """Sample one batch (up to `batch_items` items in one generate call per version) if fewer than `up_to`
+        """Sample one batch (up to `batch_items` items in one sampling batch per version) if fewer than `up_to`
         (default: the target) items wait. Returns how many items it added."""
         short = (self.target() if up_to is None else up_to) - self.waiting_count()
         n = min(short, self.config.batch_items)

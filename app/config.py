@@ -32,7 +32,7 @@ class ServeConfig:
     # items sampled ahead go stale when a new version is deployed, and each costs ~2 s of a 2-core CPU).
     buffer_size: int = 4
     buffer_max: int = 32  # 8 annotators x 4 items each: a round's worth of labels on a CPU, sampled ahead
-    # Items per generate call: one call of 4 items x K=4 gives 2.4x the items/s of one item per call on a 2-core CPU
+    # Items per sampling batch: one call of 4 items x K=4 gives 2.4x the items/s of one item per call on a 2-core CPU
     # with the adapter merged (bench/serving.py); 8 gives a little more but holds the worker ~13 s per batch.
     batch_items: int = 4
     # Where the model runs: "worker" (its own process, the default: the web process never runs the model),

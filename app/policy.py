@@ -128,7 +128,7 @@ class PolicyService:
         self._pinned = frozenset(versions)
 
     def sample_items(self, requests: Sequence[ItemRequest], params: SamplingParams) -> list[list[SampledAnswer]]:
-        """Answers for several items in as few generate calls as there are versions among them."""
+        """Answers for several items in as few sampling batches as there are versions among them."""
         for version in {r.version for r in requests}:
             self._ensure_loaded(version)
         with self._generation():

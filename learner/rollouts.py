@@ -1,6 +1,6 @@
 """The policy's training data: human labels as examples, and on-policy examples the round makes itself.
 
-On-policy: sample N answers for several prompts in one batched generate, score them with the reward model, and
+On-policy: sample N answers for several prompts in one sampling batch, score them with the reward model, and
 turn each prompt's answers into examples (best vs worst for DPO, around the median for KTO). Every answer keeps its
 finish reason, so one cut at max_new_tokens is scored and trained without an eos. How the two kinds mix in each
 step is learner/data.py's plan.
@@ -34,7 +34,7 @@ class Rollout:
 
 def sample_batch(model, tokenizer, prompts: Sequence[str], n: int, params: SamplingParams,
                  seed: int | None = None) -> list[list[Rollout]]:
-    """`n` answers for each prompt from ONE generate call (`learner.sampling.sample_many`: every prompt repeated n
+    """`n` answers for each prompt from ONE sampling batch (`learner.sampling.sample_many`: every prompt repeated n
     times, left-padded). The model is put in eval mode for the call (LoRA dropout off) and restored after."""
     was_training = model.training
     model.eval()

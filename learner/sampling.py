@@ -1,4 +1,4 @@
-"""Sampling answers from the policy: K answers for a prompt in ONE batched `generate` call.
+"""Sampling answers from the policy: K answers for each of several prompts in ONE batch, by a KV-cached loop.
 
 Every answer records what the learner and the metrics need later: its text, token count, finish reason
 (`eos` when the model ended it, `length` when max_new_tokens cut it) and the sum of its token log-probs under the
@@ -8,10 +8,10 @@ were drawn).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from threading import Thread
 
 import torch
 
@@ -59,49 +59,108 @@ def eos_token_ids(tokenizer, model) -> set[int]:
 @torch.no_grad()
 def sample_answers(model, tokenizer, prompt: str | list[dict], k: int, params: SamplingParams,
                    seed: int | None = None) -> list[SampledAnswer]:
-    """K answers to one prompt from one batched `generate` call (the prompt repeated K times, so no padding)."""
+    """K answers to one prompt from one batch (the prompt repeated K times, so no padding)."""
     return sample_many(model, tokenizer, [prompt], k, params, seed=seed)[0]
 
 
-class _ChosenLogprobs:
-    """A logits processor that records log p(chosen token) at temperature 1 without keeping every step's logits.
+def nucleus(logits: torch.Tensor, temperature: float, top_p: float,
+            candidates: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-p nucleus of softmax(logits / temperature) per row of `logits` (rows, vocab): (probabilities, token
+    ids), each (rows, c), most likely first (top_p >= 1: the whole vocabulary in its order), probabilities zeroed
+    past each row's nucleus.
 
-    `generate` calls processors with the raw logits of step t before the temperature/top-p warpers (which it appends
-    after custom processors); at step t+1 the token drawn at t is the last column of `input_ids`, so the log-softmax
-    kept from step t is gathered then and dropped. Memory is one (rows, vocab) tensor instead of (rows, T, vocab):
-    8 items x K=4 x 64 tokens of SmolLM2's 49k vocabulary would otherwise hold 400 MB of logits.
+    The nucleus is transformers' `TopPLogitsWarper`'s: a token is kept when the probability of the tokens more likely
+    than it is below `top_p` (the most likely token always). Sorting the whole vocabulary at every step, as that warper
+    does, and drawing from all of it cost more than the model's matmuls when a CPU samples a batch (SmolLM2: 49k
+    tokens, 24 rows); here only the `candidates` most likely tokens are sorted, and more (x4 up to the vocabulary)
+    only when some row's nucleus does not fit in them, so the nucleus is exact either way.
     """
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    vocab = probs.shape[-1]
+    if top_p >= 1.0:  # no nucleus (as generate skips its warper): the whole distribution, unsorted
+        return probs, torch.arange(vocab, device=probs.device).expand_as(probs)
+    k = min(candidates, vocab)
+    while True:
+        top, index = probs.topk(k, dim=-1)  # descending
+        keep = (top.cumsum(-1) - top) < top_p  # the mass strictly before each token
+        keep[:, 0] = True
+        if k == vocab or not bool(keep[:, -1].any()):  # every row's nucleus ended inside the candidates
+            return torch.where(keep, top, torch.zeros_like(top)), index
+        k = min(4 * k, vocab)
 
-    def __init__(self) -> None:
-        self.previous: torch.Tensor | None = None  # (rows, vocab) log-softmax of the last step's raw logits
-        self.chosen: list[torch.Tensor] = []  # per step: (rows,) log p of the token drawn
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self._collect(input_ids[:, -1])
-        self.previous = torch.log_softmax(scores.float(), dim=-1)
-        return scores
+def nucleus_sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """One token id per row, drawn from its `nucleus` in proportion to the probabilities (the global torch seed)."""
+    weights, index = nucleus(logits, temperature, top_p)
+    return index.gather(-1, torch.multinomial(weights, 1)).squeeze(-1)
 
-    def _collect(self, tokens: torch.Tensor) -> None:
-        if self.previous is not None:
-            self.chosen.append(self.previous.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
 
-    def finish(self, sequences: torch.Tensor, steps: int) -> torch.Tensor:
-        """(rows, steps) log-probs of the generated tokens, once `generate` returned `sequences`."""
-        if steps:
-            self._collect(sequences[:, -1])
-        self.previous = None
-        if not self.chosen:
-            return torch.zeros(sequences.shape[0], 0)
-        return torch.stack(self.chosen, dim=1)[:, :steps]
+def _cache_argument(model) -> str:
+    """The name the model's forward takes its KV cache by: `cache` in transformers >= 5.2x, `past_key_values`
+    before (the old name is deprecated, so the new one is used where it exists)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams,
+                 eos_ids: set[int], pad_token_id: int,
+                 compute: Callable[[], AbstractContextManager] = nullcontext) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Sample continuations of a left-padded batch, one step at a time: yields (tokens, log-probs), each (rows,),
+    where a log-prob is the drawn token's under the model at temperature 1 (what DPO and KTO compare). A row that
+    drew an eos gets `pad_token_id` from then on; it ends when every row has or after `max_new_tokens` steps.
+
+    A plain KV-cached loop instead of `generate`: at SmolLM2's size `generate`'s per-step work around the model
+    (sorting the vocabulary for top-p, drawing from all of it, its logits processors) took a third of a CPU batch's
+    time (bench/sampling.py prints the two side by side). Positions count only real tokens, so left padding
+    changes no row's answer (tests/test_sampling.py). Logits that are not finite (weights a far too large learning
+    rate broke) are made finite first, as `generate(remove_invalid_values=True)` did: the round's loss then shows it.
+    `compute()` wraps every forward pass (autocast is per thread, and a generator may be resumed in another one).
+    """
+    device = input_ids.device
+    rows = input_ids.shape[0]
+    cache_name = _cache_argument(model)
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
+    eos = torch.tensor(sorted(eos_ids), device=device)
+    ended = torch.zeros(rows, dtype=torch.bool, device=device)
+    next_position = positions[:, -1:] + 1
+    for step in range(params.max_new_tokens):
+        with torch.no_grad(), compute():
+            logits = model(**inputs, **{cache_name: cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = torch.nan_to_num(logits.float())
+        tokens = nucleus_sample(logits, params.temperature, params.top_p)
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        tokens = torch.where(ended, torch.full_like(tokens, pad_token_id), tokens)
+        yield tokens, logprobs
+        ended |= torch.isin(tokens, eos)
+        if bool(ended.all()):
+            return
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(rows, 1)], dim=-1)
+        inputs = dict(input_ids=tokens.unsqueeze(-1), attention_mask=attention_mask, position_ids=next_position)
+        next_position = next_position + 1
+
+
+def left_padded(tokenizer, rows: Sequence[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token rows padded on the left, so every row's next token is in the last
+    column."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, ids in enumerate(rows):
+        input_ids[i, width - len(ids):] = torch.tensor(ids)
+        attention_mask[i, width - len(ids):] = 1
+    return input_ids.to(device), attention_mask.to(device)
 
 
 @torch.no_grad()
 def sample_many(model, tokenizer, prompts: Sequence[str | list[dict]], k: int, params: SamplingParams,
                 seed: int | None = None) -> list[list[SampledAnswer]]:
-    """K answers to each of several prompts from ONE `generate` call: each prompt repeated K times, left-padded.
+    """K answers to each of several prompts from ONE batch: each prompt repeated K times, left-padded.
 
-    Left padding keeps every row's last prompt token at the same position, where generation continues. Batching
-    items is what makes a CPU keep up with annotators: the weights are read once per token for every row.
+    Batching items is what makes a CPU keep up with annotators: the weights are read once per token for every row.
     """
     if k < 1:
         raise ConfigError(f"k must be >= 1, got {k}")
@@ -109,28 +168,14 @@ def sample_many(model, tokenizer, prompts: Sequence[str | list[dict]], k: int, p
         return []
     device = next(model.parameters()).device
     rows = [ids for ids in (encode_prompt(tokenizer, p) for p in prompts) for _ in range(k)]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, ids in enumerate(rows):
-        input_ids[i, width - len(ids):] = torch.tensor(ids)
-        attention_mask[i, width - len(ids):] = 1
+    input_ids, attention_mask = left_padded(tokenizer, rows, device)
     if seed is not None:
         torch.manual_seed(seed)
     eos_ids = eos_token_ids(tokenizer, model)
-    recorder = _ChosenLogprobs()
-    sequences = model.generate(
-        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=True,
-        temperature=params.temperature, top_p=params.top_p, top_k=0, max_new_tokens=params.max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos_ids),
-        logits_processor=[recorder],  # log-probs at temperature 1, before top-p
-        # Weights mid-training can overflow the logits (a learning rate far too high): a round's rollouts must not
-        # crash outside the gate (the next loss is then non-finite and the round is rejected for it).
-        remove_invalid_values=True,
-    )
-    new_tokens = sequences[:, width:]  # (rows, T)
-    token_logprobs = recorder.finish(sequences, new_tokens.shape[1]).cpu()
-    answers = [_answer(tokenizer, new_tokens[i].cpu(), token_logprobs[i], eos_ids) for i in range(len(rows))]
+    steps = list(decode_steps(model, input_ids, attention_mask, params, eos_ids, tokenizer.pad_token_id))
+    new_tokens = torch.stack([t for t, _ in steps], dim=1).cpu()  # (rows, T)
+    token_logprobs = torch.stack([lp for _, lp in steps], dim=1).cpu()
+    answers = [_answer(tokenizer, new_tokens[i], token_logprobs[i], eos_ids) for i in range(len(rows))]
     return [answers[p * k:(p + 1) * k] for p in range(len(prompts))]
 
 
@@ -152,25 +197,30 @@ def _answer(tokenizer, tokens: torch.Tensor, logprobs: torch.Tensor, eos_ids: se
 
 def stream_answer(model, tokenizer, messages: list[dict], params: SamplingParams,
                   compute: Callable[[], AbstractContextManager] = nullcontext) -> Iterator[str]:
-    """Yield the growing text of one answer token by token (for the Demo chat). `compute()` is the context the
-    generating thread runs in (`Device.compute`: autocast is per thread, so the caller's would not reach it)."""
-    from transformers import TextIteratorStreamer
+    """Yield the growing text of one answer as its words complete (for the Demo chat), drawn as `sample_many`
+    draws. `compute()` wraps every forward pass (`Device.compute`)."""
+    from transformers import TextStreamer
+
+    class Pieces(TextStreamer):  # transformers' word-boundary buffering, kept in a list instead of printed
+        def __init__(self) -> None:
+            super().__init__(tokenizer, skip_special_tokens=True)
+            self.pieces: list[str] = []
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if text:
+                self.pieces.append(text)
 
     device = next(model.parameters()).device
-    ids = torch.tensor([encode_prompt(tokenizer, messages)], device=device)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=params.temperature,
-                  top_p=params.top_p, top_k=0, max_new_tokens=params.max_new_tokens,
-                  pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos_token_ids(tokenizer, model)),
-                  streamer=streamer)
-    def generate() -> None:
-        with torch.no_grad(), compute():
-            model.generate(**kwargs)
-
-    worker = Thread(target=generate, daemon=True)
-    worker.start()
-    text = ""
-    for piece in streamer:
-        text += piece
-        yield text
-    worker.join()
+    input_ids, attention_mask = left_padded(tokenizer, [encode_prompt(tokenizer, messages)], device)
+    eos_ids = eos_token_ids(tokenizer, model)
+    streamer, text = Pieces(), ""
+    for tokens, _ in decode_steps(model, input_ids, attention_mask, params, eos_ids, tokenizer.pad_token_id,
+                                  compute):
+        streamer.put(tokens.cpu())
+        if streamer.pieces:
+            text += "".join(streamer.pieces)
+            streamer.pieces.clear()
+            yield text
+    streamer.end()
+    if streamer.pieces:
+        yield text + "".join(streamer.pieces)

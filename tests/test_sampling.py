@@ -17,22 +17,69 @@ def test_k_answers_from_one_call_with_token_counts_and_logprobs(tiny_model, tiny
     assert len({a.text for a in answers}) > 1
 
 
-def test_logprob_sum_matches_a_forward_pass(tiny_model, tiny_tokenizer):
+def test_each_tokens_logprob_is_the_models_on_the_whole_sequence_under_left_padding(tiny_model, tiny_tokenizer):
+    """The KV-cached loop against plain forward passes: every drawn token's recorded log-prob (temperature 1) is the
+    one the model gives it reading the whole unpadded sequence, for prompts of different lengths in one batch."""
     import torch
 
-    params = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=1.0)
-    prompt_ids = encode_prompt(tiny_tokenizer, "hello")
-    torch.manual_seed(1)
-    out = tiny_model.generate(input_ids=torch.tensor([prompt_ids]), do_sample=True, top_k=0, temperature=1.0,
-                              max_new_tokens=8, pad_token_id=tiny_tokenizer.pad_token_id)
-    answer = sample_answers(tiny_model, tiny_tokenizer, "hello", k=1, params=params, seed=1)[0]
-    full = out.sequences[0] if hasattr(out, "sequences") else out[0]
-    with torch.no_grad():
-        logits = tiny_model(full.unsqueeze(0)).logits[0, :-1]
-    logp = torch.log_softmax(logits, -1).gather(-1, full[1:].unsqueeze(-1)).squeeze(-1)
-    scored = answer.token_count + (1 if answer.finish_reason == "eos" else 0)
-    expected = float(logp[len(prompt_ids) - 1: len(prompt_ids) - 1 + scored].sum())
-    assert answer.logprob_sum == pytest.approx(expected, abs=1e-3)
+    from learner.sampling import decode_steps, eos_token_ids, left_padded
+
+    prompts = [encode_prompt(tiny_tokenizer, p) for p in ("hello", "Explain how a hash table resolves collisions.")]
+    input_ids, attention_mask = left_padded(tiny_tokenizer, prompts, "cpu")
+    torch.manual_seed(3)
+    params = SamplingParams(max_new_tokens=8, temperature=0.7, top_p=0.9)
+    steps = list(decode_steps(tiny_model, input_ids, attention_mask, params, set(), tiny_tokenizer.pad_token_id))
+    tokens = torch.stack([t for t, _ in steps], 1)
+    logprobs = torch.stack([lp for _, lp in steps], 1)
+    assert tokens.shape == (2, 8)  # no eos asked for: every row runs to max_new_tokens
+    for row, prompt in enumerate(prompts):
+        full = torch.tensor([prompt + tokens[row].tolist()])
+        with torch.no_grad():
+            logits = tiny_model(full).logits[0, len(prompt) - 1:-1]
+        expected = torch.log_softmax(logits, -1).gather(-1, tokens[row].unsqueeze(-1)).squeeze(-1)
+        assert torch.allclose(logprobs[row], expected, atol=1e-4), (row, logprobs[row], expected)
+    assert eos_token_ids(tiny_tokenizer, tiny_model)  # (what sample_many stops rows at)
+
+
+def test_near_greedy_sampling_continues_as_transformers_generate_does(tiny_model, tiny_tokenizer):
+    """The loop replaces `generate`: at a temperature near 0 it must pick generate's greedy tokens."""
+    import torch
+
+    from learner.sampling import sample_many
+
+    prompt = "Explain in detail how a hash table resolves collisions."
+    ids = torch.tensor([encode_prompt(tiny_tokenizer, prompt)])
+    greedy = tiny_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=10, pad_token_id=tiny_tokenizer.pad_token_id)
+    expected = tiny_tokenizer.decode(greedy[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    (answer,) = sample_many(tiny_model, tiny_tokenizer, ["hi", prompt], k=1,
+                            params=SamplingParams(max_new_tokens=10, temperature=1e-4, top_p=1.0), seed=0)[1]
+    assert answer.text == expected
+
+
+def test_the_nucleus_is_transformers_top_p_at_every_size(tiny_model):
+    """Against transformers' TopPLogitsWarper on peaked and flat rows: the same tokens kept, with the warped
+    distribution's probabilities, including when a row's nucleus outgrows the first candidates."""
+    import torch
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    from learner.sampling import nucleus
+
+    torch.manual_seed(0)
+    vocab = 5000
+    logits = torch.randn(6, vocab) * torch.tensor([[0.1], [1.0], [3.0], [8.0], [0.5], [20.0]])
+    for temperature, top_p in [(1.0, 0.95), (0.8, 0.5), (0.7, 0.999), (1.3, 1.0)]:
+        warped = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, logits.clone()))
+        reference = torch.softmax(warped, -1)
+        for candidates in (2, 64, vocab):
+            weights, index = nucleus(logits, temperature, top_p, candidates=candidates)
+            for row in range(logits.shape[0]):
+                kept = index[row][weights[row] > 0]
+                assert set(kept.tolist()) == set(torch.nonzero(reference[row]).flatten().tolist())
+                mine = weights[row][weights[row] > 0]
+                assert torch.allclose(mine / mine.sum(), reference[row][kept], atol=1e-5)
+    flat = nucleus(torch.zeros(1, vocab), 1.0, 0.95, candidates=2)[0]
+    assert int((flat > 0).sum()) == 4750  # a flat row needs 95% of the vocabulary: the candidates grew to it
 
 
 def test_bad_sampling_params_name_the_field():
@@ -47,6 +94,16 @@ def test_stream_yields_growing_text(tiny_model, tiny_tokenizer):
                                  SamplingParams(max_new_tokens=10, temperature=1.0)))
     assert len(updates) > 1
     assert all(later.startswith(earlier) for earlier, later in zip(updates, updates[1:]))
+    # The stream draws as sample_many does: with the same seed, the same answer.
+    import torch
+
+    from learner.sampling import sample_many
+
+    params = SamplingParams(max_new_tokens=10, temperature=1.0)
+    torch.manual_seed(5)
+    streamed = list(stream_answer(tiny_model, tiny_tokenizer, [{"role": "user", "content": "hi"}], params))[-1]
+    (sampled,) = sample_many(tiny_model, tiny_tokenizer, ["hi"], k=1, params=params, seed=5)[0]
+    assert streamed.strip() == sampled.text
 
 
 def test_several_prompts_in_one_call_match_one_prompt_at_a_time(tiny_model, tiny_tokenizer):

@@ -53,7 +53,7 @@ class PolicyBackend(Protocol):
 
 
 def group_requests(requests: Sequence[ItemRequest]) -> dict[tuple[int, int], list[int]]:
-    """Request indices per (version, k), in order: one generate call each (a canary item's halves have k/2)."""
+    """Request indices per (version, k), in order: one sampling batch each (a canary item's halves have k/2)."""
     groups: dict[tuple[int, int], list[int]] = {}
     for index, request in enumerate(requests):
         groups.setdefault((request.version, request.k), []).append(index)
