@@ -34,7 +34,8 @@ class RoundConfig:
     desirable_weight: float = 1.0  # KTO's λ_D; the paper's default with balanced thumbs (arXiv 2402.01306)
     undesirable_weight: float = 1.0  # KTO's λ_U; keep λ_D·n_D / (λ_U·n_U) in [1, 4/3] (Eq. 9 of the KTO paper)
     steps: int = 12  # optimizer steps per round; rounds repeat as labels arrive
-    batch_size: int = 4  # examples per forward pass (memory); a step accumulates over as many as its share needs
+    batch_size: int = 4  # examples per forward pass (memory): DPO packs pairs up to 2 x this many distinct answers (a
+    #   ranking's pairs share theirs), KTO this many answers; a step accumulates over as many as its share needs
     learning_rate: float = 1e-4  # LoRA's usual rate; a round is only a dozen steps, the KL gate catches overshoot
     adam_eps: float = 1e-5  # larger than torch's 1e-8: stops tiny second moments of fresh LoRA B blowing up steps
     max_grad_norm: float = 1.0  # DPO's gradients spike when a pair flips; clipping keeps one pair from a big jump

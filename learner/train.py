@@ -268,10 +268,39 @@ def micro_batches(examples: Sequence, size: int, minimum: int) -> list[list]:
     return chunks
 
 
+def shared_answer_batches(examples: Sequence[PairExample], max_sequences: int) -> list[list[PairExample]]:
+    """Pairs cut, in order, into micro-batches of at most `max_sequences` DISTINCT answers (each pair alone fits).
+
+    The pairs of one ranking share its answers (K answers, up to K(K-1)/2 pairs) and come in a step together
+    (learner.data.human_plan): cut by pairs, a K=4 ranking's 6 pairs straddled two micro-batches and sent up to 12
+    sequences through the policy; cut by distinct answers they are 4, in one forward pass of the same memory bound.
+    """
+    chunks: list[list[PairExample]] = []
+    current: list[PairExample] = []
+    seen: set = set()
+    for example in examples:
+        texts = set(example.texts())
+        if current and len(seen | texts) > max_sequences:
+            chunks.append(current)
+            current, seen = [], set()
+        current.append(example)
+        seen |= texts
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+MICRO_BATCHES: dict[str, Callable[[Sequence, int], list[list]]] = {
+    # algorithm: (examples, batch_size) -> micro-batches; batch_size pairs = 2 x batch_size sequences of memory
+    "dpo": lambda examples, size: shared_answer_batches(examples, 2 * size),
+    "kto": lambda examples, size: micro_batches(examples, size, MIN_BATCH["kto"]),
+}
+
+
 def step_micro_losses(ctx: PolicyContext, algorithm: str, examples: Sequence):
-    """One step's (loss, weight, metrics) per micro-batch of `config.batch_size` examples, weights by size, so the
-    step's loss is the mean over its examples (learner.train.train_loop backpropagates each as it comes)."""
+    """One step's (loss, weight, metrics) per micro-batch (`MICRO_BATCHES`), weights by size, so the step's loss is
+    the mean over its examples (learner.train.train_loop backpropagates each as it comes)."""
     total = len(examples)
-    for chunk in micro_batches(examples, ctx.config.batch_size, MIN_BATCH[algorithm]):
+    for chunk in MICRO_BATCHES[algorithm](examples, ctx.config.batch_size):
         loss, metrics = OBJECTIVES[algorithm](ctx, chunk)
         yield loss, len(chunk) / total, metrics

@@ -91,3 +91,52 @@ def test_exact_kl_matches_a_hand_computation_and_is_never_negative(tiny_model, t
     assert (kl > 0).all()
     same, _, _ = exact_kl(model, encoded, tiny_tokenizer.pad_token_id, "policy", temperature)
     assert (same == 0).all()  # against itself: exactly 0, never a negative estimate
+
+
+def test_a_rankings_pairs_go_through_the_policy_once_per_distinct_answer(tiny_model, tiny_tokenizer):
+    """DPO's micro-batches are cut by distinct answers (<= 2 x batch_size), not by pairs: a K=4 ranking's 6 pairs
+    are 4 sequences in one forward pass instead of 12 across two, with the same step loss and gradient."""
+    from itertools import combinations
+
+    from learner.train import micro_batches, shared_answer_batches, step_micro_losses
+
+    answers = ["Four.", "It is 4", "2 + 2 = 4, so four", "Five"]
+    ranking = [PairExample("What is 2 + 2?", a, b, "human", group="r1") for a, b in combinations(answers, 2)]
+    other = [PairExample("Name a colour.", "Blue", w, "human", group="r2") for w in ("A colour", "Sky", "Red?")]
+    examples = ranking + other
+    assert [len(c) for c in shared_answer_batches(examples, 8)] == [9]  # 4 + 4 distinct answers
+    chunks = shared_answer_batches(examples, 5)
+    assert [len(c) for c in chunks] == [6, 3] and sum(chunks, []) == examples
+    assert [len({t for e in c for t in e.texts()}) for c in chunks] == [4, 4]
+    assert [len(c) for c in shared_answer_batches(examples, 2)] == [1] * 9  # each pair alone fits, in order
+
+    model = policy_model(tiny_model)
+    config = RoundConfig(max_length=64, batch_size=4)
+    pad = tiny_tokenizer.pad_token_id
+    context = PolicyContext(model, tiny_tokenizer, config, ReferenceLogps(model, pad, None, batch_size=8))
+    rows = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+
+    def step(chunked) -> tuple[float, list[torch.Tensor]]:
+        rows.clear()
+        total = 0.0
+        for loss, weight, _ in chunked:
+            (loss * weight).backward()
+            total += weight * loss.item()
+        grads = [p.grad.clone() for p in params]
+        model.zero_grad()
+        return total, grads
+
+    # The reference's log-probs first (memoised), so the hook below counts the policy's rows only.
+    context.reference([encode_answer(tiny_tokenizer, p, a, 64, e) for x in examples for p, a, e in x.texts()])
+    by_answers, grads = step(step_micro_losses(context, "dpo", examples))
+    policy_rows = sum(rows)
+    by_pairs, grads_by_pairs = step((dpo_objective(context, c)[0], len(c) / len(examples), {})
+                                    for c in micro_batches(examples, 4, 1))
+    hook.remove()
+    assert policy_rows == 4 + 4  # one pass: the ranking's 4 answers, "Blue" and its 3 rejected
+    assert sum(rows) == 4 + 6 + 2  # by 4 pairs: {F, I, 2, 5}, {I, 5, 2, B, A, S}, {B, R}
+    assert by_answers == pytest.approx(by_pairs, abs=1e-5)
+    for a, b in zip(grads, grads_by_pairs, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
