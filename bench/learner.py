@@ -244,7 +244,9 @@ def labelled_store(data_dir: Path, n_items: int):
     policy = PolicyService.load("smollm2", data_dir / "models")
     user, _, token = store.users.add("bench", "admin", "bench-password")
     started = time.perf_counter()
-    for prompt in store.prompts.least_sampled(n_items):
+    # The same prompts in every run (the newest first; the app's sampler breaks ties at random), so runs of two
+    # commits train on the same rankings.
+    for prompt in store.prompts.page(limit=n_items).prompts:
         _, answers = policy.sample(prompt.text, 4, SamplingParams(max_new_tokens=64), 0, seed=prompt.prompt_id)
         item = store.items.add(prompt.prompt_id, 0, {"k": 4},
                                [AnswerRecord(a.text, a.token_count, a.finish_reason, a.logprob_sum) for a in answers])

@@ -115,6 +115,8 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, p
     changes no row's answer (tests/test_sampling.py). Logits that are not finite (weights a far too large learning
     rate broke) are made finite first, as `generate(remove_invalid_values=True)` did: the round's loss then shows it.
     `compute()` wraps every forward pass (autocast is per thread, and a generator may be resumed in another one).
+    Only temperature and top-p shape the draw: a model's generation_config (a repetition penalty, top-k) is not
+    applied, so every model is sampled alike.
     """
     device = input_ids.device
     rows = input_ids.shape[0]
