@@ -316,18 +316,21 @@ class EvalOutcome:
 def implicit_reward_accuracy(setup: RoundSetup, config: RoundConfig, reference: ReferenceLogps,
                              pairs: list[PairExample]) -> Proportion:
     """Share of held-out human pairs where log π(chosen) - log ref(chosen) > log π(rejected) - log ref(rejected)
-    (DPO's implicit reward, arXiv 2305.18290 Eq. 5, up to β), with n and a Wilson interval."""
+    (DPO's implicit reward, arXiv 2305.18290 Eq. 5, up to β), with n and a Wilson interval. Each distinct answer
+    goes through the policy once (a ranking's pairs share its answers; the reference memoises its own)."""
     from learner.logprobs import sequence_logprobs
 
-    correct = 0
+    encoded = [encode_answer(setup.tokenizer, p, a, config.max_length, e) for x in pairs for p, a, e in x.texts()]
+    distinct = list({e.input_ids: e for e in encoded}.values())
     size = 2 * config.batch_size
-    for start in range(0, len(pairs), size):
-        chunk = pairs[start:start + size]
-        encoded = [encode_answer(setup.tokenizer, p, a, config.max_length, e) for x in chunk for p, a, e in x.texts()]
-        policy = sequence_logprobs(setup.model, encoded, setup.tokenizer.pad_token_id).logps
-        ratio = (policy - reference(encoded)).view(len(chunk), 2)
-        correct += int((ratio[:, 0] > ratio[:, 1]).sum())
-    return proportion(correct, len(pairs))
+    policy: dict[tuple, float] = {}
+    for start in range(0, len(distinct), size):
+        chunk = distinct[start:start + size]
+        logps = sequence_logprobs(setup.model, chunk, setup.tokenizer.pad_token_id).logps
+        policy.update(zip([e.input_ids for e in chunk], logps.tolist(), strict=True))
+    ratio = torch.tensor([policy[e.input_ids] for e in encoded]) - reference(encoded).cpu()
+    ratio = ratio.view(len(pairs), 2)
+    return proportion(int((ratio[:, 0] > ratio[:, 1]).sum()), len(pairs))
 
 
 def eval_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome, policy: PolicyOutcome) -> EvalOutcome:

@@ -140,3 +140,35 @@ def test_a_rankings_pairs_go_through_the_policy_once_per_distinct_answer(tiny_mo
     assert by_answers == pytest.approx(by_pairs, abs=1e-5)
     for a, b in zip(grads, grads_by_pairs, strict=True):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_the_policys_heldout_accuracy_is_the_hand_computed_share_of_pairs(tiny_model, tiny_tokenizer):
+    """implicit_reward_accuracy scores each distinct answer once; its count is the naive per-pair one."""
+    from types import SimpleNamespace
+
+    from learner.logprobs import sequence_logprobs
+    from learner.phases import implicit_reward_accuracy
+
+    model = policy_model(tiny_model)
+    config = RoundConfig(max_length=64, batch_size=1)  # chunks of 2 sequences: several passes
+    pad = tiny_tokenizer.pad_token_id
+    pairs = PAIRS + [PairExample("Name a colour.", "A colour is a", "Blue", "human", chosen_ended=False, group="b"),
+                     PairExample("What is 2 + 2?", "Four, because 2 + 2", "4.", "human", chosen_ended=False)]
+    setup = SimpleNamespace(model=model, tokenizer=tiny_tokenizer)
+    got = implicit_reward_accuracy(setup, config, ReferenceLogps(model, pad, None, batch_size=2), pairs)
+
+    def logp(prompt, answer, ended, adapter_off):
+        encoded = [encode_answer(tiny_tokenizer, prompt, answer, 64, ended)]
+        with torch.no_grad():
+            if adapter_off:
+                with use_adapter(model, None):
+                    return float(sequence_logprobs(model, encoded, pad).logps[0])
+            return float(sequence_logprobs(model, encoded, pad).logps[0])
+
+    def ratio(prompt, answer, ended):
+        return logp(prompt, answer, ended, False) - logp(prompt, answer, ended, True)
+
+    expected = sum(ratio(p.prompt, p.chosen, p.chosen_ended) > ratio(p.prompt, p.rejected, p.rejected_ended)
+                   for p in pairs)
+    assert got.n == 5 and got.value == pytest.approx(expected / 5)
+    assert 0 < expected < 5  # the reversed pairs make both outcomes occur
