@@ -75,7 +75,9 @@ def nucleus(logits: torch.Tensor, temperature: float, top_p: float,
     tokens, 24 rows); here only the `candidates` most likely tokens are sorted, and more (x4 up to the vocabulary)
     only when some row's nucleus does not fit in them, so the nucleus is exact either way.
     """
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    # Made finite after the temperature too: a logit of +inf or 3e38 (weights a far too large learning rate broke)
+    # must give a distribution, not NaNs that multinomial refuses.
+    probs = torch.softmax(torch.nan_to_num(logits.float() / temperature), dim=-1)
     vocab = probs.shape[-1]
     if top_p >= 1.0:  # no nucleus (as generate skips its warper): the whole distribution, unsorted
         return probs, torch.arange(vocab, device=probs.device).expand_as(probs)
@@ -182,7 +184,7 @@ def sample_many(model, tokenizer, prompts: Sequence[str | list[dict]], k: int, p
 
 
 def _answer(tokenizer, tokens: torch.Tensor, logprobs: torch.Tensor, eos_ids: set[int]) -> SampledAnswer:
-    """Cut one generated row at its first eos (generate pads finished rows) and describe it."""
+    """Cut one sampled row at its first eos (`decode_steps` pads finished rows) and describe it."""
     ended = [j for j, t in enumerate(tokens.tolist()) if t in eos_ids]
     length = ended[0] if ended else len(tokens)
     text = tokenizer.decode(tokens[:length], skip_special_tokens=True).strip()

@@ -124,3 +124,17 @@ def test_several_prompts_in_one_call_match_one_prompt_at_a_time(tiny_model, tiny
             assert answer.text == alone.text
             assert answer.token_count == alone.token_count
             assert answer.logprob_sum == pytest.approx(alone.logprob_sum, abs=1e-3)
+
+
+def test_logits_a_broken_model_makes_still_give_tokens():
+    """Weights a far too large learning rate broke give inf and NaN logits: sampling must go on (the round's loss
+    and gate reject the version), not crash in the middle of a round's rollouts."""
+    import torch
+
+    from learner.sampling import nucleus_sample
+
+    logits = torch.tensor([[float("inf"), 0.0, 1.0, float("nan")], [3e38, 3e38, -float("inf"), 0.0],
+                           [float("nan")] * 4])
+    for temperature in (0.8, 1.0):
+        tokens = nucleus_sample(torch.nan_to_num(logits), temperature, 0.95)
+        assert tokens.shape == (3,) and bool(((tokens >= 0) & (tokens < 4)).all())
