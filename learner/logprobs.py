@@ -133,6 +133,24 @@ def sequence_logprobs(model, encoded: Sequence[EncodedAnswer], pad_token_id: int
     return SequenceLogprobs(token_logps.sum(-1), counts, entropy)
 
 
+def distinct_sequence_logprobs(model, encoded: Sequence[EncodedAnswer], pad_token_id: int,
+                               batch_size: int | None = None) -> SequenceLogprobs:
+    """`sequence_logprobs` of `encoded`, each distinct sequence through the model once (the pairs of one ranking
+    share its answers: K answers, C(K,2) pairs), `batch_size` distinct sequences per pass (None: one pass), the
+    results in the order of `encoded`."""
+    position: dict[tuple, int] = {}
+    unique: list[EncodedAnswer] = []
+    for e in encoded:
+        if e.input_ids not in position:
+            position[e.input_ids] = len(unique)
+            unique.append(e)
+    size = batch_size or len(unique)
+    parts = [sequence_logprobs(model, unique[i:i + size], pad_token_id) for i in range(0, len(unique), size)]
+    logps, counts = torch.cat([p.logps for p in parts]), torch.cat([p.token_counts for p in parts])
+    index = torch.tensor([position[e.input_ids] for e in encoded], device=logps.device)
+    return SequenceLogprobs(logps[index], counts[index])
+
+
 def answer_logprobs(model, tokenizer, prompts: Sequence[str | list[dict]], answers: Sequence[str], max_length: int,
                     with_entropy: bool = False, ended: Sequence[bool] | None = None) -> SequenceLogprobs:
     """Encode (prompt, answer) pairs (each with eos unless `ended` says it was cut) and score them in one pass."""

@@ -318,18 +318,11 @@ def implicit_reward_accuracy(setup: RoundSetup, config: RoundConfig, reference: 
     """Share of held-out human pairs where log π(chosen) - log ref(chosen) > log π(rejected) - log ref(rejected)
     (DPO's implicit reward, arXiv 2305.18290 Eq. 5, up to β), with n and a Wilson interval. Each distinct answer
     goes through the policy once (a ranking's pairs share its answers; the reference memoises its own)."""
-    from learner.logprobs import sequence_logprobs
+    from learner.logprobs import distinct_sequence_logprobs
 
     encoded = [encode_answer(setup.tokenizer, p, a, config.max_length, e) for x in pairs for p, a, e in x.texts()]
-    distinct = list({e.input_ids: e for e in encoded}.values())
-    size = 2 * config.batch_size
-    policy: dict[tuple, float] = {}
-    for start in range(0, len(distinct), size):
-        chunk = distinct[start:start + size]
-        logps = sequence_logprobs(setup.model, chunk, setup.tokenizer.pad_token_id).logps
-        policy.update(zip([e.input_ids for e in chunk], logps.tolist(), strict=True))
-    ratio = torch.tensor([policy[e.input_ids] for e in encoded]) - reference(encoded).cpu()
-    ratio = ratio.view(len(pairs), 2)
+    policy = distinct_sequence_logprobs(setup.model, encoded, setup.tokenizer.pad_token_id, 2 * config.batch_size)
+    ratio = (policy.logps - reference(encoded)).view(len(pairs), 2)
     return proportion(int((ratio[:, 0] > ratio[:, 1]).sum()), len(pairs))
 
 

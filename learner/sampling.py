@@ -56,7 +56,6 @@ def eos_token_ids(tokenizer, model) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-@torch.no_grad()
 def sample_answers(model, tokenizer, prompt: str | list[dict], k: int, params: SamplingParams,
                    seed: int | None = None) -> list[SampledAnswer]:
     """K answers to one prompt from one batch (the prompt repeated K times, so no padding)."""
@@ -131,7 +130,7 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, p
     eos = torch.tensor(sorted(eos_ids), device=device)
     ended = torch.zeros(rows, dtype=torch.bool, device=device)
     next_position = positions[:, -1:] + 1
-    for step in range(params.max_new_tokens):
+    for _ in range(params.max_new_tokens):
         with torch.no_grad(), compute():
             logits = model(**inputs, **{cache_name: cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
         logits = torch.nan_to_num(logits.float())
@@ -159,7 +158,6 @@ def left_padded(tokenizer, rows: Sequence[list[int]], device) -> tuple[torch.Ten
     return input_ids.to(device), attention_mask.to(device)
 
 
-@torch.no_grad()
 def sample_many(model, tokenizer, prompts: Sequence[str | list[dict]], k: int, params: SamplingParams,
                 seed: int | None = None) -> list[list[SampledAnswer]]:
     """K answers to each of several prompts from ONE batch: each prompt repeated K times, left-padded.

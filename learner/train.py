@@ -19,7 +19,13 @@ import torch
 from torch import Tensor
 
 from learner.config import RoundConfig
-from learner.logprobs import EncodedAnswer, SequenceLogprobs, encode_answer, sequence_logprobs
+from learner.logprobs import (
+    EncodedAnswer,
+    SequenceLogprobs,
+    distinct_sequence_logprobs,
+    encode_answer,
+    sequence_logprobs,
+)
 from learner.losses import dpo_loss, kto_loss
 
 StepLoss = Callable[[int], Iterable[tuple[Tensor, float, dict]]]
@@ -209,17 +215,8 @@ def _encode(ctx: PolicyContext, prompt: str, answer: str, ended: bool) -> Encode
 
 
 def _policy_logprobs(ctx: PolicyContext, encoded: list[EncodedAnswer]) -> SequenceLogprobs:
-    """Policy log-probs of `encoded` with each distinct sequence through the forward pass once (the pairs of one
-    ranking share their answers: K answers, C(K,2) pairs)."""
-    position: dict[tuple, int] = {}
-    unique: list[EncodedAnswer] = []
-    for e in encoded:
-        if e.input_ids not in position:
-            position[e.input_ids] = len(unique)
-            unique.append(e)
-    result = sequence_logprobs(ctx.model, unique, ctx.tokenizer.pad_token_id)
-    index = torch.tensor([position[e.input_ids] for e in encoded], device=result.logps.device)
-    return SequenceLogprobs(result.logps[index], result.token_counts[index])
+    """Policy log-probs of `encoded` in one forward pass, each distinct sequence once."""
+    return distinct_sequence_logprobs(ctx.model, encoded, ctx.tokenizer.pad_token_id)
 
 
 def dpo_objective(ctx: PolicyContext, batch: Sequence[PairExample]) -> tuple[Tensor, dict]:
