@@ -30,6 +30,13 @@ class SampledAnswer:
     token_logprobs: tuple[float, ...] = ()  # the terms of logprob_sum (answer tokens, then the eos if it ended)
 
 
+def shown_text(text: str) -> str:
+    """A model's text as people and the store take it. Byte-level tokenizers have a token for byte 0 (SmolLM2's
+    token 190) that a random or broken model can draw; the store refuses NUL characters (they end C strings), so
+    each becomes U+FFFD, the character decoders already show for bytes they cannot read."""
+    return text.replace("\0", "\ufffd")
+
+
 def chat_messages(prompt: str | list[dict]) -> list[dict]:
     """A prompt as chat messages: a plain string is one user turn."""
     if isinstance(prompt, str):
@@ -185,7 +192,7 @@ def _answer(tokenizer, tokens: torch.Tensor, logprobs: torch.Tensor, eos_ids: se
     """Cut one sampled row at its first eos (`decode_steps` pads finished rows) and describe it."""
     ended = [j for j, t in enumerate(tokens.tolist()) if t in eos_ids]
     length = ended[0] if ended else len(tokens)
-    text = tokenizer.decode(tokens[:length], skip_special_tokens=True).strip()
+    text = shown_text(tokenizer.decode(tokens[:length], skip_special_tokens=True).strip())
     # The eos token is part of the answer's probability (the model chose to stop), so it counts in the log-prob.
     scored = length + 1 if ended else length
     return SampledAnswer(
@@ -210,7 +217,7 @@ def stream_answer(model, tokenizer, messages: list[dict], params: SamplingParams
 
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
             if text:
-                self.pieces.append(text)
+                self.pieces.append(shown_text(text))
 
     device = next(model.parameters()).device
     input_ids, attention_mask = left_padded(tokenizer, [encode_prompt(tokenizer, messages)], device)

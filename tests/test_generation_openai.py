@@ -68,3 +68,14 @@ def test_refusals_and_an_unreachable_server_are_model_errors(fake_server, tmp_pa
 def test_adapter_paths_are_mapped_to_the_servers_view(tmp_path):
     backend = OpenAIBackend("http://127.0.0.1:9", "base", adapter_root=(tmp_path, "/mnt/prefloop/versions"))
     assert backend._server_path(tmp_path / "v4" / "adapter") == "/mnt/prefloop/versions/v4/adapter"
+
+
+def test_byte_zero_from_an_inference_server_reaches_the_store_as_a_replacement_character():
+    """vLLM sends what the model wrote: "\\u0000" in JSON when it drew the byte-0 token (the store refuses NUL)."""
+    from app.generation.openai_backend import _answer
+
+    choice = {"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": "a\u0000b"},
+              "logprobs": {"content": [{"token": "a", "logprob": -1.0}, {"token": "\u0000", "logprob": -2.0},
+                                       {"token": "b", "logprob": -1.5}]}}
+    answer = _answer(choice)
+    assert (answer.text, answer.token_count, answer.logprob_sum) == ("a\ufffdb", 3, -4.5)

@@ -138,3 +138,33 @@ def test_logits_a_broken_model_makes_still_give_tokens():
     for temperature in (0.8, 1.0):
         tokens = nucleus_sample(torch.nan_to_num(logits), temperature, 0.95)
         assert tokens.shape == (3,) and bool(((tokens >= 0) & (tokens < 4)).all())
+
+
+def test_a_model_that_writes_byte_zero_gives_text_the_store_takes(tiny_model, tiny_tokenizer, tmp_path):
+    """Byte-level tokenizers have a token for byte 0. A random model drew it in CI and the buffer's fill crashed on
+    the store's refusal of NUL characters; a head biased to that token writes it at every step."""
+    import copy
+
+    import torch
+
+    from learner.sampling import sample_many
+    from storage.items import AnswerRecord
+    from storage.store import Store
+
+    nul = next(i for i in range(len(tiny_tokenizer)) if "\0" in tiny_tokenizer.decode([i]))
+    model = copy.deepcopy(tiny_model)
+    bias = torch.full((model.lm_head.out_features,), -50.0)
+    bias[nul] = 50.0
+    model.lm_head.bias = torch.nn.Parameter(bias)
+    params = SamplingParams(max_new_tokens=4, temperature=1.0)
+    answers = sample_many(model, tiny_tokenizer, ["hi"], k=2, params=params, seed=0)[0]
+    assert [(a.text, a.token_count) for a in answers] == [("\ufffd" * 4, 4)] * 2
+    streamed = list(stream_answer(model, tiny_tokenizer, [{"role": "user", "content": "hi"}], params))
+    assert streamed[-1] == "\ufffd" * 4
+
+    with Store.open(tmp_path / "data") as store:
+        store.prompts.add(["hi"], source="test")
+        (prompt,) = store.prompts.page(limit=1).prompts
+        records = [AnswerRecord(a.text, a.token_count, a.finish_reason, a.logprob_sum, 0) for a in answers]
+        item = store.items.add(prompt.prompt_id, 0, {}, records)
+        assert [a.text for a in store.items.get(item.item_id).answers] == ["\ufffd" * 4] * 2

@@ -27,7 +27,7 @@ import httpx
 
 from app.generation.backend import ItemRequest
 from learner.errors import ModelError
-from learner.sampling import SampledAnswer, SamplingParams
+from learner.sampling import SampledAnswer, SamplingParams, shown_text
 
 REQUEST_TIMEOUT_S = 300.0  # a K=4 x 96-token item is well under a second on a GPU; a cold server can take minutes
 PARALLEL_REQUESTS = 16  # items of one batch sent at once: the server's continuous batching is what makes it fast
@@ -89,7 +89,7 @@ class OpenAIBackend:
                     break
                 delta = json.loads(data)["choices"][0].get("delta", {}).get("content") or ""
                 if delta:
-                    text += delta
+                    text += shown_text(delta)
                     yield text
 
     def close(self) -> None:
@@ -140,7 +140,7 @@ def _answer(choice: dict) -> SampledAnswer:
     # The eos entry (when the server lists one) scores the decision to stop but is not a token of the text.
     eos_listed = ended and bool(entries) and _is_special(entries[-1].get("token", ""))
     return SampledAnswer(
-        text=(choice.get("message") or {}).get("content") or "",
+        text=shown_text((choice.get("message") or {}).get("content") or ""),
         token_count=len(entries) - (1 if eos_listed else 0),
         finish_reason="eos" if ended else "length",
         logprob_sum=float(sum(logprobs)),
