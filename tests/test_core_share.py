@@ -100,3 +100,24 @@ def test_a_round_started_by_the_server_follows_the_share_of_the_worker(serve_con
     finally:
         ctx.stop()
         ctx.store.close()
+
+
+class FailingBuffer:
+    """The buffer's interface as CoreShare uses it, with a top-up whose sampling fails (a model error, a store that
+    refuses an answer: what a byte-0 token did before learner.sampling.shown_text)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def top_up(self, seconds: float) -> int:
+        self.calls += 1
+        raise RuntimeError("sampling failed")
+
+
+def test_a_failed_top_up_does_not_stop_the_round(policy, tmp_path):
+    buffer = FailingBuffer()
+    share = CoreShare(policy, buffer=buffer, cpus=CPUS)
+    threads = tmp_path / "threads"
+    assert share.before_round(threads) == {"OMP_NUM_THREADS": "4"}  # the round gets its cores and its file
+    assert buffer.calls == 1 and threads.read_text() == "4"
+    share.after_round()
