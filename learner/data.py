@@ -41,7 +41,8 @@ class PromptSplit:
         """By hash_fraction(text): [0, eval_fraction) eval, then heldout_fraction held out. `fallback_eval` becomes
         an eval prompt when none hashed there (a tiny prompt set): its labels then leave training too. When every
         `labelled` prompt would leave training (a first round on a few labels), none is held out: the round trains,
-        and its held-out metrics say n = 0."""
+        and its held-out metrics say n = 0; when every one is an eval prompt, they train too and the round evaluates
+        on the other eval prompts (eval needs prompts, not labels)."""
         eval_, heldout = set(), set()
         for prompt in set(prompts):
             h = hash_fraction(prompt)
@@ -55,6 +56,8 @@ class PromptSplit:
         labelled = set(labelled)
         if labelled and labelled <= eval_ | heldout:
             heldout -= labelled
+            if labelled <= eval_ and eval_ - labelled:
+                eval_ -= labelled
         return cls(frozenset(eval_), frozenset(heldout))
 
 

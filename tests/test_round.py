@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from learner.config import RoundConfig
-from learner.data import PromptSplit
+from learner.data import EVAL, HELDOUT, TRAIN, PromptSplit
 from learner.errors import ConfigError, LearnerError
 from learner.evaluate import gate, win_rate
 from learner.phases import within_staleness
@@ -171,6 +171,27 @@ def test_prompts_split_into_eval_heldout_and_train_for_good(tiny_tokenizer):
     assert again.eval >= split.eval and again.heldout >= split.heldout  # a prompt never changes sides
     tiny = PromptSplit.build(usable[:1], 0.0, 0.0, fallback_eval=usable[0])
     assert split_prompts(usable[:1], tiny, 4) == ([], [usable[0]])
+
+
+def test_a_first_round_whose_few_labels_all_fell_on_eval_or_heldout_prompts_still_trains(tiny_tokenizer):
+    """The starter pool hashes 13 of its 62 prompts to eval: 3 labels all on eval prompts (~1% of first rounds) made
+    a round fail with "no training examples" (seen in a fresh-clone test run). Those labels train; eval keeps the
+    other eval prompts."""
+    prompts = pd.DataFrame({"prompt_id": range(50), "prompt": [f"Prompt number {i}?" for i in range(50)]})
+    usable = usable_prompts(prompts, tiny_tokenizer, 96)
+    split = PromptSplit.build(usable, 0.2, 0.2)
+    on_eval, on_heldout = sorted(split.eval)[:3], sorted(split.heldout)[:2]
+    for labelled in (on_eval, on_heldout):
+        first = PromptSplit.build(usable, 0.2, 0.2, labelled=labelled)
+        assert {first.role(p) for p in labelled} == {TRAIN}, labelled
+        rollout, held = split_prompts(usable, first, 4)
+        assert held and not set(held) & set(labelled)
+    mixed = PromptSplit.build(usable, 0.2, 0.2, labelled=on_eval[:1] + on_heldout)  # the held-out ones train
+    assert [mixed.role(p) for p in on_eval[:1] + on_heldout] == [EVAL, TRAIN, TRAIN]
+    # Once one labelled prompt trains anyway, the others keep their sides.
+    train_prompt = next(p for p in usable if split.role(p) == TRAIN)
+    later = PromptSplit.build(usable, 0.2, 0.2, labelled=on_eval + on_heldout + [train_prompt])
+    assert [later.role(p) for p in on_eval + on_heldout] == [EVAL] * 3 + [HELDOUT] * 2
 
 
 # --- whole rounds ---------------------------------------------------------------------------------------------
