@@ -141,13 +141,14 @@ def distinct_sequence_logprobs(model, encoded: Sequence[EncodedAnswer], pad_toke
     position: dict[tuple, int] = {}
     unique: list[EncodedAnswer] = []
     for e in encoded:
-        if e.input_ids not in position:
-            position[e.input_ids] = len(unique)
+        key = (e.prompt_length, e.input_ids)  # where the answer starts is part of what is scored
+        if key not in position:
+            position[key] = len(unique)
             unique.append(e)
     size = batch_size or len(unique)
     parts = [sequence_logprobs(model, unique[i:i + size], pad_token_id) for i in range(0, len(unique), size)]
     logps, counts = torch.cat([p.logps for p in parts]), torch.cat([p.token_counts for p in parts])
-    index = torch.tensor([position[e.input_ids] for e in encoded], device=logps.device)
+    index = torch.tensor([position[e.prompt_length, e.input_ids] for e in encoded], device=logps.device)
     return SequenceLogprobs(logps[index], counts[index])
 
 

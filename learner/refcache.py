@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from learner.logprobs import EncodedAnswer, sequence_logprobs
+from learner.logprobs import EncodedAnswer, distinct_sequence_logprobs
 
 
 def base_model_key(base_model_dir: Path, precision: str) -> str:
@@ -82,11 +82,10 @@ class ReferenceLogps:
         self.model.eval()
         try:
             with use_adapter(self.model, self.adapter):
-                for start in range(0, len(items), self.batch_size):
-                    chunk = items[start:start + self.batch_size]
-                    logps = sequence_logprobs(self.model, [e for _, e in chunk], self.pad_token_id).logps
-                    self.memo.update(zip([k for k, _ in chunk], logps.tolist(), strict=True))
-                    self.computed += len(chunk)
+                logps = distinct_sequence_logprobs(self.model, [e for _, e in items], self.pad_token_id,
+                                                   self.batch_size).logps
+            self.memo.update(zip([k for k, _ in items], logps.tolist(), strict=True))
+            self.computed += len(items)
         finally:
             self.model.train(was_training)
             self.seconds += time.monotonic() - started
