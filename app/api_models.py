@@ -94,6 +94,17 @@ class Generated(Answer):
     version: int = Field(description="the version that generated the text")
 
 
+class GeneratedAnswer(Answer):
+    text: str
+    token_count: int = Field(description="new tokens in the answer (its eos not counted)")
+    finish_reason: str = Field(description="eos: the model ended it | length: max_new_tokens cut it")
+
+
+class GeneratedBatch(Answer):
+    version: int = Field(description="the version that generated every answer")
+    answers: list[list[GeneratedAnswer]] = Field(description="per prompt, in order: its n answers")
+
+
 class RunStarted(Answer):
     run_id: int
 

@@ -131,6 +131,35 @@ def test_generate_shares_the_demo_limit(ctx, ann):
     assert ann.post("/api/generate", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
 
 
+def test_generate_batch_answers_every_prompt_n_times_for_admins_only(ctx, boss, ann):
+    body = {"prompts": ["Say hi", "Name a colour", "Count to three"], "n": 2, "max_new_tokens": 3}
+    r = boss.post("/api/generate/batch", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["version"] == 0 and len(out["answers"]) == 3
+    for item in out["answers"]:
+        assert len(item) == 2
+        for a in item:
+            assert isinstance(a["text"], str) and a["finish_reason"] in ("eos", "length")
+            assert 0 <= a["token_count"] <= 3 and (a["finish_reason"] == "eos" or a["token_count"] == 3)
+    r = ann.post("/api/generate/batch", json=body)
+    assert r.status_code == 403 and "admin" in r.json()["error"]
+    assert boss.post("/api/generate/batch", json={**body, "version": 42}).status_code == 404
+    too_many = boss.post("/api/generate/batch", json={"prompts": ["hi"] * 11, "n": 3})
+    assert too_many.status_code == 422 and "33 answers" in too_many.json()["error"]
+    for bad in ({"prompts": []}, {"prompts": [""]}, {"prompts": ["hi"], "n": 0}, {"prompt": "hi"},
+                {"prompts": ["hi"], "max_new_tokens": 100_000}):
+        assert boss.post("/api/generate/batch", json=bad).status_code == 422, bad
+    for _ in range(ctx.generation_slots.size):
+        ctx.generation_slots.acquire()
+    try:
+        r = boss.post("/api/generate/batch", json=body)
+        assert r.status_code == 429 and r.headers["retry-after"]
+    finally:
+        for _ in range(ctx.generation_slots.size):
+            ctx.generation_slots.release()
+
+
 def test_openapi_documents_the_api(server, api):
     spec = api().get("/api/openapi.json").json()
     for path in ("/api/items/next", "/api/items/{item_id}/ranking", "/api/answers/{answer_id}/feedback",
