@@ -5,6 +5,7 @@
     .venv/bin/python -m bench.learner round --items 24 --round steps=8   # the same with RoundConfig overrides
     .venv/bin/python -m bench.learner round --items 24 --precisions fp32,auto  # one snapshot, a round per precision
     .venv/bin/python -m bench.learner api       # POST /api/train -> the new version's first item from /api/items/next
+    .venv/bin/python -m bench.learner rollouts [--adapter DIR]  # a round's rollouts sampled merged vs unmerged
     .venv/bin/python -m bench.learner all
     .venv/bin/python -m bench.learner --vs-trl  # one DPO step of prefloop vs TRL's DPOTrainer (pip install .[bench])
 
@@ -370,22 +371,113 @@ def _wait(condition, timeout: float) -> None:
     raise SystemExit(f"timed out after {timeout} s")
 
 
+ROLLOUT_PROMPTS = ["Explain how tides work.", "Write a haiku about rain.", "What is a good breakfast?",
+                   "How do I learn to swim?", "Name three uses of vinegar.", "Why is the sky blue?",
+                   "Give three tips for a job interview."]
+
+
+def bench_rollouts(adapter_dir: str | None, repeats: int) -> None:
+    """One regeneration of a default round on 24 rankings (7 prompts x 4 answers, 64 new tokens), sampled from a
+    LoRA adapter unmerged and merged into a copy of the weights (`learner.train.merged_adapter`), interleaved; then
+    how far each computation's next-token distributions are from the exact one (fp32, unmerged) along those answers.
+    `adapter_dir`: a version's adapter (e.g. prefloop-data/versions/v1/adapter); else a fresh LoRA moved off zero."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from learner.config import RoundConfig
+    from learner.logprobs import collate, encode_answer
+    from learner.model import keep_lora_sums_fp32, load_base_model, load_tokenizer, pick_device
+    from learner.rollouts import sample_batch
+
+    print(device_line())
+    device = pick_device()
+    path = MODELS / "smollm2"
+    tokenizer = load_tokenizer(path)
+    base = load_base_model(path, device)
+    config = RoundConfig()
+    if adapter_dir:
+        model = PeftModel.from_pretrained(base, adapter_dir, adapter_name="policy", is_trainable=True)
+        which = f"the adapter in {adapter_dir}"
+    else:
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=config.lora_target_modules, task_type="CAUSAL_LM")
+        model = get_peft_model(base, lora, adapter_name="policy")
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0.0, 0.01)
+        which = "a fresh LoRA with lora_B ~ N(0, 0.01)"
+    keep_lora_sums_fp32(model, device)
+    params = config.sampling
+    print(f"a round's regeneration: {len(ROLLOUT_PROMPTS)} prompts x {config.rollout_n} answers, "
+          f"{params.max_new_tokens} new tokens, from {which}")
+
+    def sample(merge: bool, seed: int):
+        with device.compute():
+            return sample_batch(model, tokenizer, ROLLOUT_PROMPTS, config.rollout_n, params, seed=seed, merge=merge)
+
+    times = {False: [], True: []}
+    for r in range(repeats):
+        for merge in (False, True):
+            started = time.perf_counter()
+            answers = sample(merge, seed=r)
+            seconds = time.perf_counter() - started
+            times[merge].append(seconds)
+            tokens = sum(a.token_count for g in answers for a in g)
+            print(f"  repeat {r + 1}: {'merged  ' if merge else 'unmerged'} {seconds:6.2f} s, {tokens} tokens, "
+                  f"{tokens / seconds:6.1f} tokens/s", flush=True)
+    unmerged, merged = (sorted(times[m])[len(times[m]) // 2] for m in (False, True))
+    print(f"  median: unmerged {unmerged:.2f} s, merged {merged:.2f} s: merged / unmerged {merged / unmerged:.2f}")
+
+    answers = sample(False, seed=repeats)
+    encoded = [encode_answer(tokenizer, p, a.text, config.max_length, a.finish_reason == "eos")
+               for p, group in zip(ROLLOUT_PROMPTS, answers) for a in group]
+    ids, attention, answer_mask = collate(encoded, tokenizer.pad_token_id, torch.device("cpu"))
+    mask = answer_mask[:, 1:].float()
+
+    def log_probs(autocast: bool, how: str) -> torch.Tensor:
+        from contextlib import nullcontext
+
+        from learner.train import merged_adapter, use_adapter
+
+        around = {"unmerged": nullcontext, "merged": lambda: merged_adapter(model, "policy"),
+                  "base": lambda: use_adapter(model, None)}[how]
+        model.eval()
+        with torch.no_grad(), around(), (device.compute() if autocast else nullcontext()):
+            out = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+        return torch.log_softmax(out, dim=-1)
+
+    def kl(p: torch.Tensor, q: torch.Tensor) -> float:
+        return float(((p.exp() * (p - q)).sum(-1) * mask).sum() / mask.sum())
+
+    exact = log_probs(False, "unmerged")
+    print(f"  per-token KL(exact || computation) along {int(mask.sum())} sampled answer tokens (exact: fp32 weights "
+          f"and matmuls, adapter unmerged):")
+    print(f"    fp32 merged {kl(exact, log_probs(False, 'merged')):.2e}")
+    if device.autocast is not None:
+        print(f"    {device.precision}: unmerged {kl(exact, log_probs(True, 'unmerged')):.2e}, "
+              f"merged {kl(exact, log_probs(True, 'merged')):.2e}; the base model's own rounding (fp32 vs "
+              f"autocast base) {kl(log_probs(False, 'base'), log_probs(True, 'base')):.2e}")
+    print(f"    the adapter's effect for scale: KL(exact || fp32 base) {kl(exact, log_probs(False, 'base')):.2e}")
+
+
 def main() -> None:
     if sys.argv[1:2] == ["_step"]:
         print(json.dumps(step_once(sys.argv[2])))
         return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", nargs="?", default=None, choices=["step", "round", "api", "all"])
+    p.add_argument("what", nargs="?", default=None, choices=["step", "round", "api", "rollouts", "all"])
     p.add_argument("--items", type=int, default=12, help="labelled items (rankings) the rounds learn from")
     p.add_argument("--vs-trl", action="store_true", help="one DPO step of prefloop vs TRL's DPOTrainer, interleaved")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved repeats of --vs-trl")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved repeats of --vs-trl and rollouts")
+    p.add_argument("--adapter", metavar="DIR", help="rollouts: a version's adapter dir (default: a fresh LoRA)")
     p.add_argument("--precisions", metavar="P,P", help="round: train the same snapshot once per precision "
                    "(e.g. fp32,auto), sampled once in the default's")
     p.add_argument("--round", action="append", default=[], metavar="KEY=JSON",
                    help="RoundConfig override for `round`, e.g. steps=8 (repeatable)")
     a = p.parse_args()
     if a.what is None and not a.vs_trl:
-        p.error("name a benchmark (step, round, api, all) or pass --vs-trl")
+        p.error("name a benchmark (step, round, api, rollouts, all) or pass --vs-trl")
     if a.vs_trl:
         bench_vs_trl(a.repeats)
     if a.what in ("step", "all"):
@@ -396,6 +488,8 @@ def main() -> None:
         bench_round(a.items, round_overrides(a.round), a.precisions.split(",") if a.precisions else None)
     if a.what in ("api", "all"):
         bench_api(a.items)
+    if a.what in ("rollouts", "all"):
+        bench_rollouts(a.adapter, a.repeats)
 
 
 if __name__ == "__main__":

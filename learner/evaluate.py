@@ -97,13 +97,14 @@ def _kl_and_entropy(model, tokenizer, rollouts: list[Rollout], reference: str | 
 
 
 def evaluate_policy(model, reward_model: RewardModel | None, tokenizer, prompts: Sequence[str], config: RoundConfig,
-                    reference: str | None, parent: str | None, seed: int) -> dict:
+                    reference: str | None, parent: str | None, seed: int, merge: bool = False) -> dict:
     """Sample `eval_n` answers per held-out prompt from the policy (the active adapter), the parent (adapter
     `parent`, None = the base model) and the base model; compare them with the reward model when there is a trained
-    one (else no win-rates: an untrained reward model's preferences are noise); the exact KL on the policy's."""
+    one (else no win-rates: an untrained reward model's preferences are noise); the exact KL on the policy's.
+    `merge`: sample the adapters merged into a copy of the weights (`learner.rollouts.sample_batch`)."""
     params = config.sampling
     n = config.eval_n
-    policy = sample_batch(model, tokenizer, prompts, n, params, seed=seed)
+    policy = sample_batch(model, tokenizer, prompts, n, params, seed=seed, merge=merge)
     batch = max(2 * config.batch_size, 1)
     flat = [r for g in policy for r in g]
     kl, kl_per_token, entropy = _kl_and_entropy(model, tokenizer, flat, reference, config, batch)
@@ -124,7 +125,7 @@ def evaluate_policy(model, reward_model: RewardModel | None, tokenizer, prompts:
         parent_samples = base  # version 0's parent is the base model
     else:
         with use_adapter(model, parent):
-            parent_samples = sample_batch(model, tokenizer, prompts, n, params, seed=seed + 2)
+            parent_samples = sample_batch(model, tokenizer, prompts, n, params, seed=seed + 2, merge=merge)
     policy_scores = _scores(reward_model, policy, batch)
     base_scores = _scores(reward_model, base, batch)
     parent_scores = base_scores if parent is None else _scores(reward_model, parent_samples, batch)

@@ -56,6 +56,13 @@ class Device:
             return name(self.dtype)
         return f"{name(self.dtype)} weights, {name(self.autocast)} autocast"
 
+    @property
+    def merges_for_sampling(self) -> bool:
+        """Whether a round samples (rollouts, evaluation) with the adapter merged into a copy of the weights
+        (`learner.train.merged_adapter`): with fp32 weights. bf16 weights would round a young adapter's small
+        changes away one weight at a time, so there the adapter stays unmerged (and a GPU hardly feels its cost)."""
+        return self.dtype == torch.float32
+
     def compute(self) -> AbstractContextManager:
         """The context every forward pass (training, scoring, sampling) runs in: torch.autocast when set, else
         nothing. Autocast is per thread: enter it in the thread that runs the model."""

@@ -262,7 +262,8 @@ class _Regenerate:
         s.report("rollouts", self.regenerations, self.regenerations_planned, within=step / self.steps)
         prompts = self.rng.sample(s.rollout_prompts, min(self.prompts_per_regeneration, len(s.rollout_prompts)))
         batch = onpolicy_examples(s.model, self.reward_model, s.tokenizer, prompts, c.algorithm, c.rollout_n,
-                                  c.sampling, c.max_length, seed=c.seed * 100003 + step)
+                                  c.sampling, c.max_length, seed=c.seed * 100003 + step,
+                                  merge=s.device.merges_for_sampling)
         self.regenerations += 1
         self.answers += batch.answers
         self.dropped += batch.dropped_tokenization
@@ -344,7 +345,7 @@ def eval_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome, po
             generation = evaluate_policy(model, reward.reward_model if reward.ready else None, setup.tokenizer,
                                          setup.eval_prompts, config, reference=reference_adapter(setup, config),
                                          parent=PARENT if setup.parent_dir is not None else None,
-                                         seed=config.seed + 1)
+                                         seed=config.seed + 1, merge=setup.device.merges_for_sampling)
             setup.report("eval", 1, 1)
     return EvalOutcome(generation, reward_accuracy, policy_accuracy)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import pandas as pd
@@ -19,7 +20,7 @@ from learner.errors import TokenizationError
 from learner.logprobs import encode_answer, finish_ended
 from learner.reward import RewardModel, score
 from learner.sampling import SamplingParams, encode_prompt, sample_many
-from learner.train import PairExample, UnaryExample, hash_fraction
+from learner.train import PairExample, UnaryExample, hash_fraction, mergeable, merged_adapter
 
 
 @dataclass(frozen=True)
@@ -33,13 +34,17 @@ class Rollout:
 
 
 def sample_batch(model, tokenizer, prompts: Sequence[str], n: int, params: SamplingParams,
-                 seed: int | None = None) -> list[list[Rollout]]:
+                 seed: int | None = None, merge: bool = False) -> list[list[Rollout]]:
     """`n` answers for each prompt from ONE sampling batch (`learner.sampling.sample_many`: every prompt repeated n
-    times, left-padded). The model is put in eval mode for the call (LoRA dropout off) and restored after."""
+    times, left-padded), from the model's active adapter. The model is put in eval mode for the call (LoRA dropout
+    off) and restored after. `merge`: with the active adapter merged into a copy of the weights
+    (`learner.train.merged_adapter`: faster; not inside `use_adapter(model, None)`, where no adapter is active)."""
     was_training = model.training
     model.eval()
+    merging = merge and mergeable(model, model.active_adapter)
     try:
-        answers = sample_many(model, tokenizer, list(prompts), n, params, seed=seed)
+        with merged_adapter(model, model.active_adapter) if merging else nullcontext():
+            answers = sample_many(model, tokenizer, list(prompts), n, params, seed=seed)
     finally:
         model.train(was_training)
     return [[Rollout(prompt, a.text, a.token_count, a.finish_reason) for a in item]
@@ -79,9 +84,11 @@ class OnPolicyBatch:
 
 
 def onpolicy_examples(model, reward_model: RewardModel, tokenizer, prompts: Sequence[str], algorithm: str,
-                      n: int, params: SamplingParams, max_length: int, seed: int | None = None) -> OnPolicyBatch:
-    """Sample `n` answers per prompt from the model's active adapter, score them, and build examples."""
-    rollouts = sample_batch(model, tokenizer, prompts, n, params, seed=seed)
+                      n: int, params: SamplingParams, max_length: int, seed: int | None = None,
+                      merge: bool = False) -> OnPolicyBatch:
+    """Sample `n` answers per prompt from the model's active adapter (`merge`: merged, see `sample_batch`), score
+    them, and build examples."""
+    rollouts = sample_batch(model, tokenizer, prompts, n, params, seed=seed, merge=merge)
     build = ONPOLICY_BUILDERS[algorithm]
     examples, dropped = [], 0
     for prompt, group in zip(prompts, rollouts, strict=True):

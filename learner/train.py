@@ -85,6 +85,47 @@ def training_adapter(model, adapter: str) -> Iterator[None]:
         model.train(was_training)
 
 
+def mergeable(model, adapter: str) -> bool:
+    """Whether `merged_adapter` can merge `adapter`: plain LoRA on linear layers (no DoRA, no embedding adapters)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    return bool(layers) and all(
+        adapter not in getattr(m, "lora_embedding_A", {}) and not m.use_dora.get(adapter, False)
+        and adapter not in getattr(m, "lora_variant", {}) for m in layers)
+
+
+@contextmanager
+def merged_adapter(model, adapter: str) -> Iterator[None]:
+    """Run a block (inference only: sampling) with `adapter` merged into new copies of the weights it changes and
+    every adapter off, so the model runs at the base model's speed: unmerged, a LoRA adds two small matmuls and a sum
+    to each of SmolLM2's 210 linear layers at every sampled token (`python -m bench.learner rollouts` prints both).
+
+    The original weight tensors are put back afterwards, untouched: swapped, not merged and unmerged in place, which
+    would leave float rounding in the base weights that the reference and every later step share. Costs one copy of
+    the adapted layers' weights for the block. Under bf16 autocast the merged weight is rounded to bf16 at each
+    matmul, as the serving copies are (app/generation): the rounding is the base model's own, and the adapter's part
+    survives it on average rather than per weight."""
+    from peft.tuners.lora import LoraLayer
+
+    swapped = []
+    try:
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, LoraLayer) and adapter in module.lora_A:
+                    layer = module.get_base_layer()
+                    original = layer.weight
+                    with torch.autocast(original.device.type, enabled=False):  # B @ A in the weights' dtype
+                        merged = original + module.get_delta_weight(adapter).to(original.dtype)
+                    layer.weight = torch.nn.Parameter(merged, requires_grad=False)
+                    swapped.append((layer, original))
+        with model.disable_adapter():
+            yield
+    finally:
+        for layer, original in swapped:
+            layer.weight = original
+
+
 # --- the loop -------------------------------------------------------------------------------------------------
 
 @dataclass

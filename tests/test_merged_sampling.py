@@ -1,0 +1,85 @@
+"""A round samples its rollouts and evaluation answers with the adapter merged into a copy of the weights: the same
+model, faster. The base weights come back untouched (the reference and later steps share them)."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from learner.params import SamplingParams
+from learner.rollouts import sample_batch
+from learner.train import mergeable, merged_adapter, use_adapter
+
+PROMPTS = ["What is 2 + 2?", "Name a colour.", "Say hi"]
+
+
+def lora_model(tiny_model, **extra):
+    """The tiny model with two LoRA adapters ("policy", "parent") moved off zero, so each changes the model."""
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM", **extra)
+    model = get_peft_model(tiny_model, config, adapter_name="policy")
+    model.add_adapter("parent", config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.3)
+    model.set_adapter("policy")
+    model.eval()
+    return model
+
+
+def logits(model, tokenizer):
+    ids = tokenizer(PROMPTS[0], return_tensors="pt").input_ids
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def base_weights(model):
+    from peft.tuners.lora import LoraLayer
+
+    return {name: m.get_base_layer().weight for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def test_merged_gives_the_adapters_model_and_puts_the_same_weights_back(tiny_model, tiny_tokenizer):
+    model = lora_model(tiny_model)
+    before = {name: (w, w.detach().clone()) for name, w in base_weights(model).items()}
+    unmerged = logits(model, tiny_tokenizer)
+    with use_adapter(model, None):
+        base = logits(model, tiny_tokenizer)
+    assert (unmerged - base).abs().max() > 1e-2  # the adapter changes the model
+    with merged_adapter(model, "policy"):
+        merged = logits(model, tiny_tokenizer)
+        assert any(not torch.equal(w, before[n][1]) for n, w in base_weights(model).items())
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+    after = base_weights(model)
+    for name, (tensor, values) in before.items():
+        assert after[name] is tensor and torch.equal(tensor, values), name  # the very tensors, bit for bit
+    assert torch.equal(logits(model, tiny_tokenizer), unmerged)  # the adapter is on again
+    with use_adapter(model, "parent"), merged_adapter(model, "parent"):
+        merged_parent = logits(model, tiny_tokenizer)
+    with use_adapter(model, "parent"):
+        torch.testing.assert_close(merged_parent, logits(model, tiny_tokenizer), atol=1e-5, rtol=1e-5)
+
+
+def test_an_error_inside_still_puts_the_weights_back(tiny_model, tiny_tokenizer):
+    model = lora_model(tiny_model)
+    before = {name: w.detach().clone() for name, w in base_weights(model).items()}
+    unmerged = logits(model, tiny_tokenizer)
+    with pytest.raises(RuntimeError, match="boom"), merged_adapter(model, "policy"):
+        raise RuntimeError("boom")
+    assert all(torch.equal(w, before[n]) for n, w in base_weights(model).items())
+    assert torch.equal(logits(model, tiny_tokenizer), unmerged)
+
+
+@pytest.mark.parametrize("extra", [{}, {"use_dora": True}], ids=["lora", "dora"])
+def test_merged_sampling_draws_what_unmerged_sampling_draws(tiny_model, tiny_tokenizer, extra):
+    model = lora_model(tiny_model, **extra)
+    assert mergeable(model, "policy") == (not extra)  # DoRA's magnitude is not a delta: it is sampled unmerged
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=1.0)
+    for adapter in ("policy", "parent"):
+        with use_adapter(model, adapter):
+            plain = sample_batch(model, tiny_tokenizer, PROMPTS, 2, params, seed=3)
+            merged = sample_batch(model, tiny_tokenizer, PROMPTS, 2, params, seed=3, merge=True)
+        assert [[a.text for a in g] for g in merged] == [[a.text for a in g] for g in plain]
+    with use_adapter(model, None):
+        base = sample_batch(model, tiny_tokenizer, PROMPTS, 2, params, seed=3)
+    assert [[a.text for a in g] for g in base] != [[a.text for a in g] for g in plain]  # the adapter shows
