@@ -97,6 +97,7 @@ def test_spec_documents_the_error_body_and_each_routes_statuses(spec):
     assert "already ranked" in ranking["409"]["description"]
     assert set(spec["paths"]["/api/users"]["post"]["responses"]) >= {"201", "401", "403", "409", "422"}
     assert "429" in spec["paths"]["/api/generate"]["post"]["responses"]
+    assert {"403", "429"} <= set(spec["paths"]["/api/generate/batch"]["post"]["responses"])  # admins; shared slots
     assert "401" not in spec["paths"]["/api/health"]["get"]["responses"]
     assert "403" in spec["paths"]["/api/versions"]["get"]["responses"]  # admin only
     assert "403" not in spec["paths"]["/api/me"]["get"]["responses"]  # any token
