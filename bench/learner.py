@@ -381,33 +381,13 @@ def bench_rollouts(adapter_dir: str | None, repeats: int) -> None:
     LoRA adapter unmerged and merged into a copy of the weights (`learner.train.merged_adapter`), interleaved; then
     how far each computation's next-token distributions are from the exact one (fp32, unmerged) along those answers.
     `adapter_dir`: a version's adapter (e.g. prefloop-data/versions/v1/adapter); else a fresh LoRA moved off zero."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-
     from learner.config import RoundConfig
-    from learner.logprobs import collate, encode_answer
-    from learner.model import keep_lora_sums_fp32, load_base_model, load_tokenizer, pick_device
+    from learner.model import pick_device
     from learner.rollouts import sample_batch
 
     print(device_line())
-    device = pick_device()
-    path = MODELS / "smollm2"
-    tokenizer = load_tokenizer(path)
-    base = load_base_model(path, device)
-    config = RoundConfig()
-    if adapter_dir:
-        model = PeftModel.from_pretrained(base, adapter_dir, adapter_name="policy", is_trainable=True)
-        which = f"the adapter in {adapter_dir}"
-    else:
-        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                          target_modules=config.lora_target_modules, task_type="CAUSAL_LM")
-        model = get_peft_model(base, lora, adapter_name="policy")
-        torch.manual_seed(0)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "lora_B" in name:
-                    param.normal_(0.0, 0.01)
-        which = "a fresh LoRA with lora_B ~ N(0, 0.01)"
-    keep_lora_sums_fp32(model, device)
+    device, config = pick_device(), RoundConfig()
+    model, tokenizer, which = _rollout_model(adapter_dir, device, config)
     params = config.sampling
     print(f"a round's regeneration: {len(ROLLOUT_PROMPTS)} prompts x {config.rollout_n} answers, "
           f"{params.max_new_tokens} new tokens, from {which}")
@@ -428,18 +408,48 @@ def bench_rollouts(adapter_dir: str | None, repeats: int) -> None:
                   f"{tokens / seconds:6.1f} tokens/s", flush=True)
     unmerged, merged = (sorted(times[m])[len(times[m]) // 2] for m in (False, True))
     print(f"  median: unmerged {unmerged:.2f} s, merged {merged:.2f} s: merged / unmerged {merged / unmerged:.2f}")
+    _print_fidelity(model, tokenizer, device, config, sample(False, seed=repeats))
 
-    answers = sample(False, seed=repeats)
+
+def _rollout_model(adapter_dir: str | None, device, config):
+    """(PeftModel with the adapter "policy" as a round builds it, tokenizer, what the adapter is in words)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from learner.model import keep_lora_sums_fp32, load_base_model, load_tokenizer
+
+    path = MODELS / "smollm2"
+    tokenizer, base = load_tokenizer(path), load_base_model(path, device)
+    if adapter_dir:
+        model = PeftModel.from_pretrained(base, adapter_dir, adapter_name="policy", is_trainable=True)
+        which = f"the adapter in {adapter_dir}"
+    else:
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=config.lora_target_modules, task_type="CAUSAL_LM")
+        model = get_peft_model(base, lora, adapter_name="policy")
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0.0, 0.01)
+        which = "a fresh LoRA with lora_B ~ N(0, 0.01)"
+    keep_lora_sums_fp32(model, device)
+    return model, tokenizer, which
+
+
+def _print_fidelity(model, tokenizer, device, config, answers) -> None:
+    """Per-token KL from the exact next-token distributions (fp32, adapter unmerged) to each other computation's,
+    along the sampled answers, with the adapter's own effect (KL to the base model) for scale."""
+    from contextlib import nullcontext
+
+    from learner.logprobs import collate, encode_answer
+    from learner.train import merged_adapter, use_adapter
+
     encoded = [encode_answer(tokenizer, p, a.text, config.max_length, a.finish_reason == "eos")
                for p, group in zip(ROLLOUT_PROMPTS, answers) for a in group]
     ids, attention, answer_mask = collate(encoded, tokenizer.pad_token_id, torch.device("cpu"))
     mask = answer_mask[:, 1:].float()
 
     def log_probs(autocast: bool, how: str) -> torch.Tensor:
-        from contextlib import nullcontext
-
-        from learner.train import merged_adapter, use_adapter
-
         around = {"unmerged": nullcontext, "merged": lambda: merged_adapter(model, "policy"),
                   "base": lambda: use_adapter(model, None)}[how]
         model.eval()
