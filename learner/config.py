@@ -62,8 +62,8 @@ class RoundConfig:
     #   `structured` with ties in random order from 0.43 to 0.54 (+0.115 [+0.036, +0.193], n = 96), but cost
     #   `concise` 0.09 (1.00 -> 0.91, +0.094 [0.000, +0.188], n = 32: its first round, with 12 held-out pairs,
     #   cannot show even 0.67 above chance). With ties (the Annotate tab's) `structured` learns at 64 labels (5 runs:
-    #   0.57 [0.52, 0.63], n = 480), but the one run of five that did not had a reward model below chance on
-    #   held-out pairs (0.35, n = 23): a guard's case, not yet measured as an arm
+    #   0.57 [0.52, 0.63], n = 480), not in every run: the one that did not move (0.50) had a reward model below
+    #   chance on held-out pairs (0.35, n = 23): a guard's case, not yet measured as an arm
     rollout_prompts: int = 4  # prompts sampled per regeneration at least: 4 x 4 answers ~ 15 s of sampling on a
     #   CPU; more when one step's on-policy share, or its window at onpolicy_max_uses, needs more
     rollout_n: int = 4  # answers per prompt, best vs worst by the reward model (K=4 as annotators see)
