@@ -7,7 +7,6 @@ Each label is committed before the 201 leaves; a request that fails writes nothi
 from __future__ import annotations
 
 import json
-import random
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -34,7 +33,6 @@ from app.api_models import (
 from app.buffer import shown_answers
 from app.context import AppContext
 from app.errors import ApiError
-from app.generation.backend import ItemRequest
 from app.login import TOKEN_ACCEPTED
 from app.policy import MAX_GENERATE_TOKENS, with_max_new_tokens
 from storage.exports import iter_export
@@ -87,7 +85,7 @@ class UserBody(Body):
 
 
 class GenerateBody(Body):
-    prompt: str = Field(min_length=1, max_length=20_000)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     version: int | None = Field(default=None, ge=0)
     max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_GENERATE_TOKENS)
 
@@ -98,7 +96,7 @@ MAX_BATCH_ANSWERS = 32
 
 
 class GenerateBatchBody(Body):
-    prompts: list[Annotated[str, Field(min_length=1, max_length=20_000)]] = Field(
+    prompts: list[Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]] = Field(
         min_length=1, max_length=MAX_BATCH_ANSWERS, description="each answered `n` times")
     n: int = Field(default=1, ge=1, le=MAX_BATCH_ANSWERS, description="answers per prompt")
     version: int | None = Field(default=None, ge=0)
@@ -286,10 +284,9 @@ def generate_batch(body: GenerateBatchBody, user: Admin, c: Ctx) -> dict:
     if body.version is not None:
         c.deployments.ensure_loadable(body.version)
     params = with_max_new_tokens(c.config.sampling, body.max_new_tokens)
-    seed = random.randrange(2**31)
     with c.generation_slots.held():  # shared with the Demo tab and /api/generate: 429 when both slots are taken
         wanted = c.deployments.serving if body.version is None else body.version
-        answers = c.policy.sample_items([ItemRequest(p, body.n, wanted, seed) for p in body.prompts], params)
+        answers = c.policy.sample_prompts(body.prompts, body.n, params, wanted)
     return {"version": wanted,
             "answers": [[{"text": a.text, "token_count": a.token_count, "finish_reason": a.finish_reason}
                          for a in item] for item in answers]}

@@ -137,8 +137,13 @@ class PolicyService:
     def sample(self, prompt: str, k: int, params: SamplingParams, version: int,
                seed: int | None = None) -> tuple[int, list[SampledAnswer]]:
         """K answers from `version` in one batched call; returns the version that generated them."""
-        request = ItemRequest(prompt, k, version, random.randrange(2**31) if seed is None else seed)
-        return version, self.sample_items([request], params)[0]
+        return version, self.sample_prompts([prompt], k, params, version, seed)[0]
+
+    def sample_prompts(self, prompts: Sequence[str], k: int, params: SamplingParams, version: int,
+                       seed: int | None = None) -> list[list[SampledAnswer]]:
+        """K answers to each prompt from `version`, all in one sampling batch (one seed; random when None)."""
+        seed = random.randrange(2**31) if seed is None else seed
+        return self.sample_items([ItemRequest(p, k, version, seed) for p in prompts], params)
 
     def generate(self, prompt: str | list[dict], params: SamplingParams, version: int) -> tuple[int, str]:
         """One answer (the last streamed text) from `version`; returns the version that generated it."""
