@@ -1,7 +1,7 @@
 import pytest
 
 from learner.errors import ConfigError
-from learner.sampling import SamplingParams, encode_prompt, sample_answers, stream_answer
+from learner.sampling import SamplingParams, encode_prompt, sample_answers, sample_many, stream_answer
 
 
 def test_k_answers_from_one_call_with_token_counts_and_logprobs(tiny_model, tiny_tokenizer):
@@ -138,6 +138,27 @@ def test_logits_a_broken_model_makes_still_give_tokens():
     for temperature in (0.8, 1.0):
         tokens = nucleus_sample(torch.nan_to_num(logits), temperature, 0.95)
         assert tokens.shape == (3,) and bool(((tokens >= 0) & (tokens < 4)).all())
+
+
+def test_a_model_whose_weights_broke_still_answers(tiny_model, tiny_tokenizer):
+    """The same through the sampling loop (`decode_steps` makes non-finite logits finite before drawing): a model
+    whose output layer holds inf and NaN answers every row with tokens from its vocabulary."""
+    import copy
+    import math
+
+    import torch
+
+    broken = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        weight = broken.get_output_embeddings().weight
+        broken.get_output_embeddings().weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
+        broken.get_output_embeddings().weight[0] = float("inf")
+        broken.get_output_embeddings().weight[1] = float("nan")
+    answers = sample_many(broken, tiny_tokenizer, ["hello", "a longer prompt here"], 2,
+                          SamplingParams(max_new_tokens=5), seed=0)
+    assert [len(a) for a in answers] == [2, 2]
+    assert all(1 <= a.token_count + (a.finish_reason == "eos") <= 5 for item in answers for a in item)
+    assert all(math.isfinite(a.logprob_sum) for item in answers for a in item)  # log-probs of finite logits
 
 
 def test_a_model_that_writes_byte_zero_gives_text_the_store_takes(tiny_model, tiny_tokenizer, tmp_path):
