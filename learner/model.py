@@ -59,8 +59,9 @@ class Device:
     @property
     def merges_for_sampling(self) -> bool:
         """Whether a round samples (rollouts, evaluation) with the adapter merged into a copy of the weights
-        (`learner.train.merged_adapter`): with fp32 weights. bf16 weights would round a young adapter's small
-        changes away one weight at a time, so there the adapter stays unmerged (and a GPU hardly feels its cost)."""
+        (`learner.train.merged_adapter`), and the app's serving copies merge theirs: with fp32 weights. bf16 weights
+        would round a young adapter's small changes away one weight at a time, so there the adapter stays unmerged
+        (and a GPU hardly feels its cost)."""
         return self.dtype == torch.float32
 
     def compute(self) -> AbstractContextManager:
@@ -100,11 +101,25 @@ def pick_device(prefer: str | None = None, precision: str | None = None) -> Devi
     if prefer == "cuda" and not torch.cuda.is_available():
         raise ModelError("device 'cuda' was asked for, but torch sees no CUDA GPU (is this a CPU build of torch?)")
     if prefer != "cpu" and torch.cuda.is_available():
-        return Device(torch.device("cuda"), torch.float32 if precision == "fp32" else torch.bfloat16)
+        return cuda_device(precision)
     # fp32 weights on the CPU either way: LoRA's optimizer state and the merged serving copy stay exact, and only the
     # matmuls (where the time goes) drop to bf16.
     bf16 = precision == "bf16" or (precision == "auto" and cpu_has_native_bf16())
     return Device(torch.device("cpu"), torch.float32, torch.bfloat16 if bf16 else None)
+
+
+def cuda_device(precision: str) -> Device:
+    """A GPU: bf16 weights (half the memory of fp32) with bf16 autocast, or fp32 everywhere for "fp32".
+
+    Autocast although the weights are already bf16: without it every tensor of the forward pass is bf16, so each LoRA
+    layer's sum (frozen output + adapter output) and the residual stream round to bf16, and a young adapter's effect,
+    below half a unit in the last place, vanishes (as it did on the CPU before `keep_lora_sums_fp32`). Under autocast
+    the matmuls stay bf16 while `keep_lora_sums_fp32` keeps the sums, and so the residual stream, in fp32. Measured
+    on SmolLM2 with bf16 weights (emulated on the CPU, docs/benchmarks.md): DPO losses of a fresh adapter's first
+    steps follow fp32's with autocast and fp32 sums, lag them without."""
+    if precision == "fp32":
+        return Device(torch.device("cuda"), torch.float32)
+    return Device(torch.device("cuda"), torch.bfloat16, torch.bfloat16)
 
 
 def keep_lora_sums_fp32(model, device: Device) -> int:
@@ -116,9 +131,10 @@ def keep_lora_sums_fp32(model, device: Device) -> int:
     LoRA r=16, lr 1e-4, the same data): the loss after one step is 0.344 in fp32, 0.593 in plain bf16 autocast, 0.377
     with the sums in fp32; evaluated in fp32 the three adapters are alike (margins 33.7, 34.7, 33.9): plain bf16
     trains the weights but hides them from its own forward passes (a round's KL read 0.44 instead of 1.17). The frozen
-    layer's matmul stays bf16; only its output is returned in fp32 (the next matmul casts again). Only for fp32
-    weights under autocast (`device.autocast`; otherwise nothing is changed): with bf16 weights (a GPU) an fp32
-    output would meet a bf16 weight. Idempotent; returns the layers changed."""
+    layer's matmul stays bf16; only its output is returned in fp32 (the next matmul casts again). Only under autocast
+    (`device.autocast`: a CPU with fp32 weights, a GPU with bf16 weights, `cuda_device`; otherwise nothing is
+    changed): without it an fp32 output would meet the next layer's bf16 weight. Idempotent; returns the layers
+    changed."""
     from peft.tuners.lora import LoraLayer
 
     if device.autocast is None:

@@ -177,3 +177,31 @@ def test_a_closed_worker_leaves_no_leaked_semaphore_warning(tiny_model_dir):
                           timeout=300, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0 and "closed" in done.stdout, done.stderr[-2000:]
     assert "leaked" not in done.stderr, done.stderr[-2000:]
+
+
+def test_with_bf16_weights_a_young_adapter_still_reaches_the_answers(tiny_model_dir, tmp_path):
+    """A GPU keeps the weights in bf16 (`learner.model.cuda_device`, emulated here on the CPU). Merged into bf16
+    weights, or added to a bf16 frozen output, a young adapter's small changes round away and a new version would
+    answer exactly as its parent: the serving copy keeps it unmerged, its sums in fp32 under bf16 autocast."""
+    from peft import LoraConfig, get_peft_model
+
+    from learner.model import load_base_model
+
+    model = get_peft_model(load_base_model(tiny_model_dir, CPU),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 2e-4)  # young: its changes to each weight are below bf16's resolution
+    model.save_pretrained(tmp_path)
+    bf16 = Device(torch.device("cpu"), torch.bfloat16, torch.bfloat16)
+    request = [ItemRequest("What is 2 + 2?", 2, 1, seed=0), ItemRequest("What is 2 + 2?", 2, 0, seed=0)]
+    exact = TransformersBackend(tiny_model_dir, CPU)
+    gpu = TransformersBackend(tiny_model_dir, bf16)
+    assert not gpu.merge
+    for backend in (exact, gpu):
+        backend.load_version(1, tmp_path)
+    (exact_v1, exact_v0), (gpu_v1, gpu_v0) = exact.sample_items(request, GREEDY), gpu.sample_items(request, GREEDY)
+    assert exact_v1[0].logprob_sum != exact_v0[0].logprob_sum  # the adapter changes the model a little
+    assert gpu_v1[0].logprob_sum != gpu_v0[0].logprob_sum  # and the bf16 serving copy shows it

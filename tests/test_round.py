@@ -361,6 +361,12 @@ def test_precision_is_chosen_by_name_and_refused_when_unknown(monkeypatch):
     from learner.model import cpu_has_native_bf16, pick_device
 
     assert pick_device("cpu", "fp32").autocast is None
+    from learner.model import cuda_device  # what pick_device gives where torch sees a GPU
+
+    assert cuda_device("fp32").precision == "float32"
+    for precision in ("auto", "bf16"):  # bf16 weights, and autocast so that LoRA sums can stay fp32
+        assert cuda_device(precision).precision == "bfloat16 weights, bfloat16 autocast"
+        assert not cuda_device(precision).merges_for_sampling
     assert pick_device("cpu", "bf16").autocast == torch.bfloat16
     assert pick_device("cpu", "auto").autocast == (torch.bfloat16 if cpu_has_native_bf16() else None)
     monkeypatch.setenv("PREFLOOP_PRECISION", "fp32")
@@ -370,10 +376,12 @@ def test_precision_is_chosen_by_name_and_refused_when_unknown(monkeypatch):
         pick_device("cpu")
 
 
-def test_under_bf16_autocast_a_young_adapters_effect_is_kept_by_fp32_sums():
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16], ids=["cpu-fp32-weights", "gpu-bf16-weights"])
+def test_under_bf16_autocast_a_young_adapters_effect_is_kept_by_fp32_sums(weights):
     # peft adds the adapter's output to the frozen layer's and casts the sum to the frozen output's dtype: bf16
     # under autocast, where an addition below half a unit in the last place vanishes. keep_lora_sums_fp32 returns
-    # the frozen output in fp32 so that the sum keeps it.
+    # the frozen output in fp32 so that the sum keeps it. Alike for a CPU's fp32 weights and a GPU's bf16 weights
+    # (`cuda_device`: bf16 weights under bf16 autocast, emulated here).
     from peft import LoraConfig, get_peft_model
 
     from learner.model import Device, keep_lora_sums_fp32
@@ -382,12 +390,13 @@ def test_under_bf16_autocast_a_young_adapters_effect_is_kept_by_fp32_sums():
     base = torch.nn.Sequential(torch.nn.Linear(64, 64))
     with torch.no_grad():
         base[0].weight.uniform_(1.0, 2.0)  # outputs ~ 96: a bf16 unit in the last place there is 0.5
+        base[0].weight.copy_(base[0].weight.bfloat16().float())  # values both dtypes hold exactly
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=4, target_modules=["0"]))
     with torch.no_grad():
         model.base_model.model[0].lora_A["default"].weight.fill_(0.05)
         model.base_model.model[0].lora_B["default"].weight.fill_(1e-3)  # the adapter adds ~0.006 to each output
     x = torch.rand(8, 64)
-    bf16 = Device(torch.device("cpu"), torch.float32, torch.bfloat16)
+    bf16 = Device(torch.device("cpu"), weights, torch.bfloat16)
 
     def effect() -> torch.Tensor:
         with torch.no_grad(), bf16.compute():
@@ -399,6 +408,7 @@ def test_under_bf16_autocast_a_young_adapters_effect_is_kept_by_fp32_sums():
         frozen32 = model(x)
     with torch.no_grad():
         exact = model(x) - frozen32
+    model.base_model.model[0].base_layer.to(weights)  # the frozen weight in the device's dtype, the adapter in fp32
     assert float(exact.abs().min()) > 1e-3
     assert float(effect().abs().max()) == 0.0  # plain autocast: the adapter does nothing at all
     assert keep_lora_sums_fp32(model, bf16) == 1 and keep_lora_sums_fp32(model, bf16) == 0  # idempotent

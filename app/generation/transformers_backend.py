@@ -27,7 +27,9 @@ class TransformersBackend:
     def __init__(self, model_path: Path, device: Device, merge: bool = True):
         self.model_path = model_path
         self.device = device
-        self.merge = merge  # False: serve the adapter unmerged (bench/serving.py measures the difference)
+        # False: serve the adapter unmerged (bench/serving.py measures the difference). Only fp32 weights merge
+        # (`Device.merges_for_sampling`): merged into bf16 weights (a GPU) a young adapter's changes round away.
+        self.merge = merge and device.merges_for_sampling
         self.tokenizer = load_tokenizer(model_path)
         self.base = load_base_model(model_path, device)
         self._models: dict[int, torch.nn.Module] = {0: self.base}
