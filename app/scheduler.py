@@ -126,7 +126,9 @@ class Scheduler:
                 if run_id in self._cancelled:
                     raise _Cancelled
                 env = {**os.environ, "PYTHONUNBUFFERED": "1", "PREFLOOP_PRECISION": self.config.precision,
-                       **round_env}  # the round computes as the server's policy does (--precision)
+                       **round_env}  # the round computes where and as the server's policy does (--device, --precision)
+                if self.config.device:
+                    env["PREFLOOP_DEVICE"] = self.config.device
                 self._process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                                  text=True, env=env, preexec_fn=die_with_parent)
             drain = threading.Thread(target=self._drain, args=(run_id, self._process.stderr, stderr_tail),

@@ -227,6 +227,7 @@ def run_round(snapshot_dir: Path, base_model_dir: Path, parent_dir: Path | None,
         "warnings": setup.warnings,
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
         "precision": device.precision,
+        "device": device.torch_device.type,  # "cpu" or "cuda": where the round ran (the server's --device)
     })
     if accelerator.is_main_process:
         _write_version(out_dir, setup, reward, metrics, config, parent_version, snapshot)

@@ -155,3 +155,16 @@ def test_every_n_labels_starts_a_round_by_itself(ctx, server, boss, ann, sample_
     assert len(runs) == 1
     assert wait_run(boss, runs[0]["run_id"])["status"] == "succeeded"
     assert boss.get("/api/health").json()["policy_version"] == 1
+
+
+def test_the_rounds_run_on_the_servers_device_whatever_the_environment_says(ctx, server, boss, sample_items,
+                                                                            monkeypatch):
+    """`serve --device cpu` where the shell exports PREFLOOP_DEVICE=cuda (or torch sees a GPU): the server's policy
+    runs on the CPU, and so must its rounds (their own process, told through the environment); a round that picked
+    its device again would run elsewhere, or fail where torch has no CUDA."""
+    monkeypatch.setenv("PREFLOOP_DEVICE", "cuda")
+    assert ctx.config.device == "cpu" and ctx.policy.backend.device.torch_device.type == "cpu"
+    label_items(ctx, sample_items, 6)
+    run = wait_run(boss, boss.post("/api/train", json={"algorithm": "dpo", **QUICK}).json()["run_id"])
+    assert run["status"] == "succeeded", run
+    assert run["metrics"]["device"] == "cpu"
