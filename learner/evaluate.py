@@ -17,7 +17,7 @@ import torch
 
 from learner.config import RoundConfig
 from learner.errors import TokenizationError
-from learner.logprobs import EncodedAnswer, collate, encode_answer
+from learner.logprobs import EncodedAnswer, answer_logits, collate, encode_answer
 from learner.reward import RewardModel, score
 from learner.rollouts import Rollout, sample_batch
 from learner.stats import Proportion, proportion, refusal_probability
@@ -55,23 +55,26 @@ def exact_kl(model, encoded: Sequence[EncodedAnswer], pad_token_id: int, referen
     """
     device = next(model.parameters()).device
     input_ids, attention_mask, answer_mask = collate(encoded, pad_token_id, device)
-    first = min(e.prompt_length for e in encoded) - 1
-    keep = input_ids.shape[1] - first
+    mask = answer_mask[:, 1:]  # position t predicts token t + 1
 
-    def logits() -> torch.Tensor:
-        return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits[:, :-1].float()
+    def logits() -> torch.Tensor:  # (N, vocab) at the N answer positions, row by row
+        return answer_logits(model, input_ids, attention_mask, mask).float()
 
     policy = logits()
     with use_adapter(model, reference):
         ref = logits()
-    mask = answer_mask[:, first + 1:]
     log_p = torch.log_softmax(policy / temperature, dim=-1)
     log_q = torch.log_softmax(ref / temperature, dim=-1)
     # Each term is a KL, >= 0; float rounding can leave -1e-7 where the two agree.
     per_token = (log_p.exp() * (log_p - log_q)).sum(-1).clamp(min=0)
     log_p1 = torch.log_softmax(policy, dim=-1)
     entropy = -(log_p1.exp() * log_p1).sum(-1)
-    return (per_token * mask).sum(-1), (entropy * mask).sum(-1), mask.sum(-1)
+    rows = mask.nonzero()[:, 0]
+
+    def per_answer(values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(len(encoded), device=device, dtype=values.dtype).index_add(0, rows, values)
+
+    return per_answer(per_token), per_answer(entropy), mask.sum(-1)
 
 
 def _kl_and_entropy(model, tokenizer, rollouts: list[Rollout], reference: str | None, config: RoundConfig,

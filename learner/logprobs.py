@@ -108,29 +108,49 @@ def sequence_logprobs(model, encoded: Sequence[EncodedAnswer], pad_token_id: int
     Naive equivalent, per sequence ids with answer from index s:
         logits = model(ids).logits[0]
         sum(log_softmax(logits[t - 1])[ids[t]] for t in range(s, len(ids)))
-    Logits are only materialised from the earliest answer start on (`logits_to_keep`): the (B, T, vocab) tensor
-    is the largest one in a step, and the prompt's part of it is never used.
+    Logits are only materialised at the positions that predict an answer token (`answer_logits`): the output layer
+    and the softmax over the vocabulary are the largest part of a step after the transformer's layers, and the
+    prompts' and the padding's part of them is never used.
     """
     device = next(model.parameters()).device
     input_ids, attention_mask, answer_mask = collate(encoded, pad_token_id, device)
-    first = min(e.prompt_length for e in encoded) - 1  # the position whose logits predict the first answer token
-    keep = input_ids.shape[1] - first
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
-    logits = logits[:, :-1].float()  # (B, T - first - 1, vocab): position t predicts token t + 1
-    targets = input_ids[:, first + 1:]
-    mask = answer_mask[:, first + 1:]
+    mask = answer_mask[:, 1:]  # position t predicts token t + 1
+    logits = answer_logits(model, input_ids, attention_mask, mask).float()  # (N, vocab), N answer tokens in all
+    targets = input_ids[:, 1:][mask]
     token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    token_logps = token_logps.masked_fill(~mask, 0.0)
+    rows = mask.nonzero()[:, 0]
+    logps = torch.zeros(len(encoded), device=device, dtype=token_logps.dtype).index_add(0, rows, token_logps)
     counts = mask.sum(-1)
     entropy = None
     if with_entropy:
         with torch.no_grad():
-            answer_logits = logits.detach()[mask]  # (N, vocab): only answer positions
-            logp = torch.log_softmax(answer_logits, dim=-1)
+            logp = torch.log_softmax(logits.detach(), dim=-1)
             per_token = -(logp.exp() * logp).sum(-1)
-            rows = mask.nonzero()[:, 0]
             entropy = torch.zeros(len(encoded), device=device).index_add(0, rows, per_token) / counts.clamp(min=1)
-    return SequenceLogprobs(token_logps.sum(-1), counts, entropy)
+    return SequenceLogprobs(logps, counts, entropy)
+
+
+# Config fields by which a causal LM's forward changes its logits after the output layer (Gemma 2's soft-capping,
+# Cohere's and Granite's scales): such models are scored through their own forward.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def answer_logits(model, input_ids: Tensor, attention_mask: Tensor, mask: Tensor) -> Tensor:
+    """(N, vocab) logits at the N positions where `mask` (B, T - 1) is True, in row-major order: the transformer's
+    last hidden states at those positions only go through the output layer. A PeftModel (LoRA layers injected) or a
+    plain causal LM; a model whose forward transforms its logits (`_LOGIT_TRANSFORMS`), or that has no separate
+    transformer body, is run whole and its logits picked."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body, head = getattr(causal_lm, "base_model", causal_lm), causal_lm.get_output_embeddings()
+    config = causal_lm.config
+    transforms = any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)
+    if body is causal_lm or head is None or transforms:
+        first = int(mask.any(0).nonzero()[0])  # logits from the earliest answer position on (`logits_to_keep`)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                       logits_to_keep=input_ids.shape[1] - first).logits
+        return logits[:, :-1][mask[:, first:]]
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return head(hidden[:, :-1][mask])
 
 
 def distinct_sequence_logprobs(model, encoded: Sequence[EncodedAnswer], pad_token_id: int,

@@ -55,6 +55,30 @@ def test_summed_logprob_matches_the_naive_sum(tiny_model, tiny_tokenizer):
     assert 0 < result.entropy.item() <= math.log(len(tiny_tokenizer))
 
 
+def test_both_ways_to_the_answer_logits_give_each_rows_naive_sum(tiny_model, tiny_tokenizer):
+    """Logits at answer positions only (the transformer's hidden states there through the output layer), and the
+    model's own forward for models that transform their logits after it (picked by config, here forced): a
+    right-padded batch whose rows' answers start at different positions, each row equal to its naive sum."""
+    pad = tiny_tokenizer.pad_token_id
+    encoded = [encode_answer(tiny_tokenizer, p, a, 128) for p, a in
+               [(PROMPT, "Forty-two, because 17 + 25 = 42."), ("Hi", "Hello"), ("Name a colour, any colour.", "Red")]]
+    assert len({e.prompt_length for e in encoded}) == 3
+    naive = []
+    with torch.no_grad():
+        for e in encoded:
+            ids = torch.tensor([e.input_ids])
+            logp = torch.log_softmax(tiny_model(ids).logits[0], -1)
+            naive.append(float(sum(logp[t - 1, ids[0, t]] for t in range(e.prompt_length, ids.shape[1]))))
+        hidden_path = sequence_logprobs(tiny_model, encoded, pad).logps
+        tiny_model.config.final_logit_softcapping = 30.0  # as Gemma 2's config says: its forward caps the logits
+        try:
+            forward_path = sequence_logprobs(tiny_model, encoded, pad).logps
+        finally:
+            del tiny_model.config.final_logit_softcapping
+    assert hidden_path.tolist() == pytest.approx(naive, abs=1e-4)
+    assert forward_path.tolist() == pytest.approx(naive, abs=1e-4)
+
+
 def test_gradients_flow_through_the_policy(tiny_model, tiny_tokenizer):
     tiny_model.lm_head.weight.requires_grad_(True)  # tied to the embeddings in the tiny model
     result = answer_logprobs(tiny_model, tiny_tokenizer, [PROMPT], ["42"], max_length=128)
