@@ -6,6 +6,7 @@
     .venv/bin/python -m bench.learner round --items 24 --precisions fp32,auto  # one snapshot, a round per precision
     .venv/bin/python -m bench.learner api       # POST /api/train -> the new version's first item from /api/items/next
     .venv/bin/python -m bench.learner rollouts [--adapter DIR]  # a round's rollouts sampled merged vs unmerged
+    .venv/bin/python -m bench.learner bf16-weights  # DPO losses of first steps with a GPU's bf16 weights, on any device
     .venv/bin/python -m bench.learner all
     .venv/bin/python -m bench.learner --vs-trl  # one DPO step of prefloop vs TRL's DPOTrainer (pip install .[bench])
 
@@ -471,12 +472,65 @@ def _print_fidelity(model, tokenizer, device, config, answers) -> None:
     print(f"    the adapter's effect for scale: KL(exact || fp32 base) {kl(exact, log_probs(False, 'base')):.2e}")
 
 
+def bench_bf16_weights(steps: int = 2) -> None:
+    """The DPO loss over a fresh LoRA's first steps (4 pairs of the model's own answers, the round's lr and AdamW) in
+    fp32, with bf16 weights and no autocast (how a GPU computed before `cuda_device`), and with bf16 weights under
+    bf16 autocast with fp32 LoRA sums (how it computes now), on this machine's device: a CPU without native bf16
+    emulates it (slowly: ~20 minutes on 2 AVX2 cores)."""
+    from contextlib import nullcontext
+
+    from peft import LoraConfig, get_peft_model
+
+    from learner.config import RoundConfig
+    from learner.logprobs import encode_answer, sequence_logprobs
+    from learner.losses import dpo_loss
+    from learner.model import Device, keep_lora_sums_fp32, load_base_model, load_tokenizer, resolve_model
+    from learner.sampling import sample_many
+
+    config = RoundConfig()
+    where = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    path = resolve_model("smollm2", MODELS)
+    tokenizer = load_tokenizer(path)
+    prompts = ["Write a short poem about the sea.", "Explain photosynthesis simply.",
+               "Give three tips for sleeping well.", "What is a hash table?"]
+    answers = sample_many(load_base_model(path, Device(where, torch.float32)), tokenizer, prompts, 2, config.sampling,
+                          seed=1)
+    encoded = [encode_answer(tokenizer, p, a[j].text, config.max_length, a[j].finish_reason == "eos")
+               for j in (0, 1) for p, a in zip(prompts, answers)]  # chosen: first answers, rejected: second
+    print(f"bf16 weights: DPO loss of a fresh LoRA r={config.lora_r}, 4 pairs, lr {config.learning_rate}, on {where}")
+    for name, device, sums in [("fp32 (exact)", Device(where, torch.float32), False),
+                               ("bf16 weights, no autocast", Device(where, torch.bfloat16), False),
+                               ("bf16 weights, bf16 autocast, fp32 LoRA sums", Device(where, torch.bfloat16,
+                                                                                       torch.bfloat16), True)]:
+        torch.manual_seed(config.seed)
+        model = get_peft_model(load_base_model(path, device),
+                               LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules="all-linear"))
+        if sums:
+            keep_lora_sums_fp32(model, device)
+        compute = device.compute if device.autocast else nullcontext
+        with torch.no_grad(), compute(), model.disable_adapter():
+            ref = sequence_logprobs(model, encoded, tokenizer.pad_token_id).logps.float()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, eps=config.adam_eps)
+        losses = []
+        for _ in range(steps + 1):
+            with compute():
+                logps = sequence_logprobs(model, encoded, tokenizer.pad_token_id).logps.float()
+            loss = dpo_loss(logps[:4], logps[4:], ref[:4], ref[4:], beta=config.beta)[0]
+            losses.append(round(float(loss), 4))
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+        print(f"  {name:45s} losses at steps 0..{steps}: {losses}", flush=True)
+
+
 def main() -> None:
     if sys.argv[1:2] == ["_step"]:
         print(json.dumps(step_once(sys.argv[2])))
         return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", nargs="?", default=None, choices=["step", "round", "api", "rollouts", "all"])
+    p.add_argument("what", nargs="?", default=None, choices=["step", "round", "api", "rollouts", "bf16-weights", "all"])
     p.add_argument("--items", type=int, default=12, help="labelled items (rankings) the rounds learn from")
     p.add_argument("--vs-trl", action="store_true", help="one DPO step of prefloop vs TRL's DPOTrainer, interleaved")
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats of --vs-trl and rollouts")
@@ -487,7 +541,7 @@ def main() -> None:
                    help="RoundConfig override for `round`, e.g. steps=8 (repeatable)")
     a = p.parse_args()
     if a.what is None and not a.vs_trl:
-        p.error("name a benchmark (step, round, api, rollouts, all) or pass --vs-trl")
+        p.error("name a benchmark (step, round, api, rollouts, bf16-weights, all) or pass --vs-trl")
     if a.vs_trl:
         bench_vs_trl(a.repeats)
     if a.what in ("step", "all"):
@@ -500,6 +554,8 @@ def main() -> None:
         bench_api(a.items)
     if a.what in ("rollouts", "all"):
         bench_rollouts(a.adapter, a.repeats)
+    if a.what == "bf16-weights":  # not in "all": an emulated bf16 CPU takes ~20 minutes
+        bench_bf16_weights()
 
 
 if __name__ == "__main__":
