@@ -61,7 +61,7 @@ class RewardModel:
         # its .base_model the transformer body whose output is the final-norm hidden state.
         decoder = self.model.get_base_model().base_model
         with use_adapter(self.model, self.adapter):
-            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         last = torch.tensor([len(e.input_ids) - 1 for e in encoded], device=device)
         h_last = hidden[torch.arange(len(encoded), device=device), last]
         return self.head(h_last.float()).squeeze(-1)

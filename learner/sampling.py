@@ -117,7 +117,10 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, p
     where a log-prob is the drawn token's under the model at temperature 1 (what DPO and KTO compare). A row that
     drew an eos gets `pad_token_id` from then on; it ends when every row has or after `max_new_tokens` steps.
 
-    A plain KV-cached loop instead of `generate`: at SmolLM2's size `generate`'s per-step work around the model
+    A plain KV-cached loop instead of `generate`, its cache allocated once for the prompt and every new token (a
+    StaticCache: a growing one concatenates every layer's keys and values at every step, quadratic in the answer's
+    length; at 64 tokens the two take the same wall time, docs/benchmarks.md). At SmolLM2's size `generate`'s per-step
+    work around the model
     (sorting the vocabulary for top-p, drawing from all of it, its logits processors) took a third of a CPU batch's
     time (bench/sampling.py prints the two side by side). Positions count only real tokens, so left padding
     changes no row's answer (tests/test_sampling.py). Logits that are not finite (weights a far too large learning
