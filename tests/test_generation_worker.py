@@ -20,23 +20,28 @@ PARAMS = SamplingParams(max_new_tokens=8, temperature=1.0)
 GREEDY = SamplingParams(max_new_tokens=8, temperature=1e-4, top_p=1.0)
 
 
-@pytest.fixture(scope="module")
-def adapter_dir(tmp_path_factory, tiny_model_dir):
-    """A LoRA adapter on the tiny model with large random B weights, so it really changes the answers."""
+def save_adapter(tiny_model_dir, out, b_std: float, target_modules="all-linear", seed: int | None = 3):
+    """A LoRA adapter on the tiny model with random B weights of standard deviation `b_std`, saved in `out`."""
     from peft import LoraConfig, get_peft_model
 
     from learner.model import load_base_model
 
     model = get_peft_model(load_base_model(tiny_model_dir, CPU),
-                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
-    torch.manual_seed(3)
+                           LoraConfig(r=4, lora_alpha=8, target_modules=target_modules, init_lora_weights=False))
+    if seed is not None:
+        torch.manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
-                param.normal_(0, 0.5)
-    out = tmp_path_factory.mktemp("adapter")
+                param.normal_(0, b_std)
     model.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, tiny_model_dir):
+    """A LoRA adapter on the tiny model with large random B weights, so it really changes the answers."""
+    return save_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter"), 0.5)
 
 
 def test_merged_and_unmerged_serving_give_the_same_answers(tiny_model_dir, adapter_dir):
@@ -58,17 +63,7 @@ def test_merged_and_unmerged_serving_give_the_same_answers(tiny_model_dir, adapt
 def test_merging_an_adapter_on_a_tied_output_layer_leaves_the_inputs_alone(tiny_model_dir, tmp_path):
     """The tiny model ties lm_head to the input embeddings; an adapter on lm_head merged into that shared weight would
     also change every input embedding. Merged and unmerged serving must agree."""
-    from peft import LoraConfig, get_peft_model
-
-    from learner.model import load_base_model
-
-    model = get_peft_model(load_base_model(tiny_model_dir, CPU),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    model.save_pretrained(tmp_path)
+    save_adapter(tiny_model_dir, tmp_path, 0.5, target_modules=["q_proj", "lm_head"], seed=None)
     merged, unmerged = TransformersBackend(tiny_model_dir, CPU), TransformersBackend(tiny_model_dir, CPU, merge=False)
     request = [ItemRequest("What is 2 + 2?", 2, 1, seed=0)]
     answers = []
@@ -183,18 +178,7 @@ def test_with_bf16_weights_a_young_adapter_still_reaches_the_answers(tiny_model_
     """A GPU keeps the weights in bf16 (`learner.model.cuda_device`, emulated here on the CPU). Merged into bf16
     weights, or added to a bf16 frozen output, a young adapter's small changes round away and a new version would
     answer exactly as its parent: the serving copy keeps it unmerged, its sums in fp32 under bf16 autocast."""
-    from peft import LoraConfig, get_peft_model
-
-    from learner.model import load_base_model
-
-    model = get_peft_model(load_base_model(tiny_model_dir, CPU),
-                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 2e-4)  # young: its changes to each weight are below bf16's resolution
-    model.save_pretrained(tmp_path)
+    save_adapter(tiny_model_dir, tmp_path, 2e-4)  # young: its changes to each weight are below bf16's resolution
     bf16 = Device(torch.device("cpu"), torch.bfloat16, torch.bfloat16)
     request = [ItemRequest("What is 2 + 2?", 2, 1, seed=0), ItemRequest("What is 2 + 2?", 2, 0, seed=0)]
     exact = TransformersBackend(tiny_model_dir, CPU)
