@@ -477,14 +477,11 @@ def bench_bf16_weights(steps: int = 2) -> None:
     fp32, with bf16 weights and no autocast (how a GPU computed before `cuda_device`), and with bf16 weights under
     bf16 autocast with fp32 LoRA sums (how it computes now), on this machine's device: a CPU without native bf16
     emulates it (slowly: ~20 minutes on 2 AVX2 cores)."""
-    from contextlib import nullcontext
-
-    from peft import LoraConfig, get_peft_model
-
     from learner.config import RoundConfig
     from learner.logprobs import encode_answer, sequence_logprobs
     from learner.losses import dpo_loss
-    from learner.model import Device, keep_lora_sums_fp32, load_base_model, load_tokenizer, resolve_model
+    from learner.model import Device, load_base_model, load_tokenizer, resolve_model
+    from learner.round import build_model
     from learner.sampling import sample_many
 
     config = RoundConfig()
@@ -498,23 +495,18 @@ def bench_bf16_weights(steps: int = 2) -> None:
     encoded = [encode_answer(tokenizer, p, a[j].text, config.max_length, a[j].finish_reason == "eos")
                for j in (0, 1) for p, a in zip(prompts, answers)]  # chosen: first answers, rejected: second
     print(f"bf16 weights: DPO loss of a fresh LoRA r={config.lora_r}, 4 pairs, lr {config.learning_rate}, on {where}")
-    for name, device, sums in [("fp32 (exact)", Device(where, torch.float32), False),
-                               ("bf16 weights, no autocast", Device(where, torch.bfloat16), False),
-                               ("bf16 weights, bf16 autocast, fp32 LoRA sums", Device(where, torch.bfloat16,
-                                                                                       torch.bfloat16), True)]:
-        torch.manual_seed(config.seed)
-        model = get_peft_model(load_base_model(path, device),
-                               LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules="all-linear"))
-        if sums:
-            keep_lora_sums_fp32(model, device)
-        compute = device.compute if device.autocast else nullcontext
-        with torch.no_grad(), compute(), model.disable_adapter():
+    bf16 = torch.bfloat16
+    for name, device in [("fp32 (exact)", Device(where, torch.float32)),
+                         ("bf16 weights, no autocast", Device(where, bf16)),
+                         ("bf16 weights, bf16 autocast, fp32 LoRA sums", Device(where, bf16, bf16))]:
+        model, _ = build_model(path, None, config, device)  # a round's fresh LoRA (fp32 sums under autocast only)
+        with torch.no_grad(), device.compute(), model.disable_adapter():
             ref = sequence_logprobs(model, encoded, tokenizer.pad_token_id).logps.float()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, eps=config.adam_eps)
         losses = []
         for _ in range(steps + 1):
-            with compute():
+            with device.compute():
                 logps = sequence_logprobs(model, encoded, tokenizer.pad_token_id).logps.float()
             loss = dpo_loss(logps[:4], logps[4:], ref[:4], ref[4:], beta=config.beta)[0]
             losses.append(round(float(loss), 4))

@@ -17,7 +17,7 @@ import torch
 
 from learner.config import RoundConfig
 from learner.errors import TokenizationError
-from learner.logprobs import EncodedAnswer, answer_logits, collate, encode_answer
+from learner.logprobs import EncodedAnswer, answer_logits, collate, encode_answer, sum_per_answer
 from learner.reward import RewardModel, score
 from learner.rollouts import Rollout, sample_batch
 from learner.stats import Proportion, proportion, refusal_probability
@@ -69,12 +69,7 @@ def exact_kl(model, encoded: Sequence[EncodedAnswer], pad_token_id: int, referen
     per_token = (log_p.exp() * (log_p - log_q)).sum(-1).clamp(min=0)
     log_p1 = torch.log_softmax(policy, dim=-1)
     entropy = -(log_p1.exp() * log_p1).sum(-1)
-    rows = mask.nonzero()[:, 0]
-
-    def per_answer(values: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(len(encoded), device=device, dtype=values.dtype).index_add(0, rows, values)
-
-    return per_answer(per_token), per_answer(entropy), mask.sum(-1)
+    return sum_per_answer(per_token, mask), sum_per_answer(entropy, mask), mask.sum(-1)
 
 
 def _kl_and_entropy(model, tokenizer, rollouts: list[Rollout], reference: str | None, config: RoundConfig,

@@ -118,16 +118,28 @@ def sequence_logprobs(model, encoded: Sequence[EncodedAnswer], pad_token_id: int
     logits = answer_logits(model, input_ids, attention_mask, mask).float()  # (N, vocab), N answer tokens in all
     targets = input_ids[:, 1:][mask]
     token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    rows = mask.nonzero()[:, 0]
-    logps = torch.zeros(len(encoded), device=device, dtype=token_logps.dtype).index_add(0, rows, token_logps)
     counts = mask.sum(-1)
     entropy = None
     if with_entropy:
         with torch.no_grad():
             logp = torch.log_softmax(logits.detach(), dim=-1)
-            per_token = -(logp.exp() * logp).sum(-1)
-            entropy = torch.zeros(len(encoded), device=device).index_add(0, rows, per_token) / counts.clamp(min=1)
-    return SequenceLogprobs(logps, counts, entropy)
+            entropy = sum_per_answer(-(logp.exp() * logp).sum(-1), mask) / counts.clamp(min=1)
+    return SequenceLogprobs(sum_per_answer(token_logps, mask), counts, entropy)
+
+
+def sum_per_answer(values: Tensor, mask: Tensor) -> Tensor:
+    """(B,) sums of per-position `values` (N,), given in the row-major order of `mask`'s (B, T - 1) True entries (as
+    `answer_logits` returns its rows)."""
+    rows = mask.nonzero()[:, 0]
+    return torch.zeros(mask.shape[0], device=values.device, dtype=values.dtype).index_add(0, rows, values)
+
+
+def transformer_body(model):
+    """The causal LM inside `model` (a PeftModel, LoRA layers injected, or the plain model) and its transformer body
+    (the decoder stack, whose output is the final-norm hidden state); the body is the causal LM itself where it has
+    no separate one."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return causal_lm, getattr(causal_lm, "base_model", causal_lm)
 
 
 # Config fields by which a causal LM's forward changes its logits after the output layer (Gemma 2's soft-capping,
@@ -140,9 +152,8 @@ def answer_logits(model, input_ids: Tensor, attention_mask: Tensor, mask: Tensor
     last hidden states at those positions only go through the output layer. A PeftModel (LoRA layers injected) or a
     plain causal LM; a model whose forward transforms its logits (`_LOGIT_TRANSFORMS`), or that has no separate
     transformer body, is run whole and its logits picked."""
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    body, head = getattr(causal_lm, "base_model", causal_lm), causal_lm.get_output_embeddings()
-    config = causal_lm.config
+    causal_lm, body = transformer_body(model)
+    head, config = causal_lm.get_output_embeddings(), causal_lm.config
     transforms = any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)
     if body is causal_lm or head is None or transforms:
         first = int(mask.any(0).nonzero()[0])  # logits from the earliest answer position on (`logits_to_keep`)

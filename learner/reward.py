@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from learner.errors import ModelError
-from learner.logprobs import EncodedAnswer, collate, encode_answer, finish_ended
+from learner.logprobs import EncodedAnswer, collate, encode_answer, finish_ended, transformer_body
 from learner.losses import bradley_terry_loss
 from learner.stats import Proportion, proportion
 from learner.train import TrainResult, train_loop, training_adapter, use_adapter
@@ -57,9 +57,7 @@ class RewardModel:
         """(B,) scores of encoded answers, with gradients unless called under no_grad."""
         device = self.head.weight.device
         input_ids, attention_mask, _ = collate(encoded, self.tokenizer.pad_token_id, device)
-        # The decoder stack without the LM head: .get_base_model() is the HF causal LM (LoRA layers injected),
-        # its .base_model the transformer body whose output is the final-norm hidden state.
-        decoder = self.model.get_base_model().base_model
+        _, decoder = transformer_body(self.model)  # the decoder stack without the LM head
         with use_adapter(self.model, self.adapter):
             hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         last = torch.tensor([len(e.input_ids) - 1 for e in encoded], device=device)
