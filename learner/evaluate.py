@@ -17,7 +17,7 @@ import torch
 
 from learner.config import RoundConfig
 from learner.errors import TokenizationError
-from learner.logprobs import EncodedAnswer, answer_logits, collate, encode_answer, sum_per_answer
+from learner.logprobs import EncodedAnswer, answer_logits, encode_answer, layout
 from learner.reward import RewardModel, score
 from learner.rollouts import Rollout, sample_batch
 from learner.stats import Proportion, proportion, refusal_probability
@@ -53,12 +53,10 @@ def exact_kl(model, encoded: Sequence[EncodedAnswer], pad_token_id: int, referen
         p, q = softmax(policy(ids).logits[t - 1] / T), softmax(ref(ids).logits[t - 1] / T)
         sum(sum(p * (log p - log q)) for t in range(s, len(ids)))
     """
-    device = next(model.parameters()).device
-    input_ids, attention_mask, answer_mask = collate(encoded, pad_token_id, device)
-    mask = answer_mask[:, 1:]  # position t predicts token t + 1
+    batch = layout(model, encoded, pad_token_id)
 
-    def logits() -> torch.Tensor:  # (N, vocab) at the N answer positions, row by row
-        return answer_logits(model, input_ids, attention_mask, mask).float()
+    def logits() -> torch.Tensor:  # (N, vocab) at the N answer positions
+        return answer_logits(model, batch).float()
 
     policy = logits()
     with use_adapter(model, reference):
@@ -69,7 +67,7 @@ def exact_kl(model, encoded: Sequence[EncodedAnswer], pad_token_id: int, referen
     per_token = (log_p.exp() * (log_p - log_q)).sum(-1).clamp(min=0)
     log_p1 = torch.log_softmax(policy, dim=-1)
     entropy = -(log_p1.exp() * log_p1).sum(-1)
-    return sum_per_answer(per_token, mask), sum_per_answer(entropy, mask), mask.sum(-1)
+    return batch.per_answer(per_token), batch.per_answer(entropy), batch.counts
 
 
 def _kl_and_entropy(model, tokenizer, rollouts: list[Rollout], reference: str | None, config: RoundConfig,

@@ -4,13 +4,14 @@ An answer is scored as the chat template renders it: the prompt with the assista
 answer's tokens, then the eos token that ends the turn when the model chose to stop (finish_reason "eos";
 `learner.sampling` counts it the same way). An answer cut at max_new_tokens (finish_reason "length") gets no eos:
 training must not teach the model to stop where it never did. Only answer tokens (eos included) are scored.
-Sequences are right-padded, and the answers of a batch (chosen and rejected together) go through ONE forward pass.
+The answers of a batch (chosen and rejected together) go through ONE forward pass, answers to the same prompt sharing
+one copy of its tokens (`shared_prompt_layout`; right-padded rows where the attention takes no custom mask).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -85,6 +86,142 @@ def collate(encoded: Sequence[EncodedAnswer], pad_token_id: int,
     return input_ids.to(device), attention_mask.to(device), answer_mask.to(device)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """B encoded answers laid out for one forward pass.
+
+    `input_ids` (R, T); `attention_mask` either (R, T) padding (one answer per row) or (R, 1, T, T), True (or 0.0) =
+    may attend (answers sharing their prompt); `position_ids` (R, T) with the 4D mask, else None. `rows`, `cols` (N,)
+    the positions whose next-token distribution scores an answer token, `targets` (N,) those tokens, `owner` (N,) the
+    index in `encoded` of the answer each belongs to; `last` (2, B) each answer's last token (row, column).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor | None
+    rows: Tensor
+    cols: Tensor
+    targets: Tensor
+    owner: Tensor
+    last: Tensor
+    size: int  # B
+
+    def per_answer(self, values: Tensor) -> Tensor:
+        """(B,) sums of per-position `values` (N,), in the order of `rows`/`cols`, over each answer's positions."""
+        return torch.zeros(self.size, device=values.device, dtype=values.dtype).index_add(0, self.owner, values)
+
+    @property
+    def counts(self) -> Tensor:
+        """(B,) positions scored per answer."""
+        return torch.bincount(self.owner, minlength=self.size)
+
+    def forward_kwargs(self) -> dict:
+        kwargs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "use_cache": False}
+        if self.position_ids is not None:
+            kwargs["position_ids"] = self.position_ids
+        return kwargs
+
+
+def _long(values, device) -> Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def padded_layout(encoded: Sequence[EncodedAnswer], pad_token_id: int, device: torch.device | str = "cpu") -> Layout:
+    """One right-padded row per answer (`collate`): what every attention implementation takes."""
+    input_ids, attention_mask, answer_mask = collate(encoded, pad_token_id, device)
+    mask = answer_mask[:, 1:]  # position t predicts token t + 1
+    rows, cols = mask.nonzero(as_tuple=True)
+    last = _long([list(range(len(encoded))), [len(e.input_ids) - 1 for e in encoded]], device)
+    return Layout(input_ids, attention_mask, None, rows, cols, input_ids[:, 1:][mask], rows, last, len(encoded))
+
+
+def shared_prompt_layout(encoded: Sequence[EncodedAnswer], pad_token_id: int,
+                         device: torch.device | str = "cpu") -> Layout:
+    """Answers to the same prompt share ONE copy of the prompt's tokens. A group is the prompt followed by each of its
+    answers; every answer attends to the prompt and to itself (causally), never to its siblings, and its positions
+    continue from the prompt's end, so each answer is scored as it would be alone after its prompt. Groups are packed
+    into rows (first fit, longest first; rows as wide as the longest group) and never attend to each other.
+
+    A K=4 ranking's answers after one SmolLM2 prompt (~40 tokens with the chat template, answers up to 65): ~30%
+    fewer tokens through the model than four padded rows, for the same values up to float rounding."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, e in enumerate(encoded):
+        groups.setdefault(tuple(e.input_ids[:e.prompt_length]), []).append(index)
+
+    def length(group) -> int:
+        prompt, members = group
+        return len(prompt) + sum(encoded[i].answer_length for i in members)
+
+    ordered = sorted(groups.items(), key=length, reverse=True)
+    width = length(ordered[0])
+    packed: list[tuple[list[int], list]] = []  # per row: ([free width], its groups)
+    for group in ordered:
+        row = next((r for r in packed if r[0][0] >= length(group)), None)
+        if row is None:
+            row = ([width], [])
+            packed.append(row)
+        row[0][0] -= length(group)
+        row[1].append(group)
+    shape = (len(packed), width)
+    ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    positions = torch.zeros(shape, dtype=torch.long)
+    group_of = torch.full(shape, -1, dtype=torch.long)  # the group's number in its row; -1 = padding
+    answer_of = torch.full(shape, -1, dtype=torch.long)  # the answer's index in `encoded`; -1 = prompt or padding
+    rows, cols, targets, owner = [], [], [], []
+    last = [[0] * len(encoded), [0] * len(encoded)]
+    for r, (_, row_groups) in enumerate(packed):
+        at = 0
+        for g, (prompt, members) in enumerate(row_groups):
+            n = len(prompt)
+            ids[r, at:at + n] = torch.tensor(prompt)
+            positions[r, at:at + n] = torch.arange(n)
+            group_of[r, at:at + n] = g
+            prompt_end = at + n - 1  # its hidden state predicts every answer's first token
+            at += n
+            for i in members:
+                tokens = encoded[i].input_ids[n:]
+                k = len(tokens)
+                ids[r, at:at + k] = torch.tensor(tokens)
+                positions[r, at:at + k] = torch.arange(n, n + k)
+                group_of[r, at:at + k] = g
+                answer_of[r, at:at + k] = i
+                rows += [r] * k
+                cols += [prompt_end, *range(at, at + k - 1)]
+                targets += tokens
+                owner += [i] * k
+                last[0][i], last[1][i] = r, at + k - 1
+                at += k
+    query_group, key_group = group_of.unsqueeze(2), group_of.unsqueeze(1)
+    key_answer = answer_of.unsqueeze(1)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = ((query_group == key_group) & (query_group >= 0) & causal
+               & ((key_answer == -1) | (key_answer == answer_of.unsqueeze(2))))
+    allowed |= torch.eye(width, dtype=torch.bool)  # padding attends to itself: no row of the softmax is empty
+    return Layout(ids.to(device), allowed.unsqueeze(1).to(device), positions.to(device), _long(rows, device),
+                  _long(cols, device), _long(targets, device), _long(owner, device), _long(last, device),
+                  len(encoded))
+
+
+# Attention implementations that take a custom 4D mask (transformers hands a 4D mask to them as given): sdpa as a
+# boolean, eager as additive floats. Others (flash attention's kernels take padding only) get padded rows.
+_CUSTOM_MASK_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+def layout(model, encoded: Sequence[EncodedAnswer], pad_token_id: int) -> Layout:
+    """The layout `model` runs best, on its device: answers sharing their prompt where its attention takes a custom
+    mask, else one padded row per answer."""
+    device = next(model.parameters()).device
+    causal_lm, _ = transformer_body(model)
+    implementation = getattr(causal_lm.config, "_attn_implementation", None)
+    if implementation not in _CUSTOM_MASK_IMPLEMENTATIONS:
+        return padded_layout(encoded, pad_token_id, device)
+    shared = shared_prompt_layout(encoded, pad_token_id, device)
+    if implementation == "sdpa":
+        return shared
+    additive = torch.zeros(shared.attention_mask.shape, dtype=torch.float32, device=device)
+    return replace(shared, attention_mask=additive.masked_fill_(~shared.attention_mask, torch.finfo(torch.float32).min))
+
+
 @dataclass
 class SequenceLogprobs:
     """Per-sequence results of one forward pass."""
@@ -108,30 +245,21 @@ def sequence_logprobs(model, encoded: Sequence[EncodedAnswer], pad_token_id: int
     Naive equivalent, per sequence ids with answer from index s:
         logits = model(ids).logits[0]
         sum(log_softmax(logits[t - 1])[ids[t]] for t in range(s, len(ids)))
-    Logits are only materialised at the positions that predict an answer token (`answer_logits`): the output layer
-    and the softmax over the vocabulary are the largest part of a step after the transformer's layers, and the
-    prompts' and the padding's part of them is never used.
+    Answers to the same prompt share one copy of it (`layout`), and logits are only materialised at the positions
+    that predict an answer token (`answer_logits`): the output layer and the softmax over the vocabulary are the
+    largest part of a step after the transformer's layers, and the prompts' and the padding's part of them is never
+    used.
     """
-    device = next(model.parameters()).device
-    input_ids, attention_mask, answer_mask = collate(encoded, pad_token_id, device)
-    mask = answer_mask[:, 1:]  # position t predicts token t + 1
-    logits = answer_logits(model, input_ids, attention_mask, mask).float()  # (N, vocab), N answer tokens in all
-    targets = input_ids[:, 1:][mask]
-    token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    counts = mask.sum(-1)
+    batch = layout(model, encoded, pad_token_id)
+    logits = answer_logits(model, batch).float()  # (N, vocab), N answer tokens in all
+    token_logps = logits.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    counts = batch.counts
     entropy = None
     if with_entropy:
         with torch.no_grad():
             logp = torch.log_softmax(logits.detach(), dim=-1)
-            entropy = sum_per_answer(-(logp.exp() * logp).sum(-1), mask) / counts.clamp(min=1)
-    return SequenceLogprobs(sum_per_answer(token_logps, mask), counts, entropy)
-
-
-def sum_per_answer(values: Tensor, mask: Tensor) -> Tensor:
-    """(B,) sums of per-position `values` (N,), given in the row-major order of `mask`'s (B, T - 1) True entries (as
-    `answer_logits` returns its rows)."""
-    rows = mask.nonzero()[:, 0]
-    return torch.zeros(mask.shape[0], device=values.device, dtype=values.dtype).index_add(0, rows, values)
+            entropy = batch.per_answer(-(logp.exp() * logp).sum(-1)) / counts.clamp(min=1)
+    return SequenceLogprobs(batch.per_answer(token_logps), counts, entropy)
 
 
 def transformer_body(model):
@@ -147,21 +275,18 @@ def transformer_body(model):
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
-def answer_logits(model, input_ids: Tensor, attention_mask: Tensor, mask: Tensor) -> Tensor:
-    """(N, vocab) logits at the N positions where `mask` (B, T - 1) is True, in row-major order: the transformer's
-    last hidden states at those positions only go through the output layer. A PeftModel (LoRA layers injected) or a
+def answer_logits(model, batch: Layout) -> Tensor:
+    """(N, vocab) logits at the N positions of `batch` that predict an answer token (its `rows`, `cols`): the
+    transformer's last hidden states there only go through the output layer. A PeftModel (LoRA layers injected) or a
     plain causal LM; a model whose forward transforms its logits (`_LOGIT_TRANSFORMS`), or that has no separate
     transformer body, is run whole and its logits picked."""
     causal_lm, body = transformer_body(model)
     head, config = causal_lm.get_output_embeddings(), causal_lm.config
     transforms = any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)
     if body is causal_lm or head is None or transforms:
-        first = int(mask.any(0).nonzero()[0])  # logits from the earliest answer position on (`logits_to_keep`)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                       logits_to_keep=input_ids.shape[1] - first).logits
-        return logits[:, :-1][mask[:, first:]]
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    return head(hidden[:, :-1][mask])
+        return model(**batch.forward_kwargs()).logits[batch.rows, batch.cols]
+    hidden = body(**batch.forward_kwargs()).last_hidden_state
+    return head(hidden[batch.rows, batch.cols])
 
 
 def distinct_sequence_logprobs(model, encoded: Sequence[EncodedAnswer], pad_token_id: int,

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from learner.errors import ModelError
-from learner.logprobs import EncodedAnswer, collate, encode_answer, finish_ended, transformer_body
+from learner.logprobs import EncodedAnswer, encode_answer, finish_ended, layout, transformer_body
 from learner.losses import bradley_terry_loss
 from learner.stats import Proportion, proportion
 from learner.train import TrainResult, train_loop, training_adapter, use_adapter
@@ -55,14 +55,11 @@ class RewardModel:
 
     def rewards(self, encoded: Sequence[EncodedAnswer]) -> Tensor:
         """(B,) scores of encoded answers, with gradients unless called under no_grad."""
-        device = self.head.weight.device
-        input_ids, attention_mask, _ = collate(encoded, self.tokenizer.pad_token_id, device)
+        batch = layout(self.model, encoded, self.tokenizer.pad_token_id)  # a ranking's answers share its prompt
         _, decoder = transformer_body(self.model)  # the decoder stack without the LM head
         with use_adapter(self.model, self.adapter):
-            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        last = torch.tensor([len(e.input_ids) - 1 for e in encoded], device=device)
-        h_last = hidden[torch.arange(len(encoded), device=device), last]
-        return self.head(h_last.float()).squeeze(-1)
+            hidden = decoder(**batch.forward_kwargs()).last_hidden_state
+        return self.head(hidden[batch.last[0], batch.last[1]].float()).squeeze(-1)
 
     def encode(self, prompt: str, answer: str, ended: bool = True) -> EncodedAnswer:
         return encode_answer(self.tokenizer, prompt, answer, self.max_length, ended)

@@ -127,3 +127,48 @@ def test_truncation_cuts_the_answer_from_the_end_and_keeps_the_prompt(tiny_token
 def test_a_prompt_too_long_is_a_clear_error(tiny_tokenizer):
     with pytest.raises(TokenizationError, match=r"the prompt has \d+ tokens .* max_length is 16"):
         encode_answer(tiny_tokenizer, PROMPT, "42", max_length=16)
+
+
+def _naive_logprob(model, encoded) -> float:
+    ids = torch.tensor([encoded.input_ids])
+    logp = torch.log_softmax(model(ids).logits[0], -1)
+    return float(sum(logp[t - 1, ids[0, t]] for t in range(encoded.prompt_length, ids.shape[1])))
+
+
+SHARED = [(PROMPT, "Forty-two, because 17 + 25 = 42.", True), ("Hi", "Hello", True), (PROMPT, "41?", True),
+          ("Hi", "Hey there, how are you today? I am fine.", False), ("Name a colour, any colour.", "Red", True),
+          (PROMPT, "It is forty-two, plainly.", False),
+          (PROMPT, "Seventeen plus twenty-five makes forty-two; check it by counting up from seventeen.", True)]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_answers_sharing_a_prompt_are_scored_as_each_would_be_alone(tiny_model, tiny_tokenizer, attention):
+    """The shared-prompt layout (each prompt's tokens once, its answers after it, each answer seeing the prompt and
+    itself only, positions continuing from the prompt's end; short groups packed into one row) gives each answer
+    the log-prob, entropy and gradient it has alone: two answers seeing each other, or restarting their positions,
+    change them."""
+    from learner.logprobs import answer_logits, layout, padded_layout
+
+    tiny_model.set_attn_implementation(attention)
+    pad = tiny_tokenizer.pad_token_id
+    encoded = [encode_answer(tiny_tokenizer, p, a, 128, ended) for p, a, ended in SHARED]
+    shared = layout(tiny_model, encoded, pad)
+    assert shared.position_ids is not None and shared.attention_mask.dim() == 4
+    assert shared.input_ids.shape[0] == 2  # PROMPT's group alone; "Hi"'s and the colour's share the second row
+    assert shared.counts.tolist() == [e.answer_length for e in encoded]
+    with torch.no_grad():
+        naive = [_naive_logprob(tiny_model, e) for e in encoded]
+        result = sequence_logprobs(tiny_model, encoded, pad, with_entropy=True)
+        alone = [float(sequence_logprobs(tiny_model, [e], pad, with_entropy=True).entropy) for e in encoded]
+    assert result.logps.tolist() == pytest.approx(naive, abs=1e-4)
+    assert result.entropy.tolist() == pytest.approx(alone, abs=1e-4)
+
+    weight = tiny_model.model.layers[0].self_attn.q_proj.weight
+    weight.requires_grad_(True)
+    sequence_logprobs(tiny_model, encoded, pad).logps.sum().backward()
+    together, weight.grad = weight.grad.clone(), None
+    for e in encoded:  # each alone, in a row of its own
+        alone = padded_layout([e], pad)
+        logits = answer_logits(tiny_model, alone).float()
+        (logits.gather(-1, alone.targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)).sum().backward()
+    torch.testing.assert_close(together, weight.grad, atol=1e-5, rtol=1e-4)

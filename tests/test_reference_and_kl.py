@@ -115,7 +115,7 @@ def test_a_rankings_pairs_go_through_the_policy_once_per_distinct_answer(tiny_mo
     pad = tiny_tokenizer.pad_token_id
     context = PolicyContext(model, tiny_tokenizer, config, ReferenceLogps(model, pad, None, batch_size=8))
     rows = []
-    hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: rows.append(tuple(i[0].shape)))
     params = [p for n, p in model.named_parameters() if "lora_" in n]
 
     def step(chunked) -> tuple[float, list[torch.Tensor]]:
@@ -131,12 +131,18 @@ def test_a_rankings_pairs_go_through_the_policy_once_per_distinct_answer(tiny_mo
     # The reference's log-probs first (memoised), so the hook below counts the policy's rows only.
     context.reference([encode_answer(tiny_tokenizer, p, a, 64, e) for x in examples for p, a, e in x.texts()])
     by_answers, grads = step(step_micro_losses(context, "dpo", examples))
-    policy_rows = sum(rows)
+    policy_rows = list(rows)
     by_pairs, grads_by_pairs = step((dpo_objective(context, c)[0], len(c) / len(examples), {})
                                     for c in micro_batches(examples, 4, 1))
     hook.remove()
-    assert policy_rows == 4 + 4  # one pass: the ranking's 4 answers, "Blue" and its 3 rejected
-    assert sum(rows) == 4 + 6 + 2  # by 4 pairs: {F, I, 2, 5}, {I, 5, 2, B, A, S}, {B, R}
+    # One pass, each prompt once and each distinct answer once (the ranking's 4, "Blue" and its 3 rejected): two
+    # groups, one per row, as wide as the longer.
+    def group(prompt, texts):
+        encoded = [encode_answer(tiny_tokenizer, prompt, a, 64) for a in texts]
+        return encoded[0].prompt_length + sum(e.answer_length for e in encoded)
+    width = max(group("What is 2 + 2?", answers), group("Name a colour.", ["Blue", "A colour", "Sky", "Red?"]))
+    assert policy_rows == [(2, width)]
+    assert len(rows) == 3  # by 4 pairs: {F, I, 2, 5}, {I, 5, 2, B, A, S}, {B, R}
     assert by_answers == pytest.approx(by_pairs, abs=1e-5)
     for a, b in zip(grads, grads_by_pairs, strict=True):
         assert torch.allclose(a, b, atol=1e-5)

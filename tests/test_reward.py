@@ -15,6 +15,7 @@ from learner.reward import (
     train_reward_model,
     trained_pairs,
 )
+from learner.train import use_adapter
 
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "task_type": "CAUSAL_LM"}
 
@@ -92,3 +93,24 @@ def test_save_and_load_give_identical_scores(tiny_model_dir, tiny_tokenizer, tmp
                                tiny_tokenizer, 64)
     assert score(shared, prompts, answers) == pytest.approx(before, abs=1e-6)
     assert len(set(before)) == 3  # a trained head gives different answers different scores
+
+
+def test_a_rankings_answers_score_together_as_each_alone(tiny_model, tiny_tokenizer):
+    """A ranking's answers share one copy of their prompt in the forward pass (learner.logprobs.layout): each score
+    is the one the answer gets alone, the eos-less (cut) answer included."""
+    model = peft_model(tiny_model)
+    reward_model = attach_reward_model(model, tiny_tokenizer, 64, lora_config=LoraConfig(**LORA))
+    torch.nn.init.normal_(reward_model.head.weight, std=1.0)  # scores far apart enough to tell answers apart
+    answers = [("Yes, it is.", True), ("No", True), ("Perhaps, if the sky is clear tonight", False)]
+    encoded = [reward_model.encode("Is it blue?", a, ended) for a, ended in answers]
+    encoded.append(reward_model.encode("Name a fruit.", "Apple", True))
+    with torch.no_grad():
+        together = reward_model.rewards(encoded)
+        alone = []
+        with use_adapter(model, reward_model.adapter):
+            for e in encoded:  # the decoder's last hidden state of the answer alone, through the head
+                hidden = model.get_base_model().model(input_ids=torch.tensor([e.input_ids])).last_hidden_state
+                alone.append(reward_model.head(hidden[0, -1]).squeeze(-1))
+        alone = torch.stack(alone)
+    assert len(set(together.tolist())) == 4
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
