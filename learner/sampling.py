@@ -112,7 +112,8 @@ def _cache_argument(model) -> str:
 
 def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams,
                  eos_ids: set[int], pad_token_id: int,
-                 compute: Callable[[], AbstractContextManager] = nullcontext) -> Iterator[tuple[torch.Tensor, ...]]:
+                 compute: Callable[[], AbstractContextManager] = nullcontext,
+                 adapter_names: Sequence[str] | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
     """Sample continuations of a left-padded batch, one step at a time: yields (tokens, log-probs), each (rows,),
     where a log-prob is the drawn token's under the model at temperature 1 (what DPO and KTO compare). A row that
     drew an eos gets `pad_token_id` from then on; it ends when every row has or after `max_new_tokens` steps.
@@ -126,6 +127,8 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, p
     changes no row's answer (tests/test_sampling.py). Logits that are not finite (weights a far too large learning
     rate broke) are made finite first, as `generate(remove_invalid_values=True)` did: the round's loss then shows it.
     `compute()` wraps every forward pass (autocast is per thread, and a generator may be resumed in another one).
+    `adapter_names` (a PeftModel's LoRA adapters, unmerged): one per row, peft's "__base__" for the base model: rows
+    of several models in one batch, sharing the frozen weights' matmuls (peft's mixed-adapter batches).
     Only temperature and top-p shape the draw: a model's generation_config (a repetition penalty, top-k) is not
     applied, so every model is sampled alike.
     """
@@ -140,9 +143,10 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, p
     eos = torch.tensor(sorted(eos_ids), device=device)
     ended = torch.zeros(rows, dtype=torch.bool, device=device)
     next_position = positions[:, -1:] + 1
+    per_row = {} if adapter_names is None else {"adapter_names": list(adapter_names)}
     for _ in range(params.max_new_tokens):
         with torch.no_grad(), compute():
-            logits = model(**inputs, **{cache_name: cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
+            logits = model(**inputs, **{cache_name: cache}, **per_row, use_cache=True, logits_to_keep=1).logits[:, -1]
         logits = logits.float()
         if not bool(torch.isfinite(logits).all()):  # checked first: nan_to_num rewrites every logit, ~5% of a step
             logits = torch.nan_to_num(logits)
@@ -171,22 +175,28 @@ def left_padded(tokenizer, rows: Sequence[list[int]], device) -> tuple[torch.Ten
 
 
 def sample_many(model, tokenizer, prompts: Sequence[str | list[dict]], k: int, params: SamplingParams,
-                seed: int | None = None) -> list[list[SampledAnswer]]:
+                seed: int | None = None, adapters: Sequence[str] | None = None) -> list[list[SampledAnswer]]:
     """K answers to each of several prompts from ONE batch: each prompt repeated K times, left-padded.
 
     Batching items is what makes a CPU keep up with annotators: the weights are read once per token for every row.
+    `adapters`: the LoRA adapter that answers each prompt ("__base__": the base model), so several models' answers
+    come from one batch (`decode_steps`' `adapter_names`; the adapters must not be merged).
     """
     if k < 1:
         raise ConfigError(f"k must be >= 1, got {k}")
     if not prompts:
         return []
+    if adapters is not None and len(adapters) != len(prompts):
+        raise ConfigError(f"adapters names one adapter per prompt: {len(adapters)} for {len(prompts)} prompts")
     device = next(model.parameters()).device
     rows = [ids for ids in (encode_prompt(tokenizer, p) for p in prompts) for _ in range(k)]
     input_ids, attention_mask = left_padded(tokenizer, rows, device)
     if seed is not None:
         torch.manual_seed(seed)
     eos_ids = eos_token_ids(tokenizer, model)
-    steps = list(decode_steps(model, input_ids, attention_mask, params, eos_ids, tokenizer.pad_token_id))
+    adapter_names = None if adapters is None else [a for a in adapters for _ in range(k)]
+    steps = list(decode_steps(model, input_ids, attention_mask, params, eos_ids, tokenizer.pad_token_id,
+                              adapter_names=adapter_names))
     new_tokens = torch.stack([t for t, _ in steps], dim=1).cpu()  # (rows, T)
     token_logprobs = torch.stack([lp for _, lp in steps], dim=1).cpu()
     answers = [_answer(tokenizer, new_tokens[i], token_logprobs[i], eos_ids) for i in range(len(rows))]

@@ -189,3 +189,35 @@ def test_a_model_that_writes_byte_zero_gives_text_the_store_takes(tiny_model, ti
         records = [AnswerRecord(a.text, a.token_count, a.finish_reason, a.logprob_sum, 0) for a in answers]
         item = store.items.add(prompt.prompt_id, 0, {}, records)
         assert [a.text for a in store.items.get(item.item_id).answers] == ["\ufffd" * 4] * 2
+
+
+def test_a_mixed_adapter_batch_answers_each_row_from_its_own_model(tiny_model, tiny_tokenizer):
+    """Rows of several models in one batch (peft's mixed-adapter batches, as a round's evaluation samples the policy,
+    its parent and the base together): near-greedy, each row's tokens and log-probs are those its model gives alone."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=64, target_modules="all-linear", init_lora_weights=False)  # B != 0: they differ
+    model = get_peft_model(tiny_model, lora, adapter_name="a")
+    model.add_adapter("b", lora)
+    model.eval()
+    params = SamplingParams(max_new_tokens=8, temperature=1e-4, top_p=1.0)
+    prompts = ["What is 17 + 25?", "Name a colour."]
+    adapters = ["a", "__base__", "b"]
+    mixed = sample_many(model, tiny_tokenizer, prompts * 3, 1, params, seed=0,
+                        adapters=[a for a in adapters for _ in prompts])
+    alone = []
+    for name in adapters:
+        if name == "__base__":
+            with model.disable_adapter():
+                alone += sample_many(model, tiny_tokenizer, prompts, 1, params, seed=0)
+        else:
+            model.set_adapter(name)
+            alone += sample_many(model, tiny_tokenizer, prompts, 1, params, seed=0)
+    assert len({g[0].text for g in alone[:2]} | {g[0].text for g in alone[4:]}) > 2  # the models answer differently
+    for got, expected in zip(mixed, alone, strict=True):
+        assert got[0].text == expected[0].text
+        assert got[0].token_logprobs == pytest.approx(expected[0].token_logprobs, abs=1e-4)
+    with pytest.raises(ConfigError, match="one adapter per prompt"):
+        sample_many(model, tiny_tokenizer, prompts, 1, params, adapters=["a"])
