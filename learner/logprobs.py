@@ -186,10 +186,10 @@ def shared_prompt_layout(encoded: Sequence[EncodedAnswer], pad_token_id: int,
                 group_of[r, at:at + k] = g
                 answer_of[r, at:at + k] = i
                 rows += [r] * k
-                cols += [prompt_end, *range(at, at + k - 1)]
+                cols += [prompt_end, *range(at, at + k - 1)][:k]  # an empty answer (cut at 0 tokens) scores none
                 targets += tokens
                 owner += [i] * k
-                last[0][i], last[1][i] = r, at + k - 1
+                last[0][i], last[1][i] = r, (at + k - 1) if k else prompt_end
                 at += k
     query_group, key_group = group_of.unsqueeze(2), group_of.unsqueeze(1)
     key_answer = answer_of.unsqueeze(1)

@@ -138,7 +138,8 @@ def _naive_logprob(model, encoded) -> float:
 SHARED = [(PROMPT, "Forty-two, because 17 + 25 = 42.", True), ("Hi", "Hello", True), (PROMPT, "41?", True),
           ("Hi", "Hey there, how are you today? I am fine.", False), ("Name a colour, any colour.", "Red", True),
           (PROMPT, "It is forty-two, plainly.", False),
-          (PROMPT, "Seventeen plus twenty-five makes forty-two; check it by counting up from seventeen.", True)]
+          (PROMPT, "Seventeen plus twenty-five makes forty-two; check it by counting up from seventeen.", True),
+          ("Hi", "", False)]  # cut before its first token: nothing to score
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -162,6 +163,7 @@ def test_answers_sharing_a_prompt_are_scored_as_each_would_be_alone(tiny_model, 
         alone = [float(sequence_logprobs(tiny_model, [e], pad, with_entropy=True).entropy) for e in encoded]
     assert result.logps.tolist() == pytest.approx(naive, abs=1e-4)
     assert result.entropy.tolist() == pytest.approx(alone, abs=1e-4)
+    assert result.logps[-1] == 0 and result.token_counts[-1] == 0
 
     weight = tiny_model.model.layers[0].self_attn.q_proj.weight
     weight.requires_grad_(True)
