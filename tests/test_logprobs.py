@@ -174,3 +174,23 @@ def test_answers_sharing_a_prompt_are_scored_as_each_would_be_alone(tiny_model, 
         logits = answer_logits(tiny_model, alone).float()
         (logits.gather(-1, alone.targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)).sum().backward()
     torch.testing.assert_close(together, weight.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_a_prompts_many_answers_split_into_groups_that_each_repeat_it(tiny_model, tiny_tokenizer):
+    """A group's attention is a full square, so a prompt's answers beyond `max_group_tokens` start a new group with
+    the prompt again (an answer longer than the bound alone gets a group of its own); every answer still scores as
+    it does alone."""
+    from learner.logprobs import answer_logits, shared_prompt_layout
+
+    pad = tiny_tokenizer.pad_token_id
+    encoded = [encode_answer(tiny_tokenizer, p, a, 128, ended) for p, a, ended in SHARED]
+    batch = shared_prompt_layout(encoded, pad, max_group_tokens=60)
+    prompt = list(encoded[0].input_ids[:encoded[0].prompt_length])
+    rows = batch.input_ids.tolist()
+    copies = sum(row[i:i + len(prompt)] == prompt for row in rows for i in range(len(row)))
+    assert copies == 3  # PROMPT (40 tokens) with answers of 19 | 4 + 8 | 21 tokens: no two more fit in 60
+    with torch.no_grad():
+        logits = answer_logits(tiny_model, batch).float()
+        token_logps = logits.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+        naive = [_naive_logprob(tiny_model, e) for e in encoded]
+    assert batch.per_answer(token_logps).tolist() == pytest.approx(naive, abs=1e-4)
