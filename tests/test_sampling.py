@@ -199,12 +199,12 @@ def test_a_mixed_adapter_batch_answers_each_row_from_its_own_model(tiny_model, t
 
     torch.manual_seed(0)
     lora = LoraConfig(r=4, lora_alpha=64, target_modules="all-linear", init_lora_weights=False)  # B != 0: they differ
-    model = get_peft_model(tiny_model, lora, adapter_name="a")
-    model.add_adapter("b", lora)
+    model = get_peft_model(tiny_model, lora, adapter_name="first")
+    model.add_adapter("second", lora)
     model.eval()
     params = SamplingParams(max_new_tokens=8, temperature=1e-4, top_p=1.0)
     prompts = ["What is 17 + 25?", "Name a colour."]
-    adapters = ["a", "__base__", "b"]
+    adapters = ["first", "__base__", "second"]
     mixed = sample_many(model, tiny_tokenizer, prompts * 3, 1, params, seed=0,
                         adapters=[a for a in adapters for _ in prompts])
     alone = []
@@ -220,4 +220,4 @@ def test_a_mixed_adapter_batch_answers_each_row_from_its_own_model(tiny_model, t
         assert got[0].text == expected[0].text
         assert got[0].token_logprobs == pytest.approx(expected[0].token_logprobs, abs=1e-4)
     with pytest.raises(ConfigError, match="one adapter per prompt"):
-        sample_many(model, tiny_tokenizer, prompts, 1, params, adapters=["a"])
+        sample_many(model, tiny_tokenizer, prompts, 1, params, adapters=["first"])
