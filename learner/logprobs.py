@@ -154,64 +154,64 @@ def shared_prompt_layout(encoded: Sequence[EncodedAnswer], pad_token_id: int, de
     by_prompt: dict[tuple[int, ...], list[int]] = {}
     for index, e in enumerate(encoded):
         by_prompt.setdefault(tuple(e.input_ids[:e.prompt_length]), []).append(index)
-
-    def length(group) -> int:
-        prompt, members = group
-        return len(prompt) + sum(encoded[i].answer_length for i in members)
-
-    groups = []  # (prompt, answers), each at most max_group_tokens long unless one answer alone is longer
+    groups: list[list] = []  # [length, prompt, answers]: a prompt's answers while they fit in max_group_tokens
     for prompt, members in by_prompt.items():
+        group = None
         for i in members:
-            if groups and groups[-1][0] == prompt and length((prompt, [*groups[-1][1], i])) <= max_group_tokens:
-                groups[-1][1].append(i)
-            else:
-                groups.append((prompt, [i]))
-    ordered = sorted(groups, key=length, reverse=True)
-    width = length(ordered[0])
-    packed: list[tuple[list[int], list]] = []  # per row: ([free width], its groups)
-    for group in ordered:
-        row = next((r for r in packed if r[0][0] >= length(group)), None)
-        if row is None:
-            row = ([width], [])
-            packed.append(row)
-        row[0][0] -= length(group)
-        row[1].append(group)
-    shape = (len(packed), width)
-    ids = torch.full(shape, pad_token_id, dtype=torch.long)
-    positions = torch.zeros(shape, dtype=torch.long)
-    group_of = torch.full(shape, -1, dtype=torch.long)  # the group's number in its row; -1 = padding
-    answer_of = torch.full(shape, -1, dtype=torch.long)  # the answer's index in `encoded`; -1 = prompt or padding
+            size = encoded[i].answer_length
+            if group is None or group[0] + size > max_group_tokens:  # an answer longer than that gets its own
+                group = [len(prompt), prompt, []]
+                groups.append(group)
+            group[0] += size
+            group[2].append(i)
+    groups.sort(key=lambda g: g[0], reverse=True)
+    width = groups[0][0]
+    free: list[int] = []  # per row: the width its groups leave
+    row_groups: list[list] = []
+    for group in groups:  # first fit, longest first
+        r = next((r for r, space in enumerate(free) if space >= group[0]), len(free))
+        if r == len(free):
+            free.append(width)
+            row_groups.append([])
+        free[r] -= group[0]
+        row_groups[r].append(group)
+    ids, positions, group_of, answer_of = ([[] for _ in free] for _ in range(4))  # per row; answer_of -1: prompt
     rows, cols, targets, owner = [], [], [], []
     last = [[0] * len(encoded), [0] * len(encoded)]
-    for r, (_, row_groups) in enumerate(packed):
-        at = 0
-        for g, (prompt, members) in enumerate(row_groups):
+    for r, in_row in enumerate(row_groups):
+        for g, (_, prompt, members) in enumerate(in_row):
             n = len(prompt)
-            ids[r, at:at + n] = torch.tensor(prompt)
-            positions[r, at:at + n] = torch.arange(n)
-            group_of[r, at:at + n] = g
-            prompt_end = at + n - 1  # its hidden state predicts every answer's first token
-            at += n
+            prompt_end = len(ids[r]) + n - 1
+            ids[r] += prompt
+            positions[r] += range(n)
+            group_of[r] += [g] * n
+            answer_of[r] += [-1] * n
             for i in members:
-                tokens = encoded[i].input_ids[n:]
-                k = len(tokens)
-                ids[r, at:at + k] = torch.tensor(tokens)
-                positions[r, at:at + k] = torch.arange(n, n + k)
-                group_of[r, at:at + k] = g
-                answer_of[r, at:at + k] = i
+                tokens = list(encoded[i].input_ids[n:])
+                k, at = len(tokens), len(ids[r])
+                predictors = [prompt_end, *range(at, at + k)]  # token j of the answer is predicted by predictors[j]
                 rows += [r] * k
-                cols += [prompt_end, *range(at, at + k - 1)][:k]  # an empty answer (cut at 0 tokens) scores none
+                cols += predictors[:k]
                 targets += tokens
                 owner += [i] * k
-                last[0][i], last[1][i] = r, (at + k - 1) if k else prompt_end
-                at += k
+                last[0][i], last[1][i] = r, predictors[k]  # its last token (the prompt's, for an empty answer)
+                ids[r] += tokens
+                positions[r] += range(n, n + k)
+                group_of[r] += [g] * k
+                answer_of[r] += [i] * k
+
+    def padded(per_row: list[list[int]], fill: int) -> Tensor:
+        return torch.tensor([row + [fill] * (width - len(row)) for row in per_row], dtype=torch.long)
+
+    group_of, answer_of = padded(group_of, -1), padded(answer_of, -1)  # padding: group -1
     query_group, key_group = group_of.unsqueeze(2), group_of.unsqueeze(1)
     key_answer = answer_of.unsqueeze(1)
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     allowed = ((query_group == key_group) & (query_group >= 0) & causal
                & ((key_answer == -1) | (key_answer == answer_of.unsqueeze(2))))
     allowed |= torch.eye(width, dtype=torch.bool)  # padding attends to itself: no row of the softmax is empty
-    return Layout(ids.to(device), allowed.unsqueeze(1).to(device), positions.to(device), _long(rows, device),
+    return Layout(padded(ids, pad_token_id).to(device), allowed.unsqueeze(1).to(device),
+                  padded(positions, 0).to(device), _long(rows, device),
                   _long(cols, device), _long(targets, device), _long(owner, device), _long(last, device),
                   len(encoded))
 
