@@ -8,6 +8,7 @@ loads in well under a second.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -234,6 +235,13 @@ def load_base_model(path: Path, device: Device):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=device.dtype)
+    if getattr(model.config, "alibi", False) or "position_ids" not in inspect.signature(model.forward).parameters:
+        raise ModelError(
+            f"the model in {path} ({model.config.model_type}) takes its positions from ALiBi biases, not position ids; "
+            "prefloop samples left-padded batches from a static KV cache and scores answers sharing a prompt, both "
+            "by explicit position ids: choose a model with rotary or learned positions (Llama, Qwen, Mistral, Gemma, "
+            "Phi, SmolLM)"
+        )
     model.to(device.torch_device)
     model.eval()
     for param in model.parameters():

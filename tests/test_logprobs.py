@@ -218,6 +218,17 @@ def test_models_the_shared_layout_cannot_score_exactly_get_one_row_per_answer(ti
         assert layout(model, short, pad).position_ids is not None
 
 
+def test_an_alibi_model_is_refused_when_loaded_with_a_reason(tiny_tokenizer, tmp_path):
+    """prefloop samples and scores by explicit position ids; a Bloom directory is refused at load, naming why and
+    what to choose instead, rather than failing inside the first sampling batch."""
+    from learner.errors import ModelError
+    from learner.model import Device, load_base_model
+
+    _random_model("bloom", tiny_tokenizer).save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match=r"\(bloom\) takes its positions from ALiBi.*rotary or learned positions"):
+        load_base_model(tmp_path, Device(torch.device("cpu"), torch.float32))
+
+
 def test_a_prompts_many_answers_split_into_groups_that_each_repeat_it(tiny_model, tiny_tokenizer):
     """A group's attention is a full square, so a prompt's answers beyond `max_group_tokens` start a new group with
     the prompt again (an answer longer than the bound alone gets a group of its own); every answer still scores as
