@@ -176,59 +176,6 @@ def test_answers_sharing_a_prompt_are_scored_as_each_would_be_alone(tiny_model, 
     torch.testing.assert_close(together, weight.grad, atol=1e-5, rtol=1e-4)
 
 
-def _random_model(kind: str, tokenizer):
-    """A 2-layer random model of another family than the tiny Llama: Mistral with an 8-token sliding window, or
-    Bloom (ALiBi: no position ids, its position bias comes from a 2D mask)."""
-    import transformers
-
-    common = dict(vocab_size=len(tokenizer), hidden_size=32, num_attention_heads=4, pad_token_id=tokenizer.pad_token_id)
-    if kind == "mistral":
-        config = transformers.MistralConfig(**common, intermediate_size=64, num_hidden_layers=2, num_key_value_heads=2,
-                                            sliding_window=8, attn_implementation="sdpa")
-        cls = transformers.MistralForCausalLM
-    else:
-        config = transformers.BloomConfig(**common, n_layer=2, n_head=4)
-        cls = transformers.BloomForCausalLM
-    torch.manual_seed(0)
-    return cls(config).eval()
-
-
-@pytest.mark.parametrize("kind", ["mistral", "bloom"])
-def test_models_the_shared_layout_cannot_score_exactly_get_one_row_per_answer(tiny_tokenizer, kind):
-    """A custom 4D mask is taken by every layer as given, so a sliding-window layer would see no window in it, and an
-    ALiBi model derives its position bias from a 2D mask: where an answer is longer than the window, or the model
-    takes no position ids, each answer gets a padded row of its own and scores as the model scores it alone."""
-    from learner.logprobs import answer_logits, layout, shared_prompt_layout
-
-    model = _random_model(kind, tiny_tokenizer)
-    pad = tiny_tokenizer.pad_token_id
-    encoded = [encode_answer(tiny_tokenizer, p, a, 128, ended) for p, a, ended in SHARED[:4]]
-    assert layout(model, encoded, pad).position_ids is None
-    with torch.no_grad():
-        naive = [_naive_logprob(model, e) for e in encoded]
-        assert sequence_logprobs(model, encoded, pad).logps.tolist() == pytest.approx(naive, abs=1e-4)
-        if kind == "mistral":  # what the guard prevents: the window lost in the shared layout's mask
-            forced = shared_prompt_layout(encoded, pad)
-            logits = answer_logits(model, forced).float()
-            token_logps = logits.gather(-1, forced.targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
-            assert forced.per_answer(token_logps).tolist() != pytest.approx(naive, abs=1e-2)
-    if kind == "mistral":  # answers within the window share their prompt again
-        short = [encode_answer(tiny_tokenizer, "Hi", "Hey", 64, True), encode_answer(tiny_tokenizer, "Hi", "Yo", 64, True)]
-        model.config.sliding_window = max(len(e.input_ids) for e in short)
-        assert layout(model, short, pad).position_ids is not None
-
-
-def test_an_alibi_model_is_refused_when_loaded_with_a_reason(tiny_tokenizer, tmp_path):
-    """prefloop samples and scores by explicit position ids; a Bloom directory is refused at load, naming why and
-    what to choose instead, rather than failing inside the first sampling batch."""
-    from learner.errors import ModelError
-    from learner.model import Device, load_base_model
-
-    _random_model("bloom", tiny_tokenizer).save_pretrained(tmp_path)
-    with pytest.raises(ModelError, match=r"\(bloom\) takes its positions from ALiBi.*rotary or learned positions"):
-        load_base_model(tmp_path, Device(torch.device("cpu"), torch.float32))
-
-
 def test_a_prompts_many_answers_split_into_groups_that_each_repeat_it(tiny_model, tiny_tokenizer):
     """A group's attention is a full square, so a prompt's answers beyond `max_group_tokens` start a new group with
     the prompt again (an answer longer than the bound alone gets a group of its own); every answer still scores as
