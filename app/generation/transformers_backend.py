@@ -115,3 +115,4 @@ def _untie_output(model: torch.nn.Module) -> None:
     output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
     if output is not None and inputs is not None and output.weight is inputs.weight:
         output.weight = torch.nn.Parameter(inputs.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False  # what the copy now is (peft warned at every merge otherwise)
