@@ -282,7 +282,8 @@ def bench_round(n_items: int, overrides: dict | None = None, precisions: list[st
             outs.append(out)
         start = time.perf_counter()
         policy.load_adapter(1, outs[-1] / "adapter")
-        print(f"  hot-swap pause (load the adapter + switch, under the model lock): "
+        print(f"  hot-swap load (the adapter merged into a serving copy, on the worker's control lane: requests "
+              f"for the serving version go on meanwhile): "
               f"{(time.perf_counter() - start) * 1000:.0f} ms")
         store.close()
 
