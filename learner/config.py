@@ -16,6 +16,7 @@ from learner.sampling import SamplingParams
 
 ALGORITHMS = ("dpo", "kto", "reward")  # "reward": train the reward model only, copy the parent's policy unchanged
 LOSS_TYPES = ("sigmoid", "ipo", "robust")
+ROLLOUT_JUDGES = ("reward_model", "auto")
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,12 @@ class RoundConfig:
     #   cannot show even 0.67 above chance). With ties (the Annotate tab's) `structured` learns at 64 labels (5 runs:
     #   0.57 [0.52, 0.63], n = 480), not in every run: the one that did not move (0.50) had a reward model below
     #   chance on held-out pairs (0.35, n = 23): a guard's case, not yet measured as an arm
+    rollout_judge: str = "reward_model"  # what ranks a prompt's rollouts (best vs worst, around the median): the
+    #   round's reward model, or "auto": whichever of it and the policy's implicit reward (log-ratio to the reference,
+    #   as the policy is at that regeneration) ranked the held-out human pairs better at the round's start (the
+    #   parent policy's; a fresh LoRA's is 0 for every answer, so round 1 keeps the reward model). Default unchanged
+    #   until an arm is measured: across ten default `structured` runs the policy's implicit reward ranked held-out
+    #   pairs better at the rounds' end, 0.73 vs 0.56 (paired +0.167 [+0.084, +0.243], n = 234; docs/benchmarks.md)
     rollout_prompts: int = 4  # prompts sampled per regeneration at least: 4 x 4 answers ~ 15 s of sampling on a
     #   CPU; more when one step's on-policy share, or its window at onpolicy_max_uses, needs more
     rollout_n: int = 4  # answers per prompt, best vs worst by the reward model (K=4 as annotators see)
@@ -177,6 +184,8 @@ def _problems(c: RoundConfig) -> list[str]:
         (c.rollouts_min_reward_accuracy is None or 0 <= c.rollouts_min_reward_accuracy < 1,
          f"rollouts_min_reward_accuracy must be None or in [0, 1), got {c.rollouts_min_reward_accuracy}"),
         (c.sync_every >= 1, f"sync_every must be >= 1, got {c.sync_every}"),
+        (c.rollout_judge in ROLLOUT_JUDGES,
+         f"rollout_judge must be one of {', '.join(ROLLOUT_JUDGES)}, got {c.rollout_judge!r}"),
         (c.rollout_prompts >= 0, f"rollout_prompts must be >= 0, got {c.rollout_prompts}"),
         (c.onpolicy_max_uses >= 1, f"onpolicy_max_uses must be >= 1, got {c.onpolicy_max_uses}"),
         (c.rollout_n >= 2, f"rollout_n must be >= 2 (best vs worst needs two answers), got {c.rollout_n}"),

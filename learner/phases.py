@@ -29,7 +29,14 @@ from learner.reward import (
     train_reward_model,
     trained_pairs,
 )
-from learner.rollouts import HUMAN_DATA, human_examples, onpolicy_examples
+from learner.rollouts import (
+    HUMAN_DATA,
+    Scorer,
+    human_examples,
+    implicit_reward_scorer,
+    onpolicy_examples,
+    reward_model_scorer,
+)
 from learner.stats import Proportion, proportion
 from learner.train import (
     MIN_BATCH,
@@ -39,6 +46,7 @@ from learner.train import (
     step_micro_losses,
     train_loop,
     training_adapter,
+    use_adapter,
 )
 
 log = logging.getLogger(__name__)
@@ -194,7 +202,9 @@ def policy_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome) 
               for chunk in plan]
     wanted = [max(o, minimum - len(chunk)) if use_rollouts else 0 for o, chunk in zip(wanted, plan, strict=True)]
     prompts = rollout_prompt_count(config.rollout_prompts, wanted, config.sync_every, config.onpolicy_max_uses)
-    stream = _onpolicy_stream(setup, config, reward, prompts, steps)
+    reference = make_reference(setup, config)
+    judge = choose_rollout_judge(setup, config, reward, reference) if use_rollouts else None
+    stream = _onpolicy_stream(setup, config, reward, prompts, steps, judge, reference)
     if config.algorithm == "kto" and human:
         n_desirable = sum(e.desirable for e in human)
         warning = kto_weight_warning(n_desirable, len(human) - n_desirable, config.desirable_weight,
@@ -202,7 +212,6 @@ def policy_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome) 
         if warning:
             setup.warnings.append(warning)
             log.warning(warning)
-    reference = make_reference(setup, config)
     context = PolicyContext(setup.model, setup.tokenizer, config, reference)
     shuffle = random.Random(config.seed + acc.process_index)
     counts = {"human": 0, "onpolicy": 0}
@@ -235,9 +244,33 @@ def policy_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome) 
                          "dropped_tokenization": stream.dropped, "prompts_per_regeneration": stream.prompts,
                          "seconds": round(stream.seconds, 2)}
             if use_rollouts else None,
+            "rollout_judge": judge,
             "reference_logps": reference.stats()}
     return PolicyOutcome(result.history, result.failure and f"policy {result.failure}", len(human), human_frame,
                          dropped, data, reference)
+
+
+def choose_rollout_judge(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome,
+                         reference: ReferenceLogps) -> dict:
+    """Which scores rank the rollouts (`rollout_judge`), and the held-out accuracies it was chosen by: with "auto",
+    the policy's implicit reward where the parent policy (the policy adapter before this round's first step) ranks
+    the held-out human pairs strictly better than this round's reward model, else the reward model."""
+    chosen = {"judge": "reward_model", "rule": config.rollout_judge}
+    if config.rollout_judge != "auto":
+        return chosen
+    heldout, _ = human_examples(setup.held_out(setup.pairs), "dpo", setup.tokenizer, config.max_length)
+    if not heldout or reward.heldout_accuracy is None:
+        return {**chosen, "why": "no held-out human pairs to compare the two judges on"}
+    was_training = setup.model.training
+    setup.model.eval()
+    try:
+        with use_adapter(setup.model, POLICY):
+            policy = implicit_reward_accuracy(setup, config, reference, heldout)
+    finally:
+        setup.model.train(was_training)
+    rm = reward.heldout_accuracy
+    return {"judge": "policy" if policy.value > rm.value else "reward_model", "rule": "auto",
+            "reward_model_heldout_accuracy": rm.to_dict(), "policy_heldout_accuracy": policy.to_dict()}
 
 
 @dataclass
@@ -247,6 +280,7 @@ class _Regenerate:
     setup: RoundSetup
     config: RoundConfig
     reward_model: RewardModel
+    scorer: Scorer
     prompts_per_regeneration: int
     regenerations_planned: int
     steps: int
@@ -263,7 +297,7 @@ class _Regenerate:
         prompts = self.rng.sample(s.rollout_prompts, min(self.prompts_per_regeneration, len(s.rollout_prompts)))
         batch = onpolicy_examples(s.model, self.reward_model, s.tokenizer, prompts, c.algorithm, c.rollout_n,
                                   c.sampling, c.max_length, seed=c.seed * 100003 + step,
-                                  merge=s.device.merges_for_sampling)
+                                  merge=s.device.merges_for_sampling, scorer=self.scorer)
         self.regenerations += 1
         self.answers += batch.answers
         self.dropped += batch.dropped_tokenization
@@ -297,10 +331,15 @@ class _Stream(OnPolicyStream):
 
 
 def _onpolicy_stream(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome, prompts: int,
-                     steps: int) -> _Stream:
+                     steps: int, judge: dict | None, reference: ReferenceLogps) -> _Stream:
     rank = setup.accelerator.process_index
-    regenerate = _Regenerate(setup, config, reward.reward_model, prompts, -(-steps // config.sync_every), steps,
-                             random.Random(config.seed + 7919 * rank))
+    if judge is not None and judge["judge"] == "policy":
+        scorer = implicit_reward_scorer(setup.model, setup.tokenizer, reference, config.max_length,
+                                        2 * config.batch_size)
+    else:
+        scorer = reward_model_scorer(reward.reward_model)
+    regenerate = _Regenerate(setup, config, reward.reward_model, scorer, prompts, -(-steps // config.sync_every),
+                             steps, random.Random(config.seed + 7919 * rank))
     return _Stream(regenerate, config.sync_every, config.seed + rank)
 
 

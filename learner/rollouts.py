@@ -14,6 +14,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import pandas as pd
+import torch
 
 from learner.data import EVAL, TRAIN, PromptSplit
 from learner.errors import TokenizationError
@@ -88,11 +89,43 @@ class OnPolicyBatch:
     dropped_tokenization: int  # answers whose tokens did not line up with the prompt's (see learner.logprobs)
 
 
+Scorer = Callable[[str, Sequence[Rollout]], list[float]]  # a prompt's rollouts -> one score each (higher: better)
+
+
+def reward_model_scorer(reward_model: RewardModel) -> Scorer:
+    """The reward model's scores, one forward pass per prompt."""
+    def scores(prompt: str, rollouts: Sequence[Rollout]) -> list[float]:
+        return score(reward_model, [prompt] * len(rollouts), [r.text for r in rollouts],
+                     batch_size=max(len(rollouts), 1), ended=[r.finish_reason == "eos" for r in rollouts])
+    return scores
+
+
+def implicit_reward_scorer(model, tokenizer, reference: Callable[[Sequence], torch.Tensor], max_length: int,
+                           batch_size: int) -> Scorer:
+    """The policy's implicit reward, log pi(answer) - log ref(answer) (DPO's, arXiv 2305.18290 Eq. 5, up to beta),
+    with pi the model's active adapter as it is at the call (eval mode, no gradient) and `reference` the round's
+    memoised reference log-probs (`learner.refcache.ReferenceLogps`: the pair later trained on reuses them)."""
+    from learner.logprobs import distinct_sequence_logprobs
+
+    def scores(prompt: str, rollouts: Sequence[Rollout]) -> list[float]:
+        encoded = [encode_answer(tokenizer, prompt, r.text, max_length, r.finish_reason == "eos") for r in rollouts]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                policy = distinct_sequence_logprobs(model, encoded, tokenizer.pad_token_id, batch_size).logps
+        finally:
+            model.train(was_training)
+        return (policy.float() - reference(encoded).float()).tolist()
+    return scores
+
+
 def onpolicy_examples(model, reward_model: RewardModel, tokenizer, prompts: Sequence[str], algorithm: str,
                       n: int, params: SamplingParams, max_length: int, seed: int | None = None,
-                      merge: bool = False) -> OnPolicyBatch:
+                      merge: bool = False, scorer: Scorer | None = None) -> OnPolicyBatch:
     """Sample `n` answers per prompt from the model's active adapter (`merge`: merged, see `sample_batch`), score
-    them, and build examples."""
+    them (`scorer`; the reward model's by default), and build examples."""
+    scorer = scorer or reward_model_scorer(reward_model)
     rollouts = sample_batch(model, tokenizer, prompts, n, params, seed=seed, merge=merge)
     build = ONPOLICY_BUILDERS[algorithm]
     examples, dropped = [], 0
@@ -107,9 +140,7 @@ def onpolicy_examples(model, reward_model: RewardModel, tokenizer, prompts: Sequ
             kept.append(r)
         if len(kept) < 2:
             continue
-        scores = score(reward_model, [prompt] * len(kept), [r.text for r in kept], batch_size=max(len(kept), 1),
-                       ended=[r.finish_reason == "eos" for r in kept])
-        examples.extend(build(prompt, kept, scores))
+        examples.extend(build(prompt, kept, scorer(prompt, kept)))
     return OnPolicyBatch(examples, answers=sum(len(g) for g in rollouts), dropped_tokenization=dropped)
 
 

@@ -83,3 +83,32 @@ def test_merged_sampling_draws_what_unmerged_sampling_draws(tiny_model, tiny_tok
     with use_adapter(model, None):
         base = sample_batch(model, tiny_tokenizer, PROMPTS, 2, params, seed=3)
     assert [[a.text for a in g] for g in base] != [[a.text for a in g] for g in plain]  # the adapter shows
+
+
+def test_the_policys_implicit_reward_ranks_rollouts_by_its_log_ratio_to_the_reference(tiny_model, tiny_tokenizer):
+    """`rollout_judge` "auto" can rank a prompt's rollouts by log pi - log ref (pi: the active adapter as it is now,
+    ref: the round's memoised reference) instead of the reward model: the scores equal the difference of the two
+    log-probs `answer_logprobs` gives each answer, the best and worst of them make the pair, and the reference keeps them for the training step."""
+    from learner.logprobs import answer_logprobs
+    from learner.refcache import ReferenceLogps
+    from learner.rollouts import Rollout, best_vs_worst, implicit_reward_scorer
+
+    model = lora_model(tiny_model)
+    pad = tiny_tokenizer.pad_token_id
+    reference = ReferenceLogps(model, pad, None, batch_size=4)  # the base model, as in a default round
+    prompt = PROMPTS[0]
+    rollouts = [Rollout(prompt, text, 3, reason) for text, reason in
+                [("Four.", "eos"), ("It is 4", "length"), ("2 + 2 = 4, always.", "eos"), ("Five?", "eos")]]
+    scores = implicit_reward_scorer(model, tiny_tokenizer, reference, 96, batch_size=2)(prompt, rollouts)
+    texts, ended = [r.text for r in rollouts], [r.finish_reason == "eos" for r in rollouts]
+    with torch.no_grad():
+        policy = answer_logprobs(model, tiny_tokenizer, [prompt] * 4, texts, 96, ended=ended)
+        with use_adapter(model, None):
+            base = answer_logprobs(model, tiny_tokenizer, [prompt] * 4, texts, 96, ended=ended)
+    expected = (policy.logps - base.logps).tolist()
+    assert scores == pytest.approx(expected, abs=1e-4)
+    assert len(set(round(s, 3) for s in scores)) == 4  # the adapter moved every answer's log-ratio differently
+    best, worst = max(range(4), key=expected.__getitem__), min(range(4), key=expected.__getitem__)
+    [pair] = best_vs_worst(prompt, rollouts, scores)
+    assert (pair.chosen, pair.rejected) == (texts[best], texts[worst])
+    assert reference.stats()["computed"] == 4  # memoised: the pair's training step computes no reference again

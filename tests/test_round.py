@@ -334,6 +334,28 @@ def test_a_reward_model_not_shown_good_enough_picks_no_on_policy_pairs(tmp_path,
     assert any("rollouts_min_reward_accuracy 0.99" in w for w in metrics["warnings"]), metrics["warnings"]
 
 
+def test_rollout_judge_auto_picks_the_judge_that_ranked_held_out_pairs_better(first_version, tmp_path,
+                                                                              tiny_model_dir):
+    """`rollout_judge` "auto": round 1's fresh LoRA is its reference (implicit reward 0 for every answer, accuracy 0),
+    so the reward model judges; from a trained parent, the policy judges exactly when its held-out accuracy is the
+    higher, and either way the round trains on on-policy pairs."""
+    config = RoundConfig.from_dict({**TINY, "rollout_judge": "auto"})
+    first = run_round(write_snapshot(tmp_path / "s1"), tiny_model_dir, None, tmp_path / "a1", config)
+    judge = first["data"]["rollout_judge"]
+    assert judge["judge"] == "reward_model" and judge["policy_heldout_accuracy"]["value"] == 0.0
+    second = run_round(write_snapshot(tmp_path / "s2", parent_version=1), tiny_model_dir, first_version[0],
+                       tmp_path / "a2", config)
+    judge = second["data"]["rollout_judge"]
+    policy, reward = judge["policy_heldout_accuracy"]["value"], judge["reward_model_heldout_accuracy"]["value"]
+    assert judge["judge"] == ("policy" if policy > reward else "reward_model")
+    assert judge["judge"] == "policy"  # here the parent orders every held-out pair the labels' way, the RM not
+    assert second["data"]["onpolicy_uses"] > 0
+    assert RoundConfig().rollout_judge == "reward_model"
+    assert first_version[1]["data"]["rollout_judge"] == {"judge": "reward_model", "rule": "reward_model"}
+    with pytest.raises(ConfigError, match="rollout_judge must be one of reward_model, auto, got 'human'"):
+        RoundConfig.from_dict({"rollout_judge": "human"})
+
+
 def test_a_dpo_round_on_rankings_that_are_all_ties_says_why_it_has_nothing_to_train(tmp_path, tiny_model_dir):
     """Every ranking "no preference" (all answers tied): no pair, so no reward model and no rollouts either."""
     with pytest.raises(LearnerError, match="a ranking whose answers are all tied gives no pair"):
