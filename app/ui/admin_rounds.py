@@ -16,7 +16,7 @@ from app.ui import charts
 from app.ui.admin import require_admin, version_name
 from app.ui.annotate import UiError
 from app.ui.render import escape_markdown
-from learner.config import ALGORITHMS, LOSS_TYPES, RoundConfig
+from learner.config import ALGORITHMS, LOSS_TYPES, ROLLOUT_JUDGES, RoundConfig
 from storage import analytics
 from storage.runs import ACTIVE, Run
 
@@ -29,7 +29,7 @@ ETA_AFTER = 0.05  # progress before an ETA is shown: the first seconds (loading 
 COMMON_FIELDS = ("algorithm", "steps", "beta", "learning_rate", "max_label_staleness", "rollout_prompts",
                  "max_new_tokens", "reward_steps", "eval_prompts")
 TRAIN_KNOBS = COMMON_FIELDS + tuple(f.name for f in fields(RoundConfig) if f.name not in COMMON_FIELDS)
-CHOICES = {"algorithm": ALGORITHMS, "loss_type": LOSS_TYPES}
+CHOICES = {"algorithm": ALGORITHMS, "loss_type": LOSS_TYPES, "rollout_judge": ROLLOUT_JUDGES}
 # "Quick round" on the form: a round that shows the whole loop in about a minute on a 2-core CPU (SmolLM2-135M),
 # to try prefloop out or check a setup; its numbers are far too small to improve the model.
 QUICK_ROUND = {"steps": 2, "reward_steps": 2, "rollout_prompts": 1, "rollout_n": 2, "eval_prompts": 1, "eval_n": 1,
