@@ -74,7 +74,8 @@ class RoundConfig:
     rollout_judge: str = "reward_model"  # what ranks a prompt's rollouts (best vs worst, around the median): the
     #   round's reward model, or "auto": whichever of it and the policy's implicit reward (log-ratio to the reference,
     #   as the policy is at that regeneration) ranked the held-out human pairs better at the round's start (the
-    #   parent policy's; a fresh LoRA's is 0 for every answer, so round 1 keeps the reward model). Default unchanged
+    #   parent policy's; without a parent, or with `ref_sync`, the policy starts as its reference, its implicit
+    #   reward 0 for every answer, so the reward model judges). Default unchanged
     #   until an arm is measured: across ten default `structured` runs the policy's implicit reward ranked held-out
     #   pairs better at the rounds' end, 0.73 vs 0.56 (paired +0.167 [+0.084, +0.243], n = 234; docs/benchmarks.md)
     rollout_prompts: int = 4  # prompts sampled per regeneration at least: 4 x 4 answers ~ 15 s of sampling on a

@@ -254,10 +254,14 @@ def choose_rollout_judge(setup: RoundSetup, config: RoundConfig, reward: RewardO
                          reference: ReferenceLogps) -> dict:
     """Which scores rank the rollouts (`rollout_judge`), and the held-out accuracies it was chosen by: with "auto",
     the policy's implicit reward where the parent policy (the policy adapter before this round's first step) ranks
-    the held-out human pairs strictly better than this round's reward model, else the reward model."""
+    the held-out human pairs strictly better than this round's reward model, else the reward model. A policy that
+    starts the round as its own reference (no parent: a fresh LoRA; `ref_sync`: the parent is the reference) has an
+    implicit reward of 0 for every answer, up to float rounding that must not decide: the reward model judges."""
     chosen = {"judge": "reward_model", "rule": config.rollout_judge}
     if config.rollout_judge != "auto":
         return chosen
+    if setup.parent_dir is None or reference_adapter(setup, config) is not None:
+        return {**chosen, "why": "the policy starts this round as its reference: its implicit reward is 0"}
     heldout, _ = human_examples(setup.held_out(setup.pairs), "dpo", setup.tokenizer, config.max_length)
     if not heldout or reward.heldout_accuracy is None:
         return {**chosen, "why": "no held-out human pairs to compare the two judges on"}
