@@ -88,7 +88,8 @@ def test_merged_sampling_draws_what_unmerged_sampling_draws(tiny_model, tiny_tok
 def test_the_policys_implicit_reward_ranks_rollouts_by_its_log_ratio_to_the_reference(tiny_model, tiny_tokenizer):
     """`rollout_judge` "auto" can rank a prompt's rollouts by log pi - log ref (pi: the active adapter as it is now,
     ref: the round's memoised reference) instead of the reward model: the scores equal the difference of the two
-    log-probs `answer_logprobs` gives each answer, the best and worst of them make the pair, and the reference keeps them for the training step."""
+    log-probs `answer_logprobs` gives each answer, the best and worst of them make the pair, and the reference keeps
+    them for the training step."""
     from learner.logprobs import answer_logprobs
     from learner.refcache import ReferenceLogps
     from learner.rollouts import Rollout, best_vs_worst, implicit_reward_scorer

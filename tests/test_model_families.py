@@ -58,8 +58,8 @@ def test_sampled_log_probs_equal_scored_and_alone_in_each_family(tiny_tokenizer,
     input_ids, attention_mask = left_padded(tiny_tokenizer, rows, "cpu")
     eos = eos_token_ids(tiny_tokenizer, model)
     torch.manual_seed(1)
-    steps = list(decode_steps(model, input_ids, attention_mask, SamplingParams(max_new_tokens=24, temperature=1.0,
-                                                                                top_p=1.0), eos, tiny_tokenizer.pad_token_id))
+    params = SamplingParams(max_new_tokens=24, temperature=1.0, top_p=1.0)
+    steps = list(decode_steps(model, input_ids, attention_mask, params, eos, tiny_tokenizer.pad_token_id))
     tokens, logprobs = torch.stack([t for t, _ in steps], 1), torch.stack([lp for _, lp in steps], 1)
     answers, sampled = [], []
     for i, prompt in enumerate(rows):
@@ -112,9 +112,10 @@ def test_an_alibi_model_is_scored_in_padded_rows_and_refused_when_loaded(tiny_to
 def test_a_whole_round_trains_a_gemma2_policy(tiny_tokenizer, tmp_path):
     """A round (reward model, rollouts, DPO steps, evaluation, gate) on the family most unlike the tiny Llama: the
     LoRA moves, the first loss is log 2 (policy == reference), and every figure is finite."""
+    from test_round import TINY, assert_complete, lora_weights, write_snapshot
+
     from learner.config import RoundConfig
     from learner.round import run_round
-    from test_round import TINY, assert_complete, lora_weights, write_snapshot
 
     random_model("gemma2", tiny_tokenizer).save_pretrained(tmp_path / "model")
     tiny_tokenizer.save_pretrained(tmp_path / "model")
