@@ -33,7 +33,7 @@ from app.listen import bind_socket, free_port  # noqa: F401 - free_port: tests i
 from app.login import LoginThrottle
 from app.policy import PolicyService
 from app.web_guard import ADMIN_DOOR, ANNOTATOR_DOOR, DOORS, WebGuard, mount_door
-from learner.model import DEFAULT_MODEL
+from learner.model import needs_conversion
 from storage.store import Store, make_data_dir
 
 log = logging.getLogger(__name__)
@@ -267,8 +267,8 @@ def _serve(config: ServeConfig, sock: socket.socket, announce) -> None:
         # where another local user could read a file whose name they guessed. Read when gradio is imported (later).
         os.environ.setdefault("GRADIO_TEMP_DIR", str(config.data_dir / "gradio-cache"))
         announce(f"prefloop: data dir {config.data_dir.resolve()}")
-        converts = config.model == DEFAULT_MODEL and not (config.models_dir / "smollm2" / "config.json").is_file()
-        note = " (the first start converts the shipped GGUF, ~15 s)" if converts else ""
+        note = " (the first start converts the shipped GGUF, ~15 s)" if needs_conversion(config.model,
+                                                                                          config.models_dir) else ""
         announce(f"prefloop: loading model {config.model!r}{note}")
         _run(config, sock, open_context(config, announce), announce)
     finally:

@@ -10,7 +10,6 @@ one copy of its tokens (`shared_prompt_layout`; right-padded rows where the atte
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -18,6 +17,7 @@ import torch
 from torch import Tensor
 
 from learner.errors import TokenizationError
+from learner.model import takes_position_ids
 from learner.sampling import chat_messages, encode_prompt
 
 
@@ -226,17 +226,15 @@ def shares_prompts_exactly(causal_lm, encoded: Sequence[EncodedAnswer]) -> bool:
     """Whether the shared-prompt layout scores `encoded` on this model as each answer alone.
 
     It needs an attention that takes a custom 4D mask (`_CUSTOM_MASK_IMPLEMENTATIONS`) and positions given by
-    `position_ids`: ALiBi models (Bloom, MPT, Falcon with `alibi`) derive their position bias from a 2D mask and take
-    no position ids. A 4D mask is used as given by every layer, so a sliding-window layer sees no window in it: exact
-    only while no sequence is longer than the window (transformers' window keeps keys less than `sliding_window`
-    positions back; Qwen2 sets `sliding_window` to None when its window is off)."""
+    `position_ids` (`learner.model.takes_position_ids`: not ALiBi models). A 4D mask is used as given by every
+    layer, so a sliding-window layer sees no window in it: exact only while no sequence is longer than the window
+    (transformers' window keeps keys less than `sliding_window` positions back; Qwen2 sets `sliding_window` to None
+    when its window is off)."""
     config = causal_lm.config
-    if getattr(config, "_attn_implementation", None) not in _CUSTOM_MASK_IMPLEMENTATIONS:
-        return False
-    if getattr(config, "alibi", False) or "position_ids" not in inspect.signature(causal_lm.forward).parameters:
-        return False
     window = getattr(config, "sliding_window", None)
-    return window is None or max(len(e.input_ids) for e in encoded) <= window
+    return (getattr(config, "_attn_implementation", None) in _CUSTOM_MASK_IMPLEMENTATIONS
+            and takes_position_ids(causal_lm)
+            and (window is None or max(len(e.input_ids) for e in encoded) <= window))
 
 
 def layout(model, encoded: Sequence[EncodedAnswer], pad_token_id: int) -> Layout:

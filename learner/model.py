@@ -7,6 +7,7 @@ loads in well under a second.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import json
@@ -177,7 +178,7 @@ def resolve_model(model: str, cache_dir: Path) -> Path:
     """
     if model == DEFAULT_MODEL:
         target = cache_dir / "smollm2"
-        if not (target / "config.json").is_file():
+        if needs_conversion(model, cache_dir):
             convert_gguf(smollm2_gguf_path(), target)
         if not (target / BASE_INFO_FILE).is_file():  # converted by a prefloop that did not write it yet
             (target / BASE_INFO_FILE).write_text(json.dumps(SMOLLM2_BASE, indent=2) + "\n")
@@ -196,6 +197,24 @@ def resolve_model(model: str, cache_dir: Path) -> Path:
             f"--model {model}: not a local directory and not in the local Hugging Face cache "
             f"(prefloop never downloads at run time): {exc}"
         ) from exc
+
+
+def needs_conversion(model: str, cache_dir: Path) -> bool:
+    """Whether `resolve_model(model, cache_dir)` will convert the shipped GGUF first (the default model, not yet
+    converted into `cache_dir`)."""
+    return model == DEFAULT_MODEL and not (cache_dir / "smollm2" / "config.json").is_file()
+
+
+def takes_position_ids(causal_lm) -> bool:
+    """Whether the model places tokens by the `position_ids` it is given: what prefloop's sampler (left-padded
+    batches, a static KV cache) and its shared-prompt scoring rely on. ALiBi models (Bloom, MPT, Falcon with `alibi`)
+    derive their position bias from a 2D attention mask instead. Per model class: read on every scoring pass."""
+    return not getattr(causal_lm.config, "alibi", False) and _forward_takes_position_ids(type(causal_lm))
+
+
+@functools.cache
+def _forward_takes_position_ids(model_class: type) -> bool:
+    return "position_ids" in inspect.signature(model_class.forward).parameters
 
 
 def convert_gguf(gguf_file: Path, target: Path) -> None:
@@ -235,7 +254,7 @@ def load_base_model(path: Path, device: Device):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=device.dtype)
-    if getattr(model.config, "alibi", False) or "position_ids" not in inspect.signature(model.forward).parameters:
+    if not takes_position_ids(model):
         raise ModelError(
             f"the model in {path} ({model.config.model_type}) takes its positions from ALiBi biases, not position ids; "
             "prefloop samples left-padded batches from a static KV cache and scores answers sharing a prompt, both "

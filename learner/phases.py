@@ -43,6 +43,7 @@ from learner.train import (
     OBJECTIVES,
     PairExample,
     PolicyContext,
+    eval_mode,
     step_micro_losses,
     train_loop,
     training_adapter,
@@ -262,16 +263,11 @@ def choose_rollout_judge(setup: RoundSetup, config: RoundConfig, reward: RewardO
         return chosen
     if setup.parent_dir is None or reference_adapter(setup, config) is not None:
         return {**chosen, "why": "the policy starts this round as its reference: its implicit reward is 0"}
-    heldout, _ = human_examples(setup.held_out(setup.pairs), "dpo", setup.tokenizer, config.max_length)
+    heldout = heldout_pairs(setup, config)
     if not heldout or reward.heldout_accuracy is None:
         return {**chosen, "why": "no held-out human pairs to compare the two judges on"}
-    was_training = setup.model.training
-    setup.model.eval()
-    try:
-        with use_adapter(setup.model, POLICY):
-            policy = implicit_reward_accuracy(setup, config, reference, heldout)
-    finally:
-        setup.model.train(was_training)
+    with eval_mode(setup.model), use_adapter(setup.model, POLICY):
+        policy = implicit_reward_accuracy(setup, config, reference, heldout)
     rm = reward.heldout_accuracy
     return {"judge": "policy" if policy.value > rm.value else "reward_model", "rule": "auto",
             "reward_model_heldout_accuracy": rm.to_dict(), "policy_heldout_accuracy": policy.to_dict()}
@@ -356,6 +352,11 @@ class EvalOutcome:
     policy_heldout_accuracy: Proportion | None  # implicit reward: chosen's log-ratio to the reference above rejected's
 
 
+def heldout_pairs(setup: RoundSetup, config: RoundConfig) -> list[PairExample]:
+    """The held-out prompts' human pairs as examples (never trained on): what both judges are measured on."""
+    return human_examples(setup.held_out(setup.pairs), "dpo", setup.tokenizer, config.max_length)[0]
+
+
 @torch.no_grad()
 def implicit_reward_accuracy(setup: RoundSetup, config: RoundConfig, reference: ReferenceLogps,
                              pairs: list[PairExample]) -> Proportion:
@@ -379,7 +380,7 @@ def eval_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome, po
     if policy.failure is None and reward.failure is None:
         model.set_adapter(POLICY, inference_mode=True)
         model.eval()
-        heldout, _ = human_examples(setup.held_out(setup.pairs), "dpo", setup.tokenizer, config.max_length)
+        heldout = heldout_pairs(setup, config)
         if heldout and config.algorithm in OBJECTIVES:
             reference = policy.reference or make_reference(setup, config)
             policy_accuracy = implicit_reward_accuracy(setup, config, reference, heldout)

@@ -75,19 +75,16 @@ class ReferenceLogps:
 
     @torch.no_grad()
     def _compute(self, items: list[tuple[str, EncodedAnswer]]) -> None:
-        from learner.train import use_adapter
+        from learner.train import eval_mode, use_adapter
 
         started = time.monotonic()
-        was_training = self.model.training
-        self.model.eval()
         try:
-            with use_adapter(self.model, self.adapter):
+            with eval_mode(self.model), use_adapter(self.model, self.adapter):
                 logps = distinct_sequence_logprobs(self.model, [e for _, e in items], self.pad_token_id,
                                                    self.batch_size).logps
             self.memo.update(zip([k for k, _ in items], logps.tolist(), strict=True))
             self.computed += len(items)
         finally:
-            self.model.train(was_training)
             self.seconds += time.monotonic() - started
 
     def save(self) -> None:

@@ -21,7 +21,7 @@ from learner.errors import TokenizationError
 from learner.logprobs import encode_answer, finish_ended
 from learner.reward import RewardModel, score
 from learner.sampling import SamplingParams, encode_prompt, sample_many
-from learner.train import PairExample, UnaryExample, hash_fraction, mergeable, merged_adapter
+from learner.train import PairExample, UnaryExample, eval_mode, hash_fraction, mergeable, merged_adapter
 
 
 @dataclass(frozen=True)
@@ -45,14 +45,9 @@ def sample_batch(model, tokenizer, prompts: Sequence[str], n: int, params: Sampl
     model: several models in one batch, unmerged). The model is put in eval mode for the call (LoRA dropout off) and
     restored after. `merge`: with the active adapter merged into a copy of the weights (`learner.train.merged_adapter`:
     faster; not inside `use_adapter(model, None)`, where no adapter is active; never with `adapters`)."""
-    was_training = model.training
-    model.eval()
     merging = merge and adapters is None and mergeable(model, model.active_adapter)
-    try:
-        with merged_adapter(model, model.active_adapter) if merging else nullcontext():
-            answers = sample_many(model, tokenizer, list(prompts), n, params, seed=seed, adapters=adapters)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), merged_adapter(model, model.active_adapter) if merging else nullcontext():
+        answers = sample_many(model, tokenizer, list(prompts), n, params, seed=seed, adapters=adapters)
     return [[Rollout(prompt, a.text, a.token_count, a.finish_reason) for a in item]
             for prompt, item in zip(prompts, answers)]
 
@@ -109,13 +104,8 @@ def implicit_reward_scorer(model, tokenizer, reference: Callable[[Sequence], tor
 
     def scores(prompt: str, rollouts: Sequence[Rollout]) -> list[float]:
         encoded = [encode_answer(tokenizer, prompt, r.text, max_length, r.finish_reason == "eos") for r in rollouts]
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                policy = distinct_sequence_logprobs(model, encoded, tokenizer.pad_token_id, batch_size).logps
-        finally:
-            model.train(was_training)
+        with eval_mode(model), torch.no_grad():
+            policy = distinct_sequence_logprobs(model, encoded, tokenizer.pad_token_id, batch_size).logps
         return (policy.float() - reference(encoded).float()).tolist()
     return scores
 

@@ -71,6 +71,17 @@ def use_adapter(model, adapter: str | None) -> Iterator[None]:
 
 
 @contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """Run a block in eval mode (LoRA dropout off), restoring the mode the model had."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
 def training_adapter(model, adapter: str) -> Iterator[None]:
     """Run a block with `adapter` active, trainable and in train mode (every other adapter frozen); restore after."""
     previous = model.active_adapter

@@ -16,31 +16,30 @@ from learner.logprobs import EncodedAnswer, layout, sequence_logprobs
 from learner.sampling import SamplingParams, decode_steps, encode_prompt, eos_token_ids, left_padded
 
 PROMPTS = ["Hi", "What is seventeen plus twenty five, and why? Explain it in a few careful words please."]
+DECODER = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2, num_key_value_heads=2)
 FAMILIES = {  # name: (config class, its fields, whether answers share their prompt's tokens in one row)
-    "qwen2": ("Qwen2Config", dict(intermediate_size=64, num_hidden_layers=2, num_key_value_heads=2), True),
-    "mistral-window-8": ("MistralConfig", dict(intermediate_size=64, num_hidden_layers=2, num_key_value_heads=2,
-                                               sliding_window=8), False),
-    "gemma3-window-16": ("Gemma3TextConfig", dict(intermediate_size=64, num_hidden_layers=2, num_key_value_heads=2,
-                                                  head_dim=8, sliding_window=16), False),
-    "gemma3-window-128": ("Gemma3TextConfig", dict(intermediate_size=64, num_hidden_layers=2, num_key_value_heads=2,
-                                                   head_dim=8, sliding_window=128), True),
-    "phi3": ("Phi3Config", dict(intermediate_size=64, num_hidden_layers=2, num_key_value_heads=2), True),
+    "qwen2": ("Qwen2Config", DECODER, True),
+    "mistral-window-8": ("MistralConfig", dict(DECODER, sliding_window=8), False),
+    "gemma3-window-16": ("Gemma3TextConfig", dict(DECODER, head_dim=8, sliding_window=16), False),
+    "gemma3-window-128": ("Gemma3TextConfig", dict(DECODER, head_dim=8, sliding_window=128), True),
+    "phi3": ("Phi3Config", DECODER, True),
     "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4), True),
 }
-ALIBI = ("BloomConfig", dict(n_layer=2, n_head=4), False)
-# Gemma 2: eager attention only, logits soft-capped after the output layer, sliding and full layers interleaved.
-GEMMA2 = ("Gemma2Config", dict(intermediate_size=64, num_hidden_layers=2, num_key_value_heads=2, head_dim=8,
-                               sliding_window=16), False)  # no position ids: refused at load, padded when scored
+OTHERS = {
+    # ALiBi, no position ids: refused at load, padded when scored.
+    "bloom": ("BloomConfig", dict(hidden_size=32, n_layer=2, n_head=4), False),
+    # Eager attention only, logits soft-capped after the output layer, sliding and full layers interleaved.
+    "gemma2": ("Gemma2Config", dict(DECODER, head_dim=8, sliding_window=16), False),
+}
 
 
 def random_model(family: str, tokenizer):
     import transformers
 
-    config_name, fields, _ = {"bloom": ALIBI, "gemma2": GEMMA2}.get(family) or FAMILIES[family]
-    sizes = {"gpt2": {}, "bloom": dict(hidden_size=32)}.get(family, dict(hidden_size=32, num_attention_heads=4))
+    config_name, fields, _ = {**FAMILIES, **OTHERS}[family]
     config = getattr(transformers, config_name)(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                                 bos_token_id=tokenizer.bos_token_id,
-                                                eos_token_id=tokenizer.eos_token_id, **sizes, **fields)
+                                                eos_token_id=tokenizer.eos_token_id, **fields)
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
