@@ -16,7 +16,7 @@ from learner.sampling import SamplingParams
 
 ALGORITHMS = ("dpo", "kto", "reward")  # "reward": train the reward model only, copy the parent's policy unchanged
 LOSS_TYPES = ("sigmoid", "ipo", "robust")
-ROLLOUT_JUDGES = ("reward_model", "auto")
+ROLLOUT_JUDGES = ("reward_model", "auto", "policy")
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,9 @@ class RoundConfig:
     #   round's reward model, or "auto": whichever of it and the policy's implicit reward (log-ratio to the reference,
     #   as the policy is at that regeneration) ranked the held-out human pairs better at the round's start (the
     #   parent policy's; without a parent, or with `ref_sync`, the policy starts as its reference, its implicit
-    #   reward 0 for every answer, so the reward model judges). Default unchanged
+    #   reward 0 for every answer, so the reward model judges); or "policy": the policy's implicit reward in every
+    #   round whose policy does not start as its reference (from round 2 on), without waiting for held-out evidence
+    #   (a run of "auto" never switched: 3-9 held-out pairs a round, docs/benchmarks.md). Default unchanged
     #   until an arm is measured: across ten default `structured` runs the policy's implicit reward ranked held-out
     #   pairs better at the rounds' end, 0.73 vs 0.56 (paired +0.167 [+0.084, +0.243], n = 234; docs/benchmarks.md)
     rollout_prompts: int = 4  # prompts sampled per regeneration at least: 4 x 4 answers ~ 15 s of sampling on a

@@ -257,19 +257,25 @@ def choose_rollout_judge(setup: RoundSetup, config: RoundConfig, reward: RewardO
     the policy's implicit reward where the parent policy (the policy adapter before this round's first step) ranks
     the held-out human pairs strictly better than this round's reward model, else the reward model. A policy that
     starts the round as its own reference (no parent: a fresh LoRA; `ref_sync`: the parent is the reference) has an
-    implicit reward of 0 for every answer, up to float rounding that must not decide: the reward model judges."""
-    chosen = {"judge": "reward_model", "rule": config.rollout_judge}
-    if config.rollout_judge != "auto":
+    implicit reward of 0 for every answer, up to float rounding that must not decide: the reward model judges.
+    With "policy", the policy's implicit reward judges every round where it is not 0 by construction; both held-out
+    accuracies are still measured and recorded, for the record (they decide nothing there)."""
+    rule = config.rollout_judge
+    chosen = {"judge": "reward_model", "rule": rule}
+    if rule == "reward_model":
         return chosen
     if setup.parent_dir is None or reference_adapter(setup, config) is not None:
         return {**chosen, "why": "the policy starts this round as its reference: its implicit reward is 0"}
     heldout = heldout_pairs(setup, config)
     if not heldout or reward.heldout_accuracy is None:
+        if rule == "policy":
+            return {**chosen, "judge": "policy"}
         return {**chosen, "why": "no held-out human pairs to compare the two judges on"}
     with eval_mode(setup.model), use_adapter(setup.model, POLICY):
         policy = implicit_reward_accuracy(setup, config, reference, heldout)
     rm = reward.heldout_accuracy
-    return {"judge": "policy" if policy.value > rm.value else "reward_model", "rule": "auto",
+    judge = "policy" if rule == "policy" or policy.value > rm.value else "reward_model"
+    return {"judge": judge, "rule": rule,
             "reward_model_heldout_accuracy": rm.to_dict(), "policy_heldout_accuracy": policy.to_dict()}
 
 

@@ -352,8 +352,27 @@ def test_rollout_judge_auto_picks_the_judge_that_ranked_held_out_pairs_better(fi
     assert second["data"]["onpolicy_uses"] > 0
     assert RoundConfig().rollout_judge == "reward_model"
     assert first_version[1]["data"]["rollout_judge"] == {"judge": "reward_model", "rule": "reward_model"}
-    with pytest.raises(ConfigError, match="rollout_judge must be one of reward_model, auto, got 'human'"):
+    with pytest.raises(ConfigError, match="rollout_judge must be one of reward_model, auto, policy, got 'human'"):
         RoundConfig.from_dict({"rollout_judge": "human"})
+
+
+def test_rollout_judge_policy_takes_the_implicit_reward_from_round_2_without_waiting_for_evidence(
+        first_version, tmp_path, tiny_model_dir):
+    """`rollout_judge` "policy": a policy that starts as its reference keeps the reward model (round 1; `ref_sync`),
+    and every round from a trained parent ranks its rollouts by the implicit reward, whatever the held-out
+    accuracies say (both are still recorded)."""
+    config = RoundConfig.from_dict({**TINY, "rollout_judge": "policy"})
+    first = run_round(write_snapshot(tmp_path / "s1"), tiny_model_dir, None, tmp_path / "a1", config)
+    assert first["data"]["rollout_judge"]["judge"] == "reward_model"
+    second = run_round(write_snapshot(tmp_path / "s2", parent_version=1), tiny_model_dir, first_version[0],
+                       tmp_path / "a2", config)
+    judge = second["data"]["rollout_judge"]
+    assert judge["judge"] == "policy" and judge["rule"] == "policy"
+    assert judge["policy_heldout_accuracy"]["n"] > 0 and judge["reward_model_heldout_accuracy"]["n"] > 0
+    assert second["data"]["onpolicy_uses"] > 0
+    synced = run_round(write_snapshot(tmp_path / "s3", parent_version=1), tiny_model_dir, first_version[0],
+                       tmp_path / "a3", RoundConfig.from_dict({**TINY, "rollout_judge": "policy", "ref_sync": True}))
+    assert synced["data"]["rollout_judge"]["judge"] == "reward_model"
 
 
 def test_a_dpo_round_on_rankings_that_are_all_ties_says_why_it_has_nothing_to_train(tmp_path, tiny_model_dir):
