@@ -90,8 +90,10 @@ class RoundConfig:
 
     # --- reward model (Bradley-Terry on human pairs)
     reward_steps: int = 10  # optimizer steps per round, warm-started from the parent's reward adapter: ~1 min.
-    #   30 steps gave a held-out pair accuracy of 0.90 [0.70, 0.97] (n = 20) and 0.60 [0.55, 0.67] vs base in ONE
-    #   run (`structured`, 64 labels) where four runs of 10 ended between 0.35 and 0.93: not changed on one run
+    #   30 steps trained a better judge but not a better policy (`structured`, 64 labels, seeds 0-1): held-out pair
+    #   accuracy at round 4 0.90 (n = 20) and 0.80 (n = 15) where 10 steps ended between 0.35 and 0.93; win-rate
+    #   vs base 0.57 [0.48, 0.64] vs 0.60 [0.52, 0.67] (n = 192, paired -0.031 [-0.094, +0.031]), for ~2.5x the
+    #   reward model's time (~250 s a round in fp32 on a 2-core CPU) (docs/benchmarks.md)
     reward_batch_items: int = 2  # rankings per step; a K=4 ranking has 6 pairs but only 4 sequences to score
     reward_learning_rate: float = 2e-4  # the fresh scalar head needs a larger rate than the policy's LoRA
     reward_centering: float = 0.01  # c·mean((r_w + r_l)^2) keeps scores near 0 (TRL's value, arXiv 2312.09244)
