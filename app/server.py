@@ -267,8 +267,8 @@ def _serve(config: ServeConfig, sock: socket.socket, announce) -> None:
         # where another local user could read a file whose name they guessed. Read when gradio is imported (later).
         os.environ.setdefault("GRADIO_TEMP_DIR", str(config.data_dir / "gradio-cache"))
         announce(f"prefloop: data dir {config.data_dir.resolve()}")
-        note = " (the first start converts the shipped GGUF, ~15 s)" if needs_conversion(config.model,
-                                                                                          config.models_dir) else ""
+        converts = needs_conversion(config.model, config.models_dir)
+        note = " (the first start converts the shipped GGUF, ~15 s)" if converts else ""
         announce(f"prefloop: loading model {config.model!r}{note}")
         _run(config, sock, open_context(config, announce), announce)
     finally:

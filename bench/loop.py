@@ -68,6 +68,7 @@ from bench.loop_results import (
 from bench.stats import win_rate
 from learner.config import RoundConfig
 from learner.errors import ConfigError
+from learner.model import DEFAULT_MODEL, converted_dir, needs_conversion
 from learner.params import PRECISIONS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -341,8 +342,8 @@ def main() -> None:
     leaked = overlap(held_out_prompts(grid.held_out), starter_prompts())
     if leaked:
         raise SystemExit(f"held-out prompts must not be in the training pool (the starter set): {leaked}")
-    if args.model is None and not (MODELS / "smollm2" / "config.json").is_file():
-        raise SystemExit(f"run `make run` once (or bench.sampling) so that {MODELS / 'smollm2'} exists")
+    if args.model is None and needs_conversion(DEFAULT_MODEL, MODELS):
+        raise SystemExit(f"run `make run` once (or bench.sampling) so that {converted_dir(MODELS)} exists")
     results = args.results or ROOT / "bench-results" / f"loop-{args.grid}"
     open_results(results, grid)
     # SIGTERM (kill, a CI timeout) unwinds like Ctrl+C, so each job's `finally` stops its server: the default action

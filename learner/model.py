@@ -177,7 +177,7 @@ def resolve_model(model: str, cache_dir: Path) -> Path:
     - anything else is taken as a hub id and must already be in the local HF cache (no network at run time).
     """
     if model == DEFAULT_MODEL:
-        target = cache_dir / "smollm2"
+        target = converted_dir(cache_dir)
         if needs_conversion(model, cache_dir):
             convert_gguf(smollm2_gguf_path(), target)
         if not (target / BASE_INFO_FILE).is_file():  # converted by a prefloop that did not write it yet
@@ -202,7 +202,12 @@ def resolve_model(model: str, cache_dir: Path) -> Path:
 def needs_conversion(model: str, cache_dir: Path) -> bool:
     """Whether `resolve_model(model, cache_dir)` will convert the shipped GGUF first (the default model, not yet
     converted into `cache_dir`)."""
-    return model == DEFAULT_MODEL and not (cache_dir / "smollm2" / "config.json").is_file()
+    return model == DEFAULT_MODEL and not (converted_dir(cache_dir) / "config.json").is_file()
+
+
+def converted_dir(cache_dir: Path) -> Path:
+    """Where the shipped GGUF is converted to (a safetensors model directory)."""
+    return cache_dir / "smollm2"
 
 
 def takes_position_ids(causal_lm) -> bool:

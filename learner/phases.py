@@ -261,22 +261,21 @@ def choose_rollout_judge(setup: RoundSetup, config: RoundConfig, reward: RewardO
     With "policy", the policy's implicit reward judges every round where it is not 0 by construction; both held-out
     accuracies are still measured and recorded, for the record (they decide nothing there)."""
     rule = config.rollout_judge
-    chosen = {"judge": "reward_model", "rule": rule}
     if rule == "reward_model":
-        return chosen
+        return {"judge": "reward_model", "rule": rule}
     if setup.parent_dir is None or reference_adapter(setup, config) is not None:
-        return {**chosen, "why": "the policy starts this round as its reference: its implicit reward is 0"}
-    heldout = heldout_pairs(setup, config)
-    if not heldout or reward.heldout_accuracy is None:
-        if rule == "policy":
-            return {**chosen, "judge": "policy"}
-        return {**chosen, "why": "no held-out human pairs to compare the two judges on"}
-    with eval_mode(setup.model), use_adapter(setup.model, POLICY):
-        policy = implicit_reward_accuracy(setup, config, reference, heldout)
-    rm = reward.heldout_accuracy
-    judge = "policy" if rule == "policy" or policy.value > rm.value else "reward_model"
-    return {"judge": judge, "rule": rule,
-            "reward_model_heldout_accuracy": rm.to_dict(), "policy_heldout_accuracy": policy.to_dict()}
+        return {"judge": "reward_model", "rule": rule,
+                "why": "the policy starts this round as its reference: its implicit reward is 0"}
+    heldout, rm = heldout_pairs(setup, config), reward.heldout_accuracy
+    if heldout and rm is not None:
+        with eval_mode(setup.model), use_adapter(setup.model, POLICY):
+            policy = implicit_reward_accuracy(setup, config, reference, heldout)
+        measured = {"reward_model_heldout_accuracy": rm.to_dict(), "policy_heldout_accuracy": policy.to_dict()}
+        judge = "policy" if rule == "policy" or policy.value > rm.value else "reward_model"
+        return {"judge": judge, "rule": rule, **measured}
+    if rule == "policy":
+        return {"judge": "policy", "rule": rule}
+    return {"judge": "reward_model", "rule": rule, "why": "no held-out human pairs to compare the two judges on"}
 
 
 @dataclass
