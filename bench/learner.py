@@ -6,6 +6,7 @@
     .venv/bin/python -m bench.learner round --items 24 --precisions fp32,auto  # one snapshot, a round per precision
     .venv/bin/python -m bench.learner api       # POST /api/train -> the new version's first item from /api/items/next
     .venv/bin/python -m bench.learner rollouts [--adapter DIR]  # a round's rollouts sampled merged vs unmerged
+    .venv/bin/python -m bench.learner eval      # the evaluation's sampling: one mixed batch vs alone vs draws reused
     .venv/bin/python -m bench.learner bf16-weights  # DPO losses of first steps with a GPU's bf16 weights, on any device
     .venv/bin/python -m bench.learner all
     .venv/bin/python -m bench.learner --vs-trl  # one DPO step of prefloop vs TRL's DPOTrainer (pip install .[bench])
@@ -413,6 +414,63 @@ def bench_rollouts(adapter_dir: str | None, repeats: int) -> None:
     _print_fidelity(model, tokenizer, device, config, sample(False, seed=repeats))
 
 
+EVAL_PROMPTS = ROLLOUT_PROMPTS[:4]  # a default round's eval_prompts
+
+
+def bench_eval(repeats: int) -> None:
+    """The evaluation's sampling (4 eval prompts x eval_n 2 answers x 64 new tokens, per model): the policy, the
+    parent and the base in one mixed-adapter batch (how rounds sampled before reuse), the three each alone (a round
+    with nothing stored: the first round on a base model, or a parent without eval_answers.json), and the policy
+    alone (a round in a chain: the base's and the parent's draws reused); interleaved repeats."""
+    from learner.config import RoundConfig
+    from learner.evaluate import sample_eval_answers
+    from learner.model import pick_device
+    from learner.sampling import sample_many
+
+    print(device_line())
+    device, config = pick_device(), RoundConfig()
+    model, tokenizer, which = _rollout_model(None, device, config)
+    model.add_adapter("parent", copy.deepcopy(model.peft_config["policy"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".parent." in name and "lora_B" in name:
+                param.normal_(0.0, 0.01)
+    model.set_adapter("policy")
+    params, n, merge = config.sampling, config.eval_n, device.merges_for_sampling
+    print(f"eval sampling: {len(EVAL_PROMPTS)} prompts x {n} answers x 3 models, {params.max_new_tokens} new tokens; "
+          f"policy and parent {which}; adapters merged while sampling alone: {merge}")
+
+    def mixed():
+        rows = EVAL_PROMPTS * 3
+        return sample_many(model, tokenizer, rows, n, params, seed=1,
+                           adapters=[a for a in ("policy", "__base__", "parent") for _ in EVAL_PROMPTS])
+
+    stored = {}
+
+    def alone():
+        answers = sample_eval_answers(model, tokenizer, EVAL_PROMPTS, n, params, 1, True, "parent", merge=merge)
+        stored.update(base=answers.base, parent=answers.parent)
+        return answers
+
+    def chained():
+        return sample_eval_answers(model, tokenizer, EVAL_PROMPTS, n, params, 1, True, "parent", merge=merge,
+                                   base=stored["base"], parent_answers=stored["parent"])
+
+    ways = {"one mixed batch of 3 models": mixed, "3 models each alone": alone, "policy alone, 2 draws reused": chained}
+    times = {w: [] for w in ways}
+    for r in range(repeats):
+        for way, run in ways.items():
+            with device.compute():
+                model.eval()
+                started = time.perf_counter()
+                run()
+                times[way].append(time.perf_counter() - started)
+            print(f"  repeat {r + 1}: {way:30s} {times[way][-1]:6.2f} s", flush=True)
+    median = {w: sorted(t)[len(t) // 2] for w, t in times.items()}
+    first = median["one mixed batch of 3 models"]
+    print("  median: " + ", ".join(f"{w} {m:.2f} s ({m / first:.2f}x)" for w, m in median.items()))
+
+
 def _rollout_model(adapter_dir: str | None, device, config):
     """(PeftModel with the adapter "policy" as a round builds it, tokenizer, what the adapter is in words)."""
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -523,10 +581,11 @@ def main() -> None:
         print(json.dumps(step_once(sys.argv[2])))
         return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", nargs="?", default=None, choices=["step", "round", "api", "rollouts", "bf16-weights", "all"])
+    p.add_argument("what", nargs="?", default=None,
+                   choices=["step", "round", "api", "rollouts", "eval", "bf16-weights", "all"])
     p.add_argument("--items", type=int, default=12, help="labelled items (rankings) the rounds learn from")
     p.add_argument("--vs-trl", action="store_true", help="one DPO step of prefloop vs TRL's DPOTrainer, interleaved")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved repeats of --vs-trl and rollouts")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved repeats of --vs-trl, rollouts and eval")
     p.add_argument("--adapter", metavar="DIR", help="rollouts: a version's adapter dir (default: a fresh LoRA)")
     p.add_argument("--precisions", metavar="P,P", help="round: train the same snapshot once per precision "
                    "(e.g. fp32,auto), sampled once in the default's")
@@ -534,7 +593,7 @@ def main() -> None:
                    help="RoundConfig override for `round`, e.g. steps=8 (repeatable)")
     a = p.parse_args()
     if a.what is None and not a.vs_trl:
-        p.error("name a benchmark (step, round, api, rollouts, bf16-weights, all) or pass --vs-trl")
+        p.error("name a benchmark (step, round, api, rollouts, eval, bf16-weights, all) or pass --vs-trl")
     if a.vs_trl:
         bench_vs_trl(a.repeats)
     if a.what in ("step", "all"):
@@ -547,6 +606,8 @@ def main() -> None:
         bench_api(a.items)
     if a.what in ("rollouts", "all"):
         bench_rollouts(a.adapter, a.repeats)
+    if a.what in ("eval", "all"):
+        bench_eval(a.repeats)
     if a.what == "bf16-weights":  # not in "all": an emulated bf16 CPU takes ~20 minutes
         bench_bf16_weights()
 

@@ -10,16 +10,23 @@ unlike the sampled estimate log π(y) - log ref(y) it replaces.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import tempfile
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from learner.config import RoundConfig
 from learner.errors import TokenizationError
 from learner.logprobs import EncodedAnswer, answer_logits, encode_answer, layout
+from learner.params import SamplingParams
 from learner.reward import RewardModel, score
-from learner.rollouts import BASE_MODEL, Rollout, sample_batch
+from learner.rollouts import Rollout, sample_batch
 from learner.stats import Proportion, proportion, refusal_probability
 from learner.train import use_adapter
 
@@ -92,43 +99,106 @@ def _kl_and_entropy(model, tokenizer, rollouts: list[Rollout], reference: str | 
         entropy_sum / tokens if tokens else float("nan"))
 
 
-def evaluate_policy(model, reward_model: RewardModel | None, tokenizer, prompts: Sequence[str], config: RoundConfig,
-                    reference: str | None, parent: str | None, seed: int, merge: bool = False) -> dict:
-    """Sample `eval_n` answers per held-out prompt from the policy (the active adapter), the parent (adapter
-    `parent`, None = the base model) and the base model; compare them with the reward model when there is a trained
-    one (else no win-rates: an untrained reward model's preferences are noise, and only the policy is sampled); the
-    exact KL on the policy's. The models' answers come from ONE sampling batch (peft's mixed-adapter batches: the
-    frozen weights' matmuls shared): on a 2-core CPU 0.82x the time of three calls (docs/benchmarks.md).
-    `merge`: the policy alone (no trained reward model) is sampled with its adapter merged into a copy of the
-    weights (`learner.rollouts.sample_batch`)."""
-    params = config.sampling
-    n = config.eval_n
+EVAL_ANSWERS = "eval_answers.json"  # in a version directory: its policy's answers to the eval prompts
+
+
+@dataclass(frozen=True)
+class EvalAnswers:
+    """The answers an evaluation compares: each model's `eval_n` answers per eval prompt, in the prompts' order."""
+
+    policy: list[list[Rollout]]
+    base: list[list[Rollout]] | None  # None: nothing to compare with (no trained reward model)
+    parent: list[list[Rollout]] | None  # the parent adapter's; the base's for version 0 (its parent is the base)
+    reused: tuple[str, ...] = ()  # "base", "parent": drawn in an earlier round, loaded (same key), not sampled
+
+
+def eval_answers_key(prompts: Sequence[str], n: int, params: SamplingParams, seed: int, model_key: str) -> str:
+    """The identity of a draw of eval answers: two draws with one key are the same draw of one model (each model is
+    sampled alone, with this seed, so a stored draw is exactly what sampling it again gives). `model_key`: the base
+    model and precision (`learner.refcache.base_model_key`); which adapter answered is where the draw is kept."""
+    payload = json.dumps({"prompts": list(prompts), "n": n, "params": asdict(params), "seed": seed,
+                          "model": model_key}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def load_eval_answers(path: Path | None, key: str) -> list[list[Rollout]] | None:
+    """A stored draw with this key, or None (no file, another key, or a file that does not parse: sample again)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored.get("key") != key:
+            return None
+        return [[Rollout(**r) for r in group] for group in stored["answers"]]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def save_eval_answers(path: Path, key: str, answers: Sequence[Sequence[Rollout]]) -> None:
+    """Write a draw atomically (a reader sees the old file or the new one, never half of one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [[asdict(r) for r in group] for group in answers]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump({"key": key, "answers": rows}, f)
+    os.replace(tmp, path)
+
+
+def sample_eval_answers(model, tokenizer, prompts: Sequence[str], n: int, params: SamplingParams, seed: int,
+                        compare: bool, parent: str | None, merge: bool = False,
+                        base: list[list[Rollout]] | None = None,
+                        parent_answers: list[list[Rollout]] | None = None) -> EvalAnswers:
+    """`n` answers per prompt from the policy (the active adapter), and with `compare` from the base model and the
+    parent adapter (`parent`; None: version 0, whose parent is the base), each model sampled alone with `seed`.
+    `base` / `parent_answers`: those models' draws from an earlier round with the same key (the base never changes;
+    the parent's draw is the one its own round stored), used instead of sampling again: a round with both samples
+    one model of three. `merge`: each adapter merged into a copy of the weights while it samples (faster)."""
     prompts = list(prompts)
-    if reward_model is None:
-        policy = sample_batch(model, tokenizer, prompts, n, params, seed=seed, merge=merge)
+    policy = sample_batch(model, tokenizer, prompts, n, params, seed=seed, merge=merge)
+    if not compare:
+        return EvalAnswers(policy, None, None)
+    reused = []
+    if base is None:
+        with use_adapter(model, None):
+            base = sample_batch(model, tokenizer, prompts, n, params, seed=seed)
     else:
-        models = [model.active_adapter, BASE_MODEL] + ([parent] if parent is not None else [])
-        groups = sample_batch(model, tokenizer, prompts * len(models), n, params, seed=seed,
-                              adapters=[m for m in models for _ in prompts])
-        policy = groups[:len(prompts)]
+        reused.append("base")
+    if parent is None:
+        parent_answers = base
+    elif parent_answers is None:
+        with use_adapter(model, parent):
+            parent_answers = sample_batch(model, tokenizer, prompts, n, params, seed=seed, merge=merge)
+    else:
+        reused.append("parent")
+    return EvalAnswers(policy, base, parent_answers, tuple(reused))
+
+
+def evaluate_policy(model, reward_model: RewardModel | None, tokenizer, answers: EvalAnswers, config: RoundConfig,
+                    reference: str | None) -> dict:
+    """The exact KL to the reference (adapter `reference`, None = the base model) along the policy's eval answers,
+    their length and eos rate; with a trained reward model, the policy's answers compared with the parent's and the
+    base's (no win-rates without one: an untrained reward model's preferences are noise)."""
     batch = max(2 * config.batch_size, 1)
-    flat = [r for g in policy for r in g]
+    flat = [r for g in answers.policy for r in g]
     kl, kl_per_token, entropy = _kl_and_entropy(model, tokenizer, flat, reference, config, batch)
     metrics = {
-        "eval_prompts": len(prompts),
+        "eval_prompts": len(answers.policy),
         "eval_answers": len(flat),
+        "eval_answers_reused": list(answers.reused),
         "kl_to_reference": kl,
         "kl_to_reference_per_token": kl_per_token,
         "entropy": entropy,
         "mean_answer_length": sum(r.token_count for r in flat) / len(flat),
         "eos_rate": sum(r.finish_reason == "eos" for r in flat) / len(flat),
     }
-    if reward_model is None:
+    if reward_model is None or answers.base is None:
         return metrics
-    scored = _scores(reward_model, groups, batch)  # every model's answers in one call, in `models`' order
-    per_model = len(prompts)
+    parent_is_base = answers.parent is answers.base
+    groups = answers.policy + answers.base + ([] if parent_is_base else answers.parent)
+    scored = _scores(reward_model, groups, batch)  # every model's answers in one call
+    per_model = len(answers.policy)
     policy_scores, base_scores, *parent_scores = (scored[i:i + per_model] for i in range(0, len(scored), per_model))
-    parent_scores = parent_scores[0] if parent_scores else base_scores  # version 0's parent is the base model
+    parent_scores = base_scores if parent_is_base else parent_scores[0]
 
     def mean(scores):
         values = [v for g in scores for v in g]

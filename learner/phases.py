@@ -16,7 +16,16 @@ import torch
 from learner.config import RoundConfig
 from learner.data import HELDOUT, TRAIN, OnPolicyStream, PromptSplit, human_plan, onpolicy_count, rollout_prompt_count
 from learner.errors import LearnerError
-from learner.evaluate import evaluate_policy, gate
+from learner.evaluate import (
+    EVAL_ANSWERS,
+    EvalAnswers,
+    eval_answers_key,
+    evaluate_policy,
+    gate,
+    load_eval_answers,
+    sample_eval_answers,
+    save_eval_answers,
+)
 from learner.logprobs import encode_answer
 from learner.losses import kto_weight_warning
 from learner.model import Device, keep_lora_sums_fp32
@@ -355,6 +364,8 @@ class EvalOutcome:
     generation: dict | None  # evaluate_policy's metrics on the eval prompts (main process only)
     reward_heldout_accuracy: Proportion | None
     policy_heldout_accuracy: Proportion | None  # implicit reward: chosen's log-ratio to the reference above rejected's
+    answers: EvalAnswers | None = None  # what the metrics compared (main process only)
+    answers_key: str | None = None  # their draw's identity (`eval_answers_key`), stored beside the policy's answers
 
 
 def heldout_pairs(setup: RoundSetup, config: RoundConfig) -> list[PairExample]:
@@ -376,6 +387,25 @@ def implicit_reward_accuracy(setup: RoundSetup, config: RoundConfig, reference: 
     return proportion(int((ratio[:, 0] > ratio[:, 1]).sum()), len(pairs))
 
 
+def eval_answers(setup: RoundSetup, config: RoundConfig, compare: bool) -> tuple[EvalAnswers, str]:
+    """The policy's answers to the eval prompts, and with `compare` the base's and the parent's: the base's drawn once
+    per base model and kept in the reference cache directory, the parent's taken from its version directory (its own
+    round's draw) when the key matches, so a round in a chain samples only its policy."""
+    params, seed = config.sampling, config.seed + 1
+    key = eval_answers_key(setup.eval_prompts, config.eval_n, params, seed,
+                           base_model_key(setup.base_model_dir, setup.device.precision))
+    base_file = Path(setup.ref_cache_dir) / f"eval-base-{key}.json" if setup.ref_cache_dir is not None else None
+    parent_file = setup.parent_dir / EVAL_ANSWERS if setup.parent_dir is not None else None
+    base = load_eval_answers(base_file, key) if compare else None
+    parent_answers = load_eval_answers(parent_file, key) if compare else None
+    answers = sample_eval_answers(setup.model, setup.tokenizer, setup.eval_prompts, config.eval_n, params, seed,
+                                  compare, PARENT if setup.parent_dir is not None else None,
+                                  merge=setup.device.merges_for_sampling, base=base, parent_answers=parent_answers)
+    if base_file is not None and answers.base is not None and "base" not in answers.reused:
+        save_eval_answers(base_file, key, answers.base)
+    return answers, key
+
+
 def eval_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome, policy: PolicyOutcome) -> EvalOutcome:
     """Held-out human metrics (reward model and policy) and generation on the eval prompts."""
     reward_accuracy = reward.heldout_accuracy  # None for an untrained head: its accuracy is a coin flip
@@ -391,11 +421,11 @@ def eval_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome, po
             policy_accuracy = implicit_reward_accuracy(setup, config, reference, heldout)
         if setup.eval_prompts and setup.accelerator.is_main_process:
             setup.report("eval", 0, 1)
+            answers, key = eval_answers(setup, config, compare=reward.ready)
             generation = evaluate_policy(model, reward.reward_model if reward.ready else None, setup.tokenizer,
-                                         setup.eval_prompts, config, reference=reference_adapter(setup, config),
-                                         parent=PARENT if setup.parent_dir is not None else None,
-                                         seed=config.seed + 1, merge=setup.device.merges_for_sampling)
+                                         answers, config, reference=reference_adapter(setup, config))
             setup.report("eval", 1, 1)
+            return EvalOutcome(generation, reward_accuracy, policy_accuracy, answers, key)
     return EvalOutcome(generation, reward_accuracy, policy_accuracy)
 
 

@@ -34,20 +34,15 @@ class Rollout:
     finish_reason: str  # "eos" or "length"
 
 
-BASE_MODEL = "__base__"  # peft's name for the base model's rows in a mixed-adapter batch (`sample_batch`'s adapters)
-
-
 def sample_batch(model, tokenizer, prompts: Sequence[str], n: int, params: SamplingParams,
-                 seed: int | None = None, merge: bool = False,
-                 adapters: Sequence[str] | None = None) -> list[list[Rollout]]:
+                 seed: int | None = None, merge: bool = False) -> list[list[Rollout]]:
     """`n` answers for each prompt from ONE sampling batch (`learner.sampling.sample_many`: every prompt repeated n
-    times, left-padded), from the model's active adapter, or from `adapters` (one per prompt, "__base__" for the base
-    model: several models in one batch, unmerged). The model is put in eval mode for the call (LoRA dropout off) and
-    restored after. `merge`: with the active adapter merged into a copy of the weights (`learner.train.merged_adapter`:
-    faster; not inside `use_adapter(model, None)`, where no adapter is active; never with `adapters`)."""
-    merging = merge and adapters is None and mergeable(model, model.active_adapter)
+    times, left-padded), from the model's active adapter. The model is put in eval mode for the call (LoRA dropout
+    off) and restored after. `merge`: with the active adapter merged into a copy of the weights
+    (`learner.train.merged_adapter`: faster; not inside `use_adapter(model, None)`, where no adapter is active)."""
+    merging = merge and mergeable(model, model.active_adapter)
     with eval_mode(model), merged_adapter(model, model.active_adapter) if merging else nullcontext():
-        answers = sample_many(model, tokenizer, list(prompts), n, params, seed=seed, adapters=adapters)
+        answers = sample_many(model, tokenizer, list(prompts), n, params, seed=seed)
     return [[Rollout(prompt, a.text, a.token_count, a.finish_reason) for a in item]
             for prompt, item in zip(prompts, answers)]
 

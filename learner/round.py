@@ -35,6 +35,7 @@ import torch
 from learner.config import RoundConfig
 from learner.data import PromptSplit
 from learner.errors import LearnerError
+from learner.evaluate import EVAL_ANSWERS, save_eval_answers
 from learner.model import (
     Device,
     base_model_info,
@@ -230,7 +231,7 @@ def run_round(snapshot_dir: Path, base_model_dir: Path, parent_dir: Path | None,
         "device": device.torch_device.type,  # "cpu" or "cuda": where the round ran (the server's --device)
     })
     if accelerator.is_main_process:
-        _write_version(out_dir, setup, reward, metrics, config, parent_version, snapshot)
+        _write_version(out_dir, setup, reward, evaluation, metrics, config, parent_version, snapshot)
     accelerator.wait_for_everyone()
     return metrics
 
@@ -239,7 +240,7 @@ def _figure(value) -> dict | None:
     return None if value is None else value.to_dict()
 
 
-def _write_version(out_dir: Path, setup: RoundSetup, reward, metrics: dict, config: RoundConfig,
+def _write_version(out_dir: Path, setup: RoundSetup, reward, evaluation, metrics: dict, config: RoundConfig,
                    parent_version: int, snapshot: Snapshot) -> None:
     """The version directory, portable: adapters name the base by hub id (learner.model.base_model_info), not by
     this machine's path, and README.md cards describe it; written to `<out>.partial`, renamed when complete."""
@@ -257,6 +258,8 @@ def _write_version(out_dir: Path, setup: RoundSetup, reward, metrics: dict, conf
                       base_name=base.name)
     reward_hf = save_hf_reward_adapter(partial / "reward", partial / "reward-hf", setup.tokenizer, base.name)
     (partial / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if evaluation.answers is not None:  # the policy's eval answers: the next round's parent draw, and for people
+        save_eval_answers(partial / EVAL_ANSWERS, evaluation.answers_key, evaluation.answers.policy)
     round_config = _json_safe({**config.to_dict(), "parent_version": parent_version, "base_model": base.name,
                                "snapshot": snapshot.meta})
     (partial / "config.json").write_text(json.dumps(round_config, indent=2))

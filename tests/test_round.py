@@ -1,6 +1,7 @@
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 from learner.config import RoundConfig
 from learner.data import EVAL, HELDOUT, TRAIN, PromptSplit
 from learner.errors import ConfigError, LearnerError
-from learner.evaluate import gate, win_rate
+from learner.evaluate import eval_answers_key, gate, load_eval_answers, save_eval_answers, win_rate
 from learner.phases import within_staleness
 from learner.rollouts import Rollout, around_median, best_vs_worst, split_prompts, usable_prompts
 from learner.round import run_round
@@ -227,6 +228,56 @@ def test_dpo_round_from_the_base_writes_a_complete_candidate(first_version):
     assert {e["phase"] for e in events} == {"reward", "rollouts", "policy", "eval"}
     fractions = [e["progress"] for e in events]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
+
+
+def test_a_round_in_a_chain_reuses_the_base_and_parent_eval_answers_it_would_have_drawn(tmp_path, tiny_model_dir):
+    """The base's eval answers are drawn once per base model (kept in the reference cache), the parent's come from
+    its version directory: a round with both samples only its policy, and compares the same answers it would have
+    drawn itself (each model sampled alone with the eval seed)."""
+    config = RoundConfig.from_dict(TINY)
+    cache = tmp_path / "cache"
+    v1 = run_round(write_snapshot(tmp_path / "s1"), tiny_model_dir, None, tmp_path / "v1", config, ref_cache_dir=cache)
+    assert v1["eval_answers_reused"] == []
+    stored = json.loads((tmp_path / "v1" / "eval_answers.json").read_text())
+    assert len(stored["answers"]) == v1["eval_prompts"] >= 1
+    assert all(len(group) == TINY["eval_n"] for group in stored["answers"])
+    base_files = list(cache.glob("eval-base-*.json"))
+    assert len(base_files) == 1 and json.loads(base_files[0].read_text())["key"] == stored["key"]
+
+    snapshot = write_snapshot(tmp_path / "s2", parent_version=1)
+    reused = run_round(snapshot, tiny_model_dir, tmp_path / "v1", tmp_path / "v2", config, ref_cache_dir=cache)
+    assert reused["eval_answers_reused"] == ["base", "parent"]
+    # The same round with nothing stored: it samples the base and the parent itself, and gets the same answers.
+    parent = tmp_path / "v1-bare"
+    shutil.copytree(tmp_path / "v1", parent)
+    (parent / "eval_answers.json").unlink()
+    fresh = run_round(snapshot, tiny_model_dir, parent, tmp_path / "v2-fresh", config, ref_cache_dir=tmp_path / "c2")
+    assert fresh["eval_answers_reused"] == []
+    assert json.loads(next((tmp_path / "c2").glob("eval-base-*.json")).read_text()) == json.loads(
+        base_files[0].read_text())
+    policy_draws = [(tmp_path / v / "eval_answers.json").read_text() for v in ["v2", "v2-fresh"]]
+    assert policy_draws[0] == policy_draws[1]  # the two rounds trained the same policy
+    for key in ["reward_mean_parent", "reward_mean_base"]:
+        assert reused[key] == pytest.approx(fresh[key], abs=1e-6), key
+    for key in ["win_rate_vs_parent", "win_rate_vs_base"]:
+        assert reused[key]["value"] == pytest.approx(fresh[key]["value"], abs=1e-9), key
+    assert reused["reward_mean_parent"] != pytest.approx(reused["reward_mean_base"], abs=1e-6)  # two models' draws
+
+
+def test_a_stored_eval_draw_is_used_only_under_its_own_key(tmp_path):
+    answers = [[Rollout("p", "an answer", 3, "eos"), Rollout("p", "cut", 8, "length")]]
+    path = tmp_path / "eval_answers.json"
+    save_eval_answers(path, "k1", answers)
+    assert load_eval_answers(path, "k1") == answers
+    assert load_eval_answers(path, "k2") is None  # other prompts, sampling, seed or base model
+    path.write_text("{not json")
+    assert load_eval_answers(path, "k1") is None  # unreadable: sample again
+    assert load_eval_answers(tmp_path / "missing.json", "k1") is None
+    params = RoundConfig().sampling
+    key = eval_answers_key(["a", "b"], 2, params, 1, "m")
+    assert key == eval_answers_key(["a", "b"], 2, params, 1, "m")
+    assert len({key, eval_answers_key(["b", "a"], 2, params, 1, "m"), eval_answers_key(["a", "b"], 3, params, 1, "m"),
+                eval_answers_key(["a", "b"], 2, params, 2, "m"), eval_answers_key(["a", "b"], 2, params, 1, "n")}) == 5
 
 
 def test_kto_round_continues_the_parent_adapter(first_version, tmp_path, tiny_model_dir):
