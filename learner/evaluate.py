@@ -13,8 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from learner.config import RoundConfig
 from learner.errors import TokenizationError
 from learner.logprobs import EncodedAnswer, answer_logits, encode_answer, layout
 from learner.params import SamplingParams
+from learner.refcache import write_atomically
 from learner.reward import RewardModel, score
 from learner.rollouts import Rollout, sample_batch
 from learner.stats import Proportion, proportion, refusal_probability
@@ -135,13 +134,9 @@ def load_eval_answers(path: Path | None, key: str) -> list[list[Rollout]] | None
 
 
 def save_eval_answers(path: Path, key: str, answers: Sequence[Sequence[Rollout]]) -> None:
-    """Write a draw atomically (a reader sees the old file or the new one, never half of one)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a draw atomically (`learner.refcache.write_atomically`)."""
     rows = [[asdict(r) for r in group] for group in answers]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump({"key": key, "answers": rows}, f)
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps({"key": key, "answers": rows}))
 
 
 def sample_eval_answers(model, tokenizer, prompts: Sequence[str], n: int, params: SamplingParams, seed: int,

@@ -43,6 +43,19 @@ def sequence_key(encoded: EncodedAnswer) -> str:
     return hashlib.sha256(f"{encoded.prompt_length}|{ids}".encode()).hexdigest()[:32]
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Write a file so that a reader sees the old one or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 class ReferenceLogps:
     """Summed reference log-probs of encoded answers, each sequence computed once (memoised; on disk when given)."""
 
@@ -91,16 +104,8 @@ class ReferenceLogps:
         """Write every known entry to the cache file (atomically); nothing without a file or anything new."""
         if self.cache_file is None or not self.computed:
             return
-        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.cache_file.parent, prefix=f".{self.cache_file.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                for key, logp in self.memo.items():
-                    f.write(json.dumps({"key": key, "logp": logp}) + "\n")
-            os.replace(tmp, self.cache_file)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        write_atomically(self.cache_file, "".join(json.dumps({"key": key, "logp": logp}) + "\n"
+                                                  for key, logp in self.memo.items()))
 
     def stats(self) -> dict:
         return {"loaded_from_disk": self.loaded, "computed": self.computed, "on_disk": self.cache_file is not None,
