@@ -5,6 +5,7 @@ A miniature of arXiv 2506.21495 / 2405.08448, end to end, with intervals (issue 
     .venv/bin/python -m bench.loop --grid small                    # CPU sanity run, ~40 min on 2 cores
     .venv/bin/python -m bench.loop --grid full [--only semi-online,offline] [--persona concise] [--no-curve]
     .venv/bin/python -m bench.loop --table bench-results/loop-full # the table of whatever rows exist
+    .venv/bin/python -m bench.loop --summary                       # all directories pooled (bench/loop_summary.py)
 
 Every job (persona x arm x seed) runs the real server (`prefloop serve`, its own process, the real SmolLM2) and the
 real scheduler: simulated annotators of the persona label through the REST API only, rounds start with
@@ -61,10 +62,12 @@ from bench.loop_results import (
     load_rows,
     open_results,
     overlap,
+    rounds_precision,
     row_key,
     save_base_answers,
     table,
 )
+from bench.loop_summary import summary
 from bench.stats import win_rate
 from learner.config import RoundConfig
 from learner.errors import ConfigError
@@ -129,7 +132,7 @@ def train(http: httpx.Client, config: dict) -> dict:
         time.sleep(2)
     m = run.get("metrics") or {}
     kept = ("kl_to_reference", "entropy", "mean_answer_length", "eos_rate", "labels_used", "reward_heldout_accuracy",
-            "policy_heldout_accuracy", "data", "timings_s")
+            "policy_heldout_accuracy", "data", "timings_s", "precision")
     return {"status": run["status"], "version": run["version"], "error": (run.get("error") or "")[:300],
             "gate_reason": (m.get("gate") or {}).get("reason"), **{k: m[k] for k in kept if k in m}}
 
@@ -243,7 +246,8 @@ def run_job(grid: Grid, persona_name: str, arm: str, seed: int, budgets: list[in
                     base = base_answers(http, results, seed, prompts, grid.samples)
                     row = {"key": row_key(persona_name, arm, seed, labelled), "persona": persona_name, "arm": arm,
                            "seed": seed, "labels": labelled, "prompts": prompts, "final_version": final,
-                           "rounds": list(rounds), **judge(http, persona, final, prompts, base),
+                           "rounds": list(rounds), "precision": rounds_precision(rounds),
+                           **judge(http, persona, final, prompts, base),
                            "minutes": (time.monotonic() - started) / 60, "finished_at": time.time()}
                     append_row(results, row)
                     e = win_rate([row["verdicts"]])
@@ -311,6 +315,9 @@ def main() -> None:
     p.add_argument("--grid", choices=sorted(GRIDS), default="small")
     p.add_argument("--results", type=Path, help="results directory (default bench-results/loop-GRID)")
     p.add_argument("--table", type=Path, metavar="DIR", help="print the table of DIR's rows and exit")
+    p.add_argument("--summary", type=Path, nargs="?", const=ROOT / "bench-results", metavar="ROOT",
+                   help="print every results directory under ROOT (default bench-results/) pooled by what the rows "
+                        "measure, with paired differences, and exit")
     p.add_argument("--only", default="", help=f"comma-separated arms to run now ({', '.join(ARMS)})")
     p.add_argument("--persona", default="", help="comma-separated personas to run now")
     p.add_argument("--seed", default="", help="comma-separated seeds to run now")
@@ -329,6 +336,11 @@ def main() -> None:
                         "fp32 (loop-ties, loop-full, ...): resume them with --precision fp32")
     p.add_argument("--model", help="the server's --model (default: the converted SmolLM2 in prefloop-data/models)")
     args = p.parse_args()
+    if args.summary:
+        if not args.summary.is_dir():
+            raise SystemExit(f"{args.summary} is not a directory")
+        print(summary(args.summary))
+        return
     if args.table:
         settings = grid_settings(args.table)
         if settings is None:

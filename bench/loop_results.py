@@ -122,6 +122,14 @@ GRIDS = {
 }
 
 
+def rounds_precision(rounds: list[dict]) -> str | None:
+    """How a job's rounds computed (`Device.precision` in their metrics: "float32", "float32 weights, bfloat16
+    autocast", ...): `--precision auto` depends on the CPU, so each row says what it was. None if the rounds did not
+    say or differ."""
+    found = {r.get("precision") for r in rounds}
+    return found.pop() if len(found) == 1 else None
+
+
 def row_key(persona: str, arm: str, seed: int, labels: int) -> str:
     return f"{persona}/{arm}/seed{seed}/labels{labels}"
 

@@ -24,10 +24,12 @@ from bench.loop_results import (
     load_rows,
     open_results,
     overlap,
+    rounds_precision,
     row_key,
     save_base_answers,
     table,
 )
+from bench.loop_summary import summary
 from bench.stats import RESAMPLES, paired_difference, win_rate
 from learner.config import RoundConfig
 from storage.items import AnswerRecord
@@ -298,6 +300,63 @@ def test_table_prints_each_row_pooled_rows_differences_and_the_curve_with_n_and_
     assert ("rankings: the personas order answers they score alike at random (--random-ties); precision: fp32; "
             "RoundConfig overrides: steps=4") in table(rows, 32, old)
     assert "the personas tie answers they score alike" in table(rows, 32, GRIDS["full"].settings())
+
+
+def results_dir(root, name: str, rows: list[dict], base: dict[int, list[list[str]]], **grid_changes) -> None:
+    directory = root / name
+    open_results(directory, replace(GRIDS["small"], held_out=4, **grid_changes))
+    for r in rows:
+        append_row(directory, r)
+    for seed, answers in base.items():
+        save_base_answers(directory, seed, held_out_prompts(4), answers)
+
+
+def test_summary_pools_directories_by_what_they_measure_and_pairs_runs_by_seed_precision_and_base(tmp_path):
+    fp32, bf16 = "float32", "float32 weights, bfloat16 autocast"
+    base = {0: [["a", "b"]] * 4, 1: [["c", "d"]] * 4}
+    semi = [{**row(arm="semi-online", seed=s, verdicts=random_verdicts((4, 2), seed=10 + s).tolist()),
+             "precision": p} for s, p in ((0, bf16), (1, fp32))]
+    semi_again = {**row(arm="semi-online", seed=0, verdicts=random_verdicts((4, 2), seed=20).tolist()),
+                  "precision": fp32}
+    offline = [{**row(arm="offline", seed=s), "precision": fp32} for s in (0, 1)]
+    tuned = [{**row(arm="semi-online", seed=s, verdicts=random_verdicts((4, 2), seed=30 + s).tolist()),
+              "precision": fp32} for s in (0, 1)]
+    results_dir(tmp_path, "a", [semi[0], semi[1], offline[0], offline[1]], base)
+    results_dir(tmp_path, "b", [semi_again], base)  # the same measurement, another sitting
+    # another setting; seed 1's base answers were drawn anew there, so its seed-1 run pairs with nothing
+    results_dir(tmp_path, "c", tuned, {0: base[0], 1: [["x", "y"]] * 4}, round={"steps": 4})
+    text = summary(tmp_path)
+
+    pooled = win_rate([r["verdicts"] for r in (semi[0], semi_again, semi[1])])  # runs by seed, then precision
+    assert (f"| 32 | semi-online | defaults | 4 x 2 | 0 (bf16); 0, 1 (fp32) | {pooled.value:.2f} | "
+            f"[{pooled.ci95[0]:.2f}, {pooled.ci95[1]:.2f}] | 24 | a, b |") in text
+    steps = win_rate([r["verdicts"] for r in tuned])
+    assert f"| 32 | semi-online | steps=4 | 4 x 2 | 0, 1 (fp32) | {steps.value:.2f} |" in text
+    # semi-online - offline: seed 0 has two semi-online runs, the fp32 one pairs with offline's fp32 run
+    d = paired_difference([semi_again["verdicts"], semi[1]["verdicts"]], [o["verdicts"] for o in offline])
+    assert (f"| 32 | semi-online - offline | 0 (fp32), 1 (fp32) | {d.value:+.3f} | "
+            f"[{d.ci95[0]:+.3f}, {d.ci95[1]:+.3f}] | 16 |") in text
+    # steps=4 - defaults: seed 0 only (seed 1 judged other base answers), against the fp32 run of seed 0
+    d = paired_difference([tuned[0]["verdicts"]], [semi_again["verdicts"]])
+    assert f"| 32 | steps=4 - defaults | 0 (fp32) | {d.value:+.3f} | [{d.ci95[0]:+.3f}, {d.ci95[1]:+.3f}] | 8 |" in text
+    assert "semi-online - offline | 0 (bf16" not in text
+
+
+def test_summary_refuses_to_pool_runs_judged_on_other_prompts_and_says_when_there_is_nothing(tmp_path):
+    assert summary(tmp_path) == f"no bench.loop rows under {tmp_path}"
+    results_dir(tmp_path, "a", [row(arm="offline", seed=0)], {})
+    other = row(arm="offline", seed=1)
+    other["prompts"] = [p + "?" for p in other["prompts"]]
+    results_dir(tmp_path, "b", [other], {})
+    with pytest.raises(SystemExit, match="concise/offline/32 labels: runs judged on different held-out prompts"):
+        summary(tmp_path)
+    assert "| 32 | offline | defaults | 4 x 2 | 0 (unrecorded) |" in summary(tmp_path / "a")  # one directory alone
+
+
+def test_rows_record_the_precision_their_rounds_computed_in():
+    assert rounds_precision([{"precision": "float32"}, {"precision": "float32"}]) == "float32"
+    assert rounds_precision([{"precision": "float32"}, {"precision": "bfloat16"}]) is None
+    assert rounds_precision([{"status": "failed"}]) is None
 
 
 # -- the judge and the leak check against the real server (tiny model) ------------------------------------------------

@@ -1,0 +1,196 @@
+"""What the learning benchmark has shown so far, over every results directory at once.
+
+    .venv/bin/python -m bench.loop --summary                 # every directory under bench-results/
+    .venv/bin/python -m bench.loop --summary bench-results
+
+A results directory holds one grid (grid.json), and sittings spread the same measurement over several directories
+(`loop-ties` and `loop-ties-bf16` both hold the defaults on `structured` at 64 labels). Here runs are pooled by what
+they measure: persona, arm, label budget, held-out prompts x samples, how the personas rank answers they score alike
+(ties or random order), and the RoundConfig overrides, whichever directory they are in. Each run (one row) is one
+unit of the seeds x prompts bootstrap (bench/stats.py), so two runs of one seed count as two runs: a seed fixes the
+rounds' seeds and the base answers, not the items the server samples. Precision is shown per run, not pooled apart
+(the default `--precision auto` is bf16 autocast on a CPU with native bf16 and fp32 elsewhere: both are "the
+defaults").
+
+Paired differences compare a group with (a) the default arm under the same settings and (b) the same arm under the
+default settings, over the runs matched by seed (in the same precision where a seed has several runs) whose base
+answers are the same file content: the verdicts of both sides then judge the same base answers on the same prompts.
+Every figure has its n (runs x prompts x samples judged pairs) and its 95% interval. Asserts nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from functools import cache
+from pathlib import Path
+
+from bench.loop_results import ARMS, DEFAULT_ARM, grid_settings, load_rows, rounds_precision
+from bench.stats import Estimate, paired_difference, win_rate
+
+
+@dataclass(frozen=True)
+class Measure:
+    """What a pooled group measures (everything but the seed, the precision and the directory)."""
+
+    persona: str
+    labels: int
+    arm: str
+    held_out: int
+    samples: int
+    ties: bool
+    overrides: str  # the RoundConfig overrides as sorted JSON; "{}" for the defaults
+
+    @property
+    def default_settings(self) -> bool:
+        return self.ties and self.overrides == "{}"
+
+    def settings(self) -> str:
+        parts = [f"{k}={json.dumps(v)}" for k, v in json.loads(self.overrides).items()]
+        if not self.ties:
+            parts.append("random ties")
+        return ", ".join(parts) or "defaults"
+
+
+@dataclass(frozen=True)
+class Run:
+    row: dict
+    directory: Path
+
+    @property
+    def seed(self) -> int:
+        return self.row["seed"]
+
+    @property
+    def precision(self) -> str:
+        return short_precision(run_precision(self.row))
+
+    def base_answers(self) -> str | None:
+        return _read(self.directory / "base" / f"seed{self.seed}.json")
+
+
+@cache
+def _read(path: Path) -> str | None:
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+def run_precision(row: dict) -> str | None:
+    """The row's record of how its rounds computed (rows written before it was kept: from the rounds, if they say)."""
+    return row.get("precision") or rounds_precision(row.get("rounds", []))
+
+
+def short_precision(precision: str | None) -> str:
+    if precision is None:
+        return "unrecorded"
+    return "bf16" if "bfloat16" in precision else "fp32" if precision == "float32" else precision
+
+
+def collect(root: Path) -> dict[Measure, list[Run]]:
+    """Every row of every results directory under `root` (or `root` itself), grouped by what it measures."""
+    directories = [root] if (root / "grid.json").is_file() else sorted(
+        d for d in root.iterdir() if (d / "grid.json").is_file())
+    groups: dict[Measure, list[Run]] = defaultdict(list)
+    for directory in directories:
+        settings = grid_settings(directory)
+        overrides = json.dumps(settings.get("round", {}), sort_keys=True)
+        for row in load_rows(directory).values():
+            measure = Measure(row["persona"], row["labels"], row["arm"], settings["held_out"], settings["samples"],
+                              settings["ties"], overrides)
+            groups[measure].append(Run(row, directory))
+    for measure, runs in groups.items():
+        if any(r.row["prompts"] != runs[0].row["prompts"] for r in runs):
+            raise SystemExit(f"{measure.persona}/{measure.arm}/{measure.labels} labels: runs judged on different "
+                             f"held-out prompts ({sorted({str(r.directory) for r in runs})}): they cannot be pooled")
+        runs.sort(key=lambda r: (r.seed, r.precision, str(r.directory)))
+    return groups
+
+
+def pooled(runs: list[Run]) -> Estimate:
+    return win_rate([r.row["verdicts"] for r in runs])
+
+
+def matched(first: list[Run], second: list[Run]) -> list[tuple[Run, Run]]:
+    """Runs of the two groups paired one to one by seed, where both judged the same base answers: a seed's only run
+    on each side, or else its one pair of runs in the same precision (a seed with several candidate pairs is left
+    out: no way to say which pairs with which)."""
+    pairs = []
+    for seed in sorted({r.seed for r in first} & {r.seed for r in second}):
+        a = [r for r in first if r.seed == seed]
+        b = [r for r in second if r.seed == seed]
+        same = [(x, y) for x in a for y in b if x.precision == y.precision]
+        if len(a) == len(b) == 1:
+            pairs.append((a[0], b[0]))
+        elif len(same) == 1:
+            pairs.append(same[0])
+    return [(x, y) for x, y in pairs if x.base_answers() is not None and x.base_answers() == y.base_answers()]
+
+
+def difference(pairs: list[tuple[Run, Run]]) -> Estimate:
+    return paired_difference([x.row["verdicts"] for x, _ in pairs], [y.row["verdicts"] for _, y in pairs])
+
+
+def _runs_cell(runs: list[Run]) -> str:
+    by_precision = defaultdict(list)
+    for r in runs:
+        by_precision[r.precision].append(str(r.seed))
+    return "; ".join(f"{', '.join(seeds)} ({p})" for p, seeds in sorted(by_precision.items()))
+
+
+def _pairs_cell(pairs: list[tuple[Run, Run]]) -> str:
+    return ", ".join(f"{x.seed} ({x.precision if x.precision == y.precision else f'{x.precision} / {y.precision}'})"
+                     for x, y in pairs)
+
+
+def _interval(e: Estimate, signed: bool = False) -> str:
+    f = "{:+.3f}" if signed else "{:.2f}"
+    return f"[{f.format(e.ci95[0])}, {f.format(e.ci95[1])}]"
+
+
+def _order(measure: Measure) -> tuple:
+    return (measure.labels, -measure.held_out, not measure.default_settings, measure.settings(),
+            ARMS.index(measure.arm) if measure.arm in ARMS else len(ARMS))
+
+
+def _comparisons(measure: Measure, groups: dict[Measure, list[Run]]) -> list[tuple[str, list[tuple[Run, Run]]]]:
+    out = []
+    if measure.arm != DEFAULT_ARM:
+        other = replace(measure, arm=DEFAULT_ARM)
+        out.append((f"{DEFAULT_ARM} - {measure.arm}", matched(groups.get(other, []), groups[measure])))
+    if not measure.default_settings:
+        other = replace(measure, ties=True, overrides="{}")
+        out.append((f"{measure.settings()} - defaults", matched(groups[measure], groups.get(other, []))))
+    return [(name, pairs) for name, pairs in out if pairs]
+
+
+def summary(root: Path) -> str:
+    """Markdown: per persona, every group's pooled win-rate vs the base model, then the paired differences."""
+    groups = collect(root)
+    if not groups:
+        return f"no bench.loop rows under {root}"
+    out = ["win-rate = the persona prefers the trained policy's answer to the base model's on a held-out prompt (ties "
+           "half); 95% interval: percentile bootstrap over runs and prompts (bench/stats.py); n = runs x prompts x "
+           "samples judged pairs; runs: seeds (precision)", ""]
+    for persona in sorted({m.persona for m in groups}):
+        measures = sorted((m for m in groups if m.persona == persona), key=_order)
+        out += [f"### persona `{persona}`", "",
+                "| labels | arm | settings | held-out x samples | runs | win-rate | 95% CI | n | directories |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        differences = []
+        for m in measures:
+            runs = groups[m]
+            e = pooled(runs)
+            directories = ", ".join(sorted({r.directory.name for r in runs}))
+            out.append(f"| {m.labels} | {m.arm} | {m.settings()} | {m.held_out} x {m.samples} | {_runs_cell(runs)} | "
+                       f"{e.value:.2f} | {_interval(e)} | {e.n} | {directories} |")
+            for name, pairs in _comparisons(m, groups):
+                d = difference(pairs)
+                differences.append(f"| {m.labels} | {name} | {_pairs_cell(pairs)} | {d.value:+.3f} | "
+                                   f"{_interval(d, signed=True)} | {d.n} |")
+        if differences:
+            out += ["", "Paired differences (runs matched by seed, the same base answers; precisions first / second "
+                    "where they differ):", "",
+                    "| labels | comparison | runs | difference | 95% CI | n |", "| --- | --- | --- | --- | --- | --- |",
+                    *differences]
+        out.append("")
+    return "\n".join(out)
