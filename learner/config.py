@@ -106,6 +106,8 @@ class RoundConfig:
     eval_prompts: int = 4  # held-out prompts scored per round: ~9 s of sampling on a 2-core CPU when the base's and
     #   the parent's draws are reused (a round in a chain), ~24 s when all three models are sampled
     eval_n: int = 2  # answers per prompt and model; win-rates compare all policy x other answers of a prompt
+    eval_seed: int = 1  # the eval answers' draw, apart from `seed`: every round, whatever its training seed, compares
+    #   its policy with the same base answers and reuses the stored draws (1: the seed + 1 rounds drew with before)
     eval_fraction: float = 0.1  # prompts (by a hash of the prompt text) kept for evaluation: never used for rollouts,
     #   and their human labels are neither trained on nor in the held-out label set
     max_kl: float = 15.0  # nats per answer (~0.25 per token of 64): beyond that a 135M model's text degrades

@@ -391,7 +391,7 @@ def eval_answers(setup: RoundSetup, config: RoundConfig, compare: bool) -> tuple
     """The policy's answers to the eval prompts, and with `compare` the base's and the parent's: the base's drawn once
     per base model and kept in the reference cache directory, the parent's taken from its version directory (its own
     round's draw) when the key matches, so a round in a chain samples only its policy."""
-    params, seed = config.sampling, config.seed + 1
+    params, seed = config.sampling, config.eval_seed
     key = eval_answers_key(setup.eval_prompts, config.eval_n, params, seed,
                            base_model_key(setup.base_model_dir, setup.device.precision))
     base_file = Path(setup.ref_cache_dir) / f"eval-base-{key}.json" if setup.ref_cache_dir is not None else None

@@ -233,7 +233,7 @@ def test_dpo_round_from_the_base_writes_a_complete_candidate(first_version):
 def test_a_round_in_a_chain_reuses_the_base_and_parent_eval_answers_it_would_have_drawn(tmp_path, tiny_model_dir):
     """The base's eval answers are drawn once per base model (kept in the reference cache), the parent's come from
     its version directory: a round with both samples only its policy, and compares the same answers it would have
-    drawn itself (each model sampled alone with the eval seed)."""
+    drawn itself (each model sampled alone with the eval seed, which the training seed does not change)."""
     config = RoundConfig.from_dict(TINY)
     cache = tmp_path / "cache"
     v1 = run_round(write_snapshot(tmp_path / "s1"), tiny_model_dir, None, tmp_path / "v1", config, ref_cache_dir=cache)
@@ -245,6 +245,7 @@ def test_a_round_in_a_chain_reuses_the_base_and_parent_eval_answers_it_would_hav
     assert len(base_files) == 1 and json.loads(base_files[0].read_text())["key"] == stored["key"]
 
     snapshot = write_snapshot(tmp_path / "s2", parent_version=1)
+    config = RoundConfig.from_dict({**TINY, "seed": 7})  # another training seed (bench.loop gives each round its own)
     reused = run_round(snapshot, tiny_model_dir, tmp_path / "v1", tmp_path / "v2", config, ref_cache_dir=cache)
     assert reused["eval_answers_reused"] == ["base", "parent"]
     # The same round with nothing stored: it samples the base and the parent itself, and gets the same answers.
