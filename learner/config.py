@@ -60,6 +60,11 @@ class RoundConfig:
     #   [0.52, 0.65] over 3 seeds (n = 288), the only arm shown above 0.5; offline 0.50 [0.43, 0.58] (n = 288),
     #   paired difference +0.082 [-0.016, +0.198]: not shown to differ; online (1) regenerates 12 times a round,
     #   not 3 (rounds ~6 min instead of ~5 on the CPU), for 0.55 [0.48, 0.61] at seed 0 (n = 96)
+    onpolicy_fill_steps: bool = True  # a step without a human example (a round with fewer human examples than
+    #   steps) trains on `batch_size` on-policy examples. So a sparse round is mostly on-policy: one `structured`
+    #   round (48 labels, seed 1, docs/benchmarks.md) had 3 human pairs and 39 on-policy uses, picked by a reward
+    #   model trained on 3 pairs. False: such a round takes one step per human example (each keeps onpolicy_fraction).
+    #   Not yet measured as an arm (`bench.loop --round onpolicy_fill_steps=false`)
     onpolicy_max_uses: int = 4  # steps one on-policy example may serve: a regeneration samples enough prompts for
     #   its window at this reuse, so a large sync_every means older rollouts, not fewer (bench.loop: offline repeated
     #   6 pairs 21 times and won 0.81 vs base; with 4, 29 pairs, 0.94); 4 = what the default sync_every gives

@@ -14,7 +14,16 @@ import pandas as pd
 import torch
 
 from learner.config import RoundConfig
-from learner.data import HELDOUT, TRAIN, OnPolicyStream, PromptSplit, human_plan, onpolicy_count, rollout_prompt_count
+from learner.data import (
+    HELDOUT,
+    TRAIN,
+    OnPolicyStream,
+    PromptSplit,
+    human_plan,
+    onpolicy_count,
+    policy_steps,
+    rollout_prompt_count,
+)
 from learner.errors import LearnerError
 from learner.evaluate import (
     EVAL_ANSWERS,
@@ -201,7 +210,8 @@ def policy_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome) 
     use_rollouts = (reward.picks_rollouts and config.rollout_prompts > 0 and bool(setup.rollout_prompts)
                     and (config.onpolicy_fraction > 0 or not human))
     minimum = MIN_BATCH[config.algorithm]
-    steps = config.steps if use_rollouts else min(config.steps, config.human_epochs * len(human) // minimum)
+    steps = policy_steps(config.steps, config.human_epochs * len(human), minimum, use_rollouts,
+                         config.onpolicy_fill_steps)
     if steps == 0:
         raise LearnerError("no training examples: no human labels within max_label_staleness on training prompts "
                            "(a ranking whose answers are all tied gives no pair) and no on-policy rollouts (no "

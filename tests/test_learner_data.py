@@ -9,6 +9,7 @@ from learner.data import (
     even_chunks,
     human_plan,
     onpolicy_count,
+    policy_steps,
     reward_batches,
     rollout_prompt_count,
 )
@@ -24,6 +25,15 @@ def test_human_labels_are_seen_exactly_human_epochs_times_in_whole_rankings():
     runs = [g for k, g in enumerate(order) if k == 0 or order[k - 1] != g]
     assert len(runs) == 14  # each epoch keeps a ranking's pairs together: 7 runs per epoch
     assert human_plan(groups, 2, 5, seed=0) == plan and human_plan(groups, 2, 5, seed=1) != plan
+
+
+def test_a_round_with_fewer_human_examples_than_steps_fills_them_with_rollouts_only_when_asked():
+    assert policy_steps(12, human_uses=3, minimum=1, rollouts=True, fill=True) == 12  # 9 steps all on-policy
+    assert policy_steps(12, human_uses=3, minimum=1, rollouts=True, fill=False) == 3  # a human example every step
+    assert policy_steps(12, human_uses=30, minimum=1, rollouts=True, fill=False) == 12
+    assert policy_steps(12, human_uses=0, minimum=1, rollouts=True, fill=False) == 12  # no labels: on-policy only
+    assert policy_steps(12, human_uses=7, minimum=2, rollouts=False, fill=True) == 3  # KTO without rollouts: pairs
+    assert policy_steps(12, human_uses=0, minimum=1, rollouts=False, fill=True) == 0
 
 
 def test_ranks_cut_one_plan_between_them():

@@ -365,6 +365,18 @@ def test_a_thumbs_only_round_never_trusts_an_untrained_reward_model(tmp_path, ti
     assert second["status"] == "candidate"
 
 
+def test_a_sparse_round_keeps_its_on_policy_share_when_told_not_to_fill_steps(tmp_path, tiny_model_dir):
+    snapshot = write_snapshot(tmp_path / "snapshot", n_items=3)
+    runs = {}
+    for fill in (True, False):
+        config = RoundConfig.from_dict(dict(TINY, steps=12, sync_every=12, onpolicy_fill_steps=fill))
+        runs[fill] = run_round(snapshot, tiny_model_dir, None, tmp_path / f"v-{fill}", config)["data"]
+    human = runs[True]["human_uses"]
+    assert 0 < human < 12 and runs[False]["human_uses"] == human
+    assert runs[True]["steps"] == 12 and runs[True]["onpolicy_uses"] > human  # empty steps: batch_size on-policy
+    assert runs[False]["steps"] == human and runs[False]["onpolicy_uses"] == human  # one human example a step, 0.5
+
+
 def test_rollouts_need_a_reward_model_shown_good_enough_only_when_asked():
     from learner.phases import rollouts_allowed
 
