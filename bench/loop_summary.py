@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 
-from bench.loop_results import ARMS, DEFAULT_ARM, grid_settings, load_rows, rounds_precision
+from bench.loop_results import ARMS, DEFAULT_ARM, grid_settings, load_rows
 from bench.stats import Estimate, paired_difference, win_rate
 
 
@@ -64,7 +64,7 @@ class Run:
 
     @property
     def precision(self) -> str:
-        return short_precision(run_precision(self.row))
+        return short_precision(self.row.get("precision"))  # rows before 2026-12-01 were filled in
 
     def base_answers(self) -> str | None:
         return _read(self.directory / "base" / f"seed{self.seed}.json")
@@ -73,11 +73,6 @@ class Run:
 @cache
 def _read(path: Path) -> str | None:
     return path.read_text(encoding="utf-8") if path.is_file() else None
-
-
-def run_precision(row: dict) -> str | None:
-    """The row's record of how its rounds computed (rows written before it was kept: from the rounds, if they say)."""
-    return row.get("precision") or rounds_precision(row.get("rounds", []))
 
 
 def short_precision(precision: str | None) -> str:
