@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,6 @@ from learner.config import RoundConfig
 from learner.data import (
     HELDOUT,
     TRAIN,
-    OnPolicyStream,
     PromptSplit,
     human_plan,
     onpolicy_count,
@@ -38,6 +36,7 @@ from learner.evaluate import (
 from learner.logprobs import encode_answer
 from learner.losses import kto_weight_warning
 from learner.model import Device, keep_lora_sums_fp32
+from learner.onpolicy_stream import onpolicy_stream
 from learner.refcache import ReferenceLogps, base_model_key
 from learner.reward import (
     RewardModel,
@@ -49,11 +48,7 @@ from learner.reward import (
 )
 from learner.rollouts import (
     HUMAN_DATA,
-    Scorer,
     human_examples,
-    implicit_reward_scorer,
-    onpolicy_examples,
-    reward_model_scorer,
 )
 from learner.stats import Proportion, proportion
 from learner.train import (
@@ -224,7 +219,7 @@ def policy_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome) 
     prompts = rollout_prompt_count(config.rollout_prompts, wanted, config.sync_every, config.onpolicy_max_uses)
     reference = make_reference(setup, config)
     judge = choose_rollout_judge(setup, config, reward, reference) if use_rollouts else None
-    stream = _onpolicy_stream(setup, config, reward, prompts, steps, judge, reference)
+    stream = onpolicy_stream(setup, config, reward.reward_model, prompts, steps, judge, reference)
     if config.algorithm == "kto" and human:
         n_desirable = sum(e.desirable for e in human)
         warning = kto_weight_warning(n_desirable, len(human) - n_desirable, config.desirable_weight,
@@ -295,76 +290,6 @@ def choose_rollout_judge(setup: RoundSetup, config: RoundConfig, reward: RewardO
     if rule == "policy":
         return {"judge": "policy", "rule": rule}
     return {"judge": "reward_model", "rule": rule, "why": "no held-out human pairs to compare the two judges on"}
-
-
-@dataclass
-class _Regenerate:
-    """Sample and score on-policy examples for a step (the callable an OnPolicyStream calls)."""
-
-    setup: RoundSetup
-    config: RoundConfig
-    reward_model: RewardModel
-    scorer: Scorer
-    prompts_per_regeneration: int
-    regenerations_planned: int
-    steps: int
-    rng: random.Random
-    regenerations: int = 0
-    answers: int = 0
-    dropped: int = 0
-    seconds: float = 0.0  # sampling and scoring
-
-    def __call__(self, step: int) -> list:
-        s, c = self.setup, self.config
-        started = time.monotonic()
-        s.report("rollouts", self.regenerations, self.regenerations_planned, within=step / self.steps)
-        prompts = self.rng.sample(s.rollout_prompts, min(self.prompts_per_regeneration, len(s.rollout_prompts)))
-        batch = onpolicy_examples(s.model, self.reward_model, s.tokenizer, prompts, c.algorithm, c.rollout_n,
-                                  c.sampling, c.max_length, seed=c.seed * 100003 + step,
-                                  merge=s.device.merges_for_sampling, scorer=self.scorer)
-        self.regenerations += 1
-        self.answers += batch.answers
-        self.dropped += batch.dropped_tokenization
-        self.seconds += time.monotonic() - started
-        s.report("rollouts", self.regenerations, self.regenerations_planned, within=step / self.steps)
-        return batch.examples
-
-
-class _Stream(OnPolicyStream):
-    """An OnPolicyStream that also reports what its regenerations cost."""
-
-    @property
-    def regenerations(self) -> int:
-        return self.regenerate.regenerations
-
-    @property
-    def answers(self) -> int:
-        return self.regenerate.answers
-
-    @property
-    def dropped(self) -> int:
-        return self.regenerate.dropped
-
-    @property
-    def prompts(self) -> int:
-        return self.regenerate.prompts_per_regeneration
-
-    @property
-    def seconds(self) -> float:
-        return self.regenerate.seconds
-
-
-def _onpolicy_stream(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome, prompts: int,
-                     steps: int, judge: dict | None, reference: ReferenceLogps) -> _Stream:
-    rank = setup.accelerator.process_index
-    if judge is not None and judge["judge"] == "policy":
-        scorer = implicit_reward_scorer(setup.model, setup.tokenizer, reference, config.max_length,
-                                        2 * config.batch_size)
-    else:
-        scorer = reward_model_scorer(reward.reward_model)
-    regenerate = _Regenerate(setup, config, reward.reward_model, scorer, prompts, -(-steps // config.sync_every),
-                             steps, random.Random(config.seed + 7919 * rank))
-    return _Stream(regenerate, config.sync_every, config.seed + rank)
 
 
 # --- (c) evaluation --------------------------------------------------------------------------------------------
