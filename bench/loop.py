@@ -314,7 +314,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--grid", choices=sorted(GRIDS), default="small")
     p.add_argument("--results", type=Path, help="results directory (default bench-results/loop-GRID)")
-    p.add_argument("--table", type=Path, metavar="DIR", help="print the table of DIR's rows and exit")
+    p.add_argument("--table", type=Path, metavar="DIR",
+                   help="print the table of DIR's rows (arms, differences, curve, each run's rounds) and exit")
     p.add_argument("--summary", type=Path, nargs="?", const=ROOT / "bench-results", metavar="ROOT",
                    help="print every results directory under ROOT (default bench-results/) pooled by what the rows "
                         "measure, with paired differences, and exit")

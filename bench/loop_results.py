@@ -251,7 +251,8 @@ def _arm_lines(group: list[dict]) -> list[str]:
 
 def table(rows: dict[str, dict], budget: int, settings: dict | None = None) -> str:
     """Markdown: per persona the arms at the label budget `budget` (each seed, then pooled), the paired
-    differences against offline, and the default arm's learning curve. Every figure with n (seeds x prompts x
+    differences against offline, the default arm's learning curve, then every run's rounds (what each trained on, its
+    held-out accuracies, KL and phase times). Every figure with n (seeds x prompts x
     samples) and its 95% interval (bench/stats.py). `settings` (grid_settings) adds how the rankings were made."""
     if not rows:
         return "no rows yet"
@@ -270,8 +271,44 @@ def table(rows: dict[str, dict], budget: int, settings: dict | None = None) -> s
             if (persona, arm, budget) in groups:
                 out += _arm_lines(groups[(persona, arm, budget)])
         out += _differences(groups, persona, budget) + _curve(groups, persona)
+        out += _rounds(sorted((r for r in rows.values() if r["persona"] == persona),
+                              key=lambda r: (r["labels"], ARMS.index(r["arm"]), r["seed"])))
         out.append("")
     return "\n".join(out)
+
+
+def _proportion(figure: dict | None) -> str:
+    if not figure:
+        return "-"
+    return f"{figure['value']:.2f} [{figure['ci95'][0]:.2f}, {figure['ci95'][1]:.2f}] ({figure['n']})"
+
+
+def _round_line(row: dict, r: dict) -> str:
+    data = r.get("data") or {}
+    kl = r.get("kl_to_reference")
+    kl = kl.get("value") if isinstance(kl, dict) else kl
+    uses = (f"{data['human_uses']} / {data['onpolicy_uses']}" if "human_uses" in data and "onpolicy_uses" in data
+            else "-")
+    phases = r.get("timings_s") or {}
+    seconds = " / ".join(f"{phases[p]:.0f}" for p in ("reward", "policy", "eval") if p in phases) or "-"
+    status = r["status"] if not r.get("gate_reason") else f"{r['status']}: {r['gate_reason']}"
+    version = "-" if r.get("version") is None else f"v{r['version']}"
+    return (f"| {row['arm']} | {row['labels']} | {row['seed']} | {version} | {status} | {data.get('steps', '-')} "
+            f"| {uses} | {_proportion(r.get('reward_heldout_accuracy'))} "
+            f"| {_proportion(r.get('policy_heldout_accuracy'))} | {'-' if kl is None else f'{kl:.2f}'} | {seconds} |")
+
+
+def _rounds(rows: list[dict]) -> list[str]:
+    """Each run's rounds: what each trained on and what its held-out figures were (each with n and interval)."""
+    lines = [_round_line(row, r) for row in rows for r in row["rounds"]]
+    if not lines:
+        return []
+    return ["", "Rounds of each run (uses: human / on-policy example uses; held-out: pair accuracy on human labels of "
+            "held-out prompts, 95% Wilson interval (n); KL: exact, to the reference, nats per answer; seconds: reward "
+            "model / policy / evaluation phases):", "",
+            "| arm | labels | seed | version | status | steps | uses | reward model held-out | policy implicit reward "
+            "held-out | KL | seconds |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", *lines]
 
 
 def _grid_line(settings: dict | None) -> list[str]:

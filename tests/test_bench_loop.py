@@ -302,6 +302,30 @@ def test_table_prints_each_row_pooled_rows_differences_and_the_curve_with_n_and_
     assert "the personas tie answers they score alike" in table(rows, 32, GRIDS["full"].settings())
 
 
+
+def test_table_lists_each_runs_rounds_with_what_they_trained_on_and_their_held_out_figures():
+    r = row(arm="semi-online", seed=1, labels=48)
+    heldout = {"value": 0.2143, "ci95": [0.0757, 0.4759], "n": 14}
+    r["rounds"] = [
+        {"status": "succeeded", "version": 1, "gate_reason": None, "kl_to_reference": 0.34, "reward_heldout_accuracy":
+         None, "policy_heldout_accuracy": {"value": 1.0, "ci95": [0.4385, 1.0], "n": 3},
+         "data": {"steps": 12, "human_uses": 3, "onpolicy_uses": 39}, "timings_s": {"reward": 52.6, "policy": 120.4,
+                                                                                     "eval": 36.9}},
+        {"status": "rejected", "version": 2, "gate_reason": "KL 9.1 over max_kl 8", "kl_to_reference": 9.1,
+         "reward_heldout_accuracy": heldout, "policy_heldout_accuracy": None, "data": {"steps": 3},
+         "timings_s": {"reward": 10.0}},
+        {"status": "failed", "version": None, "error": "out of memory"},
+    ]
+    text = table({r["key"]: r}, 48)
+    assert ("| semi-online | 48 | 1 | v1 | succeeded | 12 | 3 / 39 | - | 1.00 [0.44, 1.00] (3) | 0.34 | 53 / 120 / 37 |"
+            in text)
+    assert ("| semi-online | 48 | 1 | v2 | rejected: KL 9.1 over max_kl 8 | 3 | - | 0.21 [0.08, 0.48] (14) | - "
+            "| 9.10 | 10 |") in text
+    assert "| semi-online | 48 | 1 | - | failed | - | - | - | - | - | - |" in text
+    old = row()  # a row from before rounds kept their figures
+    assert "| offline | 32 | 0 | - | succeeded | - | - | - | - | - | - |" in table({old["key"]: old}, 32)
+
+
 def results_dir(root, name: str, rows: list[dict], base: dict[int, list[list[str]]], **grid_changes) -> None:
     directory = root / name
     open_results(directory, replace(GRIDS["small"], held_out=4, **grid_changes))
