@@ -12,8 +12,9 @@ rounds' seeds and the base answers, not the items the server samples. Precision 
 (the default `--precision auto` is bf16 autocast on a CPU with native bf16 and fp32 elsewhere: both are "the
 defaults").
 
-Paired differences compare a group with (a) the default arm under the same settings and (b) the same arm under the
-default settings, over the runs matched by seed (in the same precision where a seed has several runs) whose base
+Paired differences compare a group with (a) the default arm under the same settings and (b) the same arm without
+its RoundConfig overrides (rankings made alike: with ties or at random), or, for random ties without overrides, with
+ties, over the runs matched by seed (in the same precision where a seed has several runs) whose base
 answers are the same file content: the verdicts of both sides then judge the same base answers on the same prompts.
 Every figure has its n (runs x prompts x samples judged pairs) and its 95% interval. Asserts nothing.
 """
@@ -152,9 +153,12 @@ def _comparisons(measure: Measure, groups: dict[Measure, list[Run]]) -> list[tup
     if measure.arm != DEFAULT_ARM:
         other = replace(measure, arm=DEFAULT_ARM)
         out.append((f"{DEFAULT_ARM} - {measure.arm}", matched(groups.get(other, []), groups[measure])))
-    if not measure.default_settings:
-        other = replace(measure, ties=True, overrides="{}")
-        out.append((f"{measure.settings()} - defaults", matched(groups[measure], groups.get(other, []))))
+    if measure.overrides != "{}":  # the overrides' own effect: against the same rankings (ties or not) without them
+        other = replace(measure, overrides="{}")
+        name = f"{measure.settings()} - {other.settings()}"
+        out.append((name, matched(groups[measure], groups.get(other, []))))
+    elif not measure.ties:
+        out.append(("random ties - defaults", matched(groups[measure], groups.get(replace(measure, ties=True), []))))
     return [(name, pairs) for name, pairs in out if pairs]
 
 

@@ -366,6 +366,22 @@ def test_summary_pools_directories_by_what_they_measure_and_pairs_runs_by_seed_p
     assert "semi-online - offline | 0 (bf16" not in text
 
 
+def test_summary_compares_an_override_with_the_same_rankings_without_it(tmp_path):
+    base = {0: [["a", "b"]] * 4}
+    runs = {name: {**row(arm="semi-online", seed=0, verdicts=random_verdicts((4, 2), seed=seed).tolist()),
+                   "precision": "float32"} for name, seed in (("ties", 1), ("random", 2), ("random+steps", 3))}
+    results_dir(tmp_path, "ties", [runs["ties"]], base)
+    results_dir(tmp_path, "random", [runs["random"]], base, ties=False)
+    results_dir(tmp_path, "random-steps", [runs["random+steps"]], base, ties=False, round={"steps": 4})
+    text = summary(tmp_path)
+    own = paired_difference([runs["random+steps"]["verdicts"]], [runs["random"]["verdicts"]])
+    assert (f"| 32 | steps=4, random ties - random ties | 0 (fp32) | {own.value:+.3f} | "
+            f"[{own.ci95[0]:+.3f}, {own.ci95[1]:+.3f}] | 8 |") in text
+    ties = paired_difference([runs["random"]["verdicts"]], [runs["ties"]["verdicts"]])
+    assert f"| 32 | random ties - defaults | 0 (fp32) | {ties.value:+.3f} |" in text
+    assert "steps=4, random ties - defaults" not in text  # two changes at once are not one comparison
+
+
 def test_summary_refuses_to_pool_runs_judged_on_other_prompts_and_says_when_there_is_nothing(tmp_path):
     assert summary(tmp_path) == f"no bench.loop rows under {tmp_path}"
     results_dir(tmp_path, "a", [row(arm="offline", seed=0)], {})
