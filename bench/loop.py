@@ -66,6 +66,7 @@ from bench.loop_results import (
     row_key,
     save_base_answers,
     table,
+    today_round_defaults,
 )
 from bench.loop_summary import summary
 from bench.stats import win_rate
@@ -247,6 +248,7 @@ def run_job(grid: Grid, persona_name: str, arm: str, seed: int, budgets: list[in
                     row = {"key": row_key(persona_name, arm, seed, labelled), "persona": persona_name, "arm": arm,
                            "seed": seed, "labels": labelled, "prompts": prompts, "final_version": final,
                            "rounds": list(rounds), "precision": rounds_precision(rounds),
+                           "round_defaults": today_round_defaults(),
                            **judge(http, persona, final, prompts, base),
                            "minutes": (time.monotonic() - started) / 60, "finished_at": time.time()}
                     append_row(results, row)

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench.stats import Estimate, paired_difference, win_rate
+from learner.config import RoundConfig
 from learner.params import PRECISIONS
 
 ARMS = ("offline", "semi-online", "online", "kto")
@@ -138,6 +139,25 @@ def row_key(persona: str, arm: str, seed: int, labels: int) -> str:
 
 # Grid fields added after results directories were written, with the value those directories were run with.
 LEGACY_FIELDS = {"ties": False, "precision": "fp32"}
+
+
+# RoundConfig defaults changed after rows were written, with the value those rows' rounds ran with: a row without
+# `round_defaults` ran under today's defaults but these.
+LEGACY_ROUND_DEFAULTS = {"rollouts_min_reward_accuracy": None}  # 0.5 since 2026-12-01 (docs/benchmarks.md)
+
+
+def today_round_defaults() -> dict:
+    """RoundConfig's defaults as a row records them (JSON types; the seed is the benchmark's, per round)."""
+    return {k: v for k, v in json.loads(json.dumps(RoundConfig().to_dict())).items() if k != "seed"}
+
+
+def round_settings(row: dict, grid_overrides: dict) -> dict:
+    """How a row's rounds were configured unlike today's RoundConfig defaults: the defaults they ran under (recorded
+    in the row, else today's with LEGACY_ROUND_DEFAULTS), then the grid's overrides. What defines an arm (its
+    sync_every, algorithm, ...) is not here: bench.loop's round_config adds it to every round of that arm."""
+    today = today_round_defaults()
+    ran = {**today, **row.get("round_defaults", LEGACY_ROUND_DEFAULTS), **grid_overrides}
+    return {k: v for k, v in ran.items() if k in today and v != today[k]}
 
 
 def grid_settings(directory: Path) -> dict | None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 
-from bench.loop_results import ARMS, DEFAULT_ARM, grid_settings, load_rows
+from bench.loop_results import ARMS, DEFAULT_ARM, grid_settings, load_rows, round_settings
 from bench.stats import Estimate, paired_difference, win_rate
 
 
@@ -41,7 +41,7 @@ class Measure:
     held_out: int
     samples: int
     ties: bool
-    overrides: str  # the RoundConfig overrides as sorted JSON; "{}" for the defaults
+    overrides: str  # how the rounds differed from today's RoundConfig defaults, as sorted JSON; "{}": none
 
     @property
     def default_settings(self) -> bool:
@@ -89,8 +89,8 @@ def collect(root: Path) -> dict[Measure, list[Run]]:
     groups: dict[Measure, list[Run]] = defaultdict(list)
     for directory in directories:
         settings = grid_settings(directory)
-        overrides = json.dumps(settings.get("round", {}), sort_keys=True)
         for row in load_rows(directory).values():
+            overrides = json.dumps(round_settings(row, settings.get("round", {})), sort_keys=True)
             measure = Measure(row["persona"], row["labels"], row["arm"], settings["held_out"], settings["samples"],
                               settings["ties"], overrides)
             groups[measure].append(Run(row, directory))

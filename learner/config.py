@@ -56,7 +56,8 @@ class RoundConfig:
     #   fresh and human data; half keeps the human signal dominant per label while the policy sees its own answers)
     sync_every: int = 4  # regenerate on-policy pairs every 4 optimizer steps: semi-online (arXiv 2506.21495);
     #   1 = online (fresh rollouts every step), >= steps = offline (one generation before the first step).
-    #   Measured (docs/benchmarks.md, bench.loop, `structured`, 64 labels, win-rate vs base): semi-online 0.59
+    #   Measured (docs/benchmarks.md, bench.loop, `structured`, 64 labels, rollouts always, i.e. before the
+    #   rollouts_min_reward_accuracy default, win-rate vs base): semi-online 0.59
     #   [0.52, 0.65] over 3 seeds (n = 288), the only arm shown above 0.5; offline 0.50 [0.43, 0.58] (n = 288),
     #   paired difference +0.082 [-0.016, +0.198]: not shown to differ; online (1) regenerates 12 times a round,
     #   not 3 (rounds ~6 min instead of ~5 on the CPU), for 0.55 [0.48, 0.61] at seed 0 (n = 96)
@@ -64,18 +65,20 @@ class RoundConfig:
     #   steps) trains on `batch_size` on-policy examples. So a sparse round is mostly on-policy: one `structured`
     #   round (48 labels, seed 1, docs/benchmarks.md) had 3 human pairs and 39 on-policy uses, picked by a reward
     #   model trained on 3 pairs. False: such a round takes one step per human example (each keeps onpolicy_fraction).
-    #   Not yet measured as an arm (`bench.loop --round onpolicy_fill_steps=false`)
+    #   Not measured as an arm (`bench.loop --round onpolicy_fill_steps=false`): such rounds' reward models are rarely
+    #   shown above chance, so the default rollouts_min_reward_accuracy already trains them on human labels alone
     onpolicy_max_uses: int = 4  # steps one on-policy example may serve: a regeneration samples enough prompts for
     #   its window at this reuse, so a large sync_every means older rollouts, not fewer (bench.loop: offline repeated
     #   6 pairs 21 times and won 0.81 vs base; with 4, 29 pairs, 0.94); 4 = what the default sync_every gives
-    rollouts_min_reward_accuracy: float | None = None  # on-policy pairs only while the reward model's held-out pair
+    rollouts_min_reward_accuracy: float | None = 0.5  # on-policy pairs only while the reward model's held-out pair
     #   accuracy has its 95% lower bound >= this (0.5: shown better than chance), else human pairs alone, with a
-    #   warning. None = always. Off by default, measured (docs/benchmarks.md, seed 0, paired): at 0.5 it lifted
-    #   `structured` with ties in random order from 0.43 to 0.54 (+0.115 [+0.036, +0.193], n = 96), but cost
-    #   `concise` 0.09 (1.00 -> 0.91, +0.094 [0.000, +0.188], n = 32: its first round, with 12 held-out pairs,
-    #   cannot show even 0.67 above chance). With ties (the Annotate tab's) `structured` learns at 64 labels (5 runs:
-    #   0.57 [0.52, 0.63], n = 480), not in every run: the one that did not move (0.50) had a reward model below
-    #   chance on held-out pairs (0.35, n = 23): a guard's case, not yet measured as an arm
+    #   warning. None = always (the default until 2026-12-01). Measured (docs/benchmarks.md, bench.loop, 48 held-out
+    #   prompts x 2, win-rate vs base): `structured` at 48 labels, seeds 0-2, 0.68 [0.58, 0.78] with it vs 0.54
+    #   [0.46, 0.61] without (n = 288 each; paired +0.144 [+0.010, +0.292]): its early reward models are near chance
+    #   (3-15 held-out pairs), and on-policy pairs they pick are noise the policy learns; once one is shown better
+    #   (seed 1's rounds 2-3: 0.93, 0.89) rollouts return. `concise` learns fast either way: 0.91 [0.81, 1.00] with it
+    #   at 32 labels (random ties, 16 prompts x 2, n = 32) vs 1.00 without. Rounds without rollouts are also shorter
+    #   (policy phase 23-55 s instead of 120-175 s in those runs)
     rollout_judge: str = "reward_model"  # what ranks a prompt's rollouts (best vs worst, around the median): the
     #   round's reward model, or "auto": whichever of it and the policy's implicit reward (log-ratio to the reference,
     #   as the policy is at that regeneration) ranked the held-out human pairs better at the round's start (the

@@ -24,10 +24,12 @@ from bench.loop_results import (
     load_rows,
     open_results,
     overlap,
+    round_settings,
     rounds_precision,
     row_key,
     save_base_answers,
     table,
+    today_round_defaults,
 )
 from bench.loop_summary import summary
 from bench.stats import RESAMPLES, paired_difference, win_rate
@@ -213,7 +215,13 @@ def row(persona="concise", arm="offline", seed=0, labels=32, verdicts=None, prom
     verdicts = verdicts if verdicts is not None else random_verdicts((prompts, 2), seed=seed).tolist()
     return {"key": row_key(persona, arm, seed, labels), "persona": persona, "arm": arm, "seed": seed,
             "labels": labels, "prompts": held_out_prompts(len(verdicts)), "verdicts": verdicts, "words": 30.0,
-            "base_words": 40.0, "rounds": [{"status": "succeeded"}], "final_version": 1, "minutes": 1.0}
+            "base_words": 40.0, "rounds": [{"status": "succeeded"}], "final_version": 1, "minutes": 1.0,
+            "round_defaults": today_round_defaults()}
+
+
+def legacy(r: dict) -> dict:
+    """A row as written before rows recorded the RoundConfig defaults they ran under."""
+    return {k: v for k, v in r.items() if k != "round_defaults"}
 
 
 def test_rows_survive_a_torn_last_line_and_the_next_append_repairs_it(tmp_path):
@@ -381,6 +389,31 @@ def test_summary_compares_an_override_with_the_same_rankings_without_it(tmp_path
     assert f"| 32 | random ties - defaults | 0 (fp32) | {ties.value:+.3f} |" in text
     assert "steps=4, random ties - defaults" not in text  # two changes at once are not one comparison
 
+
+def test_rows_say_which_round_defaults_they_ran_under_so_a_changed_default_is_not_pooled_as_the_new_one(tmp_path):
+    today = today_round_defaults()
+    assert today["rollouts_min_reward_accuracy"] == 0.5 and "seed" not in today
+    old = legacy(row(arm="semi-online", seed=0))  # written while the guard was off by default
+    assert round_settings(old, {}) == {"rollouts_min_reward_accuracy": None}
+    assert round_settings(old, {"rollouts_min_reward_accuracy": 0.5}) == {}  # an override then, the default now
+    recorded = row(arm="semi-online", seed=0)
+    assert round_settings(recorded, {}) == {} and round_settings(recorded, {"steps": 4}) == {"steps": 4}
+    assert round_settings({**recorded, "round_defaults": {**today, "beta": 0.2}}, {}) == {"beta": 0.2}
+
+    def run(seed, verdict_seed, **changes):
+        verdicts = random_verdicts((4, 2), seed=verdict_seed).tolist()
+        return {**row(arm="semi-online", seed=seed, verdicts=verdicts), "precision": "float32", **changes}
+
+    guard, off, now = legacy(run(0, 1)), legacy(run(0, 2)), run(1, 3)
+    results_dir(tmp_path, "old-guard", [guard], {0: [["a", "b"]] * 4}, round={"rollouts_min_reward_accuracy": 0.5})
+    results_dir(tmp_path, "old-defaults", [off], {0: [["a", "b"]] * 4})
+    results_dir(tmp_path, "new-defaults", [now], {1: [["c", "d"]] * 4})
+    text = summary(tmp_path)
+    pooled = win_rate([guard["verdicts"], now["verdicts"]])
+    assert f"| 32 | semi-online | defaults | 4 x 2 | 0, 1 (fp32) | {pooled.value:.2f} |" in text
+    assert "| 32 | semi-online | rollouts_min_reward_accuracy=null | 4 x 2 | 0 (fp32) |" in text
+    d = paired_difference([off["verdicts"]], [guard["verdicts"]])
+    assert f"| 32 | rollouts_min_reward_accuracy=null - defaults | 0 (fp32) | {d.value:+.3f} |" in text
 
 def test_summary_refuses_to_pool_runs_judged_on_other_prompts_and_says_when_there_is_nothing(tmp_path):
     assert summary(tmp_path) == f"no bench.loop rows under {tmp_path}"

@@ -121,7 +121,8 @@ def test_kill_9_during_a_round_leaves_the_registry_and_the_old_version(tmp_path,
     server = start_server(data_dir, port, tiny_model_dir, server_log)
     try:
         r = httpx.post(f"{url}/api/train", headers=boss, timeout=30,
-                       json={"steps": 500, "batch_size": 2, "max_new_tokens": 8, "rollout_n": 2, "eval_n": 2})
+                       json={"steps": 500, "batch_size": 2, "max_new_tokens": 8, "rollout_n": 2, "eval_n": 2,
+                             "rollouts_min_reward_accuracy": None})  # on-policy fill keeps it at 500 steps
         run_id = r.json()["run_id"]
         wait_for(lambda: httpx.get(f"{url}/api/runs/{run_id}", headers=boss).json()["progress"] > 0, 300)
         children = _children(server.pid)

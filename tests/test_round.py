@@ -23,7 +23,10 @@ from learner.stats import proportion
 # A round small enough for a 2-core CPU in seconds: 3 policy steps, 8-token answers, 2 eval prompts.
 TINY = {"steps": 3, "batch_size": 2, "rollout_prompts": 2, "rollout_n": 3, "sync_every": 2, "max_new_tokens": 8,
         "reward_steps": 3, "reward_batch_items": 2, "eval_prompts": 2, "eval_n": 2, "max_length": 96,
-        "learning_rate": 1e-2, "reward_learning_rate": 1e-2, "max_kl": 1e9, "min_win_rate": 0.0}
+        "learning_rate": 1e-2, "reward_learning_rate": 1e-2, "max_kl": 1e9, "min_win_rate": 0.0,
+        # on-policy pairs whatever the reward model's held-out accuracy (a tiny round has few or no held-out labels):
+        # the round's data flow is what these tests check; the guard has tests of its own
+        "rollouts_min_reward_accuracy": None}
 
 
 def write_snapshot(directory: Path, parent_version: int = 0, n_items: int = 6, k: int = 3,
@@ -397,6 +400,19 @@ def test_a_reward_model_not_shown_good_enough_picks_no_on_policy_pairs(tmp_path,
     assert metrics["data"]["human_uses"] > 0
     assert any("rollouts_min_reward_accuracy 0.99" in w for w in metrics["warnings"]), metrics["warnings"]
 
+
+def test_by_default_a_reward_model_not_shown_above_chance_picks_no_on_policy_pairs(tmp_path, tiny_model_dir):
+    """The default guard (0.5, docs/benchmarks.md: `structured` at 48 labels): a round whose reward model has no
+    held-out labels to show it better than chance trains on its human labels alone, and says so."""
+    defaults = {k: v for k, v in TINY.items() if k != "rollouts_min_reward_accuracy"}
+    metrics = run_round(write_snapshot(tmp_path / "snapshot", n_items=3), tiny_model_dir, None, tmp_path / "v1",
+                        RoundConfig.from_dict(defaults))
+    assert RoundConfig().rollouts_min_reward_accuracy == 0.5
+    assert metrics["reward_ready"] and metrics["reward_heldout_accuracy"] is None  # trained, nothing held out
+    assert metrics["data"]["onpolicy"] is None and metrics["data"]["onpolicy_uses"] == 0
+    assert metrics["data"]["human_uses"] > 0 and metrics["status"] == "candidate"
+    assert any("(no held-out labels) is not shown to reach rollouts_min_reward_accuracy 0.5" in w
+               for w in metrics["warnings"]), metrics["warnings"]
 
 def test_rollout_judge_auto_picks_the_judge_that_ranked_held_out_pairs_better(first_version, tmp_path,
                                                                               tiny_model_dir):
