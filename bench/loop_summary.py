@@ -12,10 +12,12 @@ rounds' seeds and the base answers, not the items the server samples. Precision 
 (the default `--precision auto` is bf16 autocast on a CPU with native bf16 and fp32 elsewhere: both are "the
 defaults").
 
-Paired differences compare a group with (a) the default arm under the same settings and (b) the same arm without
-its RoundConfig overrides (rankings made alike: with ties or at random), or, for random ties without overrides, with
-ties, over the runs matched by seed (in the same precision where a seed has several runs) whose base
-answers are the same file content: the verdicts of both sides then judge the same base answers on the same prompts.
+Paired differences compare a group with (a) the default arm under the same settings and (b) the same arm with one
+of its settings undone (each RoundConfig override in turn, or random ties made ties), over the runs matched by seed
+(in the same precision where a seed has several runs) whose base answers are the same file content: the verdicts of
+both sides then judge the same base answers on the same prompts. Settings are how the rounds differed from today's
+RoundConfig defaults: rows record the defaults they ran under (older rows: bench.loop_results.LEGACY_ROUND_DEFAULTS),
+so a default changed since is shown as a setting of the older runs, never pooled with the new default's runs.
 Every figure has its n (runs x prompts x samples judged pairs) and its 95% interval. Asserts nothing.
 """
 
@@ -153,12 +155,13 @@ def _comparisons(measure: Measure, groups: dict[Measure, list[Run]]) -> list[tup
     if measure.arm != DEFAULT_ARM:
         other = replace(measure, arm=DEFAULT_ARM)
         out.append((f"{DEFAULT_ARM} - {measure.arm}", matched(groups.get(other, []), groups[measure])))
-    if measure.overrides != "{}":  # the overrides' own effect: against the same rankings (ties or not) without them
-        other = replace(measure, overrides="{}")
-        name = f"{measure.settings()} - {other.settings()}"
-        out.append((name, matched(groups[measure], groups.get(other, []))))
-    elif not measure.ties:
-        out.append(("random ties - defaults", matched(groups[measure], groups.get(replace(measure, ties=True), []))))
+    overrides = json.loads(measure.overrides)
+    others = [replace(measure, overrides=json.dumps({k: v for k, v in overrides.items() if k != key}, sort_keys=True))
+              for key in sorted(overrides)]  # one change at a time: each override's own effect
+    if not measure.ties:
+        others.append(replace(measure, ties=True))
+    for other in others:
+        out.append((f"{measure.settings()} - {other.settings()}", matched(groups[measure], groups.get(other, []))))
     return [(name, pairs) for name, pairs in out if pairs]
 
 

@@ -404,9 +404,10 @@ def test_rows_say_which_round_defaults_they_ran_under_so_a_changed_default_is_no
         verdicts = random_verdicts((4, 2), seed=verdict_seed).tolist()
         return {**row(arm="semi-online", seed=seed, verdicts=verdicts), "precision": "float32", **changes}
 
-    guard, off, now = legacy(run(0, 1)), legacy(run(0, 2)), run(1, 3)
+    guard, off, now, op25 = legacy(run(0, 1)), legacy(run(0, 2)), run(1, 3), legacy(run(0, 4))
     results_dir(tmp_path, "old-guard", [guard], {0: [["a", "b"]] * 4}, round={"rollouts_min_reward_accuracy": 0.5})
     results_dir(tmp_path, "old-defaults", [off], {0: [["a", "b"]] * 4})
+    results_dir(tmp_path, "old-op25", [op25], {0: [["a", "b"]] * 4}, round={"onpolicy_fraction": 0.25})
     results_dir(tmp_path, "new-defaults", [now], {1: [["c", "d"]] * 4})
     text = summary(tmp_path)
     pooled = win_rate([guard["verdicts"], now["verdicts"]])
@@ -414,6 +415,12 @@ def test_rows_say_which_round_defaults_they_ran_under_so_a_changed_default_is_no
     assert "| 32 | semi-online | rollouts_min_reward_accuracy=null | 4 x 2 | 0 (fp32) |" in text
     d = paired_difference([off["verdicts"]], [guard["verdicts"]])
     assert f"| 32 | rollouts_min_reward_accuracy=null - defaults | 0 (fp32) | {d.value:+.3f} |" in text
+    # two settings differ from today's defaults: each is undone alone (the other group exists for one of them)
+    d = paired_difference([op25["verdicts"]], [off["verdicts"]])
+    assert (f"| 32 | onpolicy_fraction=0.25, rollouts_min_reward_accuracy=null - rollouts_min_reward_accuracy=null | "
+            f"0 (fp32) | {d.value:+.3f} |") in text
+    assert "rollouts_min_reward_accuracy=null - defaults | 0 (fp32) | " in text
+    assert "onpolicy_fraction=0.25, rollouts_min_reward_accuracy=null - defaults" not in text
 
 def test_summary_refuses_to_pool_runs_judged_on_other_prompts_and_says_when_there_is_nothing(tmp_path):
     assert summary(tmp_path) == f"no bench.loop rows under {tmp_path}"
