@@ -211,6 +211,9 @@ def policy_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome) 
         raise LearnerError("no training examples: no human labels within max_label_staleness on training prompts "
                            "(a ranking whose answers are all tied gives no pair) and no on-policy rollouts (no "
                            "trained reward model, no prompts, or rollout_prompts = 0)")
+    if steps < config.steps:
+        setup.warnings.append(fewer_steps(steps, config, len(human), use_rollouts))
+        log.warning(setup.warnings[-1])
     plan = human_plan([e.group for e in human], config.human_epochs, steps, config.seed, acc.process_index,
                       acc.num_processes)
     wanted = [onpolicy_count(len(chunk), config.onpolicy_fraction, config.batch_size) if use_rollouts else 0
@@ -263,6 +266,14 @@ def policy_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome) 
             "reference_logps": reference.stats()}
     return PolicyOutcome(result.history, result.failure and f"policy {result.failure}", len(human), human_frame,
                          dropped, data, reference)
+
+
+def fewer_steps(steps: int, config: RoundConfig, human: int, rollouts: bool) -> str:
+    """Why a round takes fewer optimizer steps than `steps` asks: its human examples are seen human_epochs times and
+    nothing fills the steps past them."""
+    why = "onpolicy_fill_steps is off" if rollouts else "no on-policy pairs fill the rest this round"
+    return (f"this round takes {steps} of its {config.steps} optimizer steps: {human} human examples x human_epochs "
+            f"{config.human_epochs} reach no further, and {why}")
 
 
 def choose_rollout_judge(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome,

@@ -370,14 +370,18 @@ def test_a_thumbs_only_round_never_trusts_an_untrained_reward_model(tmp_path, ti
 
 def test_a_sparse_round_keeps_its_on_policy_share_when_told_not_to_fill_steps(tmp_path, tiny_model_dir):
     snapshot = write_snapshot(tmp_path / "snapshot", n_items=3)
-    runs = {}
+    runs, warnings = {}, {}
     for fill in (True, False):
         config = RoundConfig.from_dict(dict(TINY, steps=12, sync_every=12, onpolicy_fill_steps=fill))
-        runs[fill] = run_round(snapshot, tiny_model_dir, None, tmp_path / f"v-{fill}", config)["data"]
+        metrics = run_round(snapshot, tiny_model_dir, None, tmp_path / f"v-{fill}", config)
+        runs[fill], warnings[fill] = metrics["data"], metrics["warnings"]
     human = runs[True]["human_uses"]
     assert 0 < human < 12 and runs[False]["human_uses"] == human
     assert runs[True]["steps"] == 12 and runs[True]["onpolicy_uses"] > human  # empty steps: batch_size on-policy
     assert runs[False]["steps"] == human and runs[False]["onpolicy_uses"] == human  # one human example a step, 0.5
+    assert any(f"takes {human} of its 12 optimizer steps" in w and "onpolicy_fill_steps is off" in w
+               for w in warnings[False]), warnings[False]
+    assert not any("optimizer steps" in w for w in warnings[True])
 
 
 def test_rollouts_need_a_reward_model_shown_good_enough_only_when_asked():
@@ -404,7 +408,7 @@ def test_a_reward_model_not_shown_good_enough_picks_no_on_policy_pairs(tmp_path,
 def test_by_default_a_reward_model_not_shown_above_chance_picks_no_on_policy_pairs(tmp_path, tiny_model_dir):
     """The default guard (0.5, docs/benchmarks.md: `structured` at 48 labels): a round whose reward model has no
     held-out labels to show it better than chance trains on its human labels alone, and says so."""
-    defaults = {k: v for k, v in TINY.items() if k != "rollouts_min_reward_accuracy"}
+    defaults = {**{k: v for k, v in TINY.items() if k != "rollouts_min_reward_accuracy"}, "steps": 40}
     metrics = run_round(write_snapshot(tmp_path / "snapshot", n_items=3), tiny_model_dir, None, tmp_path / "v1",
                         RoundConfig.from_dict(defaults))
     assert RoundConfig().rollouts_min_reward_accuracy == 0.5
@@ -412,6 +416,10 @@ def test_by_default_a_reward_model_not_shown_above_chance_picks_no_on_policy_pai
     assert metrics["data"]["onpolicy"] is None and metrics["data"]["onpolicy_uses"] == 0
     assert metrics["data"]["human_uses"] > 0 and metrics["status"] == "candidate"
     assert any("(no held-out labels) is not shown to reach rollouts_min_reward_accuracy 0.5" in w
+               for w in metrics["warnings"]), metrics["warnings"]
+    steps = metrics["data"]["steps"]  # one pass over the human examples, nothing to fill the other steps with
+    assert steps == metrics["data"]["human_uses"] < 40
+    assert any(f"takes {steps} of its 40 optimizer steps" in w and "no on-policy pairs fill the rest" in w
                for w in metrics["warnings"]), metrics["warnings"]
 
 def test_rollout_judge_auto_picks_the_judge_that_ranked_held_out_pairs_better(first_version, tmp_path,
