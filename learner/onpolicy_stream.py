@@ -50,33 +50,14 @@ class Regenerate:
         s.report("rollouts", self.regenerations, self.regenerations_planned, within=step / self.steps)
         return batch.examples
 
-
-class RolloutStream(OnPolicyStream):
-    """An OnPolicyStream that also reports what its regenerations cost."""
-
-    @property
-    def regenerations(self) -> int:
-        return self.regenerate.regenerations
-
-    @property
-    def answers(self) -> int:
-        return self.regenerate.answers
-
-    @property
-    def dropped(self) -> int:
-        return self.regenerate.dropped
-
-    @property
-    def prompts(self) -> int:
-        return self.regenerate.prompts_per_regeneration
-
-    @property
-    def seconds(self) -> float:
-        return self.regenerate.seconds
+    def costs(self) -> dict:
+        """What the regenerations made and took, for the round's metrics."""
+        return {"regenerations": self.regenerations, "answers": self.answers, "dropped_tokenization": self.dropped,
+                "prompts_per_regeneration": self.prompts_per_regeneration, "seconds": round(self.seconds, 2)}
 
 
 def onpolicy_stream(setup: RoundSetup, config: RoundConfig, reward_model: RewardModel, prompts: int, steps: int,
-                    judge: dict | None, reference: ReferenceLogps) -> RolloutStream:
+                    judge: dict | None, reference: ReferenceLogps) -> OnPolicyStream:
     """The round's on-policy examples: `prompts` prompts per regeneration, every `sync_every` steps, ranked by the
     judge `choose_rollout_judge` picked (the policy's implicit reward, or the reward model)."""
     rank = setup.accelerator.process_index
@@ -87,4 +68,4 @@ def onpolicy_stream(setup: RoundSetup, config: RoundConfig, reward_model: Reward
         scorer = reward_model_scorer(reward_model)
     regenerate = Regenerate(setup, config, reward_model, scorer, prompts, -(-steps // config.sync_every),
                              steps, random.Random(config.seed + 7919 * rank))
-    return RolloutStream(regenerate, config.sync_every, config.seed + rank)
+    return OnPolicyStream(regenerate, config.sync_every, config.seed + rank)

@@ -258,10 +258,7 @@ def policy_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome) 
     data = {"steps": steps, "human_epochs": config.human_epochs, "human_examples": len(human),
             "human_uses": counts["human"], "onpolicy_uses": counts["onpolicy"],
             "onpolicy_share": round(counts["onpolicy"] / used, 4) if used else None,
-            "onpolicy": {**stream.stats(), "regenerations": stream.regenerations, "answers": stream.answers,
-                         "dropped_tokenization": stream.dropped, "prompts_per_regeneration": stream.prompts,
-                         "seconds": round(stream.seconds, 2)}
-            if use_rollouts else None,
+            "onpolicy": {**stream.stats(), **stream.regenerate.costs()} if use_rollouts else None,
             "rollout_judge": judge,
             "reference_logps": reference.stats()}
     return PolicyOutcome(result.history, result.failure and f"policy {result.failure}", len(human), human_frame,
