@@ -381,12 +381,16 @@ ROLLOUT_PROMPTS = ["Explain how tides work.", "Write a haiku about rain.", "What
 
 def bench_rollouts(adapter_dir: str | None, repeats: int) -> None:
     """One regeneration of a default round on 24 rankings (7 prompts x 4 answers, 64 new tokens), sampled from a
-    LoRA adapter unmerged and merged into a copy of the weights (`learner.train.merged_adapter`), interleaved; then
-    how far each computation's next-token distributions are from the exact one (fp32, unmerged) along those answers.
+    LoRA adapter unmerged and merged into a copy of the weights (`learner.train.merged_adapter`), interleaved; under
+    bf16 autocast also merged with the weights left in fp32 (autocast casts them at every matmul, as rounds did before
+    `learner.model.autocast_weights` cast them once per call); then how far each computation's next-token
+    distributions are from the exact one (fp32, unmerged) along those answers.
     `adapter_dir`: a version's adapter (e.g. prefloop-data/versions/v1/adapter); else a fresh LoRA moved off zero."""
     from learner.config import RoundConfig
     from learner.model import pick_device
     from learner.rollouts import sample_batch
+    from learner.sampling import sample_many
+    from learner.train import eval_mode, merged_adapter
 
     print(device_line())
     device, config = pick_device(), RoundConfig()
@@ -396,22 +400,31 @@ def bench_rollouts(adapter_dir: str | None, repeats: int) -> None:
           f"{params.max_new_tokens} new tokens, from {which}")
 
     def sample(merge: bool, seed: int):
-        with device.compute():
-            return sample_batch(model, tokenizer, ROLLOUT_PROMPTS, config.rollout_n, params, seed=seed, merge=merge)
+        return sample_batch(model, tokenizer, ROLLOUT_PROMPTS, config.rollout_n, params, seed=seed, merge=merge)
 
-    times = {False: [], True: []}
+    def fp32_weights(seed: int):  # what sample_batch(merge=True) did before autocast_weights
+        with eval_mode(model), merged_adapter(model, model.active_adapter):
+            return sample_many(model, tokenizer, ROLLOUT_PROMPTS, config.rollout_n, params, seed=seed)
+
+    ways = {"unmerged": lambda seed: sample(False, seed), "merged": lambda seed: sample(True, seed)}
+    if device.autocast not in (None, device.dtype):
+        ways["merged, fp32 weights cast at every matmul"] = fp32_weights
+    times = {way: [] for way in ways}
     for r in range(repeats):
-        for merge in (False, True):
-            started = time.perf_counter()
-            answers = sample(merge, seed=r)
-            seconds = time.perf_counter() - started
-            times[merge].append(seconds)
+        for way, run in ways.items():
+            with device.compute():
+                started = time.perf_counter()
+                answers = run(seed=r)
+                seconds = time.perf_counter() - started
+            times[way].append(seconds)
             tokens = sum(a.token_count for g in answers for a in g)
-            print(f"  repeat {r + 1}: {'merged  ' if merge else 'unmerged'} {seconds:6.2f} s, {tokens} tokens, "
-                  f"{tokens / seconds:6.1f} tokens/s", flush=True)
-    unmerged, merged = (sorted(times[m])[len(times[m]) // 2] for m in (False, True))
-    print(f"  median: unmerged {unmerged:.2f} s, merged {merged:.2f} s: merged / unmerged {merged / unmerged:.2f}")
-    _print_fidelity(model, tokenizer, device, config, sample(False, seed=repeats))
+            print(f"  repeat {r + 1}: {way:42s} {seconds:6.2f} s, {tokens} tokens, {tokens / seconds:6.1f} tokens/s",
+                  flush=True)
+    median = {way: sorted(t)[len(t) // 2] for way, t in times.items()}
+    print("  median: " + ", ".join(f"{way} {m:.2f} s ({m / median['unmerged']:.2f}x)" for way, m in median.items()))
+    with device.compute():
+        answers = sample(False, seed=repeats)
+    _print_fidelity(model, tokenizer, device, config, answers)
 
 
 EVAL_PROMPTS = ROLLOUT_PROMPTS[:4]  # a default round's eval_prompts

@@ -5,7 +5,9 @@
 
 engine: items/s and tokens/s of K=4 answers per item for 1, 4 and 8 items per generate call, the version's LoRA
     adapter merged into a copy of the weights vs served unmerged (SmolLM2-135M, one LoRA r=16 all-linear adapter,
-    the same prompts and seeds, repeats interleaved so both modes see the same machine).
+    the same prompts and seeds, repeats interleaved so every mode sees the same machine). Under bf16 autocast with
+    fp32 weights (a CPU with native bf16) also `fp32`: the merged copy with its weights left in fp32, which autocast
+    casts at every matmul (how copies were served before they were kept in bf16).
 annotators: `prefloop serve` in its own process (default backend: the policy worker process; SmolLM2 with that
     adapter deployed as version 1) and N simulated annotators (app.simulate, persona `concise`) who each think T s
     per ranking, for S s in each of three conditions: idle; while a Demo chat streams 256-token answers back to back;
@@ -64,6 +66,8 @@ def engine(model_dir: Path, adapter: Path, repeats: int, max_new_tokens: int) ->
     params = SamplingParams(max_new_tokens=max_new_tokens)
     backends = {"merged": TransformersBackend(model_dir, device, merge=True),
                 "unmerged": TransformersBackend(model_dir, device, merge=False)}
+    if backends["merged"].cast is not None:  # fp32 weights under bf16 autocast: also the copies as they were before
+        backends["fp32"] = TransformersBackend(model_dir, device, merge=True, cast=False)  # cast at every matmul
     for backend in backends.values():
         backend.load_version(1, adapter)
         backend.sample_items([ItemRequest("warm up", 2, 1, 0)], SamplingParams(max_new_tokens=4))

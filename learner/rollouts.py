@@ -19,6 +19,7 @@ import torch
 from learner.data import EVAL, TRAIN, PromptSplit
 from learner.errors import TokenizationError
 from learner.logprobs import encode_answer, finish_ended
+from learner.model import autocast_weights
 from learner.reward import RewardModel, score
 from learner.sampling import SamplingParams, encode_prompt, sample_many
 from learner.train import PairExample, UnaryExample, eval_mode, hash_fraction, mergeable, merged_adapter
@@ -39,9 +40,11 @@ def sample_batch(model, tokenizer, prompts: Sequence[str], n: int, params: Sampl
     """`n` answers for each prompt from ONE sampling batch (`learner.sampling.sample_many`: every prompt repeated n
     times, left-padded), from the model's active adapter. The model is put in eval mode for the call (LoRA dropout
     off) and restored after. `merge`: with the active adapter merged into a copy of the weights
-    (`learner.train.merged_adapter`: faster; not inside `use_adapter(model, None)`, where no adapter is active)."""
+    (`learner.train.merged_adapter`: faster; not inside `use_adapter(model, None)`, where no adapter is active).
+    Under autocast the frozen weights are cast once for the call, not at every token (`autocast_weights`)."""
     merging = merge and mergeable(model, model.active_adapter)
-    with eval_mode(model), merged_adapter(model, model.active_adapter) if merging else nullcontext():
+    with eval_mode(model), merged_adapter(model, model.active_adapter) if merging else nullcontext(), \
+            autocast_weights(model):
         answers = sample_many(model, tokenizer, list(prompts), n, params, seed=seed)
     return [[Rollout(prompt, a.text, a.token_count, a.finish_reason) for a in item]
             for prompt, item in zip(prompts, answers)]

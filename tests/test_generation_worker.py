@@ -76,6 +76,37 @@ def test_merging_an_adapter_on_a_tied_output_layer_leaves_the_inputs_alone(tiny_
     assert torch.equal(base, TransformersBackend(tiny_model_dir, CPU).base.get_input_embeddings().weight)
 
 
+BF16_AUTOCAST = Device(torch.device("cpu"), torch.float32, torch.bfloat16)  # a CPU with native bf16 (emulated here)
+
+
+def test_under_bf16_autocast_serving_copies_hold_bf16_weights_and_answer_as_autocast_computes(tiny_model_dir,
+                                                                                             adapter_dir):
+    """Serving copies keep their linear weights in bf16, cast once, where autocast would cast the fp32 weights at
+    every token: the same tokens and log-probs, bit for bit, as the fp32 model under autocast; the base the copies
+    are made from stays fp32 (merging into bf16 would round a young adapter away)."""
+    from peft import PeftModel
+
+    from learner.model import load_base_model
+    from learner.sampling import sample_many
+
+    backend = TransformersBackend(tiny_model_dir, BF16_AUTOCAST)
+    backend.load_version(1, adapter_dir)
+    exact = {0: load_base_model(tiny_model_dir, CPU)}
+    exact[1] = PeftModel.from_pretrained(load_base_model(tiny_model_dir, CPU), adapter_dir).merge_and_unload()
+    for version in (0, 1):
+        served = backend._model(version)
+        assert served.lm_head.weight.dtype == torch.bfloat16
+        assert served.get_input_embeddings().weight.dtype == torch.float32  # a lookup: autocast does not cast it
+        with BF16_AUTOCAST.compute():
+            want = sample_many(exact[version], backend.tokenizer, ["What is 2 + 2?", "hi"], 2, PARAMS, seed=5)
+        got = backend.sample_items([ItemRequest("What is 2 + 2?", 2, version, seed=5),
+                                    ItemRequest("hi", 2, version, seed=5)], PARAMS)
+        assert [[a.text for a in item] for item in got] == [[a.text for a in item] for item in want]
+        assert [[a.token_logprobs for a in item] for item in got] == [[a.token_logprobs for a in item] for item in want]
+    assert {p.dtype for p in backend.base.parameters()} == {torch.float32}
+    assert backend._model(0) is not backend.base
+
+
 def test_a_broken_adapter_is_a_model_error_naming_the_directory(tiny_model_dir, tmp_path):
     backend = TransformersBackend(tiny_model_dir, CPU)
     with pytest.raises(ModelError, match="adapter_config.json missing"):

@@ -113,3 +113,35 @@ def test_the_policys_implicit_reward_ranks_rollouts_by_its_log_ratio_to_the_refe
     [pair] = best_vs_worst(prompt, rollouts, scores)
     assert (pair.chosen, pair.rejected) == (texts[best], texts[worst])
     assert reference.stats()["computed"] == 4  # memoised: the pair's training step computes no reference again
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["unmerged", "merged"])
+def test_under_autocast_the_frozen_weights_are_cast_once_and_the_draws_stay_the_same(tiny_model, tiny_tokenizer,
+                                                                                       merge):
+    """Inside bf16 autocast (a CPU with native bf16; emulated here) a round's sampling casts every frozen linear
+    weight once for the call instead of at every token: the very same tokens and log-probs as autocast casting them
+    at each matmul, and afterwards the same fp32 tensors, untouched."""
+    from learner.model import autocast_weights
+    from learner.sampling import sample_many
+
+    model = lora_model(tiny_model)
+    before = {id(p): (p, p.detach().clone()) for p in model.parameters()}
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        with merged_adapter(model, "policy") if merge else use_adapter(model, "policy"):
+            per_matmul = sample_many(model, tiny_tokenizer, PROMPTS, 2, params, seed=3)
+            with autocast_weights(model) as cast:
+                assert cast == 7 * 2 + 1  # the tiny Llama's 2 layers x 7 linear layers, and the output layer
+                assert model.get_output_embeddings().weight.dtype == torch.bfloat16
+                assert model.get_input_embeddings().weight.dtype == torch.float32  # a lookup: never cast
+                assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
+                once = sample_many(model, tiny_tokenizer, PROMPTS, 2, params, seed=3)
+        through_rollouts = sample_batch(model, tiny_tokenizer, PROMPTS, 2, params, seed=3, merge=merge)
+    assert [[a.token_logprobs for a in g] for g in once] == [[a.token_logprobs for a in g] for g in per_matmul]
+    assert [[a.text for a in g] for g in once] == [[a.text for a in g] for g in per_matmul]
+    assert [[a.text for a in g] for g in through_rollouts] == [[a.text for a in g] for g in per_matmul]
+    after = {id(p): p for p in model.parameters()}
+    assert after.keys() == before.keys()
+    assert all(torch.equal(p, values) and p.dtype == torch.float32 for p, values in before.values())
+    with autocast_weights(model) as cast:  # outside autocast: nothing to cast
+        assert cast == 0

@@ -3,9 +3,9 @@
 Why merged copies: serving a LoRA adapter unmerged costs two extra small matmuls per linear layer at every token;
 merged, a version runs at the base model's speed (bench/serving.py prints both). A copy per version also lets the
 item sampler and an on-demand answer (Demo, /api/generate) use different versions at once without switching adapters
-under a lock. The cost is one model's memory per served version (SmolLM2-135M: ~0.5 GB in fp32); the app's
-PolicyService bounds how many it keeps and drops the rest, and large models belong on the OpenAI-compatible backend
-(vLLM keeps one base and many adapters).
+under a lock. The cost is one model's memory per served version (SmolLM2-135M: ~0.5 GB in fp32, ~0.4 GB with its
+linear weights in bf16 under bf16 autocast); the app's PolicyService bounds how many it keeps and drops the rest, and
+large models belong on the OpenAI-compatible backend (vLLM keeps one base and many adapters).
 """
 
 from __future__ import annotations
@@ -19,20 +19,25 @@ import torch
 
 from app.generation.backend import ItemRequest, group_requests
 from learner.errors import ModelError
-from learner.model import Device, keep_lora_sums_fp32, load_base_model, load_tokenizer
+from learner.model import Device, cast_linear_weights, keep_lora_sums_fp32, load_base_model, load_tokenizer
 from learner.sampling import SampledAnswer, SamplingParams, sample_many, stream_answer
 
 
 class TransformersBackend:
-    def __init__(self, model_path: Path, device: Device, merge: bool = True):
+    def __init__(self, model_path: Path, device: Device, merge: bool = True, cast: bool = True):
         self.model_path = model_path
         self.device = device
         # False: serve the adapter unmerged (bench/serving.py measures the difference). Only fp32 weights merge
         # (`Device.merges_for_sampling`): merged into bf16 weights (a GPU) a young adapter's changes round away.
         self.merge = merge and device.merges_for_sampling
+        # fp32 weights under bf16 autocast (a CPU with native bf16): merged copies keep their linear weights in bf16,
+        # the values autocast would cast them to at every token, cast once (`learner.model.cast_linear_weights`).
+        # cast False: keep them as loaded (bench/serving.py measures the difference).
+        self.cast = device.autocast if cast and self.merge and device.autocast not in (None, device.dtype) else None
         self.tokenizer = load_tokenizer(model_path)
-        self.base = load_base_model(model_path, device)
-        self._models: dict[int, torch.nn.Module] = {0: self.base}
+        self.base = load_base_model(model_path, device)  # what every serving copy is copied from: kept as loaded
+        self._version0 = self._serving_base()
+        self._models: dict[int, torch.nn.Module] = {0: self._version0}
         self._adapters: dict[int, Path] = {}
         self._lock = threading.Lock()  # guards the dicts; generation itself runs outside it
 
@@ -79,7 +84,7 @@ class TransformersBackend:
 
     def close(self) -> None:
         with self._lock:
-            self._models = {0: self.base}
+            self._models = {0: self._version0}
 
     # -- internals ------------------------------------------------------------------------------------------------
     def _model(self, version: int) -> torch.nn.Module:
@@ -87,6 +92,16 @@ class TransformersBackend:
             if version not in self._models:
                 raise ModelError(f"version {version} is not loaded in the policy backend")
             return self._models[version]
+
+    def _serving_base(self) -> torch.nn.Module:
+        """What serves version 0: the base model itself, or with `cast` a copy of it in that dtype (the base stays as
+        it was loaded: merging into bf16 weights would round a young adapter's changes away)."""
+        if self.cast is None:
+            return self.base
+        serving = copy.deepcopy(self.base)
+        _untie_output(serving)
+        cast_linear_weights(serving, self.cast)
+        return serving
 
     def _build(self, adapter_dir: Path) -> torch.nn.Module:
         """A serving copy of the base with the adapter applied (merged into the weights unless `merge` is off)."""
@@ -98,7 +113,9 @@ class TransformersBackend:
                 _untie_output(serving)
             model = PeftModel.from_pretrained(serving, adapter_dir, is_trainable=False)
             if self.merge:
-                model = model.merge_and_unload()
+                model = model.merge_and_unload()  # in the base's fp32, then cast once
+                if self.cast is not None:
+                    cast_linear_weights(model, self.cast)
             else:
                 keep_lora_sums_fp32(model, self.device)
         except Exception as exc:  # peft/safetensors raise many types for a broken adapter; name the directory
