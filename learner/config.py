@@ -76,8 +76,9 @@ class RoundConfig:
     #   prompts x 2, win-rate vs base): `structured` at 48 labels, seeds 0-2, 0.68 [0.58, 0.78] with it vs 0.54
     #   [0.46, 0.61] without (n = 288 each; paired +0.144 [+0.010, +0.292]): its early reward models are near chance
     #   (3-15 held-out pairs), and on-policy pairs they pick are noise the policy learns; once one is shown better
-    #   (seed 1's rounds 2-3: 0.93, 0.89) rollouts return. `concise` learns either way: at 32 labels, seed 0, 1.00
-    #   [1.00, 1.00] with it vs 0.97 without (n = 96; its reward models passed, its rollouts ran). Rounds without
+    #   (seed 1's rounds 2-3: 0.93, 0.89) rollouts return. `concise` learns either way: at 32 labels, seeds 0-2,
+    #   0.93 [0.84, 1.00] with it vs 0.94 [0.89, 0.99] without (n = 288 each; paired -0.019 [-0.090, +0.040]; its
+    #   reward models passed, its rollouts ran). Rounds without
     #   rollouts are also shorter (policy phase 23-85 s instead of 120-175 s in those runs)
     rollout_judge: str = "reward_model"  # what ranks a prompt's rollouts (best vs worst, around the median): the
     #   round's reward model, or "auto": whichever of it and the policy's implicit reward (log-ratio to the reference,
