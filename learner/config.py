@@ -77,9 +77,9 @@ class RoundConfig:
     #   [0.46, 0.61] without (n = 288 each; paired +0.144 [+0.010, +0.292]): its early reward models are near chance
     #   (3-15 held-out pairs), and on-policy pairs they pick are noise the policy learns; once one is shown better
     #   (seed 1's rounds 2-3: 0.93, 0.89) rollouts return. `concise` learns either way: at 32 labels, seeds 0-2,
-    #   0.93 [0.84, 1.00] with it vs 0.94 [0.89, 0.99] without (n = 288 each; paired -0.019 [-0.090, +0.040]; its
-    #   reward models passed, its rollouts ran). Rounds without
-    #   rollouts are also shorter (policy phase 23-85 s instead of 120-175 s in those runs)
+    #   0.93 [0.84, 1.00] with it vs 0.94 [0.89, 0.99] without (n = 288 each; with - without -0.019 [-0.090,
+    #   +0.040]; its reward models passed, its rollouts ran). Rounds without rollouts are also shorter (policy phase
+    #   23-85 s instead of 120-175 s in those runs)
     rollout_judge: str = "reward_model"  # what ranks a prompt's rollouts (best vs worst, around the median): the
     #   round's reward model, or "auto": whichever of it and the policy's implicit reward (log-ratio to the reference,
     #   as the policy is at that regeneration) ranked the held-out human pairs better at the round's start (the
