@@ -407,7 +407,7 @@ def bench_rollouts(adapter_dir: str | None, repeats: int) -> None:
             return sample_many(model, tokenizer, ROLLOUT_PROMPTS, config.rollout_n, params, seed=seed)
 
     ways = {"unmerged": lambda seed: sample(False, seed), "merged": lambda seed: sample(True, seed)}
-    if device.autocast not in (None, device.dtype):
+    if device.casts_weights is not None:
         ways["merged, fp32 weights cast at every matmul"] = fp32_weights
     times = {way: [] for way in ways}
     for r in range(repeats):

@@ -60,6 +60,13 @@ class Device:
         return f"{name(self.dtype)} weights, {name(self.autocast)} autocast"
 
     @property
+    def casts_weights(self) -> torch.dtype | None:
+        """The dtype autocast casts the weights to at every matmul, where they are kept in another (fp32 weights under
+        bf16 autocast: a CPU with native bf16); None where they are already computed in their own dtype. Sampling
+        casts them once instead (`autocast_weights`, `cast_linear_weights`)."""
+        return self.autocast if self.autocast not in (None, self.dtype) else None
+
+    @property
     def merges_for_sampling(self) -> bool:
         """Whether a round samples (rollouts, evaluation) with the adapter merged into a copy of the weights
         (`learner.train.merged_adapter`), and the app's serving copies merge theirs: with fp32 weights. bf16 weights
@@ -167,14 +174,17 @@ def _frozen_linears(model) -> list[torch.nn.Linear]:
             if isinstance(m, torch.nn.Linear) and id(m) not in lora_parts and not m.weight.requires_grad]
 
 
-def _cast_linear(module: torch.nn.Linear, dtype: torch.dtype) -> tuple:
-    """Put `module`'s weight and bias in `dtype` (new frozen tensors, as autocast's `Tensor.to` makes them); returns
-    the tensors it had, so they can be put back."""
-    before = (module.weight, module.bias)
-    module.weight = torch.nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
-    if module.bias is not None:
-        module.bias = torch.nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
-    return before
+def _cast_linears(model, dtype: torch.dtype) -> list[tuple]:
+    """Put the weight and bias of every frozen linear layer of `model` not yet in `dtype` into it (new frozen tensors,
+    made by the `Tensor.to` autocast uses); returns (layer, its weight, its bias) as they were, to put back."""
+    cast = []
+    for module in _frozen_linears(model):
+        if module.weight.dtype != dtype:
+            cast.append((module, module.weight, module.bias))
+            module.weight = torch.nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
+            if module.bias is not None:
+                module.bias = torch.nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+    return cast
 
 
 @contextmanager
@@ -192,17 +202,13 @@ def autocast_weights(model) -> Iterator[int]:
     autocast, or with weights already in its dtype (a GPU's bf16), nothing changes. Not for a model that other
     threads run meanwhile (the swap is not atomic): the app's serving copies are cast once for good
     (`cast_linear_weights`)."""
-    device_type = next(model.parameters()).device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-    swapped = []
+    kind = next(model.parameters()).device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    cast = [] if dtype is None else _cast_linears(model, dtype)
     try:
-        if dtype is not None:
-            for module in _frozen_linears(model):
-                if module.weight.dtype != dtype:
-                    swapped.append((module, _cast_linear(module, dtype)))
-        yield len(swapped)
+        yield len(cast)
     finally:
-        for module, (weight, bias) in reversed(swapped):
+        for module, weight, bias in reversed(cast):
             module.weight, module.bias = weight, bias
 
 
@@ -211,10 +217,7 @@ def cast_linear_weights(model, dtype: torch.dtype) -> int:
     runs its matmuls in: what `autocast_weights` does for a block, for good, at half the memory of fp32. The values
     autocast would compute at every matmul, cast once. An output layer tied to the input embeddings gets its own
     tensor (the embeddings keep theirs: autocast does not cast a lookup). Returns the layers cast."""
-    layers = [m for m in _frozen_linears(model) if m.weight.dtype != dtype]
-    for module in layers:
-        _cast_linear(module, dtype)
-    return len(layers)
+    return len(_cast_linears(model, dtype))
 
 
 def smollm2_gguf_path() -> Path:

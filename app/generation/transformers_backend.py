@@ -33,7 +33,7 @@ class TransformersBackend:
         # fp32 weights under bf16 autocast (a CPU with native bf16): merged copies keep their linear weights in bf16,
         # the values autocast would cast them to at every token, cast once (`learner.model.cast_linear_weights`).
         # cast False: keep them as loaded (bench/serving.py measures the difference).
-        self.cast = device.autocast if cast and self.merge and device.autocast not in (None, device.dtype) else None
+        self.cast = device.casts_weights if cast and self.merge else None
         self.tokenizer = load_tokenizer(model_path)
         self.base = load_base_model(model_path, device)  # what every serving copy is copied from: kept as loaded
         self._version0 = self._serving_base()
@@ -96,12 +96,14 @@ class TransformersBackend:
     def _serving_base(self) -> torch.nn.Module:
         """What serves version 0: the base model itself, or with `cast` a copy of it in that dtype (the base stays as
         it was loaded: merging into bf16 weights would round a young adapter's changes away)."""
-        if self.cast is None:
-            return self.base
-        serving = copy.deepcopy(self.base)
-        _untie_output(serving)
-        cast_linear_weights(serving, self.cast)
-        return serving
+        return self.base if self.cast is None else self._for_serving(copy.deepcopy(self.base))
+
+    def _for_serving(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A merged copy as it is served: with `cast`, its linear weights in that dtype, cast once (a tied output
+        layer gets its own bf16 tensor there; the input embeddings keep theirs)."""
+        if self.cast is not None:
+            cast_linear_weights(model, self.cast)
+        return model
 
     def _build(self, adapter_dir: Path) -> torch.nn.Module:
         """A serving copy of the base with the adapter applied (merged into the weights unless `merge` is off)."""
@@ -113,9 +115,7 @@ class TransformersBackend:
                 _untie_output(serving)
             model = PeftModel.from_pretrained(serving, adapter_dir, is_trainable=False)
             if self.merge:
-                model = model.merge_and_unload()  # in the base's fp32, then cast once
-                if self.cast is not None:
-                    cast_linear_weights(model, self.cast)
+                model = self._for_serving(model.merge_and_unload())  # merged in the base's fp32, then cast once
             else:
                 keep_lora_sums_fp32(model, self.device)
         except Exception as exc:  # peft/safetensors raise many types for a broken adapter; name the directory
