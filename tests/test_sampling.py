@@ -82,6 +82,27 @@ def test_the_nucleus_is_transformers_top_p_at_every_size(tiny_model):
     assert int((flat > 0).sum()) == 4750  # a flat row needs 95% of the vocabulary: the candidates grew to it
 
 
+def test_the_finite_check_sees_every_inf_and_nan_and_only_overflow_besides():
+    """`all_finite` sums instead of testing each value: an inf or NaN anywhere, even one cancelling another, must
+    read as not finite; finite values pass unless their sum overflows (then nan_to_num leaves them as they are)."""
+    import torch
+
+    from learner.sampling import all_finite
+
+    row = torch.randn(3, 1000)
+    assert all_finite(row)
+    for bad in (float("inf"), -float("inf"), float("nan")):
+        broken = row.clone()
+        broken[1, 500] = bad
+        assert not all_finite(broken)
+    opposite = row.clone()
+    opposite[0, 0], opposite[2, 9] = float("inf"), -float("inf")  # inf - inf: the sum is NaN, still caught
+    assert not all_finite(opposite)
+    huge = torch.full((2, 4), 3e38)
+    assert not all_finite(huge)  # the sum overflows: read as not finite, and nan_to_num changes nothing
+    assert torch.equal(torch.nan_to_num(huge), huge)
+
+
 def test_bad_sampling_params_name_the_field():
     with pytest.raises(ConfigError, match="temperature must be > 0, got 0"):
         SamplingParams(temperature=0)
