@@ -486,9 +486,10 @@ def bench_eval(repeats: int) -> None:
 
 def _rollout_model(adapter_dir: str | None, device, config):
     """(PeftModel with the adapter "policy" as a round builds it, tokenizer, what the adapter is in words)."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model
 
     from learner.model import keep_lora_sums_fp32, load_base_model, load_tokenizer
+    from learner.round import lora_config
 
     path = MODELS / "smollm2"
     tokenizer, base = load_tokenizer(path), load_base_model(path, device)
@@ -496,9 +497,7 @@ def _rollout_model(adapter_dir: str | None, device, config):
         model = PeftModel.from_pretrained(base, adapter_dir, adapter_name="policy", is_trainable=True)
         which = f"the adapter in {adapter_dir}"
     else:
-        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                          target_modules=config.lora_target_modules, task_type="CAUSAL_LM")
-        model = get_peft_model(base, lora, adapter_name="policy")
+        model = get_peft_model(base, lora_config(config, base), adapter_name="policy")
         torch.manual_seed(0)
         with torch.no_grad():
             for name, param in model.named_parameters():

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -34,7 +35,7 @@ import torch
 
 from learner.config import RoundConfig
 from learner.data import PromptSplit
-from learner.errors import LearnerError
+from learner.errors import ConfigError, LearnerError
 from learner.evaluate import EVAL_ANSWERS, save_eval_answers
 from learner.model import (
     Device,
@@ -126,14 +127,42 @@ def _reporter(progress: Progress | None):
     return report
 
 
+def lora_config(config: RoundConfig, base):
+    """The LoRA of a new adapter (policy or reward model) on `base`: `lora_target_modules` in every layer, or with
+    `lora_layers` in the top N only (peft's `layers_to_transform`, which takes module names, not "all-linear" or a
+    regular expression: those are resolved to the names of the linear layers they pick)."""
+    from peft import LoraConfig
+
+    targets, layers = config.lora_target_modules, None
+    if config.lora_layers is not None:
+        count = int(base.config.num_hidden_layers)
+        if config.lora_layers > count:
+            raise ConfigError(f"lora_layers must be at most the model's {count} layers, got {config.lora_layers}")
+        layers = list(range(count - config.lora_layers, count))
+        targets = linear_module_names(base, targets)
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=targets, layers_to_transform=layers, task_type="CAUSAL_LM")
+
+
+def linear_module_names(base, targets: str) -> list[str]:
+    """The last name parts of `base`'s linear layers that `targets` picks as peft would: "all-linear" every linear
+    layer but the output layer, any other string as a regular expression matched against the whole module name."""
+    output = base.get_output_embeddings()
+    names = {name.rsplit(".", 1)[-1] for name, module in base.named_modules()
+             if isinstance(module, torch.nn.Linear) and module is not output
+             and (targets == "all-linear" or re.fullmatch(targets, name))}
+    if not names:
+        raise ConfigError(f"lora_target_modules {targets!r} picks no linear layer of the model")
+    return sorted(names)
+
+
 def build_model(base_model_dir: Path, parent_dir: Path | None, config: RoundConfig, device: Device):
     """The base model once, with the trainable "policy" adapter (the parent's, or a fresh LoRA for version 0)
     and a frozen copy of the parent's as "parent" (win-rate vs parent, and the reference with ref_sync)."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model
 
     base = load_base_model(base_model_dir, device)
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=config.lora_target_modules, task_type="CAUSAL_LM")
+    lora = lora_config(config, base)
     torch.manual_seed(config.seed)  # the same fresh LoRA on every process under accelerate launch
     if parent_dir is None:
         model = get_peft_model(base, lora, adapter_name=POLICY)

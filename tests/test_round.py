@@ -284,6 +284,45 @@ def test_a_stored_eval_draw_is_used_only_under_its_own_key(tmp_path):
                 eval_answers_key(["a", "b"], 2, params, 2, "m"), eval_answers_key(["a", "b"], 2, params, 1, "n")}) == 5
 
 
+def test_lora_layers_adapts_only_the_top_layers_of_policy_and_reward_model_and_its_child_continues_them(
+        tmp_path, tiny_model_dir):
+    """`lora_layers` 1 on the 2-layer tiny Llama: every LoRA weight of the policy and of the reward model lies in
+    layer 1, none in layer 0, the policy's moved, and a round on top of it continues that adapter (layers unchanged)."""
+    config = RoundConfig.from_dict({**TINY, "lora_layers": 1})
+    v1 = tmp_path / "v1"
+    assert run_round(write_snapshot(tmp_path / "s1"), tiny_model_dir, None, v1, config)["status"] == "candidate"
+    for part in ("adapter", "reward"):
+        names = list(load_file(str(v1 / part / "adapter_model.safetensors")))
+        lora = [n for n in names if "lora_" in n]
+        assert lora and all(".layers.1." in n for n in lora), (part, names)
+        # every linear layer of that block ("all-linear"), as without lora_layers
+        assert {n.split(".layers.1.")[1].split(".lora_")[0] for n in lora} == {
+            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+            "mlp.up_proj", "mlp.down_proj"}, part
+    assert any(w.abs().sum() > 0 for name, w in lora_weights(v1).items() if "lora_B" in name)
+    v2 = tmp_path / "v2"
+    run_round(write_snapshot(tmp_path / "s2", parent_version=1), tiny_model_dir, v1, v2, config)
+    assert set(lora_weights(v2)) == set(lora_weights(v1))
+    assert any(not torch.equal(lora_weights(v2)[n], lora_weights(v1)[n]) for n in lora_weights(v1))
+    # a regular expression for the modules is resolved to the names it picks, in the top layers only
+    only_v = RoundConfig.from_dict({**TINY, "lora_layers": 1, "lora_target_modules": r".*\.v_proj", "steps": 1})
+    run_round(write_snapshot(tmp_path / "s3"), tiny_model_dir, None, tmp_path / "v1-v", only_v)
+    assert {n.split(".lora_")[0].split("model.")[-1] for n in lora_weights(tmp_path / "v1-v")} == {
+        "layers.1.self_attn.v_proj"}
+
+
+def test_lora_layers_beyond_the_model_or_targets_that_pick_nothing_are_refused_by_name(tmp_path, tiny_model_dir):
+    snapshot = write_snapshot(tmp_path / "s")
+    with pytest.raises(ConfigError, match="lora_layers must be at most the model's 2 layers, got 3"):
+        run_round(snapshot, tiny_model_dir, None, tmp_path / "v1", RoundConfig.from_dict({**TINY, "lora_layers": 3}))
+    with pytest.raises(ConfigError, match="lora_target_modules 'nothing_here' picks no linear layer"):
+        run_round(snapshot, tiny_model_dir, None, tmp_path / "v1",
+                  RoundConfig.from_dict({**TINY, "lora_layers": 1, "lora_target_modules": "nothing_here"}))
+    with pytest.raises(ConfigError, match="lora_layers must be >= 1 or null, got 0"):
+        RoundConfig.from_dict({"lora_layers": 0})
+    assert not (tmp_path / "v1").exists() and not (tmp_path / "v1.partial").exists()
+
+
 def test_kto_round_continues_the_parent_adapter(first_version, tmp_path, tiny_model_dir):
     parent, _, _ = first_version
     config = RoundConfig.from_dict(dict(TINY, algorithm="kto", ref_sync=True))
