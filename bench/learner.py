@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.learner round     # wall time of one default round, split by phase, + the hot-swap pause
     .venv/bin/python -m bench.learner round --items 24 --round steps=8   # the same with RoundConfig overrides
     .venv/bin/python -m bench.learner round --items 24 --precisions fp32,auto  # one snapshot, a round per precision
+    .venv/bin/python -m bench.learner round --items 24 --also lora_layers=10  # one snapshot: default, then overridden
     .venv/bin/python -m bench.learner api       # POST /api/train -> the new version's first item from /api/items/next
     .venv/bin/python -m bench.learner rollouts [--adapter DIR]  # a round's rollouts sampled merged vs unmerged
     .venv/bin/python -m bench.learner eval      # the evaluation's sampling: one mixed batch vs alone vs draws reused
@@ -259,9 +260,11 @@ def labelled_store(data_dir: Path, n_items: int):
     return store, policy, token
 
 
-def bench_round(n_items: int, overrides: dict | None = None, precisions: list[str] | None = None) -> None:
+def bench_round(n_items: int, overrides: dict | None = None, precisions: list[str] | None = None,
+                also: dict | None = None) -> None:
     """One default round on n_items rankings; with `precisions` (e.g. fp32,auto) the same snapshot is trained once
-    per precision, so the figures differ by the precision alone (the items are sampled once, in the default's)."""
+    per precision, so the figures differ by the precision alone (the items are sampled once, in the default's);
+    with `also` (RoundConfig overrides) once more with them on top, so two configs' figures differ by them alone."""
     from learner.config import RoundConfig
     from storage.exports import write_snapshot
 
@@ -270,17 +273,19 @@ def bench_round(n_items: int, overrides: dict | None = None, precisions: list[st
         tmp = Path(tmp)
         store, policy, _ = labelled_store(tmp / "data", n_items)
         write_snapshot(store, tmp / "snapshot", parent_version=0, base_model=str(policy.base_model_dir))
-        config = RoundConfig.from_dict(overrides or {})
-        named = ", ".join(f"{k}={v}" for k, v in (overrides or {}).items())
-        title = f"round with {named}" if named else "default round"
-        print(f"one {title} on {n_items} rankings (DPO, {config.steps} steps, batch {config.batch_size} pairs, "
-              f"reward {config.reward_steps} steps, rollouts {config.rollout_prompts}x{config.rollout_n} every "
-              f"{config.sync_every} steps)")
+        variants = [overrides or {}] + ([{**(overrides or {}), **also}] if also else [])
         outs = []
-        for precision in precisions or [None]:
-            out = tmp / f"v1-{precision or 'default'}"
-            _round_figures(tmp / "snapshot", policy.base_model_dir, out, config, precision)
-            outs.append(out)
+        for i, variant in enumerate(variants):
+            config = RoundConfig.from_dict(variant)
+            named = ", ".join(f"{k}={v}" for k, v in variant.items())
+            title = f"round with {named}" if named else "default round"
+            print(f"one {title} on {n_items} rankings (DPO, {config.steps} steps, batch {config.batch_size} pairs, "
+                  f"reward {config.reward_steps} steps, rollouts {config.rollout_prompts}x{config.rollout_n} every "
+                  f"{config.sync_every} steps)")
+            for precision in precisions or [None]:
+                out = tmp / f"v1-{i}-{precision or 'default'}"
+                _round_figures(tmp / "snapshot", policy.base_model_dir, out, config, precision)
+                outs.append(out)
         start = time.perf_counter()
         policy.load_adapter(1, outs[-1] / "adapter")
         print(f"  hot-swap load (the adapter merged into a serving copy, on the worker's control lane: requests "
@@ -603,6 +608,8 @@ def main() -> None:
                    "(e.g. fp32,auto), sampled once in the default's")
     p.add_argument("--round", action="append", default=[], metavar="KEY=JSON",
                    help="RoundConfig override for `round`, e.g. steps=8 (repeatable)")
+    p.add_argument("--also", action="append", default=[], metavar="KEY=JSON",
+                   help="round: train the same snapshot again with these overrides on top (repeatable)")
     a = p.parse_args()
     if a.what is None and not a.vs_trl:
         p.error("name a benchmark (step, round, api, rollouts, eval, bf16-weights, all) or pass --vs-trl")
@@ -613,7 +620,8 @@ def main() -> None:
     if a.what in ("round", "all"):
         from bench.loop import round_overrides  # one parser of KEY=JSON for both benchmarks
 
-        bench_round(a.items, round_overrides(a.round), a.precisions.split(",") if a.precisions else None)
+        bench_round(a.items, round_overrides(a.round), a.precisions.split(",") if a.precisions else None,
+                    round_overrides(a.also))
     if a.what in ("api", "all"):
         bench_api(a.items)
     if a.what in ("rollouts", "all"):
