@@ -134,7 +134,7 @@ def lora_config(config: RoundConfig, base):
     from peft import LoraConfig
 
     targets, layers = config.lora_target_modules, None
-    if config.lora_layers is not None:
+    if config.lora_layers:
         count = int(base.config.num_hidden_layers)
         if config.lora_layers > count:
             raise ConfigError(f"lora_layers must be at most the model's {count} layers, got {config.lora_layers}")

@@ -318,8 +318,8 @@ def test_lora_layers_beyond_the_model_or_targets_that_pick_nothing_are_refused_b
     with pytest.raises(ConfigError, match="lora_target_modules 'nothing_here' picks no linear layer"):
         run_round(snapshot, tiny_model_dir, None, tmp_path / "v1",
                   RoundConfig.from_dict({**TINY, "lora_layers": 1, "lora_target_modules": "nothing_here"}))
-    with pytest.raises(ConfigError, match="lora_layers must be >= 1 or null, got 0"):
-        RoundConfig.from_dict({"lora_layers": 0})
+    with pytest.raises(ConfigError, match=r"lora_layers must be >= 0 \(0: every layer\), got -1"):
+        RoundConfig.from_dict({"lora_layers": -1})
     assert not (tmp_path / "v1").exists() and not (tmp_path / "v1.partial").exists()
 
 
