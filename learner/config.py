@@ -50,8 +50,8 @@ class RoundConfig:
     #   10; a whole default round on 24 rankings 142 s vs 164 s, but its policy moved a tenth as far (KL 0.10 vs
     #   0.88 nats, held-out implicit-reward accuracy 0.62 vs 0.88, n = 24; docs/benchmarks.md): at this learning rate
     #   it learns less, and no learning-benchmark run says otherwise, so all layers stay the default. Like lora_r it
-    #   shapes a new adapter: a version continues its parent's
-    #   adapter (policy and reward model), so it takes effect from the next version 0 on
+    #   shapes a new adapter: a version continues its parent's (policy and reward model), so it takes effect from the
+    #   next version 0 on
 
     # --- which data: human labels and on-policy rollouts (learner/data.py plans every step's batch)
     max_label_staleness: int | None = 2  # human labels on answers from at most 2 DEPLOYED versions back along the

@@ -174,10 +174,11 @@ def _frozen_linears(model) -> list[torch.nn.Linear]:
             if isinstance(m, torch.nn.Linear) and id(m) not in lora_parts and not m.weight.requires_grad]
 
 
-def _cast_linears(model, dtype: torch.dtype) -> list[tuple]:
+def _cast_linears(model, dtype: torch.dtype, cast: list | None = None) -> list[tuple]:
     """Put the weight and bias of every frozen linear layer of `model` not yet in `dtype` into it (new frozen tensors,
-    made by the `Tensor.to` autocast uses); returns (layer, its weight, its bias) as they were, to put back."""
-    cast = []
+    made by the `Tensor.to` autocast uses); returns (layer, its weight, its bias) as they were, to put back, in
+    `cast` when given: it holds every layer changed so far even if a cast fails part-way."""
+    cast = [] if cast is None else cast
     for module in _frozen_linears(model):
         if module.weight.dtype != dtype:
             cast.append((module, module.weight, module.bias))
@@ -204,8 +205,10 @@ def autocast_weights(model) -> Iterator[int]:
     (`cast_linear_weights`)."""
     kind = next(model.parameters()).device.type
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
-    cast = [] if dtype is None else _cast_linears(model, dtype)
+    cast: list[tuple] = []
     try:
+        if dtype is not None:
+            _cast_linears(model, dtype, cast)  # inside the try: a cast that fails part-way still puts back the rest
         yield len(cast)
     finally:
         for module, weight, bias in reversed(cast):
