@@ -19,6 +19,13 @@ LOSS_TYPES = ("sigmoid", "ipo", "robust")
 ROLLOUT_JUDGES = ("reward_model", "auto", "policy")
 
 
+# What an admin can do when a lineage nears max_kl: each round continues its parent's adapter and is measured against
+# the base model, so the KL to the reference grows round by round (`structured`, 128 labels: 0.14 at v1, 10.0 at v7,
+# v8 refused at 15.8) and, left alone, every later round is refused.
+KL_DRIFT_REMEDY = ("raise max_kl if the serving version's answers still read well (a canary lets annotators judge "
+                   "that), or set ref_sync so that each round is measured from its parent")
+
+
 @dataclass(frozen=True)
 class RoundConfig:
     """Everything one round needs besides its data and models. Build with `from_dict` to get validation messages."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from learner.config import RoundConfig
+from learner.config import KL_DRIFT_REMEDY, RoundConfig
 from learner.errors import TokenizationError
 from learner.logprobs import EncodedAnswer, answer_logits, encode_answer, layout
 from learner.params import SamplingParams
@@ -234,12 +234,36 @@ def win_rate_check(rate: dict, config: RoundConfig) -> dict:
     }
 
 
+def kl_drift_warning(kl: float, parent_kl: float | None, max_kl: float) -> str | None:
+    """A passed version's warning that its lineage is running out of KL budget: the next round, taking this round's
+    step again, would pass max_kl. None when it would not, or when the step is unknown (`parent_kl` None: no parent,
+    or one measured against another reference)."""
+    if parent_kl is None or not math.isfinite(kl) or kl > max_kl:
+        return None
+    step = kl - parent_kl
+    if step <= 0 or kl + step <= max_kl:
+        return None
+    return (f"KL to the base model {kl:.3g} nats/answer is {kl / max_kl:.0%} of max_kl {max_kl:g}, up {step:.3g} from "
+            f"the parent's {parent_kl:.3g}: a next round at this pace would be refused; {KL_DRIFT_REMEDY}")
+
+
+def kl_refusal(kl: float, parent_kl: float | None, config: RoundConfig) -> str:
+    """The gate's reason for a KL over max_kl, with what the admin can do about it: a lineage that drifted there
+    over several rounds (the parent already used more than half the budget) or one round's big step."""
+    reason = f"KL to reference {kl:.3g} > max_kl {config.max_kl}"
+    if parent_kl is not None and parent_kl > config.max_kl / 2:
+        return f"{reason} (the parent's {parent_kl:.3g}: the lineage drifted there round by round); {KL_DRIFT_REMEDY}"
+    step = f"the parent's {parent_kl:.3g}, " if parent_kl is not None else ""
+    return f"{reason} ({step}one round's step): lower learning_rate or steps, or raise beta"
+
+
 def gate(history: Sequence[dict], failure: str | None, eval_metrics: dict | None, config: RoundConfig,
-         check_win_rate: bool) -> dict:
+         check_win_rate: bool, parent_kl: float | None = None) -> dict:
     """{"passed", "reason", "win_rate_check"}: NaN/inf anywhere or an exact KL over max_kl rejects the version; the
     reward model's win-rate vs parent refuses it only when the interval's upper bound is under min_win_rate.
     `check_win_rate` is False when the policy did not change (algorithm "reward") or the reward model was never
-    trained (its win-rates are noise)."""
+    trained (its win-rates are noise). `parent_kl`, the parent's KL to the same reference (None when unknown), says
+    in a KL refusal whether the lineage drifted there or this round jumped."""
     verdict = {"passed": True, "reason": None, "win_rate_check": None}
     if failure is not None:
         return {**verdict, "passed": False, "reason": f"training stopped: {failure}"}
@@ -254,7 +278,7 @@ def gate(history: Sequence[dict], failure: str | None, eval_metrics: dict | None
         return {**verdict, "passed": False, "reason": f"evaluation metric {key} is {eval_metrics[key]}"}
     kl = eval_metrics["kl_to_reference"]
     if kl > config.max_kl:
-        return {**verdict, "passed": False, "reason": f"KL to reference {kl:.3g} > max_kl {config.max_kl}"}
+        return {**verdict, "passed": False, "reason": kl_refusal(kl, parent_kl, config)}
     rate = eval_metrics.get("win_rate_vs_parent")
     if check_win_rate and rate is not None:
         check = win_rate_check(rate, config)

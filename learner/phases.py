@@ -3,6 +3,7 @@ config, each returning a small frozen record that the next phases and metrics.js
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from learner.evaluate import (
     eval_answers_key,
     evaluate_policy,
     gate,
+    kl_drift_warning,
     load_eval_answers,
     sample_eval_answers,
     save_eval_answers,
@@ -381,9 +383,33 @@ class GateOutcome:
     verdict: dict  # gate()'s full answer, with the win-rate check's n, interval and error rates
 
 
-def gate_phase(config: RoundConfig, reward: RewardOutcome, policy: PolicyOutcome,
+def gate_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome, policy: PolicyOutcome,
                evaluation: EvalOutcome) -> GateOutcome:
+    """The gate's verdict; a version it passes whose lineage nears max_kl gets a warning (the next round would pass
+    it at this round's pace)."""
     failure = reward.failure or policy.failure
+    drift_from = parent_kl(setup.parent_dir, config)
     verdict = gate(policy.history + reward.history, failure, evaluation.generation, config,
-                   check_win_rate=reward.ready and config.algorithm != "reward")
+                   check_win_rate=reward.ready and config.algorithm != "reward", parent_kl=drift_from)
+    if verdict["passed"] and evaluation.generation is not None:
+        warning = kl_drift_warning(evaluation.generation["kl_to_reference"], drift_from, config.max_kl)
+        if warning:
+            setup.warnings.append(warning)
+            log.warning(warning)
     return GateOutcome(verdict["passed"], verdict["reason"], verdict)
+
+
+def parent_kl(parent_dir: Path | None, config: RoundConfig) -> float | None:
+    """The parent's KL to the base model (its metrics.json) when this round is measured against the base model too:
+    None with ref_sync (the reference is the parent), without a parent, or when the parent's round had ref_sync."""
+    if config.ref_sync or parent_dir is None:
+        return None
+    try:
+        metrics = json.loads((parent_dir / "metrics.json").read_text())
+        parent_config = json.loads((parent_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = metrics.get("kl_to_reference")
+    if parent_config.get("ref_sync") or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)

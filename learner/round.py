@@ -228,7 +228,7 @@ def run_round(snapshot_dir: Path, base_model_dir: Path, parent_dir: Path | None,
         started = time.monotonic()
         evaluation = eval_phase(setup, config, reward, policy)
         timings["eval"] = time.monotonic() - started
-    verdict = gate_phase(config, reward, policy, evaluation)
+    verdict = gate_phase(setup, config, reward, policy, evaluation)
 
     heldout_pairs = setup.held_out(setup.pairs)
     metrics = _json_safe({

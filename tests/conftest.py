@@ -163,7 +163,8 @@ def add_version(ctx, tiny_model_dir):
 
     from learner.model import Device, load_base_model
 
-    def add(status: str = "candidate", metrics: dict | None = None, scale: float = 0.5) -> int:
+    def add(status: str = "candidate", metrics: dict | None = None, scale: float = 0.5,
+            config: dict | None = None) -> int:
         version = ctx.store.versions.next_number()
         base = load_base_model(tiny_model_dir, Device(torch.device("cpu"), torch.float32))
         # lm_head too: a random tiny model's logits are nearly flat, and only a change there moves what it samples.
@@ -178,7 +179,7 @@ def add_version(ctx, tiny_model_dir):
         out = ctx.config.versions_dir / f"v{version}"
         peft_model.save_pretrained(out / "adapter")
         ctx.store.versions.add(version, ctx.store.versions.deployed().version, "dpo", status, str(out),
-                               {"beta": 0.1}, metrics or {"gate": {"passed": status != "rejected"}}, 12)
+                               config or {"beta": 0.1}, metrics or {"gate": {"passed": status != "rejected"}}, 12)
         return version
 
     return add

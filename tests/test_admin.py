@@ -130,6 +130,22 @@ def test_overview_before_any_round_says_what_to_do(ctx, accounts):
     assert (view.warnings, view.log_tail, view.train_banner, view.active_run) == ("", "", "", None)
 
 
+def test_overview_shows_how_much_of_max_kl_the_serving_lineage_has_used(ctx, accounts, add_version):
+    assert "KL to the base model" not in admin_rounds.overview(ctx, "boss").status  # the base model serves
+    ctx.deployments.deploy(add_version(metrics={"kl_to_reference": 4.0}, config={"max_kl": 15.0}))
+    status = admin_rounds.overview(ctx, "boss").status
+    assert "KL to the base model: **4** nats/answer, 27% of its round's max_kl 15" in status and "⚠" not in status
+    ctx.deployments.deploy(add_version(metrics={"kl_to_reference": 10.0}, config={"max_kl": 15.0}))
+    status = admin_rounds.overview(ctx, "boss").status
+    assert "⚠ KL to the base model: **10** nats/answer, 67% of its round's max_kl 15: a round past max_kl is " \
+           "refused; raise max_kl" in status and "set ref_sync" in status
+    # Measured from its parent (ref_sync), or without a KL: no budget to show.
+    ctx.deployments.deploy(add_version(metrics={"kl_to_reference": 10.0}, config={"max_kl": 15.0, "ref_sync": True}))
+    assert "KL to the base model" not in admin_rounds.overview(ctx, "boss").status
+    ctx.deployments.deploy(add_version(metrics={"kl_to_reference": None}, config={"max_kl": 15.0}))
+    assert "KL to the base model" not in admin_rounds.overview(ctx, "boss").status
+
+
 def test_duration_and_eta_words():
     assert [admin_rounds.duration(s) for s in (0.4, 45, 125, 3725)] == ["0 s", "45 s", "2 min 5 s", "1 h 2 min"]
 

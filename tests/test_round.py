@@ -14,8 +14,15 @@ from safetensors.torch import load_file
 from learner.config import RoundConfig
 from learner.data import EVAL, HELDOUT, TRAIN, PromptSplit
 from learner.errors import ConfigError, LearnerError
-from learner.evaluate import eval_answers_key, gate, load_eval_answers, save_eval_answers, win_rate
-from learner.phases import within_staleness
+from learner.evaluate import (
+    eval_answers_key,
+    gate,
+    kl_drift_warning,
+    load_eval_answers,
+    save_eval_answers,
+    win_rate,
+)
+from learner.phases import parent_kl, within_staleness
 from learner.rollouts import Rollout, around_median, best_vs_worst, split_prompts, usable_prompts
 from learner.round import run_round
 from learner.stats import proportion
@@ -147,6 +154,44 @@ def test_gate_names_its_reason_and_refuses_on_the_win_rate_only_when_the_upper_b
     assert gate([], None, dict(good, win_rate_vs_parent=rate(10, 80)), config, check_win_rate=False)["passed"]
     assert win_rate([[2.0, 0.0]], [[1.0, 0.0]]).value == pytest.approx((1 + 1 + 0 + 0.5) / 4)
     assert win_rate([[2.0, 0.0]], [[1.0, 0.0]]).n == 4
+
+
+def test_a_kl_refusal_says_whether_the_lineage_drifted_or_the_round_jumped_and_what_to_do():
+    config = RoundConfig(max_kl=15.0)
+    metrics = {"kl_to_reference": 15.8}
+    drifted = gate([], None, metrics, config, True, parent_kl=10.0)["reason"]
+    assert drifted.startswith("KL to reference 15.8 > max_kl 15.0 (the parent's 10: the lineage drifted there")
+    assert "raise max_kl" in drifted and "set ref_sync" in drifted
+    jumped = gate([], None, metrics, config, True, parent_kl=2.0)["reason"]
+    assert "(the parent's 2, one round's step): lower learning_rate or steps, or raise beta" in jumped
+    assert "(one round's step)" in gate([], None, metrics, config, True)["reason"]  # no parent, or ref_sync
+
+
+def test_a_passed_version_is_warned_when_a_next_round_at_its_pace_would_pass_max_kl():
+    # 10.0 after the parent's 6.8: +3.2 again reaches 13.2, under 15; after 4.0, +6.0 reaches 16.0, over it.
+    assert kl_drift_warning(10.0, 6.8, 15.0) is None
+    warning = kl_drift_warning(10.0, 4.0, 15.0)
+    assert warning.startswith("KL to the base model 10 nats/answer is 67% of max_kl 15, up 6 from the parent's 4:")
+    assert "raise max_kl" in warning
+    assert kl_drift_warning(10.0, None, 15.0) is None  # no parent measured against the same reference
+    assert kl_drift_warning(10.0, 11.0, 15.0) is None  # the KL fell
+    assert kl_drift_warning(16.0, 4.0, 15.0) is None  # refused: the gate's reason says it
+
+
+def test_the_parents_kl_counts_only_when_both_rounds_measure_against_the_base_model(tmp_path):
+    parent = tmp_path / "v3"
+    parent.mkdir()
+    (parent / "metrics.json").write_text(json.dumps({"kl_to_reference": 6.8}))
+    (parent / "config.json").write_text(json.dumps({"ref_sync": False}))
+    assert parent_kl(parent, RoundConfig()) == 6.8
+    assert parent_kl(parent, RoundConfig(ref_sync=True)) is None and parent_kl(None, RoundConfig()) is None
+    (parent / "config.json").write_text(json.dumps({"ref_sync": True}))  # the parent was measured from its own parent
+    assert parent_kl(parent, RoundConfig()) is None
+    (parent / "config.json").write_text(json.dumps({}))
+    (parent / "metrics.json").write_text(json.dumps({"kl_to_reference": None}))  # a NaN KL, stored as null
+    assert parent_kl(parent, RoundConfig()) is None
+    (parent / "metrics.json").write_text("{not json")
+    assert parent_kl(parent, RoundConfig()) is None
 
 
 def rollouts(*texts: str) -> list[Rollout]:

@@ -6,6 +6,7 @@ Plain functions of (context, user name, inputs); each calls `require_admin` firs
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
@@ -16,13 +17,16 @@ from app.ui import charts
 from app.ui.admin import require_admin, version_name
 from app.ui.annotate import UiError
 from app.ui.render import escape_markdown
-from learner.config import ALGORITHMS, LOSS_TYPES, ROLLOUT_JUDGES, RoundConfig
+from learner.config import ALGORITHMS, KL_DRIFT_REMEDY, LOSS_TYPES, ROLLOUT_JUDGES, RoundConfig
 from storage import analytics
 from storage.runs import ACTIVE, Run
+from storage.versions import PolicyVersion
 
 PHASE_NAMES = {"reward": "reward model", "rollouts": "on-policy rollouts", "policy": "policy update",
                "eval": "evaluation"}
 LOG_TAIL_LINES = 12  # the newest lines of a round's log on the Overview: a traceback's last frames fit
+KL_BUDGET_WARN = 0.5  # share of max_kl from which the Overview warns: a lineage's KL grows faster each round (v5 to
+#   v8 of `structured` at 128 labels: 4.0, 6.8, 10.0, then 15.8 refused): from half the budget, a round or two are left
 ETA_AFTER = 0.05  # progress before an ETA is shown: the first seconds (loading the model) say little of the rest
 
 # The Train form shows these first; every other RoundConfig field sits under "Advanced", in the class's order.
@@ -59,6 +63,9 @@ def overview(ctx: AppContext, username: str | None, message: str = "") -> Overvi
         f"| {name} | {getattr(counts.today, field)} | {getattr(counts.total, field)} |" for name, field in rows)
     status = (f"Deployed: **{version_name(ctx.deployments.serving)}** · **{ctx.buffer.waiting_count()}** items waiting "
               f"in the buffer · **{ctx.buffer.reserved_count()}** reserved · overlap {ctx.config.overlap}")
+    budget = kl_budget(ctx.store.versions.get(ctx.deployments.serving))
+    if budget:
+        status += f"\n\n{budget}"
     if ctx.buffer.last_error:
         status += f"\n\nSampler error: {escape_markdown(ctx.buffer.last_error[:300])}"
     active = ctx.store.runs.active()
@@ -70,6 +77,19 @@ def overview(ctx: AppContext, username: str | None, message: str = "") -> Overvi
     return OverviewView(table, status, run_text(last), active.progress if active else None,
                         active.run_id if active else None, message, loss_chart(ctx, last),
                         warnings_text(ctx, last), "\n".join(line for _, line in log), train_banner(active))
+
+
+def kl_budget(version: PolicyVersion) -> str:
+    """Markdown: how much of max_kl the serving version's lineage has used, warned from KL_BUDGET_WARN on; "" for
+    the base model, a version measured from its parent (ref_sync) and one without a KL."""
+    kl, max_kl = version.metrics.get("kl_to_reference"), version.config.get("max_kl")
+    if version.version == 0 or version.config.get("ref_sync") or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in (kl, max_kl)):
+        return ""
+    text = f"KL to the base model: **{kl:.3g}** nats/answer, {kl / max_kl:.0%} of its round's max_kl {max_kl:g}"
+    if kl / max_kl < KL_BUDGET_WARN:
+        return text
+    return f"⚠ {text}: a round past max_kl is refused; {KL_DRIFT_REMEDY}"
 
 
 def run_text(run: Run | None, now: datetime | None = None) -> str:
