@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from learner.config import KL_DRIFT_REMEDY, RoundConfig
+from learner.config import KL_BUDGET_WARN, KL_DRIFT_REMEDY, RoundConfig
 from learner.errors import TokenizationError
 from learner.logprobs import EncodedAnswer, answer_logits, encode_answer, layout
 from learner.params import SamplingParams
@@ -235,16 +235,18 @@ def win_rate_check(rate: dict, config: RoundConfig) -> dict:
 
 
 def kl_drift_warning(kl: float, parent_kl: float | None, max_kl: float) -> str | None:
-    """A passed version's warning that its lineage is running out of KL budget: the next round, taking this round's
-    step again, would pass max_kl. None when it would not, or when the step is unknown (`parent_kl` None: no parent,
-    or one measured against another reference)."""
-    if parent_kl is None or not math.isfinite(kl) or kl > max_kl:
+    """A passed version's warning that its lineage is running out of KL budget (the KL measured against the base
+    model), from KL_BUDGET_WARN of max_kl on; it says when a next round taking this round's step again would pass
+    max_kl. `parent_kl`: the parent's KL to the same reference, None when unknown. None below KL_BUDGET_WARN."""
+    if not math.isfinite(kl) or kl > max_kl or kl < KL_BUDGET_WARN * max_kl:
         return None
-    step = kl - parent_kl
-    if step <= 0 or kl + step <= max_kl:
-        return None
-    return (f"KL to the base model {kl:.3g} nats/answer is {kl / max_kl:.0%} of max_kl {max_kl:g}, up {step:.3g} from "
-            f"the parent's {parent_kl:.3g}: a next round at this pace would be refused; {KL_DRIFT_REMEDY}")
+    step = kl - parent_kl if parent_kl is not None else None
+    soon = step is not None and kl + step > max_kl
+    text = f"KL to the base model {kl:.3g} nats/answer is {kl / max_kl:.0%} of max_kl {max_kl:g}"
+    if step is not None:
+        text += f" ({step:+.3g} from the parent's {parent_kl:.3g})"
+    text += ": a next round at this pace would pass it" if soon else ": a round past it is refused"
+    return f"{text}; {KL_DRIFT_REMEDY}"
 
 
 def kl_refusal(kl: float, parent_kl: float | None, config: RoundConfig) -> str:

@@ -385,13 +385,12 @@ class GateOutcome:
 
 def gate_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome, policy: PolicyOutcome,
                evaluation: EvalOutcome) -> GateOutcome:
-    """The gate's verdict; a version it passes whose lineage nears max_kl gets a warning (the next round would pass
-    it at this round's pace)."""
+    """The gate's verdict; a version it passes whose KL to the base model nears max_kl gets a warning."""
     failure = reward.failure or policy.failure
     drift_from = parent_kl(setup.parent_dir, config)
     verdict = gate(policy.history + reward.history, failure, evaluation.generation, config,
                    check_win_rate=reward.ready and config.algorithm != "reward", parent_kl=drift_from)
-    if verdict["passed"] and evaluation.generation is not None:
+    if verdict["passed"] and evaluation.generation is not None and reference_adapter(setup, config) is None:
         warning = kl_drift_warning(evaluation.generation["kl_to_reference"], drift_from, config.max_kl)
         if warning:
             setup.warnings.append(warning)

@@ -167,15 +167,17 @@ def test_a_kl_refusal_says_whether_the_lineage_drifted_or_the_round_jumped_and_w
     assert "(one round's step)" in gate([], None, metrics, config, True)["reason"]  # no parent, or ref_sync
 
 
-def test_a_passed_version_is_warned_when_a_next_round_at_its_pace_would_pass_max_kl():
-    # 10.0 after the parent's 6.8: +3.2 again reaches 13.2, under 15; after 4.0, +6.0 reaches 16.0, over it.
-    assert kl_drift_warning(10.0, 6.8, 15.0) is None
-    warning = kl_drift_warning(10.0, 4.0, 15.0)
-    assert warning.startswith("KL to the base model 10 nats/answer is 67% of max_kl 15, up 6 from the parent's 4:")
-    assert "raise max_kl" in warning
-    assert kl_drift_warning(10.0, None, 15.0) is None  # no parent measured against the same reference
-    assert kl_drift_warning(10.0, 11.0, 15.0) is None  # the KL fell
+def test_a_passed_version_is_warned_from_half_of_max_kl_and_told_when_a_next_round_at_its_pace_would_pass_it():
+    assert kl_drift_warning(7.0, 6.8, 15.0) is None and kl_drift_warning(7.0, None, 15.0) is None  # 47%, slowly
+    warning = kl_drift_warning(10.0, 6.8, 15.0)  # 67%; +3.2 again reaches 13.2, under 15
+    assert warning.startswith("KL to the base model 10 nats/answer is 67% of max_kl 15 (+3.2 from the parent's 6.8): "
+                              "a round past it is refused; raise max_kl")
+    soon = kl_drift_warning(6.0, 1.0, 10.0)  # 60%; +5 again reaches 11, over 10
+    assert "is 60% of max_kl 10 (+5 from the parent's 1): a next round at this pace would pass it;" in soon
+    assert kl_drift_warning(9.0, None, 15.0).startswith("KL to the base model 9 nats/answer is 60% of max_kl 15: a "
+                                                        "round past it is refused;")  # no parent to measure a pace
     assert kl_drift_warning(16.0, 4.0, 15.0) is None  # refused: the gate's reason says it
+    assert kl_drift_warning(float("nan"), 4.0, 15.0) is None  # refused too (a non-finite metric)
 
 
 def test_the_parents_kl_counts_only_when_both_rounds_measure_against_the_base_model(tmp_path):

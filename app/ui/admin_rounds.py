@@ -17,7 +17,7 @@ from app.ui import charts
 from app.ui.admin import require_admin, version_name
 from app.ui.annotate import UiError
 from app.ui.render import escape_markdown
-from learner.config import ALGORITHMS, KL_DRIFT_REMEDY, LOSS_TYPES, ROLLOUT_JUDGES, RoundConfig
+from learner.config import ALGORITHMS, KL_BUDGET_WARN, KL_DRIFT_REMEDY, LOSS_TYPES, ROLLOUT_JUDGES, RoundConfig
 from storage import analytics
 from storage.runs import ACTIVE, Run
 from storage.versions import PolicyVersion
@@ -25,8 +25,6 @@ from storage.versions import PolicyVersion
 PHASE_NAMES = {"reward": "reward model", "rollouts": "on-policy rollouts", "policy": "policy update",
                "eval": "evaluation"}
 LOG_TAIL_LINES = 12  # the newest lines of a round's log on the Overview: a traceback's last frames fit
-KL_BUDGET_WARN = 0.5  # share of max_kl from which the Overview warns: a lineage's KL grows faster each round (v5 to
-#   v8 of `structured` at 128 labels: 4.0, 6.8, 10.0, then 15.8 refused): from half the budget, a round or two are left
 ETA_AFTER = 0.05  # progress before an ETA is shown: the first seconds (loading the model) say little of the rest
 
 # The Train form shows these first; every other RoundConfig field sits under "Advanced", in the class's order.
