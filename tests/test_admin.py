@@ -195,6 +195,18 @@ def test_versions_table_charts_detail_and_loss_curves_come_from_real_rows(ctx, a
     assert admin_versions.run_choices(ctx, "boss")[0] == (f"round {history_only} -> v2 (rejected)", history_only)
 
 
+def test_the_kl_chart_draws_the_newest_rounds_max_kl_as_its_budget(ctx, accounts):
+    ctx.store.versions.add(1, 0, "dpo", "candidate", None, {"beta": 0.1}, {"kl_to_reference": 4.0}, 12)
+    html = admin_versions.version_charts(ctx, "boss")
+    assert "max_kl" not in html  # no round recorded one
+    dashed = html.count('stroke-dasharray="4 3"')
+    ctx.store.versions.add(2, 1, "dpo", "candidate", None, {"max_kl": 15.0}, {"kl_to_reference": 10.0}, 12)
+    ctx.store.versions.add(3, 2, "dpo", "rejected", None, {"max_kl": 20.0}, {"kl_to_reference": 15.8}, 12)
+    html = admin_versions.version_charts(ctx, "boss")
+    assert "KL to reference (nats/answer); dashed: max_kl 20" in html
+    assert html.count('stroke-dasharray="4 3"') == dashed + 1
+
+
 def test_version_charts_empty_state(ctx, accounts):
     html = admin_versions.version_charts(ctx, "boss")
     assert html.count("train a round to see metrics") == len(admin_versions.VERSION_METRICS)

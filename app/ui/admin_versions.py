@@ -8,6 +8,7 @@ The canary's panel and actions live in app/ui/admin.py.
 from __future__ import annotations
 
 import json
+import math
 
 import pandas as pd
 
@@ -107,6 +108,8 @@ def version_charts(ctx: AppContext, username: str | None) -> str:
     versions = ctx.store.versions.list()
     panels = []
     for column, (_, title, y_range, reference) in VERSION_METRICS.items():
+        if column == "kl_to_reference" and (max_kl := newest_max_kl(versions)) is not None:
+            title, reference = f"{title}; dashed: max_kl {max_kl:g}", max_kl  # the gate's budget, as rounds now set it
         points = []
         for v in versions:
             value, n, ci = figure(v.metrics, column)
@@ -118,6 +121,15 @@ def version_charts(ctx: AppContext, username: str | None) -> str:
         panels.append(charts.panel(title, {title: points}, y_range=y_range, reference=reference,
                                    empty=EMPTY_CHARTS))
     return charts.panels(panels)
+
+
+def newest_max_kl(versions: list[PolicyVersion]) -> float | None:
+    """The max_kl of the newest round that recorded one (the budget the KL chart is read against), None if none."""
+    for v in reversed(versions):
+        value = v.config.get("max_kl")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    return None
 
 
 def version_detail(ctx: AppContext, username: str | None, version: int | str | None) -> str:
