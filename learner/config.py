@@ -115,7 +115,9 @@ class RoundConfig:
     max_new_tokens: int = 64  # rollout and eval answers; shorter than the app's 96 to keep a CPU round quick
     temperature: float = 0.8  # the policy service's temperature, so rollouts look like what annotators rank
     top_p: float = 0.95  # same as the policy service: cuts the junk tail of a small model
-    ref_sync: bool = False  # False: reference = base model (disabled adapter); True: the parent version
+    ref_sync: bool = False  # False: reference = base model (disabled adapter); True: the parent version, so the KL
+    #   (and max_kl) measure each round's own step and a lineage is no longer held at max_kl, its distance from the
+    #   base model then unbounded (README, "A lineage's KL budget"); which of the two learns better is not measured
 
     # --- reward model (Bradley-Terry on human pairs)
     reward_steps: int = 10  # optimizer steps per round, warm-started from the parent's reward adapter: ~1 min.
@@ -137,7 +139,8 @@ class RoundConfig:
     #   its policy with the same base answers and reuses the stored draws (1: the seed + 1 rounds drew with before)
     eval_fraction: float = 0.1  # prompts (by a hash of the prompt text) kept for evaluation: never used for rollouts,
     #   and their human labels are neither trained on nor in the held-out label set
-    max_kl: float = 15.0  # nats per answer (~0.25 per token of 64): beyond that a 135M model's text degrades
+    max_kl: float = 15.0  # nats per answer (~0.25 per token of 64): beyond that a 135M model's text degrades. With
+    #   the base model as reference it bounds the whole lineage: `structured` at 128 labels reached it at round 8
     min_win_rate: float = 0.4  # vs parent by the reward model, ADVISORY: the gate refuses only when the win-rate's
     #   95% upper bound is below it (8 comparisons cannot show a version is better; the canary decides that)
 
