@@ -24,6 +24,7 @@ ROLLOUT_JUDGES = ("reward_model", "auto", "policy")
 # v8 refused at 15.8) and, left alone, every later round is refused.
 KL_DRIFT_REMEDY = ("raise max_kl if the serving version's answers still read well (a canary lets annotators judge "
                    "that), or set ref_sync so that each round is measured from its parent")
+KL_STEP_REMEDY = "lower learning_rate or steps, or raise beta"  # for one round's step over the budget
 KL_BUDGET_WARN = 0.5  # share of max_kl from which a lineage is warned (Overview, round warnings): its KL grows faster
 #   each round (`structured`, 128 labels, v5 to v8: 4.0, 6.8, 10.0, then 15.8 refused), so from half of it a round or
 #   two are left
