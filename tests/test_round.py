@@ -392,6 +392,16 @@ def test_kto_round_continues_the_parent_adapter(first_version, tmp_path, tiny_mo
     assert metrics["history"][0]["loss"] == pytest.approx(0.5, abs=1e-3)
 
 
+def test_a_childs_kl_refusal_names_the_kl_its_parent_directory_recorded(first_version, tmp_path, tiny_model_dir):
+    parent, parent_metrics, _ = first_version
+    metrics = run_round(write_snapshot(tmp_path / "snapshot", parent_version=1), tiny_model_dir, parent,
+                        tmp_path / "v2", RoundConfig.from_dict(dict(TINY, steps=1, max_kl=1e-6)))
+    assert metrics["status"] == "rejected"
+    step = metrics["kl_to_reference"] - parent_metrics["kl_to_reference"]
+    assert (f"> max_kl 1e-06 (the parent's {parent_metrics['kl_to_reference']:.3g}, {step:+.3g} in this round); "
+            "the lineage had used") in metrics["gate"]["reason"]
+
+
 def test_reward_only_round_keeps_the_parent_policy(first_version, tmp_path, tiny_model_dir):
     parent, _, _ = first_version
     metrics = run_round(write_snapshot(tmp_path / "snapshot", parent_version=1), tiny_model_dir, parent,
