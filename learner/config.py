@@ -118,7 +118,8 @@ class RoundConfig:
     top_p: float = 0.95  # same as the policy service: cuts the junk tail of a small model
     ref_sync: bool = False  # False: reference = base model (disabled adapter); True: the parent version, so the KL
     #   (and max_kl) measure each round's own step and a lineage is no longer held at max_kl, its distance from the
-    #   base model then unbounded (README, "A lineage's KL budget"); which of the two learns better is not measured
+    #   base model then unbounded (README, "A lineage's KL budget"). One seed measured (`structured`, 128 labels):
+    #   0.99 vs base with it, 0.80 without (paired +0.193 [+0.135, +0.255], n = 96); off until more seeds agree
 
     # --- reward model (Bradley-Terry on human pairs)
     reward_steps: int = 10  # optimizer steps per round, warm-started from the parent's reward adapter: ~1 min.
