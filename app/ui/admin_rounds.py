@@ -6,7 +6,6 @@ Plain functions of (context, user name, inputs); each calls `require_admin` firs
 
 from __future__ import annotations
 
-import math
 import typing
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
@@ -18,7 +17,7 @@ from app.ui.admin import require_admin, version_name
 from app.ui.annotate import UiError
 from app.ui.render import escape_markdown
 from learner.config import ALGORITHMS, KL_BUDGET_WARN, KL_DRIFT_REMEDY, LOSS_TYPES, ROLLOUT_JUDGES, RoundConfig
-from storage import analytics
+from storage import analytics, is_number
 from storage.runs import ACTIVE, Run
 from storage.versions import PolicyVersion
 
@@ -81,8 +80,7 @@ def kl_budget(version: PolicyVersion) -> str:
     """Markdown: how much of max_kl the serving version's lineage has used, warned from KL_BUDGET_WARN on; "" for
     the base model, a version measured from its parent (ref_sync) and one without a KL."""
     kl, max_kl = version.metrics.get("kl_to_reference"), version.config.get("max_kl")
-    if version.version == 0 or version.config.get("ref_sync") or not all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in (kl, max_kl)):
+    if version.version == 0 or version.config.get("ref_sync") or not (is_number(kl) and is_number(max_kl)):
         return ""
     text = f"KL to the base model: **{kl:.3g}** nats/answer, {kl / max_kl:.0%} of its round's max_kl {max_kl:g}"
     if kl / max_kl < KL_BUDGET_WARN:

@@ -8,7 +8,6 @@ The canary's panel and actions live in app/ui/admin.py.
 from __future__ import annotations
 
 import json
-import math
 
 import pandas as pd
 
@@ -19,6 +18,7 @@ from app.ui.admin import require_admin, version_name
 from app.ui.admin_rounds import loss_chart
 from app.ui.annotate import UiError
 from app.ui.render import escape_markdown
+from storage import is_number
 from storage.versions import PolicyVersion
 
 # Metrics across versions: column -> (keys tried in metrics.json, the learner's name first; the chart's title;
@@ -127,7 +127,7 @@ def newest_max_kl(versions: list[PolicyVersion]) -> float | None:
     """The max_kl of the newest round that recorded one (the budget the KL chart is read against), None if none."""
     for v in reversed(versions):
         value = v.config.get("max_kl")
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        if is_number(value):
             return float(value)
     return None
 
