@@ -109,6 +109,13 @@ class RunStarted(Answer):
     run_id: int
 
 
+class TrainState(Answer):
+    active_run: int | None = Field(description="the queued or running round, if any")
+    automatic: bool = Field(description="automatic rounds are on (GET/PATCH /api/settings' auto_train)")
+    paused: str | None = Field(description="why automatic rounds wait (refused rounds in a row from the serving "
+                                           "version with their settings), or null")
+
+
 class RunInfo(Answer):
     run_id: int
     status: str = Field(description=" | ".join(runs.STATUSES))

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body
 
 from app.api import Admin, Ctx
-from app.api_models import RunInfo, RunStarted, VersionInfo, errors
+from app.api_models import RunInfo, RunStarted, TrainState, VersionInfo, errors
 from app.deployments import CanaryStatus
 from storage.runs import Run
 from storage.versions import PolicyVersion
@@ -34,6 +34,14 @@ def version_json(v: PolicyVersion, serving: int, canary: CanaryStatus | None) ->
 def train(user: Admin, c: Ctx, body: Annotated[dict[str, Any], Body()] = None) -> dict:
     """Start a round: `{"algorithm": "dpo"|"kto"|"reward", ...RoundConfig overrides}`. 409 while one runs."""
     return {"run_id": c.scheduler.start(body or {})}
+
+
+@router.get("/train", response_model=TrainState)
+def train_state(user: Admin, c: Ctx) -> dict:
+    """What training is doing: the round in progress, whether automatic rounds are on, and why they are paused."""
+    active, auto = c.store.runs.active(), c.scheduler.auto_train()
+    return {"active_run": active.run_id if active else None, "automatic": auto.enabled,
+            "paused": c.scheduler.auto_pause(auto)}
 
 
 @router.get("/runs", response_model=list[RunInfo])

@@ -6,7 +6,10 @@
 
 A failed, cancelled or killed round leaves the registry as it was and the same version serving: the learner
 writes `<out>.partial` and renames only a complete version, and the store records a version only after that.
-Automatic triggers (every N new labels, every T minutes) are off by default and set from Admin or the API.
+Automatic triggers (every N new labels, every T minutes) are off by default and set from Admin or the API. They pause
+by themselves after AUTO_PAUSE_AFTER refused rounds in a row from the version serving now with the same settings
+(`Scheduler.auto_pause`): the next round would most likely be refused the same way, and each costs minutes of cores
+that item sampling needs.
 """
 
 from __future__ import annotations
@@ -35,6 +38,12 @@ from storage.store import Store
 
 log = logging.getLogger(__name__)
 
+# Refused rounds in a row (same serving version, same automatic settings) after which automatic rounds pause. One
+# refusal can be the round's own sample; a second one from the same parent with the same settings is a pattern. Seen
+# in bench.loop's 128-label runs (structured, seeds 1-2): once a lineage passed max_kl from its serving version, every
+# later round from it was refused (16.2, then more), and nothing else changes while the serving version does not.
+AUTO_PAUSE_AFTER = 2
+
 
 class Scheduler:
     def __init__(self, store: Store, policy: PolicyService, config: ServeConfig, deployments: Deployments):
@@ -52,6 +61,7 @@ class Scheduler:
         self._timer: threading.Thread | None = None
         self._worker: threading.Thread | None = None
         self._algorithm: str | None = None
+        self._pause_said: str | None = None  # the pause last logged, so that each is logged once
         self.cores = CoreShare(policy)  # AppContext gives it the buffer to top up before a round
 
     # -- rounds -------------------------------------------------------------------------------------------------
@@ -235,11 +245,52 @@ class Scheduler:
                 self._auto("timer")
 
     def _auto(self, why: str) -> None:
+        auto = self.auto_train()
+        paused = self.auto_pause(auto)
+        if paused is not None:
+            if paused != self._pause_said:
+                log.warning("automatic round not started (%s): %s", why, paused)
+                self._pause_said = paused
+            return
         try:
-            run_id = self.start(self.auto_train().config)
+            run_id = self.start(auto.config)
             log.info("automatic round %s started (%s)", run_id, why)
         except Conflict:
             pass  # a round is already running; the next trigger tries again
+
+    def auto_pause(self, auto: AutoTrain | None = None) -> str | None:
+        """Why automatic rounds are paused, or None when they are not (or are off): the newest AUTO_PAUSE_AFTER
+        finished rounds (cancelled ones aside) were all refused by the gate, each from the version serving now and
+        with the automatic rounds' settings. Read from the store each time, so it holds across restarts and ends by
+        itself when another version serves, the automatic settings change, or a round (one started by hand too)
+        ends otherwise."""
+        auto = auto or self.auto_train()
+        if not auto.enabled:
+            return None
+        settings = _as_json(RoundConfig.from_dict(auto.config).to_dict())
+        serving = self.deployments.serving
+        refused: list = []
+        for run in self.store.runs.list(AUTO_PAUSE_AFTER + 20):  # a few cancelled runs in between are skipped
+            if run.status in ("queued", "running", "cancelled"):
+                continue
+            if (run.status != "rejected" or run.version is None or _as_json(run.config) != settings
+                    or self.store.versions.get(run.version).parent != serving):
+                return None
+            refused.append(run)
+            if len(refused) == AUTO_PAUSE_AFTER:
+                break
+        else:
+            return None
+        rounds = ", ".join(str(run.run_id) for run in reversed(refused))
+        return (f"Automatic rounds are paused: rounds {rounds} in a row, each from v{serving} with the automatic "
+                f"rounds' settings, were refused by the gate (the last: {refused[0].error or 'no reason recorded'}). "
+                "They start again when another version serves, their settings change, or a round started by hand "
+                "passes the gate.")
+
+
+def _as_json(config: dict) -> str:
+    """A round config as the runs table stores it (tuples as lists, keys sorted), to compare a stored one."""
+    return json.dumps(config, sort_keys=True)
 
 
 class _Cancelled(Exception):

@@ -168,3 +168,89 @@ def test_the_rounds_run_on_the_servers_device_whatever_the_environment_says(ctx,
     run = wait_run(boss, boss.post("/api/train", json={"algorithm": "dpo", **QUICK}).json()["run_id"])
     assert run["status"] == "succeeded", run
     assert run["metrics"]["device"] == "cpu"
+
+
+def test_automatic_rounds_pause_after_two_refusals_in_a_row_and_start_again_when_their_settings_change(
+        ctx, server, boss, ann, sample_items):
+    """Every label starts a round whose learning rate blows it up (NaN: refused). After two such refusals from the
+    serving version the next label starts nothing, and Admin and GET /api/train say why; new settings start rounds
+    again."""
+    from app.ui import admin_rounds
+
+    def label_one() -> None:
+        item = ann.get("/api/items/next").json()
+        ranking = [a["answer_id"] for a in item["answers"]]
+        assert ann.post(f"/api/items/{item['item_id']}/ranking", json={"ranking": ranking}).status_code == 201
+
+    broken = {**QUICK, "learning_rate": 1e30}
+    assert boss.patch("/api/settings", json={"auto_train": {"every_labels": 1, "every_minutes": 0, "config": broken},
+                                             "deploy_policy": "immediate"}).status_code == 200
+    sample_items(4)
+    for n in (1, 2):
+        label_one()
+        runs = boss.get("/api/runs").json()
+        assert len(runs) == n and wait_run(boss, runs[0]["run_id"])["status"] == "rejected"
+        state = boss.get("/api/train").json()
+        assert state["automatic"] and state["active_run"] is None
+        assert (state["paused"] is None) == (n == 1), state
+    label_one()
+    assert len(boss.get("/api/runs").json()) == 2  # the third label started nothing
+    paused = boss.get("/api/train").json()["paused"]
+    assert "rounds 1, 2 in a row" in paused and "from v0" in paused and "nan" in paused.lower(), paused
+    assert "paused" in admin_rounds.overview(ctx, "boss").status
+    assert "paused" in admin_rounds.triggers(ctx, "boss").message
+    # Settings that learn: the next label starts a round again, and it deploys.
+    assert boss.patch("/api/settings", json={"auto_train": {"every_labels": 1, "every_minutes": 0,
+                                                            "config": QUICK}}).status_code == 200
+    assert boss.get("/api/train").json()["paused"] is None
+    label_one()
+    runs = boss.get("/api/runs").json()
+    assert len(runs) == 3 and wait_run(boss, runs[0]["run_id"])["status"] == "succeeded"
+    assert boss.get("/api/health").json()["policy_version"] == 3
+
+
+def test_which_refusals_pause_automatic_rounds(ctx):
+    """Scripted runs in the store (no rounds): only refusals in a row, from the serving version, with the automatic
+    rounds' settings, count; a cancelled run in between does not break the row; automatic rounds off: no pause."""
+    from learner.config import RoundConfig
+
+    settings = {"steps": 3}
+    stored = RoundConfig.from_dict(settings).to_dict()
+
+    def finished(status: str, config: dict = stored, parent: int = 0, error: str = "KL 16.2 > max_kl 15") -> int:
+        run_id = ctx.store.runs.create("dpo", config)
+        version = None
+        if status in ("rejected", "succeeded"):
+            version = ctx.store.versions.next_number()
+            ctx.store.versions.add(version, parent, "dpo", status if status == "rejected" else "candidate",
+                                   str(ctx.config.versions_dir / f"v{version}"), config, {}, 12)
+        ctx.store.runs.update(run_id, status=status, version=version, error=error if status == "rejected" else None)
+        return run_id
+
+    pause = ctx.scheduler.auto_pause
+    finished("rejected")
+    finished("rejected")
+    assert pause() is None  # automatic rounds are off
+    ctx.set_auto_train(5, 0, settings)
+    assert "rounds 1, 2 in a row" in pause() and "16.2" in pause()
+    finished("cancelled")
+    assert "rounds 1, 2 in a row" in pause()
+    finished("succeeded")
+    assert pause() is None
+    finished("rejected")
+    assert pause() is None  # one refusal since
+    finished("rejected", config=RoundConfig.from_dict({"steps": 4}).to_dict())
+    assert pause() is None  # other settings
+    finished("rejected")
+    finished("rejected", parent=1)
+    assert pause() is None  # not from the serving version
+    finished("rejected")
+    finished("failed")
+    assert pause() is None  # a failure is not a refusal
+    finished("rejected")
+    finished("rejected")
+    assert "rounds 11, 12 in a row" in pause()
+    ctx.scheduler._auto("labels")
+    assert ctx.store.runs.list(1)[0].run_id == 12  # paused: nothing started
+    ctx.set_auto_train(5, 0, {"steps": 4})
+    assert pause() is None
