@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from learner.errors import ConfigError
+from storage import is_number
 
 DEPLOY_POLICIES = ("canary", "immediate")
 DECISIONS = ("pending", "promoted", "rolled_back", "undecided")
@@ -45,11 +46,11 @@ class CanaryConfig:
     def __post_init__(self) -> None:
         checks = {
             "deploy_policy": (self.deploy_policy in DEPLOY_POLICIES, f"one of {', '.join(DEPLOY_POLICIES)}"),
-            "canary_share": (_number(self.canary_share) and 0 < self.canary_share <= 1, "a number in (0, 1]"),
+            "canary_share": (is_number(self.canary_share) and 0 < self.canary_share <= 1, "a number in (0, 1]"),
             "canary_min_comparisons": (_whole(self.canary_min_comparisons) and self.canary_min_comparisons >= 1,
                                        "an integer >= 1"),
             "canary_max_items": (_whole(self.canary_max_items) and self.canary_max_items >= 1, "an integer >= 1"),
-            "canary_threshold": (_number(self.canary_threshold) and 0 < self.canary_threshold < 1,
+            "canary_threshold": (is_number(self.canary_threshold) and 0 < self.canary_threshold < 1,
                                  "a number in (0, 1)"),
         }
         for name, (ok, what) in checks.items():
@@ -130,10 +131,6 @@ def should_mix(canary_items: int, items_since_start: int, share: float) -> bool:
     """Whether the next sampled item should be a canary item: keeps canary items at `share` of the items sampled
     since the canary started, deterministically (share 0.5 alternates), so a restart continues the same schedule."""
     return canary_items < share * (items_since_start + 1)
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
 
 
 def _whole(value: object) -> bool:
