@@ -189,7 +189,8 @@ def test_automatic_rounds_pause_after_two_refusals_in_a_row_and_start_again_when
     for n in (1, 2):
         label_one()
         runs = boss.get("/api/runs").json()
-        assert len(runs) == n and wait_run(boss, runs[0]["run_id"])["status"] == "rejected"
+        # scheduler.wait: until the worker let go of the round too, so the next label can start one
+        assert len(runs) == n and ctx.scheduler.wait(runs[0]["run_id"]) == "rejected"
         state = boss.get("/api/train").json()
         assert state["automatic"] and state["active_run"] is None
         assert (state["paused"] is None) == (n == 1), state
