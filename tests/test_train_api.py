@@ -210,7 +210,7 @@ def test_automatic_rounds_pause_after_two_refusals_in_a_row_and_start_again_when
     assert boss.get("/api/health").json()["policy_version"] == 3
 
 
-def test_which_refusals_pause_automatic_rounds(ctx):
+def test_which_refusals_pause_automatic_rounds(ctx, accounts):
     """Scripted runs in the store (no rounds): only refusals in a row, from the serving version, with the automatic
     rounds' settings, count; a cancelled run in between does not break the row; automatic rounds off: no pause."""
     from learner.config import RoundConfig
@@ -251,6 +251,9 @@ def test_which_refusals_pause_automatic_rounds(ctx):
     finished("rejected")
     finished("rejected")
     assert "rounds 11, 12 in a row" in pause()
+    from app.ui import admin_rounds  # the Train tab says so after saving the same settings too
+
+    assert "rounds are paused" in admin_rounds.triggers(ctx, "boss", "Automatic rounds on: every 5 labels").message
     ctx.scheduler._auto("labels")
     assert ctx.store.runs.list(1)[0].run_id == 12  # paused: nothing started
     ctx.set_auto_train(5, 0, {"steps": 4})

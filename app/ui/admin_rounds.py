@@ -258,9 +258,9 @@ def triggers(ctx: AppContext, username: str | None, message: str = "") -> Trigge
     if not message and auto.enabled:
         settings_used = ", ".join(f"{k}={v}" for k, v in auto.config.items()) or "the defaults"
         message = f"Automatic rounds are on, with {settings_used}."
-        paused = ctx.scheduler.auto_pause(auto)
-        if paused:
-            message += f"\n\n⏸ {escape_markdown(paused)}"
+    paused = ctx.scheduler.auto_pause(auto)  # also after saving: the same settings stay paused
+    if paused:
+        message += f"\n\n⏸ {escape_markdown(paused)}"
     return TriggersView(auto.enabled, auto.every_labels, auto.every_minutes, auto.config, message,
                         train_banner(ctx.store.runs.active()))
 
