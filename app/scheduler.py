@@ -32,6 +32,7 @@ from app.deployments import Deployments
 from app.policy import PolicyService
 from app.settings import AppSettings, AutoTrain
 from learner.config import RoundConfig
+from learner.errors import ConfigError
 from storage.errors import Conflict
 from storage.exports import write_snapshot
 from storage.store import Store
@@ -259,15 +260,19 @@ class Scheduler:
             pass  # a round is already running; the next trigger tries again
 
     def auto_pause(self, auto: AutoTrain | None = None) -> str | None:
-        """Why automatic rounds are paused, or None when they are not (or are off): the newest AUTO_PAUSE_AFTER
-        finished rounds (cancelled ones aside) were all refused by the gate, each from the version serving now and
-        with the automatic rounds' settings. Read from the store each time, so it holds across restarts and ends by
-        itself when another version serves, the automatic settings change, or a round (one started by hand too)
-        ends otherwise."""
+        """Why automatic rounds are paused, or None when they are not (or are off): their stored settings are no
+        longer a valid RoundConfig, or the newest AUTO_PAUSE_AFTER finished rounds (cancelled ones aside) were all
+        refused by the gate, each from the version serving now and with the automatic rounds' settings. Read from the
+        store each time, so it holds across restarts and ends by itself when another version serves, the automatic
+        settings change, or a round (one started by hand too) ends otherwise."""
         auto = auto or self.auto_train()
         if not auto.enabled:
             return None
-        settings = _as_json(RoundConfig.from_dict(auto.config).to_dict())
+        try:
+            settings = _as_json(RoundConfig.from_dict(auto.config).to_dict())
+        except ConfigError as exc:  # stored before an upgrade that renamed or removed a RoundConfig field
+            return (f"Automatic rounds are paused: their settings are no longer valid ({exc}). Save them again in "
+                    "Admin -> Train or with PATCH /api/settings.")
         serving = self.deployments.serving
         refused: list = []
         for run in self.store.runs.list(AUTO_PAUSE_AFTER + 20):  # a few cancelled runs in between are skipped

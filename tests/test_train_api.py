@@ -258,3 +258,8 @@ def test_which_refusals_pause_automatic_rounds(ctx, accounts):
     assert ctx.store.runs.list(1)[0].run_id == 12  # paused: nothing started
     ctx.set_auto_train(5, 0, {"steps": 4})
     assert pause() is None
+    # Settings stored before an upgrade removed a field: paused with what is wrong, not an error on every label.
+    ctx.store.settings.set("auto_train_config", '{"stepz": 4}')
+    assert "no longer valid" in pause() and "stepz" in pause()
+    ctx.scheduler._auto("labels")
+    assert ctx.store.runs.list(1)[0].run_id == 12
