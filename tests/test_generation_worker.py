@@ -152,6 +152,15 @@ def test_a_killed_worker_restarts_with_its_versions(worker, adapter_dir):
     assert worker.loaded_versions() == [0, 1]
 
 
+def test_the_worker_outlives_ctrl_c(worker):
+    """Ctrl+C reaches the worker with the server; the server closes it after the sampler, so the worker ignores
+    SIGINT and keeps answering (dying first, the sampler's batch failed with a traceback in a clean shutdown's log)."""
+    pid = worker.pid
+    os.kill(pid, signal.SIGINT)
+    items = worker.sample_items([ItemRequest("a", 2, 0, 0)], PARAMS)
+    assert worker.pid == pid and len(items[0]) == 2
+
+
 def test_a_worker_reaped_elsewhere_is_still_restarted(worker, adapter_dir):
     """CI once saw a killed worker that `is_alive()` still called alive: the pipe reader read `exitcode` while the
     caller polled too, and the poll that lost the race to waitpid got ECHILD, which multiprocessing reads as

@@ -19,6 +19,7 @@ import multiprocessing
 import multiprocessing.util
 import os
 import queue
+import signal
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -219,6 +220,11 @@ def serve_worker(conn, model_path: str, device_name: str | None, merge: bool, th
                  precision: str | None = None) -> None:
     """The worker's main loop: load the model, then answer requests until the pipe closes or "exit" arrives."""
     die_with_parent()
+    # Ctrl+C in a terminal reaches every process of the group at once. The server stops the worker itself, after the
+    # item sampler (WorkerBackend.close); dying first would fail the batch in flight with a traceback in the server's
+    # log and leak its semaphores. SIGTERM still ends it: multiprocessing's exit steps terminate() daemonic children
+    # and then wait for them, so a worker that ignored it could hold a server's exit forever.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch
 
     from app.generation.transformers_backend import TransformersBackend
