@@ -152,13 +152,29 @@ def test_a_killed_worker_restarts_with_its_versions(worker, adapter_dir):
     assert worker.loaded_versions() == [0, 1]
 
 
-def test_the_worker_outlives_ctrl_c(worker):
-    """Ctrl+C reaches the worker with the server; the server closes it after the sampler, so the worker ignores
-    SIGINT and keeps answering (dying first, the sampler's batch failed with a traceback in a clean shutdown's log)."""
+def test_the_worker_outlives_a_signal_to_its_process_group(worker):
+    """Ctrl+C and SIGTERM to the group reach the worker with the server, which closes it after the sampler; so the
+    worker ignores SIGINT and outlives SIGTERM by SIGTERM_GRACE_S, and keeps answering (it died first once: the
+    sampler's batch failed with a traceback in a clean shutdown's log)."""
     pid = worker.pid
     os.kill(pid, signal.SIGINT)
+    os.kill(pid, signal.SIGTERM)
     items = worker.sample_items([ItemRequest("a", 2, 0, 0)], PARAMS)
     assert worker.pid == pid and len(items[0]) == 2
+
+
+def test_a_server_that_never_closes_its_worker_still_exits(tiny_model_dir):
+    """multiprocessing's exit steps send daemonic children SIGTERM and wait for them: the worker must end by itself
+    then (SIGTERM_GRACE_S later), or such a server would never exit."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import sys; from pathlib import Path; from app.generation.worker import WorkerBackend; "
+              "w = WorkerBackend(Path(sys.argv[1]), device='cpu', threads=1); print('started', flush=True)")
+    done = subprocess.run([sys.executable, "-c", script, str(tiny_model_dir)], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and "started" in done.stdout, done.stderr[-2000:]
 
 
 def test_a_worker_reaped_elsewhere_is_still_restarted(worker, adapter_dir):

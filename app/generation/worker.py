@@ -33,6 +33,8 @@ from learner.sampling import SampledAnswer, SamplingParams
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 600.0  # the first start may convert nothing (the app converts the GGUF first) but loads a model
+SIGTERM_GRACE_S = 10  # a worker sent SIGTERM lives this long for the server to close it (make run exits ~2 s
+#   after a SIGTERM to its group); past it, a server that never closes it still exits (serve_worker says why)
 ON_DEMAND_THREADS = 2  # matches the app's generation slots: more on-demand answers than this are refused upstream
 _ERRORS = {"ModelError": ModelError, "ConfigError": ConfigError}
 
@@ -220,11 +222,14 @@ def serve_worker(conn, model_path: str, device_name: str | None, merge: bool, th
                  precision: str | None = None) -> None:
     """The worker's main loop: load the model, then answer requests until the pipe closes or "exit" arrives."""
     die_with_parent()
-    # Ctrl+C in a terminal reaches every process of the group at once. The server stops the worker itself, after the
-    # item sampler (WorkerBackend.close); dying first would fail the batch in flight with a traceback in the server's
-    # log and leak its semaphores. SIGTERM still ends it: multiprocessing's exit steps terminate() daemonic children
-    # and then wait for them, so a worker that ignored it could hold a server's exit forever.
+    # Ctrl+C in a terminal, and SIGTERM to the process group (a supervisor, systemd's control group, make run's shell),
+    # reach every process of the group at once. The server stops the worker itself, after the item sampler
+    # (WorkerBackend.close); dying first fails the batch in flight with a traceback in a clean shutdown's log. So SIGINT
+    # is ignored, and SIGTERM ends the worker only SIGTERM_GRACE_S later (SIGALRM's default action) unless the server
+    # has closed it by then: multiprocessing's exit steps terminate() daemonic children and then wait for them, so a
+    # worker that ignored SIGTERM could hold a server's exit forever.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: signal.alarm(SIGTERM_GRACE_S))
     import torch
 
     from app.generation.transformers_backend import TransformersBackend
