@@ -33,8 +33,10 @@ from app.policy import PolicyService
 from app.settings import AppSettings, AutoTrain
 from learner.config import RoundConfig
 from learner.errors import ConfigError
+from storage import to_json
 from storage.errors import Conflict
 from storage.exports import write_snapshot
+from storage.runs import ACTIVE
 from storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -269,33 +271,29 @@ class Scheduler:
         if not auto.enabled:
             return None
         try:
-            settings = _as_json(RoundConfig.from_dict(auto.config).to_dict())
+            # as the runs table keeps a round's config (JSON: tuples as lists), to compare with theirs
+            settings = json.loads(to_json(RoundConfig.from_dict(auto.config).to_dict(), "config"))
         except ConfigError as exc:  # stored before an upgrade that renamed or removed a RoundConfig field
             return (f"Automatic rounds are paused: their settings are no longer valid ({exc}). Save them again in "
                     "Admin -> Train or with PATCH /api/settings.")
         serving = self.deployments.serving
-        refused: list = []
+        refused = []
         for run in self.store.runs.list(AUTO_PAUSE_AFTER + 20):  # a few cancelled runs in between are skipped
-            if run.status in ("queued", "running", "cancelled"):
+            if run.status in (*ACTIVE, "cancelled"):
                 continue
-            if (run.status != "rejected" or run.version is None or _as_json(run.config) != settings
+            if (run.status != "rejected" or run.version is None or run.config != settings
                     or self.store.versions.get(run.version).parent != serving):
-                return None
+                break
             refused.append(run)
             if len(refused) == AUTO_PAUSE_AFTER:
                 break
-        else:
+        if len(refused) < AUTO_PAUSE_AFTER:
             return None
         rounds = ", ".join(str(run.run_id) for run in reversed(refused))
         return (f"Automatic rounds are paused: rounds {rounds} in a row, each from v{serving} with the automatic "
                 f"rounds' settings, were refused by the gate (the last: {refused[0].error or 'no reason recorded'}). "
                 "They start again when another version serves, their settings change, or a round started by hand "
                 "passes the gate.")
-
-
-def _as_json(config: dict) -> str:
-    """A round config as the runs table stores it (tuples as lists, keys sorted), to compare a stored one."""
-    return json.dumps(config, sort_keys=True)
 
 
 class _Cancelled(Exception):
