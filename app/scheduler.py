@@ -14,6 +14,7 @@ that item sampling needs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -57,7 +58,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._process: subprocess.Popen | None = None
         self._run_id: int | None = None
-        self._cancelled: set[int] = set()
+        self._cancelled: dict[int, str] = {}  # run id -> why it was cancelled, recorded as the run's error
         self._labels_at_last_round = store.labels.total()
         self._last_round_at = time.monotonic()
         self._stop = threading.Event()
@@ -85,12 +86,12 @@ class Scheduler:
         self._worker.start()
         return run_id
 
-    def cancel(self, run_id: int) -> None:
+    def cancel(self, run_id: int, reason: str = "cancelled by an admin") -> None:
         run = self.store.runs.get(run_id)  # NotFound -> 404
         if run.status not in ("queued", "running"):
             raise Conflict(f"run {run_id} is {run.status}; only a queued or running round can be cancelled")
         with self._lock:
-            self._cancelled.add(run_id)
+            self._cancelled.setdefault(run_id, reason)
             process = self._process if self._run_id == run_id else None
         if process is not None:
             process.kill()
@@ -142,8 +143,12 @@ class Scheduler:
                        **round_env}  # the round computes where and as the server's policy does (--device, --precision)
                 if self.config.device:
                     env["PREFLOOP_DEVICE"] = self.config.device
+                # Its own session: Ctrl+C or SIGTERM sent to the server's process group (a terminal, systemd,
+                # make) reaches the server alone, which cancels the round and records it so; a round killed by
+                # the same signal first was recorded "failed". die_with_parent still ends it with the server.
                 self._process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                                 text=True, env=env, preexec_fn=die_with_parent)
+                                                 text=True, env=env, preexec_fn=die_with_parent,
+                                                 start_new_session=True)
             drain = threading.Thread(target=self._drain, args=(run_id, self._process.stderr, stderr_tail),
                                      daemon=True)
             drain.start()
@@ -165,7 +170,7 @@ class Scheduler:
                 raise RuntimeError(f"the round exited with code {code}: {said}")
             self._register(run_id, version, parent.version, out_dir, round_config, done)
         except _Cancelled:
-            runs.update(run_id, status="cancelled", finished_at=_now(), error="cancelled by an admin")
+            runs.update(run_id, status="cancelled", finished_at=_now(), error=self._cancelled[run_id])
         except Exception as exc:  # a failed round is recorded on the run, never raised into the app
             log.exception("run %s failed", run_id)
             runs.update(run_id, status="failed", finished_at=_now(), error=f"{type(exc).__name__}: {exc}")
@@ -178,7 +183,7 @@ class Scheduler:
             with self._lock:
                 self._process = None
                 self._run_id = None
-                self._cancelled.discard(run_id)
+                self._cancelled.pop(run_id, None)
 
     def _drain(self, run_id: int, stderr, tail: deque[str]) -> None:
         """The round's stderr: the last lines for a failure's message, and each line in the run's log (tqdm's
@@ -237,7 +242,8 @@ class Scheduler:
         self._stop.set()
         run_id, worker = self._run_id, self._worker
         if run_id is not None:
-            self.cancel(run_id)
+            with contextlib.suppress(Conflict):  # it ended on its own meanwhile
+                self.cancel(run_id, "cancelled: the server stopped")
         if worker is not None:
             worker.join(60)
 

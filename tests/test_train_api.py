@@ -138,7 +138,7 @@ def test_cancel_a_running_round(ctx, server, boss, sample_items):
         time.sleep(0.1)
     assert boss.post(f"/api/runs/{run_id}/cancel").status_code == 202
     run = wait_run(boss, run_id)
-    assert run["status"] == "cancelled"
+    assert (run["status"], run["error"]) == ("cancelled", "cancelled by an admin")
     assert boss.post(f"/api/runs/{run_id}/cancel").status_code == 409
     assert boss.get("/api/health").json()["policy_version"] == 0
 
