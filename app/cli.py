@@ -111,7 +111,11 @@ def parser() -> argparse.ArgumentParser:
 
     exp = command("export", "write labels as JSONL: dpo / kto (TRL's formats) or raw rankings", run_export)
     exp.add_argument("--format", choices=["dpo", "kto", "rankings"], required=True)
-    exp.add_argument("--out", type=Path, required=True, help="the JSONL file to write, or - for stdout")
+    where = exp.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", type=Path, help="the JSONL file to write, or - for stdout")
+    where.add_argument("--dataset", type=Path, metavar="DIR",
+                       help="a new (or empty) directory: a Hugging Face dataset, the rows in data/train.jsonl and a "
+                            "dataset card (README.md) that `datasets.load_dataset(DIR)` reads")
     exp.add_argument("--plain", dest="style", action="store_const", const="plain", default="conversational",
                      help="dpo/kto: plain strings instead of TRL's chat messages (TRL then skips the chat template)")
     exp.add_argument("--drop-truncated", action="store_true",
@@ -220,21 +224,34 @@ def run_export(args) -> None:
     from storage.exports import export_jsonl
 
     to_stdout = str(args.out) == "-"
-    if not to_stdout:
+    if args.dataset is not None:
+        check_out_dir(args.dataset, "--dataset")
+    elif not to_stdout:
         check_out_file(args.out)
     store, remote = open_store_or_server(data_dir(args))
+
+    def write_rows(path: Path) -> int:
+        if remote:
+            return remote.export(args.format, path, args.style, args.drop_truncated)
+        with store:
+            return export_jsonl(store, args.format, path, args.style, args.drop_truncated)
+
     try:
         if to_stdout:
             rows = export_to_stdout(store, remote, args)
-        elif remote:
-            rows = remote.export(args.format, args.out, args.style, args.drop_truncated)
+        elif args.dataset is not None:
+            from storage.dataset import DATA_FILE, write_dataset
+
+            rows = write_dataset(args.dataset, args.format, args.style, args.drop_truncated, write_rows, version())
+            print(f"wrote {rows} {args.format} rows to {args.dataset / DATA_FILE} and its dataset card to "
+                  f"{args.dataset / 'README.md'}; load it with datasets.load_dataset({str(args.dataset)!r})")
+            return
         else:
-            with store:
-                rows = export_jsonl(store, args.format, args.out, args.style, args.drop_truncated)
+            rows = write_rows(args.out)
     except BrokenPipeError:
         raise
-    except OSError as exc:  # a full disk, say; both writers remove their temporary file
-        raise CliError(f"cannot write {args.out}: {exc.strerror or exc}") from None
+    except OSError as exc:  # a full disk, say; every writer removes what it left half-written
+        raise CliError(f"cannot write {args.out or args.dataset}: {exc.strerror or exc}") from None
     where = "stdout" if to_stdout else args.out
     print(f"wrote {rows} {args.format} rows to {where}", file=sys.stderr if to_stdout else sys.stdout)
 
@@ -275,11 +292,16 @@ def run_init(args) -> None:
     print(f"    user: {name}\n    password: {password}\n    API token: {token}")
 
 
+def check_out_dir(out: Path, flag: str) -> None:
+    """Refuse a directory to write that exists with something in it (a new one is made with its parents)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BadInput(f"{flag} {out} already exists and is not an empty directory; name a new one")
+
+
 def run_snapshot(args) -> None:
     from storage.exports import write_snapshot
 
-    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
-        raise BadInput(f"--out {args.out} already exists and is not an empty directory; name a new one")
+    check_out_dir(args.out, "--out")
     path = data_dir(args)
     store, remote = open_store_or_server(path)
     if remote:

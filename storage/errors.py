@@ -31,6 +31,10 @@ class NotHanded(StorageError):
     """A label on an item that was not handed to the annotator (or whose slot someone else holds now)."""
 
 
+class NothingToExport(StorageError):
+    """An export that would hold no row where an empty one is of no use (a dataset directory)."""
+
+
 class RateLimited(StorageError):
     """More requests of one kind from one user than its limit allows for now; the message says when to retry."""
 

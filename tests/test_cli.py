@@ -249,6 +249,14 @@ def test_cli_goes_through_the_server_that_holds_the_data_dir(held, tmp_path):
     done = cli(data_dir, "export", "--format", "kto", "--out", "-")
     assert done.returncode == 0 and done.stdout == out.read_text(), done.stderr
     assert done.stderr.strip() == f"wrote {len(out.read_text().splitlines())} kto rows to stdout"
+    ann = held.store.users.get("carol").user_id  # one ranking, so that a dataset has rows
+    (prompt_id,) = held.store.prompts.add(["Ranked through the server?"]).prompt_ids
+    item = held.store.items.add(prompt_id, 0, {}, [AnswerRecord(t, 1, "eos", -1.0) for t in ("x", "y")])
+    held.store.labels.add_ranking(item.item_id, ann, [a.answer_id for a in item.answers])
+    done = cli(data_dir, "export", "--format", "dpo", "--dataset", str(tmp_path / "hub"))
+    assert done.returncode == 0 and "wrote 1 dpo rows" in done.stdout, done.stderr
+    assert json.loads((tmp_path / "hub" / "data" / "train.jsonl").read_text())["chosen"][0]["content"] == "x"
+    assert "| rows | 1 |" in (tmp_path / "hub" / "README.md").read_text()
     done = cli(data_dir, "snapshot", "--out", str(tmp_path / "snap"))  # needs the file itself
     assert done.returncode == EXIT_FAILURE and "stop the server" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "snap").exists()
