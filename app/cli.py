@@ -242,7 +242,7 @@ def run_export(args) -> None:
         elif args.dataset is not None:
             from storage.dataset import DATA_FILE, write_dataset
 
-            rows = write_dataset(args.dataset, args.format, args.style, args.drop_truncated, write_rows, version())
+            rows = write_dataset(args.dataset, args.format, args.style, args.drop_truncated, write_rows)
             print(f"wrote {rows} {args.format} rows to {args.dataset / DATA_FILE} and its dataset card to "
                   f"{args.dataset / 'README.md'}; load it with datasets.load_dataset({str(args.dataset)!r})")
             return

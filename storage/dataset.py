@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
 
 from storage.errors import NothingToExport
@@ -171,8 +172,14 @@ def dataset_card(contents: Contents, fmt: str, style: str, drop_truncated: bool,
     return "\n".join(lines)
 
 
-def write_dataset(out_dir: Path, fmt: str, style: str, drop_truncated: bool, write_rows: Callable[[Path], int],
-                  prefloop_version: str) -> int:
+def _prefloop_version() -> str:
+    try:
+        return metadata.version("prefloop")
+    except metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "(not installed)"
+
+
+def write_dataset(out_dir: Path, fmt: str, style: str, drop_truncated: bool, write_rows: Callable[[Path], int]) -> int:
     """Write the dataset directory `out_dir` (new, or an empty directory): `write_rows(path)` writes the JSON lines
     to `path` and returns their count; the card is made from them. Returns the number of rows."""
     out_dir = Path(out_dir)
@@ -184,7 +191,7 @@ def write_dataset(out_dir: Path, fmt: str, style: str, drop_truncated: bool, wri
         if count == 0:  # `datasets` cannot load a dataset without rows
             raise NothingToExport(f"no {fmt} rows to export yet ({_SOURCE[fmt]}); nothing written")
         card = dataset_card(read_contents(tmp / DATA_FILE, fmt), fmt, style, drop_truncated, out_dir.name,
-                            prefloop_version, datetime.now(UTC))
+                            _prefloop_version(), datetime.now(UTC))
         (tmp / "README.md").write_text(card, encoding="utf-8")
         if out_dir.is_dir():
             out_dir.rmdir()  # empty (the caller checked); rename cannot replace a directory on every platform

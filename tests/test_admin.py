@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -322,6 +323,15 @@ def test_export_and_guidelines(ctx, accounts, sample_items):
     assert len(rows) == 6 and {"prompt", "chosen", "rejected"} <= set(rows[0]) and view.message.startswith("6 dpo")
     with pytest.raises(UiError, match="export format"):
         admin.export_labels(ctx, "boss", "csv")
+    view = admin.export_labels(ctx, "boss", "dpo", dataset=True)  # the CLI's --dataset directory, zipped
+    with zipfile.ZipFile(view.path) as archive:
+        assert sorted(archive.namelist()) == ["prefloop-dpo/", "prefloop-dpo/README.md",
+                                              "prefloop-dpo/data/", "prefloop-dpo/data/train.jsonl"]
+        assert len(archive.read("prefloop-dpo/data/train.jsonl").splitlines()) == 6
+        assert "| rows | 6 |" in archive.read("prefloop-dpo/README.md").decode()
+    assert view.message.startswith("6 dpo rows in prefloop-dpo.zip")
+    with pytest.raises(UiError, match="no kto rows to export yet"):  # a dataset needs rows
+        admin.export_labels(ctx, "boss", "kto", dataset=True)
 
     assert admin.guidelines_source(ctx, "boss") == DEFAULT_GUIDELINES
     admin.save_guidelines(ctx, "boss", "Prefer **short** answers. <script>alert(1)</script>")
@@ -357,7 +367,7 @@ def test_gradio_client_admin_is_served_and_annotator_refused_for_every_action(ct
         "/admin_add_user": ("dave", "annotator", "dave-password"),
         "/admin_set_user_disabled": ("dave", True),
         "/admin_upload_prompts": (handle_file(str(prompts)), False),
-        "/admin_export": ("rankings",),
+        "/admin_export": ("rankings", False),
         "/admin_prompt_pool": ("rivers", 1),
         "/admin_remove_prompt": (1, "", 1),
         "/admin_guidelines": (),

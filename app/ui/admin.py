@@ -10,6 +10,7 @@ CLI (`ctx.scheduler`, `ctx.store`, `storage.imports`, `storage.exports`); this f
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from app.context import AppContext
 from app.ui.annotate import UiError, user_of
 from app.ui.render import escape_markdown
 from storage import analytics
+from storage.dataset import write_dataset
+from storage.errors import NothingToExport
 from storage.exports import FORMATS, export_jsonl
 from storage.imports import import_prompt_file
 from storage.users import User
@@ -203,19 +206,31 @@ def upload_prompts(ctx: AppContext, username: str | None, path: str | None, skip
 
 @dataclass(frozen=True)
 class ExportView:
-    path: str  # a JSONL file in a fresh temporary directory, for gr.File to serve
+    path: str  # a JSONL file (or a dataset's zip) in a fresh temporary directory, for gr.File to serve
     message: str
 
 
-def export_labels(ctx: AppContext, username: str | None, fmt: str) -> ExportView:
-    """DPO / KTO JSONL (TRL's columns) or raw rankings, written by the CLI's `export_jsonl`."""
+def export_labels(ctx: AppContext, username: str | None, fmt: str, dataset: bool = False) -> ExportView:
+    """DPO / KTO JSONL (TRL's columns) or raw rankings, written by the CLI's `export_jsonl`; with `dataset`, the
+    CLI's `--dataset` directory (the rows and their card) as a zip."""
     require_admin(ctx, username)
     if fmt not in FORMATS:
         raise UiError(f"export format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     # Gradio serves files from the system temp dir; a directory of its own per export keeps two admins apart.
-    out = Path(tempfile.mkdtemp(prefix="prefloop-export-")) / f"prefloop-{fmt}.jsonl"
-    rows = export_jsonl(ctx.store, fmt, out)
-    return ExportView(str(out), f"{rows} {fmt} rows in {out.name}")
+    work = Path(tempfile.mkdtemp(prefix="prefloop-export-"))
+    if not dataset:
+        out = work / f"prefloop-{fmt}.jsonl"
+        rows = export_jsonl(ctx.store, fmt, out)
+        return ExportView(str(out), f"{rows} {fmt} rows in {out.name}")
+    directory = work / f"prefloop-{fmt}"
+    try:
+        rows = write_dataset(directory, fmt, "conversational", False, lambda path: export_jsonl(ctx.store, fmt, path))
+    except NothingToExport as exc:
+        raise UiError(str(exc)) from None
+    archive = shutil.make_archive(str(directory), "zip", root_dir=work, base_dir=directory.name)
+    shutil.rmtree(directory)
+    return ExportView(archive, f"{rows} {fmt} rows in {Path(archive).name}: unzip it, then "
+                               f"`datasets.load_dataset(\"{directory.name}\")` (its README.md is the dataset card)")
 
 
 SUGGESTION_COLUMNS = ["suggestion_id", "user", "sent_at", "prompt"]

@@ -99,6 +99,7 @@ def data_tab(ctx: AppContext) -> None:
         _prompt_pool(ctx, tab)
         with gr.Row():
             export_format = gr.Radio(list(FORMATS), value="dpo", label="export format")
+            export_dataset = gr.Checkbox(label="as a Hugging Face dataset (a zip: the rows and a dataset card)")
             export_btn = gr.Button("Export")
             export_file = gr.File(label="download", interactive=False)
         export_message = gr.Markdown()
@@ -109,13 +110,14 @@ def data_tab(ctx: AppContext) -> None:
         with as_toast():
             return admin.upload_prompts(ctx, request.username, path, skip)
 
-    def on_export(fmt, request: gr.Request):
+    def on_export(fmt, dataset, request: gr.Request):
         with as_toast():
-            view = admin.export_labels(ctx, request.username, fmt)
+            view = admin.export_labels(ctx, request.username, fmt, bool(dataset))
             return [view.path, view.message]
 
     import_btn.click(on_import, [upload, skip_invalid], import_result, api_name="admin_upload_prompts", **FREE)
-    export_btn.click(on_export, export_format, [export_file, export_message], api_name="admin_export", **FREE)
+    export_btn.click(on_export, [export_format, export_dataset], [export_file, export_message], api_name="admin_export",
+                     **FREE)
 
 
 def _prompt_pool(ctx: AppContext, tab: gr.Tab) -> None:
