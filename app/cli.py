@@ -109,7 +109,8 @@ def parser() -> argparse.ArgumentParser:
     imp.add_argument("file", type=Path)
     imp.add_argument("--skip-invalid", action="store_true", help="import the valid rows of a file with errors")
 
-    exp = command("export", "write labels as JSONL: dpo / kto (TRL's formats) or raw rankings", run_export)
+    exp = command("export", "write labels as JSONL (a file, stdout, or a Hugging Face dataset directory): dpo / kto "
+                  "(TRL's formats) or raw rankings", run_export)
     exp.add_argument("--format", choices=["dpo", "kto", "rankings"], required=True)
     where = exp.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", type=Path, help="the JSONL file to write, or - for stdout")
