@@ -152,8 +152,8 @@ def dataset_card(contents: Contents, fmt: str, style: str, drop_truncated: bool,
         f"| rows by the version that sampled their answers (v0 = the base model) | {versions} |",
         f"| rows with an answer cut off by `max_new_tokens` | {cut} |", "",
         "## Loading it", "", "```python", "from datasets import load_dataset", "",
-        f'{"pairs" if fmt == "dpo" else "rows"} = load_dataset("{name}", split="train")  # this directory, or its '
-        "hub id once uploaded", "```", "",
+        f'{"pairs" if fmt == "dpo" else "rows"} = load_dataset({json.dumps(name)}, split="train")  # this directory, '
+        "or its hub id once uploaded", "```", "",
         f"{_TRAINER[fmt]}. Rows are {shape}.",
     ]
     if fmt != "rankings" and not drop_truncated:
