@@ -84,14 +84,16 @@ def human_plan(groups: Sequence[str], epochs: int, steps: int, seed: int, rank: 
     return [chunk[rank::world_size] for chunk in even_chunks(order, steps)] if steps else []
 
 
-def policy_steps(steps: int, human_uses: int, minimum: int, rollouts: bool, fill: bool) -> int:
+def policy_steps(steps: int, human_uses: int, minimum: int, rollouts: bool, fill: bool, world_size: int = 1) -> int:
     """Optimizer steps of a round with `human_uses` human examples (epochs included) and at least `minimum` examples
-    per step: all `steps` when on-policy examples can fill the steps that have no human example (`fill`, or a round
-    with no human example at all); else no more steps than the human examples can reach, one at least each (with
-    rollouts) or `minimum` each (without), so that every step keeps its on-policy share."""
+    per step on each of `world_size` processes: all `steps` when on-policy examples can fill the steps that have no
+    human example (`fill`, or a round with no human example at all); else no more steps than the human examples can
+    reach, one at least each (with rollouts) or `minimum` on every process each (without: a process with nothing to
+    train on in a step would leave the others waiting for its gradients), so that every step keeps its on-policy
+    share."""
     if rollouts and (fill or human_uses == 0):
         return steps
-    return min(steps, human_uses if rollouts else human_uses // minimum)
+    return min(steps, human_uses if rollouts else human_uses // (minimum * world_size))
 
 
 def onpolicy_count(human: int, fraction: float, batch_size: int) -> int:

@@ -208,13 +208,13 @@ def policy_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome) 
                     and (config.onpolicy_fraction > 0 or not human))
     minimum = MIN_BATCH[config.algorithm]
     steps = policy_steps(config.steps, config.human_epochs * len(human), minimum, use_rollouts,
-                         config.onpolicy_fill_steps)
+                         config.onpolicy_fill_steps, acc.num_processes)
     if steps == 0:
         raise LearnerError("no training examples: no human labels within max_label_staleness on training prompts "
                            "(a ranking whose answers are all tied gives no pair) and no on-policy rollouts (no "
                            "trained reward model, no prompts, or rollout_prompts = 0)")
     if steps < config.steps:
-        setup.warnings.append(fewer_steps(steps, config, len(human), use_rollouts))
+        setup.warnings.append(fewer_steps(steps, config, len(human), use_rollouts, acc.num_processes))
         log.warning(setup.warnings[-1])
     plan = human_plan([e.group for e in human], config.human_epochs, steps, config.seed, acc.process_index,
                       acc.num_processes)
@@ -256,23 +256,45 @@ def policy_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome) 
                                                                             r["loss"], metrics=r))
     if acc.is_main_process:
         reference.save()
+    onpolicy = {**stream.stats(), **stream.regenerate.costs()} if use_rollouts else None
+    # Every process trained on its own share: the round's counts are their sums (seconds stay this process's).
+    counts = summed_over_processes(acc, counts)
+    if onpolicy is not None:
+        onpolicy.update(summed_over_processes(acc, {k: onpolicy[k] for k in ONPOLICY_COUNTS}))
+        onpolicy["mean_uses_per_example"] = round(onpolicy["uses"] / onpolicy["examples"], 3) if onpolicy[
+            "examples"] else None
     used = counts["human"] + counts["onpolicy"]
-    data = {"steps": steps, "human_epochs": config.human_epochs, "human_examples": len(human),
-            "human_uses": counts["human"], "onpolicy_uses": counts["onpolicy"],
+    data = {"steps": steps, "processes": acc.num_processes, "human_epochs": config.human_epochs,
+            "human_examples": len(human), "human_uses": counts["human"], "onpolicy_uses": counts["onpolicy"],
             "onpolicy_share": round(counts["onpolicy"] / used, 4) if used else None,
-            "onpolicy": {**stream.stats(), **stream.regenerate.costs()} if use_rollouts else None,
+            "onpolicy": onpolicy,
             "rollout_judge": judge,
             "reference_logps": reference.stats()}
     return PolicyOutcome(result.history, result.failure and f"policy {result.failure}", len(human), human_frame,
                          dropped, data, reference)
 
 
-def fewer_steps(steps: int, config: RoundConfig, human: int, rollouts: bool) -> str:
+# The on-policy stream's counts that add up over processes (each samples and trains on its own share).
+ONPOLICY_COUNTS = ("examples", "uses", "answers", "dropped_tokenization", "prompts_per_regeneration")
+
+
+def summed_over_processes(acc, counts: dict[str, int]) -> dict[str, int]:
+    """`counts` summed over every process of an `accelerate launch` (each process calls this alike); as they are on
+    one process."""
+    if acc.num_processes == 1:
+        return dict(counts)
+    keys = list(counts)
+    total = acc.reduce(torch.tensor([float(counts[k]) for k in keys], device=acc.device), reduction="sum")
+    return {k: int(round(v)) for k, v in zip(keys, total.tolist(), strict=True)}
+
+
+def fewer_steps(steps: int, config: RoundConfig, human: int, rollouts: bool, processes: int = 1) -> str:
     """Why a round takes fewer optimizer steps than `steps` asks: its human examples are seen human_epochs times and
     nothing fills the steps past them."""
     why = "onpolicy_fill_steps is off" if rollouts else "no on-policy pairs fill the rest this round"
+    shared = f" shared by {processes} processes" if processes > 1 else ""
     return (f"this round takes {steps} of its {config.steps} optimizer steps: {human} human examples x human_epochs "
-            f"{config.human_epochs} reach no further, and {why}")
+            f"{config.human_epochs}{shared} reach no further, and {why}")
 
 
 def choose_rollout_judge(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome,

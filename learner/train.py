@@ -175,34 +175,36 @@ def train_loop(params: Sequence[torch.nn.Parameter], step_loss: StepLoss, steps:
     # weight_decay 0: decaying LoRA weights towards 0 pulls the policy back to the base, which is the KL term's job.
     optimizer = torch.optim.AdamW(params, lr=learning_rate, eps=adam_eps, weight_decay=0.0)
     history: list[dict] = []
+    distributed = accelerator is not None and accelerator.num_processes > 1
     for step in range(steps):
-        parts, total, device = [], 0.0, None
+        parts, total = [], 0.0
         for loss, weight, metrics in step_loss(step):
             total += weight * loss.item()
             parts.append((weight, metrics))
-            device = loss.device
             if accelerator is not None:
                 accelerator.backward(loss * weight)
             else:
                 (loss * weight).backward()
+        finite = math.isfinite(total)
+        if distributed:
+            # Every process must stop together, or the others would wait forever in the gradient reduce.
+            flags = torch.tensor([float(bool(parts)), float(finite)], device=params[0].device)
+            have, finite = (int(v) == accelerator.num_processes for v in accelerator.reduce(flags, reduction="sum"))
+            if not have:
+                optimizer.zero_grad(set_to_none=True)
+                break  # a process has no examples left for this step: none of them steps
         if not parts:
             break  # no examples left for this step (a round with fewer labels than steps and no rollouts)
         record = {"step": step, **_weighted_metrics(parts), "loss": total}
-        finite = math.isfinite(total)
-        if accelerator is not None and accelerator.num_processes > 1:
-            # Every process must stop together, or the others would wait forever in the gradient reduce.
-            flag = torch.tensor([float(finite)], device=device)
-            finite = int(accelerator.reduce(flag, reduction="sum").item()) == accelerator.num_processes
         if not finite:
             optimizer.zero_grad(set_to_none=True)
             history.append(record)
             here = not math.isfinite(total)
             reason = f"loss is {total}" if here else "another process's loss is not finite"
             return TrainResult(history, f"{reason} at step {step}")
-        if accelerator is not None and accelerator.num_processes > 1:
-            for p in params:
-                if p.grad is not None:
-                    p.grad = accelerator.reduce(p.grad, reduction="mean")
+        if distributed:
+            for p in params:  # every process reduces every parameter, in the same order
+                p.grad = accelerator.reduce(p.grad if p.grad is not None else torch.zeros_like(p), reduction="mean")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
         record["grad_norm"] = grad_norm
         history.append(record)
