@@ -54,6 +54,9 @@ class ServeConfig:
     # fp32 weights: a default round in 0.76x the fp32 time (docs/benchmarks.md); "fp32" exact; "bf16" forced
     precision: str = "auto"
     prefetch: bool = True  # sample items in the background; tests turn it off to drive sampling by hand
+    # Processes per training round (torchrun --nproc_per_node; each takes its share of every step and the LoRA
+    # gradients are averaged): one per GPU on a machine with several. 1 on a CPU, where one process uses every core.
+    round_processes: int = 1
 
     def __post_init__(self) -> None:
         checks = {
@@ -70,6 +73,7 @@ class ServeConfig:
             "max_item_staleness": (self.max_item_staleness >= 0, "max_item_staleness must be >= 0"),
             "port": (0 <= self.port <= 65535, "port must be in 0..65535"),
             "precision": (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
+            "round_processes": (self.round_processes >= 1, "round_processes must be >= 1"),
         }
         for name, (ok, message) in checks.items():
             if not ok:

@@ -27,13 +27,13 @@ from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
 
-from app.child import die_with_parent
 from app.config import ServeConfig
 from app.deployments import Deployments
 from app.policy import PolicyService
 from app.settings import AppSettings, AutoTrain
 from learner.config import RoundConfig
 from learner.errors import ConfigError
+from learner.lifetime import die_with_parent
 from storage import to_json
 from storage.errors import Conflict
 from storage.exports import write_snapshot
@@ -47,6 +47,14 @@ log = logging.getLogger(__name__)
 # in bench.loop's 128-label runs (structured, seeds 1-2): once a lineage passed max_kl from its serving version, every
 # later round from it was refused (16.2, then more), and nothing else changes while the serving version does not.
 AUTO_PAUSE_AFTER = 2
+
+
+def round_launcher(processes: int) -> list[str]:
+    """The command that runs learner.round on `processes` processes (torchrun: standalone, on a free port)."""
+    if processes == 1:
+        return [sys.executable, "-m", "learner.round"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+            "-m", "learner.round"]
 
 
 class Scheduler:
@@ -94,7 +102,12 @@ class Scheduler:
             self._cancelled.setdefault(run_id, reason)
             process = self._process if self._run_id == run_id else None
         if process is not None:
-            process.kill()
+            # One process: killed. A launcher (torchrun): asked to stop, which ends its processes before it exits
+            # (killed, it would leave them running: each runs in a session of its own).
+            if self.config.round_processes == 1:
+                process.kill()
+            else:
+                process.terminate()
 
     def wait(self, run_id: int, timeout: float = 600.0) -> str:
         """Block until the run ends (tests, benchmarks); returns its final status."""
@@ -126,7 +139,7 @@ class Scheduler:
             log.info("run %s: snapshot %s", run_id, snapshot)
             (work / "round.json").write_text(json.dumps(round_config.to_dict()))
             shutil.rmtree(out_dir, ignore_errors=True)  # a leftover of a round killed before it registered
-            command = [sys.executable, "-m", "learner.round", "--snapshot", str(work / "snapshot"),
+            command = [*round_launcher(self.config.round_processes), "--snapshot", str(work / "snapshot"),
                        "--base", str(self.policy.base_model_dir), "--out", str(out_dir),
                        "--config", str(work / "round.json"),
                        # The base model's log-probs of the human answers never change: kept across rounds.

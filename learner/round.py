@@ -37,6 +37,7 @@ from learner.config import RoundConfig
 from learner.data import PromptSplit
 from learner.errors import ConfigError, LearnerError
 from learner.evaluate import EVAL_ANSWERS, save_eval_answers
+from learner.lifetime import die_with_parent
 from learner.model import (
     Device,
     base_model_info,
@@ -357,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     # Under accelerate launch / torchrun only rank 0 speaks. Read from the launcher's env rather than an accelerate
     # state: creating one here, before run_round's Accelerator(cpu=...), would fix the wrong distributed setup.
     main_process = os.environ.get("RANK", "0") == "0"
+    if "LOCAL_RANK" in os.environ:
+        die_with_parent()  # the launcher's process: killed with it (torchrun starts each in a session of its own)
 
     def emit(event: dict) -> None:
         if main_process:

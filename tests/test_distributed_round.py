@@ -7,9 +7,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
+import time
+from dataclasses import replace
+from pathlib import Path
 
+import pytest
 from test_round import TINY, assert_complete, lora_weights, write_snapshot
+from test_train_api import QUICK, label_items
+
+from app.scheduler import round_launcher
 
 
 def run_on_two_processes(tmp_path, tiny_model_dir, overrides: dict) -> tuple[dict, list[dict]]:
@@ -17,8 +23,7 @@ def run_on_two_processes(tmp_path, tiny_model_dir, overrides: dict) -> tuple[dic
     config = tmp_path / "round.json"
     config.write_text(json.dumps({**TINY, **overrides}))
     out = tmp_path / "v1"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "learner.round", "--snapshot", str(snapshot), "--base", str(tiny_model_dir),
+    done = subprocess.run([*round_launcher(2), "--snapshot", str(snapshot), "--base", str(tiny_model_dir),
                            "--out", str(out), "--config", str(config)],
                           capture_output=True, text=True, timeout=300,  # a process left waiting hangs: fail instead
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -51,3 +56,74 @@ def test_a_round_with_rollouts_counts_what_every_process_trained_on(tmp_path, ti
     assert data["onpolicy_uses"] == data["onpolicy"]["uses"] > 0
     assert 0.3 < data["onpolicy_share"] < 0.7  # onpolicy_fraction 0.5 of every step, on each process
     assert [e["status"] for e in events if e.get("event") == "done"] == ["candidate"]
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                for c in (task / "children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def alive(pid: int) -> bool:
+    try:
+        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+def wait_for(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_the_processes_of_a_round_die_with_their_launcher(tmp_path, tiny_model_dir):
+    """torchrun starts each process in a session of its own; killed (as by the server's death), it cannot stop them,
+    so each process ends itself when its launcher dies."""
+    snapshot = write_snapshot(tmp_path / "snapshot", n_items=8)
+    config = tmp_path / "round.json"
+    config.write_text(json.dumps({**TINY, "steps": 5000}))
+    launcher = subprocess.Popen([*round_launcher(2), "--snapshot", str(snapshot), "--base", str(tiny_model_dir),
+                                 "--out", str(tmp_path / "v1"), "--config", str(config)],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        for line in launcher.stdout:  # until the processes train
+            if '"phase": "policy"' in line:
+                break
+        workers = children(launcher.pid)
+        assert len(workers) == 2 and all(alive(pid) for pid in workers)
+        launcher.kill()
+        launcher.wait(30)
+        wait_for(lambda: not any(alive(pid) for pid in workers), 30, "the round's processes to end")
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait(30)
+    assert not (tmp_path / "v1").exists()
+
+
+@pytest.fixture
+def serve_config(serve_config):
+    return replace(serve_config, round_processes=2)
+
+
+def test_the_server_runs_rounds_on_round_processes_and_cancels_them_whole(ctx, accounts, sample_items):
+    label_items(ctx, sample_items, 4)
+    run_id = ctx.scheduler.start(QUICK)
+    assert ctx.scheduler.wait(run_id, timeout=300) == "succeeded"
+    assert ctx.store.runs.get(run_id).metrics["data"]["processes"] == 2
+
+    serving = ctx.deployments.serving
+    run_id = ctx.scheduler.start({**QUICK, "steps": 5000})
+    wait_for(lambda: ctx.store.runs.get(run_id).phase == "policy", 300, "the round to train")
+    launcher = ctx.scheduler.process
+    workers = children(launcher.pid)
+    assert len(workers) == 2
+    ctx.scheduler.cancel(run_id)
+    assert ctx.scheduler.wait(run_id, timeout=120) == "cancelled"
+    wait_for(lambda: not any(alive(pid) for pid in workers), 60, "the round's processes to end")
+    assert ctx.deployments.serving == serving and not (ctx.config.versions_dir / "v2").exists()

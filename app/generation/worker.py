@@ -25,9 +25,9 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from app.child import die_with_parent
 from app.generation.backend import ItemRequest
 from learner.errors import ConfigError, ModelError
+from learner.lifetime import die_with_parent
 from learner.sampling import SampledAnswer, SamplingParams
 
 log = logging.getLogger(__name__)

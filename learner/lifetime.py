@@ -1,4 +1,5 @@
-"""Child processes that must not outlive the server: the training round and the policy worker."""
+"""Child processes that must not outlive their parent: the training round and the policy worker (children of the
+server), and the processes of a round on several (children of its launcher, torchrun)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ PR_SET_PDEATHSIG = 1
 
 
 def die_with_parent() -> None:
-    """In a child process: be killed when the server dies (Linux), even by kill -9, so a crashed server leaves no
-    orphan training on or holding a model in memory. Elsewhere a no-op."""
+    """In a child process: be killed when its parent dies (Linux), even by kill -9, so a crashed server (or round
+    launcher) leaves no orphan training on or holding a model in memory. Elsewhere a no-op."""
     if _PRCTL is not None:
         _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
