@@ -66,7 +66,10 @@ class RoundConfig:
 
     # --- which data: human labels and on-policy rollouts (learner/data.py plans every step's batch)
     max_label_staleness: int | None = 2  # human labels on answers from at most 2 DEPLOYED versions back along the
-    #   serving lineage (storage computes each label's `staleness`); None = all labels (offline)
+    #   serving lineage (storage computes each label's `staleness`); None = all labels (offline). Measured
+    #   (docs/benchmarks.md, bench.loop, `structured`, 128 labels, 3 seeds): 0 (each label in one round) kept every
+    #   lineage within max_kl (KL 2.3-3.4 after 8 rounds vs 10 at v7) but won 0.79 [0.72, 0.86] vs 0.88 [0.79, 0.97]
+    #   (paired -0.092 [-0.203, +0.023], n = 288): it learns less from the same labels, so 2 stays
     human_epochs: int = 1  # passes over the human labels per round, in shuffled epoch order split evenly over the
     #   steps: every label is seen exactly this often (1: a round's labels are few and rounds repeat as they grow).
     #   Measured (docs/benchmarks.md, bench.loop, `structured`, 64 labels, seed 0): one offline round with 3 passes
