@@ -102,12 +102,9 @@ class Scheduler:
             self._cancelled.setdefault(run_id, reason)
             process = self._process if self._run_id == run_id else None
         if process is not None:
-            # One process: killed. A launcher (torchrun): asked to stop, which ends its processes before it exits
-            # (killed, it would leave them running: each runs in a session of its own).
-            if self.config.round_processes == 1:
-                process.kill()
-            else:
-                process.terminate()
+            # SIGTERM: a round process dies of it (it has no handler), and torchrun first stops the processes it
+            # launched (SIGKILL would leave them to die with it only through their own die_with_parent).
+            process.terminate()
 
     def wait(self, run_id: int, timeout: float = 600.0) -> str:
         """Block until the run ends (tests, benchmarks); returns its final status."""

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from storage.errors import InvalidValue
+from storage.errors import Conflict, InvalidValue
 
 
 def utc(value: datetime | None) -> datetime | None:
@@ -51,3 +57,23 @@ def is_int(value: Any) -> bool:
 def is_number(value: Any) -> bool:
     """True for finite ints and floats (bools excluded)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@contextmanager
+def new_directory(out_dir: Path, what: str) -> Iterator[Path]:
+    """A directory that appears complete or not at all: yields a temporary directory beside `out_dir` to fill, and
+    renames it to `out_dir` when the block ends without an error (removes it when not). `out_dir` must be new or an
+    empty directory (Conflict, naming it as `what`); missing parents are made."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise Conflict(f"{what} {out_dir} already exists and is not empty")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked above); rename cannot replace a directory on every platform
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

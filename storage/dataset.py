@@ -10,9 +10,6 @@ temporary name beside it and renamed into place."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +17,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
+from storage._common import new_directory
 from storage.errors import NothingToExport
 
 DATA_FILE = "data/train.jsonl"
@@ -64,6 +62,8 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
     ],
 }
 
+# The columns holding each answer's finish reason (rankings: the list `finish_reasons`).
+_FINISH = {"dpo": ("chosen_finish_reason", "rejected_finish_reason"), "kto": ("finish_reason",)}
 _WHAT = {"dpo": "preference pairs", "kto": "thumbs-up/down labels", "rankings": "rankings"}
 _SOURCE = {"dpo": "they come from rankings; answers marked equally good give none", "kto": "they come from "
            "thumbs-up/down votes", "rankings": "no annotator has ranked an item"}
@@ -93,8 +93,7 @@ class Contents:
         prompt = row["prompt"]
         self.prompts.add(prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True))
         self.versions[row["policy_version"]] += 1
-        reasons = {"dpo": ("chosen_finish_reason", "rejected_finish_reason"), "kto": ("finish_reason",)}.get(fmt)
-        finish = [row[k] for k in reasons] if reasons else row["finish_reasons"]
+        finish = [row[k] for k in _FINISH[fmt]] if fmt in _FINISH else row["finish_reasons"]
         self.truncated += "length" in finish
         if fmt in ("dpo", "rankings"):
             self.rankings.add(row["ranking_id"])
@@ -180,23 +179,14 @@ def _prefloop_version() -> str:
 
 
 def write_dataset(out_dir: Path, fmt: str, style: str, drop_truncated: bool, write_rows: Callable[[Path], int]) -> int:
-    """Write the dataset directory `out_dir` (new, or an empty directory): `write_rows(path)` writes the JSON lines
-    to `path` and returns their count; the card is made from them. Returns the number of rows."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
+    """Write the dataset directory `out_dir` (new, or an empty directory: Conflict): `write_rows(path)` writes the JSON
+    lines to `path` and returns their count; the card is made from them. Returns the number of rows."""
+    with new_directory(out_dir, "dataset directory") as tmp:
         (tmp / DATA_FILE).parent.mkdir()
         count = write_rows(tmp / DATA_FILE)
         if count == 0:  # `datasets` cannot load a dataset without rows
             raise NothingToExport(f"no {fmt} rows to export yet ({_SOURCE[fmt]}); nothing written")
-        card = dataset_card(read_contents(tmp / DATA_FILE, fmt), fmt, style, drop_truncated, out_dir.name,
+        card = dataset_card(read_contents(tmp / DATA_FILE, fmt), fmt, style, drop_truncated, Path(out_dir).name,
                             _prefloop_version(), datetime.now(UTC))
         (tmp / "README.md").write_text(card, encoding="utf-8")
-        if out_dir.is_dir():
-            out_dir.rmdir()  # empty (the caller checked); rename cannot replace a directory on every platform
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return count

@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from storage._common import utc
-from storage.errors import Conflict, InvalidValue
+from storage._common import new_directory, utc
+from storage.errors import InvalidValue
 
 if TYPE_CHECKING:
     from storage.store import Store
@@ -229,12 +228,7 @@ def write_snapshot(
     see label_staleness; only labels within `max_label_staleness` when set), prompts.parquet (prompt_id, prompt) and
     meta.json (with the lineage); returns the meta dict. All three tables come from one read transaction, and the
     directory appears complete or not at all."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise Conflict(f"snapshot directory {out_dir} already exists and is not empty")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
+    with new_directory(out_dir, "snapshot directory") as tmp:
         counts = {}
         with store.db.reader() as cur:
             cur.execute("BEGIN TRANSACTION")  # one snapshot of the database for all three files
@@ -256,10 +250,4 @@ def write_snapshot(
             "counts": counts,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above); rename cannot replace a directory on every platform
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta

@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+from processes import alive, children, wait_for
 
 from app.personas import PERSONAS
 from app.server import free_port
@@ -57,13 +58,6 @@ def start_server(data_dir: Path, port: int, model: Path, log: Path, buffer_size:
         time.sleep(0.3)
     server.kill()
     raise AssertionError(f"the server did not come up:\n{log.read_text()[-3000:]}")
-
-
-def wait_for(condition, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.1)
 
 
 def test_kill_9_loses_no_acknowledged_label(tmp_path, tiny_model_dir):
@@ -125,11 +119,11 @@ def test_kill_9_during_a_round_leaves_the_registry_and_the_old_version(tmp_path,
                              "rollouts_min_reward_accuracy": None})  # on-policy fill keeps it at 500 steps
         run_id = r.json()["run_id"]
         wait_for(lambda: httpx.get(f"{url}/api/runs/{run_id}", headers=boss).json()["progress"] > 0, 300)
-        children = _children(server.pid)
-        assert children, "the round runs in a subprocess of the server"
+        spawned = children(server.pid)
+        assert spawned, "the round runs in a subprocess of the server"
         server.send_signal(signal.SIGKILL)
         server.wait(30)
-        wait_for(lambda: not any(_alive(pid) for pid in children), 30)  # the round died with its server
+        wait_for(lambda: not any(alive(pid) for pid in spawned), 30)  # the round died with its server
         server = start_server(data_dir, port, tiny_model_dir, server_log)
         run = httpx.get(f"{url}/api/runs/{run_id}", headers=boss).json()
         assert run["status"] == "failed" and "stopped" in run["error"]
@@ -141,20 +135,3 @@ def test_kill_9_during_a_round_leaves_the_registry_and_the_old_version(tmp_path,
     finally:
         server.kill()
         server.wait(30)
-
-
-def _children(pid: int) -> list[int]:
-    tasks = Path(f"/proc/{pid}/task")
-    found = []
-    for task in tasks.iterdir():
-        children = (task / "children").read_text().split()
-        found += [int(c) for c in children]
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
-    return "State:\tZ" not in status

@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
+from processes import alive, children, wait_for
 from test_round import TINY, assert_complete, lora_weights, write_snapshot
 from test_train_api import QUICK, label_items
 
@@ -56,28 +55,6 @@ def test_a_round_with_rollouts_counts_what_every_process_trained_on(tmp_path, ti
     assert data["onpolicy_uses"] == data["onpolicy"]["uses"] > 0
     assert 0.3 < data["onpolicy_share"] < 0.7  # onpolicy_fraction 0.5 of every step, on each process
     assert [e["status"] for e in events if e.get("event") == "done"] == ["candidate"]
-
-
-def children(pid: int) -> list[int]:
-    try:
-        return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
-                for c in (task / "children").read_text().split()]
-    except FileNotFoundError:
-        return []
-
-
-def alive(pid: int) -> bool:
-    try:
-        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
-
-
-def wait_for(condition, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def test_the_processes_of_a_round_die_with_their_launcher(tmp_path, tiny_model_dir):

@@ -12,11 +12,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+from processes import alive, children, wait_for
 
 from app.cli import main
 from app.server import RunningServer, create_app, free_port, open_context, write_server_file
@@ -30,13 +30,6 @@ def prefloop(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     """The CLI in another process, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, timeout=timeout,
                           env=SUBPROCESS_ENV)
-
-
-def wait_for(condition, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -113,17 +106,6 @@ def start_serve(data_dir: Path, model: Path, log: Path, own_group: bool = False)
     return proc, url
 
 
-def _children(pid: int) -> list[int]:
-    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
-
-
 # SIGTERM to the server alone (`kill PID`, `docker stop`), and to its whole process group (systemd's default
 # KillMode=control-group; a terminal's Ctrl+C reaches the group alike), the round and the policy worker included.
 # The round once died of that signal before the server cancelled it: recorded "failed", with a traceback in the log.
@@ -153,7 +135,7 @@ def test_sigterm_stops_serve_cleanly_and_cancels_the_round(tmp_path, tiny_model_
                             json={"steps": 500, "batch_size": 2, "max_new_tokens": 8}).json()["run_id"]
         wait_for(lambda: httpx.get(f"{url}/api/runs/{run_id}", headers=boss).json()["progress"] > 0, 300,
                  "the round to be training")
-        children = _children(proc.pid)  # the round and the policy worker
+        spawned = children(proc.pid)  # the round and the policy worker
 
         if to_group:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -168,7 +150,7 @@ def test_sigterm_stops_serve_cleanly_and_cancels_the_round(tmp_path, tiny_model_
     assert "Traceback" not in output and "stopped (SIGTERM)" in output
     assert not (data_dir / "server.json").exists()
     assert not (data_dir / "prefloop.duckdb.wal").exists()  # checkpointed and closed
-    wait_for(lambda: not any(_alive(pid) for pid in children), 30, "the round to end with its server")
+    wait_for(lambda: not any(alive(pid) for pid in spawned), 30, "the round to end with its server")
     with Store.open(data_dir) as store:
         run = store.runs.get(run_id)
         assert (run.status, run.error) == ("cancelled", "cancelled: the server stopped")
