@@ -160,8 +160,10 @@ def _comparisons(measure: Measure, groups: dict[Measure, list[Run]]) -> list[tup
               for key in sorted(overrides)]  # one change at a time: each override's own effect
     if not measure.ties:
         others.append(replace(measure, ties=True))
+    arm = "" if measure.arm == DEFAULT_ARM else f"{measure.arm}: "  # two arms' setting differences read apart
     for other in others:
-        out.append((f"{measure.settings()} - {other.settings()}", matched(groups[measure], groups.get(other, []))))
+        out.append((f"{arm}{measure.settings()} - {other.settings()}",
+                    matched(groups[measure], groups.get(other, []))))
     return [(name, pairs) for name, pairs in out if pairs]
 
 

@@ -390,6 +390,21 @@ def test_summary_compares_an_override_with_the_same_rankings_without_it(tmp_path
     assert "steps=4, random ties - defaults" not in text  # two changes at once are not one comparison
 
 
+def test_summary_names_the_arm_of_a_setting_difference_outside_the_default_arm(tmp_path):
+    base = {0: [["a", "b"]] * 4}
+    runs = {(arm, steps): {**row(arm=arm, seed=0, verdicts=random_verdicts((4, 2), seed=seed).tolist()),
+                           "precision": "float32"}
+            for arm, steps, seed in (("semi-online", None, 1), ("semi-online", 4, 2), ("offline", None, 3),
+                                     ("offline", 4, 4))}
+    results_dir(tmp_path, "defaults", [runs["semi-online", None], runs["offline", None]], base)
+    results_dir(tmp_path, "steps", [runs["semi-online", 4], runs["offline", 4]], base, round={"steps": 4})
+    text = summary(tmp_path)
+    offline = paired_difference([runs["offline", 4]["verdicts"]], [runs["offline", None]["verdicts"]])
+    semi = paired_difference([runs["semi-online", 4]["verdicts"]], [runs["semi-online", None]["verdicts"]])
+    assert f"| 32 | offline: steps=4 - defaults | 0 (fp32) | {offline.value:+.3f} |" in text
+    assert f"| 32 | steps=4 - defaults | 0 (fp32) | {semi.value:+.3f} |" in text
+
+
 def test_rows_say_which_round_defaults_they_ran_under_so_a_changed_default_is_not_pooled_as_the_new_one(tmp_path):
     today = today_round_defaults()
     assert today["rollouts_min_reward_accuracy"] == 0.5 and "seed" not in today
