@@ -25,6 +25,7 @@ from pathlib import Path
 from app.config import DEFAULT_DATA_DIR, build_config
 from app.remote import RemoteError
 from learner.errors import ConfigError, LearnerError
+from storage._common import directory_taken
 from storage.errors import DataDirBusy, PromptFileError, StorageError
 from storage.store import DB_FILENAME
 
@@ -295,7 +296,7 @@ def run_init(args) -> None:
 
 def check_out_dir(out: Path, flag: str) -> None:
     """Refuse a directory to write that exists with something in it (a new one is made with its parents)."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if directory_taken(out):
         raise BadInput(f"{flag} {out} already exists and is not an empty directory; name a new one")
 
 

@@ -59,13 +59,18 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def directory_taken(path: Path) -> bool:
+    """Whether `path` cannot be written as a new directory: it exists and is a file or a directory with entries."""
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
 @contextmanager
 def new_directory(out_dir: Path, what: str) -> Iterator[Path]:
     """A directory that appears complete or not at all: yields a temporary directory beside `out_dir` to fill, and
     renames it to `out_dir` when the block ends without an error (removes it when not). `out_dir` must be new or an
     empty directory (Conflict, naming it as `what`); missing parents are made."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if directory_taken(out_dir):
         raise Conflict(f"{what} {out_dir} already exists and is not empty")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
