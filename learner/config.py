@@ -48,7 +48,11 @@ class RoundConfig:
     steps: int = 12  # optimizer steps per round; rounds repeat as labels arrive
     batch_size: int = 4  # examples per forward pass (memory): DPO packs pairs up to 2 x this many distinct answers (a
     #   ranking's pairs share theirs), KTO this many answers; a step accumulates over as many as its share needs
-    learning_rate: float = 1e-4  # LoRA's usual rate; a round is only a dozen steps, the KL gate catches overshoot
+    learning_rate: float = 1e-4  # LoRA's usual rate; a round is only a dozen steps, the KL gate catches overshoot.
+    #   Measured (docs/benchmarks.md, bench.loop, 48 held-out prompts x 2, 3 seeds each): DPO at 2e-4, `structured`,
+    #   32 labels, 0.53 [0.45, 0.60] vs 0.54 [0.48, 0.60] (paired -0.017 [-0.104, +0.068], n = 288): there the labels
+    #   limit (most rankings tie), not the rate; KTO at 5e-5, `structured`, 64 labels, seed 0: every round deployed
+    #   where 1e-4 stalls at max_kl, but 0.47 vs 0.48 (paired -0.005 [-0.062, +0.052], n = 96). Neither is better
     adam_eps: float = 1e-5  # larger than torch's 1e-8: stops tiny second moments of fresh LoRA B blowing up steps
     max_grad_norm: float = 1.0  # DPO's gradients spike when a pair flips; clipping keeps one pair from a big jump
     lora_r: int = 16  # the design's LoRA rank: ~4.9M trainable weights on SmolLM2-135M, cheap to save and swap
