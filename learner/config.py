@@ -86,7 +86,10 @@ class RoundConfig:
     #   rollouts_min_reward_accuracy default, win-rate vs base): semi-online 0.59
     #   [0.52, 0.65] over 3 seeds (n = 288), the only arm shown above 0.5; offline 0.50 [0.43, 0.58] (n = 288),
     #   paired difference +0.082 [-0.016, +0.198]: not shown to differ; online (1) regenerates 12 times a round,
-    #   not 3 (rounds ~6 min instead of ~5 on the CPU), for 0.55 [0.48, 0.61] at seed 0 (n = 96)
+    #   not 3 (rounds ~6 min instead of ~5 on the CPU), for 0.55 [0.48, 0.61] at seed 0 (n = 96). `concise`, 32
+    #   labels, today's defaults (rollouts ran): online 0.97 [0.94, 0.99] (2 seeds, n = 192), semi-online 0.93 [0.84,
+    #   1.00], offline 0.75 [0.62, 0.88] (3 seeds); online - offline +0.193 [+0.031, +0.391], semi-online - online
+    #   -0.047 [-0.172, +0.047]: 4 stays, as it regenerates a quarter as often for a difference not shown
     onpolicy_fill_steps: bool = True  # a step without a human example (a round with fewer human examples than
     #   steps) trains on `batch_size` on-policy examples. So a sparse round is mostly on-policy: one `structured`
     #   round (48 labels, seed 1, docs/benchmarks.md) had 3 human pairs and 39 on-policy uses, picked by a reward
