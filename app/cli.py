@@ -25,7 +25,7 @@ from pathlib import Path
 from app.config import DEFAULT_DATA_DIR, build_config
 from app.remote import RemoteError
 from learner.errors import ConfigError, LearnerError
-from storage._common import directory_taken
+from storage import directory_taken
 from storage.errors import DataDirBusy, PromptFileError, StorageError
 from storage.store import DB_FILENAME
 
