@@ -77,7 +77,10 @@ class RoundConfig:
     human_epochs: int = 1  # passes over the human labels per round, in shuffled epoch order split evenly over the
     #   steps: every label is seen exactly this often (1: a round's labels are few and rounds repeat as they grow).
     #   Measured (docs/benchmarks.md, bench.loop, `structured`, 64 labels, seed 0): one offline round with 3 passes
-    #   won 0.62 [0.56, 0.69] vs base (n = 96) by collapsing (KL 13.2, 23 words vs 74, held-out accuracies at chance)
+    #   won 0.62 [0.56, 0.69] vs base (n = 96) by collapsing (KL 13.2, 23 words vs 74, held-out accuracies at chance).
+    #   2 passes, semi-online, 32 labels, 3 seeds each (n = 288): `structured` 0.57 [0.51, 0.62] vs 0.54 (paired
+    #   +0.023 [-0.049, +0.094]), `concise` 0.88 [0.82, 0.94] vs 0.93 (paired -0.043 [-0.162, +0.066]; one lineage
+    #   refused by max_kl at round 2): it moves the policy further, not shown toward the persona, so 1 stays
     onpolicy_fraction: float = 0.5  # share of each step's examples that are on-policy (the semi-online paper mixes
     #   fresh and human data; half keeps the human signal dominant per label while the policy sees its own answers)
     sync_every: int = 4  # regenerate on-policy pairs every 4 optimizer steps: semi-online (arXiv 2506.21495);
@@ -87,9 +90,9 @@ class RoundConfig:
     #   [0.52, 0.65] over 3 seeds (n = 288), the only arm shown above 0.5; offline 0.50 [0.43, 0.58] (n = 288),
     #   paired difference +0.082 [-0.016, +0.198]: not shown to differ; online (1) regenerates 12 times a round,
     #   not 3 (rounds ~6 min instead of ~5 on the CPU), for 0.55 [0.48, 0.61] at seed 0 (n = 96). `concise`, 32
-    #   labels, today's defaults (rollouts ran): online 0.97 [0.94, 0.99] (2 seeds, n = 192), semi-online 0.93 [0.84,
-    #   1.00], offline 0.75 [0.62, 0.88] (3 seeds); online - offline +0.193 [+0.031, +0.391], semi-online - online
-    #   -0.047 [-0.172, +0.047]: 4 stays, as it regenerates a quarter as often for a difference not shown
+    #   labels, today's defaults (rollouts ran), 3 seeds each (n = 288): online 0.92 [0.82, 0.99], semi-online 0.93
+    #   [0.84, 1.00], offline 0.75 [0.62, 0.88]; online - offline +0.168 [+0.056, +0.318], semi-online - online
+    #   +0.003 [-0.113, +0.111]: 4 stays, as it regenerates a quarter as often for a difference not shown
     onpolicy_fill_steps: bool = True  # a step without a human example (a round with fewer human examples than
     #   steps) trains on `batch_size` on-policy examples. So a sparse round is mostly on-policy: one `structured`
     #   round (48 labels, seed 1, docs/benchmarks.md) had 3 human pairs and 39 on-policy uses, picked by a reward
