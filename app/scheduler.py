@@ -9,7 +9,9 @@ writes `<out>.partial` and renames only a complete version, and the store record
 Automatic triggers (every N new labels, every T minutes) are off by default and set from Admin or the API. They pause
 by themselves after AUTO_PAUSE_AFTER refused rounds in a row from the version serving now with the same settings
 (`Scheduler.auto_pause`): the next round would most likely be refused the same way, and each costs minutes of cores
-that item sampling needs.
+that item sampling needs. They also wait while a canary is being judged: a round finished meanwhile would become the
+next canary and end this one undecided, so with the canary's defaults (16 rankings at least, half the new items) and
+rounds every 16 labels no canary would ever be decided and nothing new would serve.
 """
 
 from __future__ import annotations
@@ -278,14 +280,21 @@ class Scheduler:
             pass  # a round is already running; the next trigger tries again
 
     def auto_pause(self, auto: AutoTrain | None = None) -> str | None:
-        """Why automatic rounds are paused, or None when they are not (or are off): their stored settings are no
-        longer a valid RoundConfig, or the newest AUTO_PAUSE_AFTER finished rounds (cancelled ones aside) were all
-        refused by the gate, each from the version serving now and with the automatic rounds' settings. Read from the
-        store each time, so it holds across restarts and ends by itself when another version serves, the automatic
-        settings change, or a round (one started by hand too) ends otherwise."""
+        """Why automatic rounds are paused, or None when they are not (or are off): a canary is still being judged
+        (its decision pending), their stored settings are no longer a valid RoundConfig, or the newest
+        AUTO_PAUSE_AFTER finished rounds (cancelled ones aside) were all refused by the gate, each from the version
+        serving now and with the automatic rounds' settings. Read from the store each time, so it holds across
+        restarts and ends by itself when the canary is decided, another version serves, the automatic settings
+        change, or a round (one started by hand too) ends otherwise. The message stays the same while the reason
+        does, so the log says it once."""
         auto = auto or self.auto_train()
         if not auto.enabled:
             return None
+        canary = self.deployments.canary
+        if canary is not None and canary.mixing:
+            return (f"Automatic rounds are paused while the annotators judge the canary v{canary.version}: a round "
+                    "finished now would become the next canary and end this one undecided. They start again once "
+                    "it is promoted, rolled back or left undecided (Admin -> Versions shows its evidence).")
         try:
             # as the runs table keeps a round's config (JSON: tuples as lists), to compare with theirs
             settings = json.loads(to_json(RoundConfig.from_dict(auto.config).to_dict(), "config"))

@@ -136,6 +136,32 @@ def test_admin_rolls_a_canary_back_and_a_new_round_supersedes_one(ctx, server, b
     assert boss.post(f"/api/versions/{v1}/canary").status_code == 409  # only a candidate can become one
 
 
+def test_automatic_rounds_wait_for_the_canarys_verdict(ctx, server, boss, ann, add_version):
+    """A round every label while a canary is judged: none starts (a round finished meanwhile would become the next
+    canary and end this one undecided before any verdict: with rounds every 16 labels and the canary's defaults, no
+    canary would ever be decided). The label that promotes it starts the next round, which trains from it."""
+    from test_train_api import QUICK, wait_run
+
+    v1 = start_canary(ctx, boss, add_version)
+    assert boss.patch("/api/settings", json={"auto_train": {"every_labels": 1, "every_minutes": 0,
+                                                            "config": QUICK}}).status_code == 200
+    paused = boss.get("/api/train").json()["paused"]
+    assert paused and f"judge the canary v{v1}" in paused, paused
+    for _ in range(3):  # 12 comparisons: fewer than the 16 a decision needs
+        rank_canary_item(ctx, ann, candidate_first=True)
+        assert canary_of(boss, v1)["canary"]["decision"] == "pending"
+        assert boss.get("/api/runs").json() == []
+        assert boss.get("/api/train").json()["paused"] == paused  # the same words: the log says it once
+    rank_canary_item(ctx, ann, candidate_first=True)  # 16 comparisons, all won by the candidate: promoted
+    assert canary_of(boss, v1)["canary"]["decision"] == "promoted"
+    assert boss.get("/api/health").json()["policy_version"] == v1
+    runs = boss.get("/api/runs").json()
+    assert len(runs) == 1, runs  # the same label started the next round
+    run = wait_run(boss, runs[0]["run_id"])
+    assert run["status"] in ("succeeded", "rejected"), run
+    assert ctx.store.versions.get(run["version"]).parent == v1
+
+
 def test_deploy_policy_immediate_and_the_settings_contract(ctx, server, boss, add_version):
     body = boss.get("/api/settings").json()
     assert {k: body[k] for k in QUICK_CANARY} == {"canary_share": 0.5, "canary_min_comparisons": 64,
