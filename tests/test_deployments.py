@@ -4,6 +4,7 @@ version serving everyone and the canary's state consistent."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import threading
@@ -160,6 +161,25 @@ def test_automatic_rounds_wait_for_the_canarys_verdict(ctx, server, boss, ann, a
     run = wait_run(boss, runs[0]["run_id"])
     assert run["status"] in ("succeeded", "rejected"), run
     assert ctx.store.versions.get(run["version"]).parent == v1
+
+
+def test_a_round_started_by_hand_during_a_canary_says_it_may_supersede_it(ctx, server, boss, add_version):
+    """It does not wait (an admin asked for it), but Admin -> Train says what passing the gate will do."""
+    from app.ui import admin_rounds
+    from storage.errors import Conflict
+
+    def start_and_stop() -> str:
+        message = admin_rounds.start_round(ctx, "boss", {"steps": 1})
+        run_id = boss.get("/api/runs").json()[0]["run_id"]
+        with contextlib.suppress(Conflict):  # it may have ended on its own already
+            ctx.scheduler.cancel(run_id)
+        ctx.scheduler.wait(run_id)
+        return message
+
+    assert "canary" not in start_and_stop()
+    v1 = start_canary(ctx, boss, add_version)
+    message = start_and_stop()
+    assert f"The canary v{v1} is still being judged" in message and f"v{v1} ends undecided" in message, message
 
 
 def test_deploy_policy_immediate_and_the_settings_contract(ctx, server, boss, add_version):

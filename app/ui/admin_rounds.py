@@ -239,7 +239,12 @@ def start_round(ctx: AppContext, username: str | None, knobs: dict) -> str:
     """Start a round now (same call as POST /api/train); ConfigError names a bad value, Conflict a running round."""
     require_admin(ctx, username)
     run_id = ctx.scheduler.start(overrides_from(knobs))
-    return f"Round {run_id} started. Watch it in **Overview**; its metrics appear in **Versions** when it ends."
+    message = f"Round {run_id} started. Watch it in **Overview**; its metrics appear in **Versions** when it ends."
+    canary = ctx.deployments.canary
+    if canary is not None and canary.mixing:
+        message += (f"\n\nThe canary v{canary.version} is still being judged: if this round passes the gate, its "
+                    f"version becomes the canary and v{canary.version} ends undecided.")
+    return message
 
 
 @dataclass(frozen=True)
