@@ -22,6 +22,7 @@ import random
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from app.config import ServeConfig
@@ -247,11 +248,12 @@ class ItemBuffer:
         self.sizer.sampled(len(prompts), time.monotonic() - started)
         return len(prompts)
 
-    def top_up(self, seconds: float) -> int:
-        """Fill towards `buffer_max` for about `seconds` at most (before a round takes cores away on a CPU);
-        returns the items added. Runs in the caller's thread, beside the prefetch thread: both only add items."""
+    def top_up(self, seconds: float, stop: Callable[[], bool] = lambda: False) -> int:
+        """Fill towards `buffer_max` for about `seconds` at most (before a round takes cores away on a CPU), or until
+        `stop()` says so between batches (the round was cancelled); returns the items added. Runs in the caller's
+        thread, beside the prefetch thread: both only add items."""
         deadline, added = time.monotonic() + seconds, 0
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not stop():
             batch = self.fill_once(up_to=self.config.buffer_ceiling)
             if not batch:
                 break

@@ -11,7 +11,7 @@ by themselves after AUTO_PAUSE_AFTER refused rounds in a row from the version se
 (`Scheduler.auto_pause`): the next round would most likely be refused the same way, and each costs minutes of cores
 that item sampling needs. They also wait while a canary is being judged: a round finished meanwhile would become the
 next canary and end this one undecided, so with the canary's defaults (16 rankings at least, half the new items) and
-rounds every 16 labels no canary would ever be decided and nothing new would serve.
+rounds every 16 labels nearly every canary would be cut short and nothing new would serve.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -145,7 +146,7 @@ class Scheduler:
                        "--ref-cache", str(self.config.models_dir / "ref-cache")]
             if parent.version != 0 and parent.path:
                 command += ["--parent", parent.path]
-            round_env = self.cores.before_round(work / "threads")
+            round_env = self.cores.before_round(work / "threads", cancelled=lambda: run_id in self._cancelled)
             if round_env:
                 command += ["--threads-file", str(work / "threads")]
             with self._lock:
@@ -353,17 +354,21 @@ class CoreShare:
     def applies(self) -> bool:
         return self.policy.device == "cpu" and hasattr(self.policy.backend, "set_threads")
 
-    def before_round(self, threads_file: Path) -> dict[str, str]:
-        """Top the buffer up, give the worker its share, start following generation into `threads_file`; the
-        environment variables of the round's process (empty when the rule does not apply: no file is written)."""
+    def before_round(self, threads_file: Path, cancelled: Callable[[], bool] = lambda: False) -> dict[str, str]:
+        """Top the buffer up (until `cancelled()`), give the worker its share, start following generation into
+        `threads_file`; the environment variables of the round's process (empty when the rule does not apply: no
+        file is written)."""
         if not self.applies:
             return {}
         if self.buffer is not None:
             try:
-                added = self.buffer.top_up(self.TOP_UP_SECONDS)
+                added = self.buffer.top_up(self.TOP_UP_SECONDS, stop=cancelled)
                 log.info("topped the buffer up with %s items before the round", added)
             except Exception:  # a head start for annotators, not a condition of the round: the round runs
-                log.exception("topping the buffer up before the round failed; the round starts anyway")
+                if cancelled():  # the server is stopping: its worker may be gone mid-batch, as it should be
+                    log.info("topping the buffer up before the round ended: the round was cancelled")
+                else:
+                    log.exception("topping the buffer up before the round failed; the round starts anyway")
         self.policy.set_threads(self.WORKER_THREADS)
         with self._lock:
             self._threads_file = threads_file

@@ -68,6 +68,15 @@ def test_top_up_fills_to_the_ceiling(batch_ctx):
     assert max(len(b) for b in batch_ctx.policy.backend.batches) <= 3
 
 
+def test_top_up_stops_between_batches_when_told(batch_ctx):
+    """A cancelled round (the server stopping) ends its top-up at the next batch, not TOP_UP_SECONDS later."""
+    assert batch_ctx.buffer.top_up(seconds=600, stop=lambda: True) == 0
+    assert batch_ctx.policy.backend.batches == []
+    batches = batch_ctx.policy.backend.batches
+    assert batch_ctx.buffer.top_up(seconds=600, stop=lambda: len(batches) == 1) == 3  # one batch, then told
+    assert len(batches) == 1
+
+
 def test_the_target_follows_the_hand_out_rate_and_the_batch_time():
     sizer = BufferSizer()
     assert sizer.target(floor=4, ceiling=32, now=1000.0) == 4  # no traffic, no batch measured: the floor

@@ -109,7 +109,7 @@ class FailingBuffer:
     def __init__(self):
         self.calls = 0
 
-    def top_up(self, seconds: float) -> int:
+    def top_up(self, seconds: float, stop=lambda: False) -> int:
         self.calls += 1
         raise RuntimeError("sampling failed")
 
@@ -121,3 +121,39 @@ def test_a_failed_top_up_does_not_stop_the_round(policy, tmp_path):
     assert share.before_round(threads) == {"OMP_NUM_THREADS": "4"}  # the round gets its cores and its file
     assert buffer.calls == 1 and threads.read_text() == "4"
     share.after_round()
+
+
+def test_a_top_up_cut_short_by_the_round_being_cancelled_logs_no_traceback_and_restarts_no_worker(
+        policy, tmp_path, caplog):
+    """SIGTERM to `make run`'s process group right after POST /api/train: the worker, given SIGTERM_GRACE_S, died
+    under the round's top-up batch (~20 s on a loaded CPU), the top-up's failure was logged with a traceback, and
+    setting the round's threads restarted the worker (a model load) in the middle of the shutdown. Now a cancelled
+    round's top-up failure is one line, and a worker that is not running is not started to be told its threads."""
+    import logging
+    import os
+    import signal
+
+    buffer = FailingBuffer()
+    share = CoreShare(policy, buffer=buffer, cpus=CPUS)
+    pid = policy.backend.pid
+    os.kill(pid, signal.SIGKILL)  # gone, as under the alarm
+    policy.backend._process.join(10)
+    with caplog.at_level(logging.INFO, logger="app.scheduler"):
+        share.before_round(tmp_path / "threads", cancelled=lambda: True)
+        share.after_round()
+    assert buffer.calls == 1
+    said = [r for r in caplog.records if r.name == "app.scheduler"]
+    assert [r.levelno for r in said] == [logging.INFO] and "cancelled" in said[0].getMessage(), said
+    assert not any(r.exc_info for r in caplog.records)
+    assert policy.backend.pid == pid and not policy.backend._process.is_alive()  # not restarted
+    assert "restarting" not in caplog.text
+    # Not cancelled: the same failure is an error with its traceback (a real fault), and the round still runs.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="app.scheduler"):
+        share.before_round(tmp_path / "threads")
+    assert any(r.levelno == logging.ERROR and r.exc_info for r in caplog.records)
+    share.after_round()
+    # The next call that needs the worker starts one, with the threads last set.
+    assert len(policy.sample("hi", 2, LONG, 0, seed=0)[1]) == 2
+    assert policy.backend.pid != pid and policy.backend._threads == CPUS
+

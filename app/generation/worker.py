@@ -92,9 +92,15 @@ class WorkerBackend:
                 raise _error(payload)
 
     def set_threads(self, threads: int) -> None:
-        """torch threads the worker uses (a round takes the other cores while it runs)."""
+        """torch threads the worker uses (a round takes the other cores while it runs). A worker that is not running
+        (it died, or the server is shutting down) is not started for this: the next call that needs one starts it
+        with these threads. A round's start and end set them, and a restart there cost a model load in the middle
+        of a shutdown."""
         self._threads = threads
-        self._call("set_threads", threads)
+        with self._start_lock:
+            running = not self._closed and self._process is not None and self._process.is_alive()
+        if running:
+            self._call("set_threads", threads)
 
     def close(self) -> None:
         """Stop the worker now: it exits without finishing what it was sampling (an item batch can take ~20 s on a
