@@ -74,6 +74,12 @@ class Deployments:
         """The version under test (pending, or undecided waiting for an admin), or None."""
         return self._canary
 
+    @property
+    def pending_canary(self) -> Canary | None:
+        """The canary while the annotators still judge it (new items carry its answers), else None."""
+        canary = self._canary
+        return canary if canary is not None and canary.mixing else None
+
     def served_versions(self, max_item_staleness: int) -> list[int]:
         """Versions whose items are still served: the serving one and the `max_item_staleness` versions that served
         before it along its lineage (parent chain). Rejected or rolled-back versions off the line never count."""
@@ -146,8 +152,8 @@ class Deployments:
 
     def evaluate(self) -> str | None:
         """After every stored label: decide the pending canary if its evidence allows; returns the decision."""
-        canary = self._canary
-        if canary is None or not canary.mixing:
+        canary = self.pending_canary
+        if canary is None:
             return None
         with self._lock:
             status = self.canary_status(canary)
@@ -191,8 +197,8 @@ class Deployments:
 
     def mix_next_items(self, n: int) -> list[int | None]:
         """For each of the next `n` sampled items (one batch), the canary version to mix in, or None."""
-        canary = self._canary
-        if canary is None or not canary.mixing:
+        canary = self.pending_canary
+        if canary is None:
             return [None] * n
         mixed, total = self.store.versions.canary_items(canary)
         plan: list[int | None] = []

@@ -291,8 +291,8 @@ class Scheduler:
         auto = auto or self.auto_train()
         if not auto.enabled:
             return None
-        canary = self.deployments.canary
-        if canary is not None and canary.mixing:
+        canary = self.deployments.pending_canary
+        if canary is not None:
             return (f"Automatic rounds are paused while the annotators judge the canary v{canary.version}: a round "
                     "finished now would become the next canary and end this one undecided. They start again once "
                     "it is promoted, rolled back or left undecided (Admin -> Versions shows its evidence).")
@@ -369,6 +369,8 @@ class CoreShare:
                     log.info("topping the buffer up before the round ended: the round was cancelled")
                 else:
                     log.exception("topping the buffer up before the round failed; the round starts anyway")
+        if cancelled():  # the round will not start (the server is stopping): no share to give or follow
+            return {}
         self.policy.set_threads(self.WORKER_THREADS)
         with self._lock:
             self._threads_file = threads_file

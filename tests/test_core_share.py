@@ -156,4 +156,3 @@ def test_a_top_up_cut_short_by_the_round_being_cancelled_logs_no_traceback_and_r
     # The next call that needs the worker starts one, with the threads last set.
     assert len(policy.sample("hi", 2, LONG, 0, seed=0)[1]) == 2
     assert policy.backend.pid != pid and policy.backend._threads == CPUS
-

@@ -139,8 +139,8 @@ def test_admin_rolls_a_canary_back_and_a_new_round_supersedes_one(ctx, server, b
 
 def test_automatic_rounds_wait_for_the_canarys_verdict(ctx, server, boss, ann, add_version):
     """A round every label while a canary is judged: none starts (a round finished meanwhile would become the next
-    canary and end this one undecided before any verdict: with rounds every 16 labels and the canary's defaults, no
-    canary would ever be decided). The label that promotes it starts the next round, which trains from it."""
+    canary and end this one undecided before any verdict: with rounds every 16 labels and the canary's defaults,
+    nearly every canary would be cut short). The label that promotes it starts the next round, which trains from it."""
     from test_train_api import QUICK, wait_run
 
     v1 = start_canary(ctx, boss, add_version)

@@ -240,8 +240,8 @@ def start_round(ctx: AppContext, username: str | None, knobs: dict) -> str:
     require_admin(ctx, username)
     run_id = ctx.scheduler.start(overrides_from(knobs))
     message = f"Round {run_id} started. Watch it in **Overview**; its metrics appear in **Versions** when it ends."
-    canary = ctx.deployments.canary
-    if canary is not None and canary.mixing:
+    canary = ctx.deployments.pending_canary
+    if canary is not None:
         message += (f"\n\nThe canary v{canary.version} is still being judged: if this round passes the gate, its "
                     f"version becomes the canary and v{canary.version} ends undecided.")
     return message
