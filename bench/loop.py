@@ -4,13 +4,14 @@ A miniature of arXiv 2506.21495 / 2405.08448, end to end, with intervals (issue 
 
     .venv/bin/python -m bench.loop --grid small                    # CPU sanity run, ~40 min on 2 cores
     .venv/bin/python -m bench.loop --grid full [--only semi-online,offline] [--persona concise] [--no-curve]
+    .venv/bin/python -m bench.loop --grid canary [--persona concise]  # the default deploy policy in the loop
     .venv/bin/python -m bench.loop --table bench-results/loop-full # the table of whatever rows exist
     .venv/bin/python -m bench.loop --summary                       # all directories pooled (bench/loop_summary.py)
 
 Every job (persona x arm x seed) runs the real server (`prefloop serve`, its own process, the real SmolLM2) and the
 real scheduler: simulated annotators of the persona label through the REST API only, rounds start with
-`POST /api/train` and deploy at once when the automatic gate passes them. Arms (same persona, label budget, prompts
-and seed; rounds take RoundConfig's defaults unless named):
+`POST /api/train` and deploy at once when the automatic gate passes them (all but `canary`). Arms (same persona,
+label budget, prompts and seed; rounds take RoundConfig's defaults unless named):
   offline      all labels collected on version 0, then one DPO round on all of them (max_label_staleness None) with
                as many optimizer steps as the retraining arms take in all their rounds (same compute), its on-policy
                pairs generated once before the first step (sync_every = steps)
@@ -18,6 +19,11 @@ and seed; rounds take RoundConfig's defaults unless named):
                (max_item_staleness 0), so every label is on the current policy; sync_every = RoundConfig's default
   online       as semi-online with sync_every = 1 (fresh on-policy pairs every step)
   kto          as semi-online, KTO on the persona's thumbs
+  canary       (its own grid) semi-online's rounds as a deployment runs them by default: the scheduler starts one
+               every `every` labels (waiting while a canary is judged), labelling goes on during rounds, and a version
+               the gate passes serves everyone only once the annotators' canary rankings promote it. Judged on what
+               serves, and every canary is also judged by the persona against the version it was compared with, so
+               the annotators' decision stands beside the persona's judgement of the same two versions
 The semi-online job also goes on to the grid's learning-curve budgets (16/32/64/128 labels), judged at each.
 The personas send answers they score alike as a tie (no pair), as the Annotate tab lets people do; `--random-ties`
 orders them at random instead, as the grids run before ties existed did (a results directory keeps one or the other).
@@ -131,11 +137,26 @@ def train(http: httpx.Client, config: dict) -> dict:
     run_id = http.post("/api/train", json=config).raise_for_status().json()["run_id"]
     while (run := http.get(f"/api/runs/{run_id}").raise_for_status().json())["status"] in ("queued", "running"):
         time.sleep(2)
+    return outcome(run)
+
+
+def outcome(run: dict) -> dict:
+    """A finished run (GET /api/runs/ID) in the figures a row keeps."""
     m = run.get("metrics") or {}
     kept = ("kl_to_reference", "entropy", "mean_answer_length", "eos_rate", "labels_used", "reward_heldout_accuracy",
             "policy_heldout_accuracy", "data", "timings_s", "precision")
     return {"status": run["status"], "version": run["version"], "error": (run.get("error") or "")[:300],
             "gate_reason": (m.get("gate") or {}).get("reason"), **{k: m[k] for k in kept if k in m}}
+
+
+def settle(http: httpx.Client) -> list[dict]:
+    """Wait for the round in progress, if any (an automatic one); then the outcome of every round so far, oldest
+    first. A label's request starts its automatic round before it answers, so none can start after this returns
+    while nobody labels."""
+    while http.get("/api/train").raise_for_status().json()["active_run"] is not None:
+        time.sleep(2)
+    runs = http.get("/api/runs").raise_for_status().json()  # the newest 50: a canary job has a handful
+    return [outcome(run) for run in sorted(runs, key=lambda r: r["run_id"])]
 
 
 def generate(http: httpx.Client, prompts: list[str], samples: int, version: int) -> list[list[str]]:
@@ -169,19 +190,27 @@ def base_answers(http: httpx.Client, results: Path, seed: int, prompts: list[str
     return stored
 
 
-def judge(http: httpx.Client, persona, version: int, prompts: list[str], base: list[list[str]]) -> dict:
-    """The persona compares `version`'s j-th answer to each prompt with the base model's j-th: 1 / 0.5 / 0."""
-    answers = generate(http, prompts, len(base[0]), version)
-    verdicts = []
-    for prompt, mine, theirs in zip(prompts, answers, base):
-        scores = [(persona.score(prompt, a), persona.score(prompt, b)) for a, b in zip(mine, theirs)]
-        verdicts.append([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in scores])
+def judge(http: httpx.Client, persona, version: int, prompts: list[str], base: list[list[str]],
+          answers: list[list[str]] | None = None) -> dict:
+    """The persona compares `version`'s j-th answer to each prompt with the base model's j-th: 1 / 0.5 / 0.
+    `answers`: the version's answers when they were already drawn (else they are drawn now)."""
+    answers = answers if answers is not None else generate(http, prompts, len(base[0]), version)
+    return {"verdicts": verdicts(persona, prompts, answers, base), "answers": answers, "words": words(answers),
+            "base_words": words(base)}
 
-    def words(groups):
-        flat = [len(a.split()) for g in groups for a in g]
-        return sum(flat) / len(flat)
 
-    return {"verdicts": verdicts, "answers": answers, "words": words(answers), "base_words": words(base)}
+def verdicts(persona, prompts: list[str], mine: list[list[str]], theirs: list[list[str]]) -> list[list[float]]:
+    """Per prompt, per sample j: 1 when the persona prefers mine[j] to theirs[j], 0.5 on a tie, else 0."""
+    out = []
+    for prompt, ours, others in zip(prompts, mine, theirs, strict=True):
+        scores = [(persona.score(prompt, a), persona.score(prompt, b)) for a, b in zip(ours, others, strict=True)]
+        out.append([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in scores])
+    return out
+
+
+def words(groups: list[list[str]]) -> float:
+    flat = [len(a.split()) for g in groups for a in g]
+    return sum(flat) / len(flat)
 
 
 def check_labels_held_out(http: httpx.Client, prompts: list[str]) -> None:
@@ -201,7 +230,7 @@ def round_config(grid: Grid, arm: str, seed: int, index: int) -> dict:
         defining = {"algorithm": "dpo", "max_label_staleness": None, "steps": steps, "sync_every": max(steps, 1)}
     elif arm == "online":
         defining = {"algorithm": "dpo", "sync_every": 1}
-    elif arm == "semi-online":
+    elif arm in ("semi-online", "canary"):
         defining = {"algorithm": "dpo", "sync_every": RoundConfig().sync_every}
     else:
         defining = {"algorithm": "kto"}
@@ -211,8 +240,6 @@ def round_config(grid: Grid, arm: str, seed: int, index: int) -> dict:
 def run_job(grid: Grid, persona_name: str, arm: str, seed: int, budgets: list[int], results: Path,
             model: str | None) -> None:
     """One persona x arm x seed from a fresh data dir, judged (and a row written) at each budget in `budgets`."""
-    persona = get_persona(persona_name)
-    prompts = held_out_prompts(grid.held_out)
     job_dir = results / "runs" / f"{persona_name}-{arm}-seed{seed}"
     data_dir = job_dir / "data"
     shutil.rmtree(data_dir, ignore_errors=True)  # an interrupted attempt starts over: its rounds were not judged
@@ -221,43 +248,125 @@ def run_job(grid: Grid, persona_name: str, arm: str, seed: int, budgets: list[in
         os.symlink((MODELS / "smollm2").resolve(), data_dir / "models" / "smollm2")
     token = admin_token(data_dir)
     server, url = start_server(data_dir, job_dir / "server.log", 2 if arm == "offline" else 0, model, grid.precision)
-    started = time.monotonic()
     try:
         with httpx.Client(base_url=url, headers={"authorization": f"Bearer {token}"}, timeout=600) as http:
-            # Rounds serve at once: the persona judges them here, not through a canary holding them back.
-            http.patch("/api/settings", json={"deploy_policy": "immediate"}).raise_for_status()
-            tokens = create_annotators(http, persona.name, grid.annotators, report=lambda line: None)
-            chunk = max(budgets) if arm == "offline" else grid.every
-            rounds, labelled = [], 0
-            for index in range(max(budgets) // chunk):
-                sim = Simulator(url, tokens, persona, chunk, noise=grid.noise, ties=grid.ties, feedback=(arm == "kto"),
-                                timeout=7200, seed=seed * 1000 + index)
-                summary = sim.run(report=lambda line: None, every=60)
-                if summary.errors or summary.timed_out:
-                    raise SystemExit(f"{arm}: the simulated annotators saw {summary.errors} errors "
-                                     f"(timed out: {summary.timed_out}): {summary.error_messages[:3]}")
-                labelled += chunk
-                rounds.append(train(http, round_config(grid, arm, seed, index)))
-                print(f"  [{persona_name} {arm} seed {seed}] {labelled} labels, round {len(rounds)}: "
-                      f"{rounds[-1]['status']} -> v{rounds[-1]['version']} {rounds[-1]['error'][:80]} at "
-                      f"{(time.monotonic() - started) / 60:.1f} min", flush=True)
-                if labelled in budgets:
-                    check_labels_held_out(http, prompts)
-                    final = http.get("/api/health").raise_for_status().json()["policy_version"]
-                    base = base_answers(http, results, seed, prompts, grid.samples)
-                    row = {"key": row_key(persona_name, arm, seed, labelled), "persona": persona_name, "arm": arm,
-                           "seed": seed, "labels": labelled, "prompts": prompts, "final_version": final,
-                           "rounds": list(rounds), "precision": rounds_precision(rounds),
-                           "round_defaults": today_round_defaults(),
-                           **judge(http, persona, final, prompts, base),
-                           "minutes": (time.monotonic() - started) / 60, "finished_at": time.time()}
-                    append_row(results, row)
-                    e = win_rate([row["verdicts"]])
-                    print(f"{row['key']}: win-rate vs base {e.describe()}", flush=True)
+            job = Job(grid, get_persona(persona_name), arm, seed, results, http, url)
+            if arm == "canary":
+                job.canary_rounds(budgets)
+            else:
+                job.rounds_by_hand(budgets)
     finally:
         server.terminate()
         server.wait(120)
     shutil.rmtree(data_dir, ignore_errors=True)  # adapters of every version: ~20 MB each; the rows hold the result
+
+
+class Job:
+    """One persona x arm x seed against its own server: simulated annotators label, rounds train, the persona judges
+    at each budget and a row is written."""
+
+    def __init__(self, grid: Grid, persona, arm: str, seed: int, results: Path, http: httpx.Client, url: str):
+        self.grid, self.persona, self.arm, self.seed, self.results = grid, persona, arm, seed, results
+        self.http, self.url = http, url
+        self.prompts = held_out_prompts(grid.held_out)
+        self.tokens = create_annotators(http, persona.name, grid.annotators, report=lambda line: None)
+        self.started = time.monotonic()
+        self.answers: dict[int, list[list[str]]] = {}  # version -> its answers to the held-out prompts (judging)
+
+    def rounds_by_hand(self, budgets: list[int]) -> None:
+        """offline, semi-online, online, kto: label `every` labels (offline: all), then one round through POST
+        /api/train, deployed at once when the gate passes it: the persona judges here, not a canary."""
+        self.http.patch("/api/settings", json={"deploy_policy": "immediate"}).raise_for_status()
+        chunk = max(budgets) if self.arm == "offline" else self.grid.every
+        rounds, labelled = [], 0
+        for index in range(max(budgets) // chunk):
+            self.label(chunk, index)
+            labelled += chunk
+            rounds.append(train(self.http, round_config(self.grid, self.arm, self.seed, index)))
+            self.say(f"{labelled} labels, round {len(rounds)}: {rounds[-1]['status']} -> v{rounds[-1]['version']} "
+                     f"{rounds[-1]['error'][:80]}")
+            if labelled in budgets:
+                self.write_row(labelled, rounds)
+
+    def canary_rounds(self, budgets: list[int]) -> None:
+        """canary: the app's defaults as a deployment runs them. The scheduler starts a round every `every` labels
+        (waiting while a canary is judged); a version the gate passes becomes the canary, and the annotators'
+        rankings of its items promote it, roll it back or leave it undecided. Labelling goes on during rounds.
+        At each budget: wait for the round in progress, judge what serves everyone, and judge every canary against
+        the version it was compared with, so the human decision can be set beside the persona's."""
+        self.http.patch("/api/settings", json={
+            "deploy_policy": "canary", "auto_train": {"every_labels": self.grid.every, "every_minutes": 0,
+                                                      "config": round_config(self.grid, "canary", self.seed, 0)}},
+        ).raise_for_status()
+        timeline, labelled = [], 0
+        for index in range(max(budgets) // self.grid.every):
+            self.label(self.grid.every, index)
+            labelled += self.grid.every
+            timeline.append(self.moment(labelled))
+            self.say(f"{labelled} labels: {timeline[-1]}")
+            if labelled in budgets:
+                rounds = settle(self.http)
+                self.write_row(labelled, rounds, timeline=list(timeline), canaries=self.judge_canaries())
+
+    def label(self, n: int, index: int) -> None:
+        sim = Simulator(self.url, self.tokens, self.persona, n, noise=self.grid.noise, ties=self.grid.ties,
+                        feedback=(self.arm == "kto"), timeout=7200, seed=self.seed * 1000 + index)
+        summary = sim.run(report=lambda line: None, every=60)
+        if summary.errors or summary.timed_out:
+            raise SystemExit(f"{self.arm}: the simulated annotators saw {summary.errors} errors "
+                             f"(timed out: {summary.timed_out}): {summary.error_messages[:3]}")
+
+    def moment(self, labelled: int) -> dict:
+        """What serves, what is being judged and what trains, after `labelled` labels (the canary's timeline)."""
+        state = self.http.get("/api/train").raise_for_status().json()
+        canaries = {v["version"]: v["canary"] for v in self.http.get("/api/versions").raise_for_status().json()
+                    if v["canary"] is not None}
+        return {"labels": labelled, "serving": self.serving(), "active_run": state["active_run"],
+                "canaries": {str(v): c["decision"] for v, c in sorted(canaries.items())}}
+
+    def serving(self) -> int:
+        return self.http.get("/api/health").raise_for_status().json()["policy_version"]
+
+    def version_answers(self, version: int) -> list[list[str]]:
+        if version not in self.answers:
+            self.answers[version] = (self.base() if version == 0 else
+                                     generate(self.http, self.prompts, self.grid.samples, version))
+        return self.answers[version]
+
+    def base(self) -> list[list[str]]:
+        return base_answers(self.http, self.results, self.seed, self.prompts, self.grid.samples)
+
+    def judge_canaries(self) -> list[dict]:
+        """Every version that was a canary: the annotators' evidence (GET /api/versions) and the persona's verdicts
+        on the held-out prompts, canary vs the version it was compared with (its parent, the serving one then)."""
+        out = []
+        for v in self.http.get("/api/versions").raise_for_status().json():
+            if v["canary"] is None:
+                continue
+            mine, theirs = self.version_answers(v["version"]), self.version_answers(v["parent"])
+            out.append({"version": v["version"], "parent": v["parent"], "status": v["status"],
+                        "labels_used": v["labels_used"], "reason": v["reason"], **v["canary"],
+                        "persona_verdicts": verdicts(self.persona, self.prompts, mine, theirs)})
+        return out
+
+    def write_row(self, labelled: int, rounds: list[dict], **extra) -> None:
+        check_labels_held_out(self.http, self.prompts)
+        final = self.serving()
+        # the base model is drawn afresh against its stored answers, as it always was (a sample of 0.5, not 0.5)
+        judged = judge(self.http, self.persona, final, self.prompts, self.base(), self.answers.get(final) if final
+                       else None)
+        if final:
+            self.answers[final] = judged["answers"]
+        row = {"key": row_key(self.persona.name, self.arm, self.seed, labelled), "persona": self.persona.name,
+               "arm": self.arm, "seed": self.seed, "labels": labelled, "prompts": self.prompts, "final_version": final,
+               "rounds": list(rounds), "precision": rounds_precision(rounds), "round_defaults": today_round_defaults(),
+               **judged, **extra, "minutes": (time.monotonic() - self.started) / 60, "finished_at": time.time()}
+        append_row(self.results, row)
+        self.say(f"{row['key']}: win-rate vs base {win_rate([row['verdicts']]).describe()}")
+
+    def say(self, line: str) -> None:
+        print(f"  [{self.persona.name} {self.arm} seed {self.seed}] {line} at "
+              f"{(time.monotonic() - self.started) / 60:.1f} min", flush=True)
 
 
 def plan(grid: Grid, done: dict, only: set[str], personas: set[str], no_curve: bool,

@@ -23,7 +23,10 @@ from bench.stats import Estimate, paired_difference, win_rate
 from learner.config import RoundConfig
 from learner.params import PRECISIONS
 
-ARMS = ("offline", "semi-online", "online", "kto")
+LEARNING_ARMS = ("offline", "semi-online", "online", "kto")  # how the policy learns: issue 9's comparison
+# `canary`: the semi-online rounds under the app's default deploy policy, started by the scheduler every `every` labels
+# and served only once the annotators' canary promotes them (what the default configuration delivers, and at what cost)
+ARMS = (*LEARNING_ARMS, "canary")
 DEFAULT_ARM = "semi-online"  # the round's defaults (sync_every from RoundConfig): the learning curve's arm
 
 # Written for this benchmark, none a paraphrase of a starter prompt (the training pool); storage's starter set has
@@ -118,8 +121,12 @@ GRIDS = {
     "small": Grid(personas=("concise",), arms=("offline", "semi-online"), seeds=(0,), held_out=16, samples=2,
                   labels=32, every=16),
     # the measurement (issue 9): 48 prompts x 2 samples x 3 seeds per arm, two personas, a learning curve
-    "full": Grid(personas=("concise", "structured"), arms=ARMS, seeds=(0, 1, 2), held_out=48, samples=2,
+    "full": Grid(personas=("concise", "structured"), arms=LEARNING_ARMS, seeds=(0, 1, 2), held_out=48, samples=2,
                  labels=32, every=16, curve=(16, 32, 64, 128)),
+    # the default deploy policy in the loop: does the canary promote what the persona prefers, and how far behind
+    # `immediate` does its judging leave the serving version? (64 labels: two canaries' worth at the defaults)
+    "canary": Grid(personas=("concise", "structured"), arms=("canary",), seeds=(0, 1, 2), held_out=48, samples=2,
+                   labels=64, every=16),
 }
 
 
@@ -291,8 +298,9 @@ def table(rows: dict[str, dict], budget: int, settings: dict | None = None) -> s
             if (persona, arm, budget) in groups:
                 out += _arm_lines(groups[(persona, arm, budget)])
         out += _differences(groups, persona, budget) + _curve(groups, persona)
-        out += _rounds(sorted((r for r in rows.values() if r["persona"] == persona),
-                              key=lambda r: (r["labels"], ARMS.index(r["arm"]), r["seed"])))
+        mine = sorted((r for r in rows.values() if r["persona"] == persona),
+                      key=lambda r: (r["labels"], ARMS.index(r["arm"]), r["seed"]))
+        out += _rounds(mine) + _canaries(mine)
         out.append("")
     return "\n".join(out)
 
@@ -329,6 +337,31 @@ def _rounds(rows: list[dict]) -> list[str]:
             "| arm | labels | seed | version | status | steps | uses | reward model held-out | policy implicit reward "
             "held-out | KL | seconds |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", *lines]
+
+
+def _canaries(rows: list[dict]) -> list[str]:
+    """The canary arm's canaries: the annotators' decision and evidence beside the persona's own judgement of the
+    same two versions on the held-out prompts (the canary works when the two agree)."""
+    lines = []
+    for row in rows:
+        for c in row.get("canaries", []):
+            human = ("-" if c["win_rate"] is None else
+                     f"{c['win_rate']:.2f} [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]" if c["ci95"] else
+                     f"{c['win_rate']:.2f}")
+            e = win_rate([c["persona_verdicts"]])
+            decided = next((m["labels"] for m in row.get("timeline", [])
+                            if m["canaries"].get(str(c["version"]), "pending") != "pending"), None)
+            lines.append(f"| {row['labels']} | {row['seed']} | v{c['version']} vs v{c['parent']} | {c['decision']} "
+                         f"| {'-' if decided is None else decided} | {human} ({c['comparisons']}) | {e.value:.2f} "
+                         f"{_ci(e)} ({_shape(e)}) |")
+    if not lines:
+        return []
+    return ["", "Canaries (human: the simulated annotators' rankings of canary items, the candidate's win-rate "
+            "against the serving version, bootstrap over rankings (n comparisons); decided by: the label count at "
+            "which the decision was first seen, checked every `every` labels; persona: the persona's judgement of the "
+            "same two versions on the held-out prompts (n judged pairs)):", "",
+            "| labels | seed | canary | decision | decided by | human win-rate [95% CI] (n) | persona win-rate "
+            "[95% CI] (n) |", "| --- | --- | --- | --- | --- | --- | --- |", *lines]
 
 
 def _grid_line(settings: dict | None) -> list[str]:

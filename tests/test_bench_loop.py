@@ -13,7 +13,16 @@ import pytest
 
 from app.canary import win_rate as canary_win_rate
 from app.personas import PERSONAS
-from bench.loop import build_grid, check_labels_held_out, judge, plan, round_config, round_overrides, starter_prompts
+from bench.loop import (
+    build_grid,
+    check_labels_held_out,
+    judge,
+    plan,
+    round_config,
+    round_overrides,
+    starter_prompts,
+    verdicts,
+)
 from bench.loop_results import (
     GRIDS,
     Grid,
@@ -159,6 +168,16 @@ def test_full_grid_is_what_issue_9_asks():
     assert g.held_out * g.samples >= 96 and len(g.seeds) >= 3 and len(g.personas) == 2
     assert set(g.arms) == {"offline", "semi-online", "online", "kto"}
     assert g.checkpoints("semi-online") == (16, 32, 64, 128) and g.checkpoints("offline") == (32,)
+
+
+def test_the_canary_arm_has_its_own_grid_and_leaves_the_full_grids_identity_alone():
+    assert GRIDS["full"].settings()["arms"] == ["offline", "semi-online", "online", "kto"]  # grid.json of its dirs
+    canary = GRIDS["canary"]
+    assert canary.arms == ("canary",) and canary.labels == 64 and canary.every == 16
+    assert canary.held_out == GRIDS["full"].held_out and canary.samples == GRIDS["full"].samples  # rows pair
+    # the same rounds as the default arm: only how they start and deploy differs
+    assert round_config(canary, "canary", 2, 0) == round_config(GRIDS["full"], "semi-online", 2, 0)
+    assert plan(canary, {}, set(), {"concise"}, False) == [("concise", "canary", s, [64]) for s in (0, 1, 2)]
 
 
 def test_grid_refuses_budgets_that_are_not_whole_rounds():
@@ -332,6 +351,37 @@ def test_table_lists_each_runs_rounds_with_what_they_trained_on_and_their_held_o
     assert "| semi-online | 48 | 1 | - | failed | - | - | - | - | - | - |" in text
     old = row()  # a row from before rounds kept their figures
     assert "| offline | 32 | 0 | - | succeeded | - | - | - | - | - | - |" in table({old["key"]: old}, 32)
+
+
+def test_table_sets_each_canarys_human_decision_beside_the_personas_judgement_of_the_same_versions():
+    r = row(arm="canary", seed=2, labels=64)
+    persona = [[1.0, 1.0], [1.0, 0.5], [0.0, 1.0], [1.0, 1.0]]  # 0.8125 by hand
+    r["canaries"] = [
+        {"version": 1, "parent": 0, "decision": "promoted", "comparisons": 68, "win_rate": 0.7647,
+         "ci95": [0.6324, 0.8824], "persona_verdicts": persona},
+        {"version": 3, "parent": 1, "decision": "pending", "comparisons": 0, "win_rate": None, "ci95": None,
+         "persona_verdicts": [[0.0, 0.5]] * 4},
+    ]
+    r["timeline"] = [{"labels": 16, "canaries": {}}, {"labels": 32, "canaries": {"1": "pending"}},
+                     {"labels": 48, "canaries": {"1": "promoted"}}, {"labels": 64, "canaries": {"1": "promoted",
+                                                                                                 "3": "pending"}}]
+    text = table({r["key"]: r}, 64)
+    e = win_rate([persona])
+    assert e.value == 0.8125
+    assert (f"| 64 | 2 | v1 vs v0 | promoted | 48 | 0.76 [0.63, 0.88] (68) | 0.81 [{e.ci95[0]:.2f}, {e.ci95[1]:.2f}] "
+            "(8 (1 x 4 x 2)) |") in text
+    assert "| 64 | 2 | v3 vs v1 | pending | - | - (0) | 0.25 " in text
+    assert "Canaries" not in table({"x": row(arm="semi-online")}, 32)  # the other arms have none
+
+
+def test_verdicts_pair_the_jth_answers_and_score_ties_half():
+    concise = PERSONAS["concise"]
+    prompts = held_out_prompts(2)
+    mine = [["Short.", "A much longer answer than the other one here."], ["Same.", "Same."]]
+    theirs = [["A longer answer than the first one.", "Short."], ["Same.", "Other."]]
+    assert verdicts(concise, prompts, mine, theirs) == [[1.0, 0.0], [0.5, 0.5]]
+    with pytest.raises(ValueError):
+        verdicts(concise, prompts, mine, theirs[:1])  # a prompt without the other version's answers
 
 
 def results_dir(root, name: str, rows: list[dict], base: dict[int, list[list[str]]], **grid_changes) -> None:
