@@ -112,8 +112,9 @@ class RunStarted(Answer):
 class TrainState(Answer):
     active_run: int | None = Field(description="the queued or running round, if any")
     automatic: bool = Field(description="automatic rounds are on (GET/PATCH /api/settings' auto_train)")
-    paused: str | None = Field(description="why automatic rounds wait (refused rounds in a row from the serving "
-                                           "version with their settings), or null")
+    paused: str | None = Field(description="why automatic rounds wait (a canary still being judged, settings no "
+                                           "longer valid, or refused rounds in a row from the serving version with "
+                                           "their settings), or null")
 
 
 class RunInfo(Answer):
