@@ -291,9 +291,11 @@ class Job:
     def canary_rounds(self, budgets: list[int]) -> None:
         """canary: the app's defaults as a deployment runs them. The scheduler starts a round every `every` labels
         (waiting while a canary is judged); a version the gate passes becomes the canary, and the annotators'
-        rankings of its items promote it, roll it back or leave it undecided. Labelling goes on during rounds.
-        At each budget: wait for the round in progress, judge what serves everyone, and judge every canary against
-        the version it was compared with, so the human decision can be set beside the persona's."""
+        rankings of its items promote it, roll it back or leave it undecided. After each `every` labels the
+        annotators wait for the round in progress, as the other arms' do: simulated annotators rank in no time, so
+        without the wait 64 labels were in before the first round ended, all on the base model. At each budget,
+        judge what serves everyone and every canary against the version it was compared with, so the annotators'
+        decision stands beside the persona's judgement of the same two versions."""
         self.http.patch("/api/settings", json={
             "deploy_policy": "canary", "auto_train": {"every_labels": self.grid.every, "every_minutes": 0,
                                                       "config": round_config(self.grid, "canary", self.seed, 0)}},
@@ -302,10 +304,10 @@ class Job:
         for index in range(max(budgets) // self.grid.every):
             self.label(self.grid.every, index)
             labelled += self.grid.every
+            rounds = settle(self.http)
             timeline.append(self.moment(labelled))
-            self.say(f"{labelled} labels: {timeline[-1]}")
+            self.say(f"{labelled} labels, {len(rounds)} rounds: {timeline[-1]}")
             if labelled in budgets:
-                rounds = settle(self.http)
                 self.write_row(labelled, rounds, timeline=list(timeline), canaries=self.judge_canaries())
 
     def label(self, n: int, index: int) -> None:
@@ -321,7 +323,7 @@ class Job:
         state = self.http.get("/api/train").raise_for_status().json()
         canaries = {v["version"]: v["canary"] for v in self.http.get("/api/versions").raise_for_status().json()
                     if v["canary"] is not None}
-        return {"labels": labelled, "serving": self.serving(), "active_run": state["active_run"],
+        return {"labels": labelled, "serving": self.serving(), "rounds_paused": state["paused"] is not None,
                 "canaries": {str(v): c["decision"] for v, c in sorted(canaries.items())}}
 
     def serving(self) -> int:

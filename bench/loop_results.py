@@ -81,7 +81,8 @@ class Grid:
     samples: int
     labels: int  # the label budget (rankings of K answers) at which the arms are compared
     every: int  # labels between rounds for the arms that retrain as labels arrive (all but offline)
-    curve: tuple[int, ...] = ()  # label budgets at which the default arm is also judged: its learning curve
+    curve: tuple[int, ...] = ()  # label budgets at which the default arm (and `canary`, the default arm as a
+    #   deployment runs it) is also judged: its learning curve
     annotators: int = 2  # simulated annotators (threads); more only queue on the sampler
     noise: float = 0.0  # the persona ranks without noise: the benchmark measures learning, not robustness
     # answers the persona scores alike are sent as a tie (no pair), as the Annotate tab lets people do; False orders
@@ -109,7 +110,7 @@ class Grid:
 
     def checkpoints(self, arm: str) -> tuple[int, ...]:
         """The label budgets at which a job of `arm` is judged (one row each)."""
-        return tuple(sorted({self.labels, *self.curve})) if arm == DEFAULT_ARM else (self.labels,)
+        return tuple(sorted({self.labels, *self.curve})) if arm in (DEFAULT_ARM, "canary") else (self.labels,)
 
     def settings(self) -> dict:
         """The identity written to grid.json (JSON types: tuples become lists)."""
@@ -124,9 +125,11 @@ GRIDS = {
     "full": Grid(personas=("concise", "structured"), arms=LEARNING_ARMS, seeds=(0, 1, 2), held_out=48, samples=2,
                  labels=32, every=16, curve=(16, 32, 64, 128)),
     # the default deploy policy in the loop: does the canary promote what the persona prefers, and how far behind
-    # `immediate` does its judging leave the serving version? (64 labels: two canaries' worth at the defaults)
+    # `immediate` does its judging leave the serving version? Compared with the full grid's default arm at 64 labels;
+    # a canary needs ~40 labels after its round (16 canary rankings on half the new items, plus the buffer), so 96
+    # shows a second decision
     "canary": Grid(personas=("concise", "structured"), arms=("canary",), seeds=(0, 1, 2), held_out=48, samples=2,
-                   labels=64, every=16),
+                   labels=64, every=16, curve=(64, 96)),
 }
 
 

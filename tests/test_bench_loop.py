@@ -177,7 +177,7 @@ def test_the_canary_arm_has_its_own_grid_and_leaves_the_full_grids_identity_alon
     assert canary.held_out == GRIDS["full"].held_out and canary.samples == GRIDS["full"].samples  # rows pair
     # the same rounds as the default arm: only how they start and deploy differs
     assert round_config(canary, "canary", 2, 0) == round_config(GRIDS["full"], "semi-online", 2, 0)
-    assert plan(canary, {}, set(), {"concise"}, False) == [("concise", "canary", s, [64]) for s in (0, 1, 2)]
+    assert plan(canary, {}, set(), {"concise"}, False) == [("concise", "canary", s, [64, 96]) for s in (0, 1, 2)]
 
 
 def test_grid_refuses_budgets_that_are_not_whole_rounds():
