@@ -296,10 +296,10 @@ class Job:
         without the wait 64 labels were in before the first round ended, all on the base model. At each budget,
         judge what serves everyone and every canary against the version it was compared with, so the annotators'
         decision stands beside the persona's judgement of the same two versions."""
-        self.http.patch("/api/settings", json={
-            "deploy_policy": "canary", "auto_train": {"every_labels": self.grid.every, "every_minutes": 0,
-                                                      "config": round_config(self.grid, "canary", self.seed, 0)}},
-        ).raise_for_status()
+        auto = {"every_labels": self.grid.every, "every_minutes": 0,
+                "config": round_config(self.grid, "canary", self.seed, 0)}
+        self.http.patch("/api/settings", json={**self.grid.canary, "deploy_policy": "canary",
+                                               "auto_train": auto}).raise_for_status()
         timeline, labelled = [], 0
         for index in range(max(budgets) // self.grid.every):
             self.label(self.grid.every, index)
@@ -388,13 +388,13 @@ def plan(grid: Grid, done: dict, only: set[str], personas: set[str], no_curve: b
     return jobs
 
 
-def round_overrides(items: list[str]) -> dict:
+def round_overrides(items: list[str], flag: str = "--round", field: str = "a RoundConfig field") -> dict:
     """`KEY=VALUE` pairs; VALUE is JSON (2, 1e-4, null, true) or else a plain string (loss_type=ipo)."""
     overrides = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--round takes KEY=VALUE (a RoundConfig field), got {item!r}")
+            raise SystemExit(f"{flag} takes KEY=VALUE ({field}), got {item!r}")
         try:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -415,6 +415,8 @@ def build_grid(args) -> Grid:
         changes["precision"] = args.precision
     if args.round:
         changes["round"] = round_overrides(args.round)
+    if args.canary:
+        changes["canary"] = round_overrides(args.canary, "--canary", "a CanaryConfig field")
     try:
         grid = replace(grid, **changes)
         RoundConfig.from_dict({k: v for k, v in grid.round.items()})  # an unknown knob fails here, not in a round
@@ -442,6 +444,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, help="override: answers per held-out prompt and model")
     p.add_argument("--seeds", type=int, help="override: number of seeds (0..N-1)")
     p.add_argument("--round", action="append", metavar="KEY=JSON", help="RoundConfig override, e.g. steps=4")
+    p.add_argument("--canary", action="append", metavar="KEY=JSON",
+                   help="the canary arm's CanaryConfig setting, e.g. canary_share=1.0")
     p.add_argument("--random-ties", action="store_true",
                    help="the personas order answers they score alike at random instead of tying them (the grids "
                         "run before ties existed, e.g. bench-results/loop-full)")

@@ -19,8 +19,10 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from app.canary import CanaryConfig
 from bench.stats import Estimate, paired_difference, win_rate
 from learner.config import RoundConfig
+from learner.errors import ConfigError
 from learner.params import PRECISIONS
 
 LEARNING_ARMS = ("offline", "semi-online", "online", "kto")  # how the policy learns: issue 9's comparison
@@ -92,6 +94,7 @@ class Grid:
     # directories of bench-results/ written before it existed ran in fp32
     precision: str = "auto"
     round: dict = field(default_factory=dict)  # RoundConfig overrides applied to every round (tiny sanity runs)
+    canary: dict = field(default_factory=dict)  # CanaryConfig settings of the `canary` arm's server (canary_share...)
 
     def __post_init__(self) -> None:
         problems = [f"unknown arm {a!r} (known: {', '.join(ARMS)})" for a in self.arms if a not in ARMS]
@@ -105,8 +108,21 @@ class Grid:
             problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not (self.personas and self.arms and self.seeds):
             problems.append("the grid needs at least one persona, arm and seed")
+        if self.canary:
+            problems += self._canary_problems()
         if problems:
             raise ValueError("; ".join(problems))
+
+    def _canary_problems(self) -> list[str]:
+        if "canary" not in self.arms:
+            return ["canary settings apply to the canary arm only, which this grid does not run"]
+        if "deploy_policy" in self.canary:
+            return ["the canary arm's deploy_policy is canary by definition"]
+        try:
+            CanaryConfig().replace(self.canary)
+        except ConfigError as exc:
+            return [str(exc)]
+        return []
 
     def checkpoints(self, arm: str) -> tuple[int, ...]:
         """The label budgets at which a job of `arm` is judged (one row each)."""
@@ -148,7 +164,7 @@ def row_key(persona: str, arm: str, seed: int, labels: int) -> str:
 # -- the results directory ---------------------------------------------------------------------------------------
 
 # Grid fields added after results directories were written, with the value those directories were run with.
-LEGACY_FIELDS = {"ties": False, "precision": "fp32"}
+LEGACY_FIELDS = {"ties": False, "precision": "fp32", "canary": {}}
 
 
 # RoundConfig defaults changed after rows were written, with the value those rows' rounds ran with: a row without
@@ -373,7 +389,8 @@ def _grid_line(settings: dict | None) -> list[str]:
     ties = ("the personas tie answers they score alike (no pair)" if settings["ties"]
             else "the personas order answers they score alike at random (--random-ties)")
     overrides = ", ".join(f"{k}={v}" for k, v in settings.get("round", {}).items()) or "none"
-    return [f"rankings: {ties}; precision: {settings['precision']}; RoundConfig overrides: {overrides}"]
+    canary = "".join(f"; canary: {k}={v}" for k, v in settings.get("canary", {}).items())
+    return [f"rankings: {ties}; precision: {settings['precision']}; RoundConfig overrides: {overrides}{canary}"]
 
 
 def _differences(groups: dict, persona: str, budget: int) -> list[str]:

@@ -92,7 +92,9 @@ def collect(root: Path) -> dict[Measure, list[Run]]:
     for directory in directories:
         settings = grid_settings(directory)
         for row in load_rows(directory).values():
-            overrides = json.dumps(round_settings(row, settings.get("round", {})), sort_keys=True)
+            # the canary arm's CanaryConfig settings sit beside the rounds' (their names never clash: canary_*)
+            overrides = json.dumps({**round_settings(row, settings.get("round", {})), **settings.get("canary", {})},
+                                   sort_keys=True)
             measure = Measure(row["persona"], row["labels"], row["arm"], settings["held_out"], settings["samples"],
                               settings["ties"], overrides)
             groups[measure].append(Run(row, directory))

@@ -180,6 +180,25 @@ def test_the_canary_arm_has_its_own_grid_and_leaves_the_full_grids_identity_alon
     assert plan(canary, {}, set(), {"concise"}, False) == [("concise", "canary", s, [64, 96]) for s in (0, 1, 2)]
 
 
+def test_canary_settings_are_checked_and_apply_to_the_canary_arm_only(tmp_path):
+    canary = replace(GRIDS["canary"], canary={"canary_share": 1.0})
+    assert canary.settings()["canary"] == {"canary_share": 1.0}
+    for changes, problem in (({"canary_share": 0}, "canary_share must be a number in"),
+                             ({"canary_sharing": 1}, "unknown canary setting"),
+                             ({"deploy_policy": "immediate"}, "deploy_policy is canary by definition")):
+        with pytest.raises(ValueError, match=problem):
+            replace(GRIDS["canary"], canary=changes)
+    with pytest.raises(ValueError, match="canary arm only"):
+        replace(GRIDS["full"], canary={"canary_share": 1.0})
+    args = argparse.Namespace(grid="canary", labels=None, every=None, held_out=None, samples=None, seeds=None,
+                              random_ties=False, precision=None, round=None, canary=["canary_max_items=0"])
+    with pytest.raises(SystemExit, match="canary_max_items must be an integer >= 1"):
+        build_grid(args)
+    (tmp_path / "grid.json").write_text(json.dumps({k: v for k, v in GRIDS["full"].settings().items()
+                                                    if k != "canary"}))
+    open_results(tmp_path, GRIDS["full"])  # a directory from before the field resumes
+
+
 def test_grid_refuses_budgets_that_are_not_whole_rounds():
     with pytest.raises(ValueError, match="multiple of every=16"):
         Grid(personas=("concise",), arms=("offline",), seeds=(0,), held_out=4, samples=1, labels=24, every=16)
@@ -217,7 +236,7 @@ def test_round_overrides_parse_json_values_and_plain_strings():
 
 def test_unknown_round_knob_is_refused_before_anything_runs():
     args = argparse.Namespace(grid="small", labels=None, every=None, held_out=None, samples=None, seeds=None,
-                              round=["max_staleness=2"], random_ties=False, precision=None)
+                              round=["max_staleness=2"], random_ties=False, precision=None, canary=None)
     with pytest.raises(SystemExit, match="unknown config key 'max_staleness'"):
         build_grid(args)
     args.round, args.random_ties, args.precision = None, True, "fp32"
@@ -391,6 +410,19 @@ def results_dir(root, name: str, rows: list[dict], base: dict[int, list[list[str
         append_row(directory, r)
     for seed, answers in base.items():
         save_base_answers(directory, seed, held_out_prompts(4), answers)
+
+
+def test_summary_keeps_a_canary_setting_apart_and_pairs_it_with_the_canary_defaults(tmp_path):
+    base = {0: [["a", "b"]] * 4}
+    grid = {"arms": ("canary",), "labels": 64, "curve": ()}
+    defaults = row(arm="canary", seed=0, labels=64, verdicts=random_verdicts((4, 2), seed=1).tolist())
+    shared = row(arm="canary", seed=0, labels=64, verdicts=random_verdicts((4, 2), seed=2).tolist())
+    results_dir(tmp_path, "a", [defaults], base, **grid)
+    results_dir(tmp_path, "b", [shared], base, canary={"canary_share": 1.0}, **grid)
+    text = summary(tmp_path)
+    assert "| 64 | canary | defaults |" in text and "| 64 | canary | canary_share=1.0 |" in text
+    d = paired_difference([shared["verdicts"]], [defaults["verdicts"]])
+    assert f"| 64 | canary: canary_share=1.0 - defaults | 0 (unrecorded) | {d.value:+.3f} |" in text
 
 
 def test_summary_pools_directories_by_what_they_measure_and_pairs_runs_by_seed_precision_and_base(tmp_path):
