@@ -10,8 +10,8 @@ Automatic triggers (every N new labels, every T minutes) are off by default and 
 by themselves after AUTO_PAUSE_AFTER refused rounds in a row from the version serving now with the same settings
 (`Scheduler.auto_pause`): the next round would most likely be refused the same way, and each costs minutes of cores
 that item sampling needs. They also wait while a canary is being judged: a round finished meanwhile would become the
-next canary and end this one undecided, so with the canary's defaults (16 rankings at least, half the new items) and
-rounds every 16 labels nearly every canary would be cut short and nothing new would serve.
+next canary and end this one undecided, so with the canary's defaults (16 rankings at least) and rounds every 16
+labels nearly every canary would be cut short and nothing new would serve.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ a latent quality ~ N(mu, 1) (candidate) / N(0, 1) (serving), so its 4 comparison
 
 Prints, per true per-comparison win-rate, the share of runs promoted / rolled back / undecided (n runs, with a 95%
 Wilson interval on the promoted share), and how many rankings of canary items a decision took (median and 90th
-percentile over the runs that promoted or rolled back; at `canary_share` 0.5 about twice as many labels, plus the
-items already sampled when the canary started). ~20 CPU-seconds per 200 runs.
+percentile over the runs that promoted or rolled back; as many labels at the default `canary_share` 1.0, twice as
+many at 0.5, plus the items already sampled when the canary started). ~20 CPU-seconds per 200 runs.
 """
 
 from __future__ import annotations

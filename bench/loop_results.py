@@ -142,7 +142,7 @@ GRIDS = {
                  labels=32, every=16, curve=(16, 32, 64, 128)),
     # the default deploy policy in the loop: does the canary promote what the persona prefers, and how far behind
     # `immediate` does its judging leave the serving version? Compared with the full grid's default arm at 64 labels;
-    # a canary needs ~40 labels after its round (16 canary rankings on half the new items, plus the buffer), so 96
+    # a canary needs 16-40 labels after its round (16 canary rankings at least, plus the items already sampled), so 96
     # shows a second decision
     "canary": Grid(personas=("concise", "structured"), arms=("canary",), seeds=(0, 1, 2), held_out=48, samples=2,
                    labels=64, every=16, curve=(64, 96)),

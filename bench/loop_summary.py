@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from functools import cache
 from pathlib import Path
 
+from app.canary import CanaryConfig
 from bench.loop_results import ARMS, DEFAULT_ARM, grid_settings, load_rows, round_settings
 from bench.stats import Estimate, paired_difference, win_rate
 
@@ -93,8 +94,8 @@ def collect(root: Path) -> dict[Measure, list[Run]]:
         settings = grid_settings(directory)
         for row in load_rows(directory).values():
             # the canary arm's CanaryConfig settings sit beside the rounds' (their names never clash: canary_*)
-            overrides = json.dumps({**round_settings(row, settings.get("round", {})), **settings.get("canary", {})},
-                                   sort_keys=True)
+            overrides = json.dumps({**round_settings(row, settings.get("round", {})),
+                                    **canary_settings(settings.get("canary", {}))}, sort_keys=True)
             measure = Measure(row["persona"], row["labels"], row["arm"], settings["held_out"], settings["samples"],
                               settings["ties"], overrides)
             groups[measure].append(Run(row, directory))
@@ -104,6 +105,14 @@ def collect(root: Path) -> dict[Measure, list[Run]]:
                              f"held-out prompts ({sorted({str(r.directory) for r in runs})}): they cannot be pooled")
         runs.sort(key=lambda r: (r.seed, r.precision, str(r.directory)))
     return groups
+
+
+def canary_settings(stored: dict) -> dict:
+    """How a canary arm's server differed from today's CanaryConfig defaults: a directory records the settings it was
+    given, and one run at a value that has since become the default pools with the defaults' runs. A directory run
+    under an older default records that value (loop-concise-64-canary: canary_share 0.5)."""
+    today = asdict(CanaryConfig())
+    return {k: v for k, v in stored.items() if today.get(k) != v}
 
 
 def pooled(runs: list[Run]) -> Estimate:

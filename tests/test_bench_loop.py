@@ -11,6 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from app.canary import CanaryConfig
 from app.canary import win_rate as canary_win_rate
 from app.personas import PERSONAS
 from bench.loop import (
@@ -416,13 +417,18 @@ def test_summary_keeps_a_canary_setting_apart_and_pairs_it_with_the_canary_defau
     base = {0: [["a", "b"]] * 4}
     grid = {"arms": ("canary",), "labels": 64, "curve": ()}
     defaults = row(arm="canary", seed=0, labels=64, verdicts=random_verdicts((4, 2), seed=1).tolist())
-    shared = row(arm="canary", seed=0, labels=64, verdicts=random_verdicts((4, 2), seed=2).tolist())
+    half = row(arm="canary", seed=0, labels=64, verdicts=random_verdicts((4, 2), seed=2).tolist())
+    explicit = row(arm="canary", seed=1, labels=64, verdicts=random_verdicts((4, 2), seed=3).tolist())
     results_dir(tmp_path, "a", [defaults], base, **grid)
-    results_dir(tmp_path, "b", [shared], base, canary={"canary_share": 1.0}, **grid)
+    results_dir(tmp_path, "b", [half], base, canary={"canary_share": 0.5}, **grid)
+    # a setting given explicitly at today's default value is the defaults
+    results_dir(tmp_path, "c", [explicit], {1: [["c", "d"]] * 4}, canary={"canary_share": CanaryConfig().canary_share},
+                **grid)
     text = summary(tmp_path)
-    assert "| 64 | canary | defaults |" in text and "| 64 | canary | canary_share=1.0 |" in text
-    d = paired_difference([shared["verdicts"]], [defaults["verdicts"]])
-    assert f"| 64 | canary: canary_share=1.0 - defaults | 0 (unrecorded) | {d.value:+.3f} |" in text
+    assert "| 64 | canary | defaults | 4 x 2 | 0, 1 (unrecorded) |" in text and "| a, c |" in text, text
+    assert "| 64 | canary | canary_share=0.5 | 4 x 2 | 0 (unrecorded) |" in text
+    d = paired_difference([half["verdicts"]], [defaults["verdicts"]])
+    assert f"| 64 | canary: canary_share=0.5 - defaults | 0 (unrecorded) | {d.value:+.3f} |" in text
 
 
 def test_summary_pools_directories_by_what_they_measure_and_pairs_runs_by_seed_precision_and_base(tmp_path):

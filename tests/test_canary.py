@@ -81,10 +81,10 @@ def test_mixing_keeps_the_share():
 
 def test_config_defaults_validation_and_settings_round_trip():
     config = CanaryConfig()
-    assert (config.deploy_policy, config.canary_share, config.canary_threshold) == ("canary", 0.5, 0.5)
+    assert (config.deploy_policy, config.canary_share, config.canary_threshold) == ("canary", 1.0, 0.5)
     assert CanaryConfig.from_settings(config.to_settings()) == config
     assert CanaryConfig.from_settings({"canary_max_items": "7", "other": "x"}).canary_max_items == 7
-    assert config.replace({"canary_share": 1}).canary_share == 1
+    assert config.replace({"canary_share": 0.25}).canary_share == 0.25
     for bad, message in [({"deploy_policy": "later"}, "deploy_policy must be one of canary, immediate"),
                          ({"canary_share": 0}, r"canary_share must be a number in \(0, 1\], got 0"),
                          ({"canary_threshold": 1.0}, r"canary_threshold must be a number in \(0, 1\)"),

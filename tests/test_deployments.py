@@ -184,7 +184,7 @@ def test_a_round_started_by_hand_during_a_canary_says_it_may_supersede_it(ctx, s
 
 def test_deploy_policy_immediate_and_the_settings_contract(ctx, server, boss, add_version):
     body = boss.get("/api/settings").json()
-    assert {k: body[k] for k in QUICK_CANARY} == {"canary_share": 0.5, "canary_min_comparisons": 64,
+    assert {k: body[k] for k in QUICK_CANARY} == {"canary_share": 1.0, "canary_min_comparisons": 64,
                                                   "canary_max_items": 60, "canary_threshold": 0.5}
     assert body["deploy_policy"] == "canary"
     for bad in ({"deploy_policy": "later"}, {"canary_share": 0}, {"canary_threshold": 1.5},
