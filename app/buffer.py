@@ -5,7 +5,8 @@ loses none of them. A background thread keeps `buffer_size` items waiting, plus 
 reserved, so fetching the next item is a database read and never waits for generation while the buffer holds one.
 Items sampled by a version more than `max_item_staleness` deployed versions back along the serving version's lineage
 (or off it: a rolled-back version) stop being served; the thread replaces them. While a canary runs, a share of new
-items mix its answers with the serving version's (app/deployments.py decides which, app/canary.py how many).
+items mix its answers with the serving version's (app/deployments.py decides which, app/canary.py how many), and
+annotators get those items before the serving version's older ones, so its decision does not wait for the buffer.
 
 Reservations are in memory: an item handed to an annotator is kept from others for `reserve_seconds`. They are also
 the proof of what was handed to whom: a ranking, thumbs or skip is accepted only on an item `next_for` handed to that
@@ -132,8 +133,11 @@ class ItemBuffer:
                     return self.store.items.get(reservation.item_id)
                 self._release(reservation.item_id, user_id)
             busy = self._busy_items(exclude_user=user_id, now=now)
+            # a canary's items go before the serving version's older ones: its decision does not wait for them
+            canary = self.deployments.pending_canary
+            first = [canary.version] if canary is not None else []
             for item_id in self.store.items.waiting(user_id, self.served_versions, self.config.overlap, exclude=busy,
-                                                    limit=1):
+                                                    limit=1, first=first):
                 self._reservations[(item_id, user_id)] = Reservation(
                     user_id, item_id, now, now + self.config.reserve_seconds)
                 self.sizer.handed(now)

@@ -164,9 +164,10 @@ class Items:
 
     def waiting(
         self, user_id: int, versions: Iterable[int], overlap: int, exclude: Iterable[int] = frozenset(),
-        limit: int = 20, only: Iterable[int] | None = None,
+        limit: int = 20, only: Iterable[int] | None = None, first: Iterable[int] = (),
     ) -> list[int]:
-        """Ids of items `user_id` may label next, oldest first: sampled by one of `versions` (the ones still served),
+        """Ids of items `user_id` may label next, oldest first (those with an answer by a version in `first` before
+        all others: the canary's items while it is judged): sampled by one of `versions` (the ones still served),
         done (ranked or skipped) by fewer than `overlap` annotators, never by `user_id`, not in `exclude`, in
         `only` if given, and of a prompt still in the pool (an admin may remove prompts)."""
         rows = self.db.cursor().execute(
@@ -179,7 +180,9 @@ class Items:
                   AND NOT coalesce(d.mine, false)
                   AND NOT list_contains($exclude::BIGINT[], i.item_id)
                   AND ($only::BIGINT[] IS NULL OR list_contains($only::BIGINT[], i.item_id))
-                ORDER BY i.created_at, i.item_id
+                ORDER BY EXISTS (SELECT 1 FROM answers a WHERE a.item_id = i.item_id
+                                 AND list_contains($first::INTEGER[], a.policy_version)) DESC,
+                         i.created_at, i.item_id
                 LIMIT $limit""",
             {
                 "user_id": user_id,
@@ -187,6 +190,7 @@ class Items:
                 "overlap": overlap,
                 "exclude": sorted(exclude),
                 "only": None if only is None else sorted(only),
+                "first": sorted(first),
                 "limit": limit,
             },
         ).fetchall()

@@ -62,6 +62,23 @@ def test_canary_items_in_a_batch_take_half_their_answers_from_the_canary(batch_c
         assert versions == [0, 0, version, version]
 
 
+def test_a_canarys_items_are_handed_out_before_older_items_of_the_serving_version(batch_ctx, add_version):
+    """Its decision needs rankings of its own items: it must not wait for the buffer's older ones to be ranked."""
+    ctx = batch_ctx
+    assert ctx.buffer.fill_once() == 3  # three items of version 0, sampled before the canary
+    older = ctx.store.items.waiting(1, ctx.buffer.served_versions, 1, limit=10)
+    version = add_version()
+    ctx.deployments.canary_config = replace(ctx.deployments.canary_config, canary_share=1.0)
+    ctx.deployments.start_canary(version)
+    assert ctx.buffer.fill_once(up_to=6) == 3
+    mixed = [i for i in ctx.store.items.waiting(1, ctx.buffer.served_versions, 1, limit=10) if i not in older]
+    assert len(mixed) == 3 and min(mixed) > max(older)  # newer items, yet annotators get them first
+    handed = [ctx.buffer.next_for(user_id).item_id for user_id in (1, 2, 3, 4)]
+    assert handed[:3] == mixed and handed[3] == older[0], (handed, mixed, older)
+    # the store's own order, without a canary to put first: oldest first
+    assert ctx.store.items.waiting(5, ctx.buffer.served_versions, 1, limit=10, exclude=handed) == older[1:]
+
+
 def test_top_up_fills_to_the_ceiling(batch_ctx):
     assert batch_ctx.buffer.top_up(seconds=600) == 7
     assert batch_ctx.buffer.waiting_count() == 7
