@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -52,6 +52,9 @@ _ANSWER_COLUMNS = "answer_id, item_id, position, text, token_count, finish_reaso
 # (item, annotator) pairs where the annotator is done with the item: ranked it or skipped it. UNION removes the
 # duplicate when one did both, so count(*) per item counts distinct annotators.
 _DONE = "SELECT item_id, user_id FROM rankings UNION SELECT item_id, user_id FROM skips"
+# `waiting`'s order key for items with an answer by one of the versions in $first (a canary's), put before the rest
+_FIRST = ("EXISTS (SELECT 1 FROM answers a WHERE a.item_id = i.item_id "
+          "AND list_contains($first::INTEGER[], a.policy_version)) DESC,")
 
 
 def annotators_done(cur: Cursor, item_id: int) -> int:
@@ -164,7 +167,7 @@ class Items:
 
     def waiting(
         self, user_id: int, versions: Iterable[int], overlap: int, exclude: Iterable[int] = frozenset(),
-        limit: int = 20, only: Iterable[int] | None = None, first: Iterable[int] = (),
+        limit: int = 20, only: Iterable[int] | None = None, first: Sequence[int] = (),
     ) -> list[int]:
         """Ids of items `user_id` may label next, oldest first (those with an answer by a version in `first` before
         all others: the canary's items while it is judged): sampled by one of `versions` (the ones still served),
@@ -180,9 +183,7 @@ class Items:
                   AND NOT coalesce(d.mine, false)
                   AND NOT list_contains($exclude::BIGINT[], i.item_id)
                   AND ($only::BIGINT[] IS NULL OR list_contains($only::BIGINT[], i.item_id))
-                ORDER BY EXISTS (SELECT 1 FROM answers a WHERE a.item_id = i.item_id
-                                 AND list_contains($first::INTEGER[], a.policy_version)) DESC,
-                         i.created_at, i.item_id
+                ORDER BY {_FIRST if first else ""} i.created_at, i.item_id
                 LIMIT $limit""",
             {
                 "user_id": user_id,
@@ -190,7 +191,7 @@ class Items:
                 "overlap": overlap,
                 "exclude": sorted(exclude),
                 "only": None if only is None else sorted(only),
-                "first": sorted(first),
+                **({"first": sorted(first)} if first else {}),
                 "limit": limit,
             },
         ).fetchall()
