@@ -1,12 +1,14 @@
 """How often the canary's decision rule (app/canary.py, checked after every ranking) promotes, rolls back or hands to
-an admin, simulated with the default CanaryConfig at K=4: each ranking orders 2 candidate and 2 serving answers by
-a latent quality ~ N(mu, 1) (candidate) / N(0, 1) (serving), so its 4 comparisons are correlated as real ones are.
+an admin, simulated with the default CanaryConfig (or `--canary KEY=VALUE` changes) at K=4: each ranking orders 2
+candidate and 2 serving answers by a latent quality ~ N(mu, 1) (candidate) / N(0, 1) (serving), so its 4
+comparisons are correlated as real ones are.
 
-    .venv/bin/python -m bench.canary [--runs 200] [--seed 0]
+    .venv/bin/python -m bench.canary [--runs 200] [--seed 0] [--canary canary_max_items=32 ...]
 
 Prints, per true per-comparison win-rate, the share of runs promoted / rolled back / undecided (n runs, with a 95%
-Wilson interval on the promoted share), and how many rankings of canary items a decision took (median and 90th
-percentile over the runs that promoted or rolled back; as many labels at the default `canary_share` 1.0, twice as
+Wilson interval on the promoted share), how many rankings of canary items a decision took (median and 90th
+percentile over the runs that promoted or rolled back), and how many rankings the canary held on average over every
+run, the undecided ones included: automatic rounds wait that long (as many labels at `canary_share` 1.0, twice as
 many at 0.5, plus the items already sampled when the canary started). ~20 CPU-seconds per 200 runs.
 """
 
@@ -14,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import asdict
 
 import numpy as np
 
 from app.canary import CanaryConfig, decide, win_rate
+from learner.errors import ConfigError
 from learner.stats import wilson_interval
 
 SHIFTS = (-0.5, -0.25, 0.0, 0.12, 0.25, 0.5)  # candidate quality shift in serving-answer standard deviations
@@ -40,15 +44,35 @@ def true_win_rate(shift: float) -> float:
     return 0.5 * (1 + math.erf(shift / 2))
 
 
+def rule(changes: list[str]) -> CanaryConfig:
+    """The default CanaryConfig with `KEY=VALUE` changes (VALUE as JSON where it parses: 32, 0.55)."""
+    values: dict[str, object] = {}
+    for item in changes:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--canary takes KEY=VALUE (a CanaryConfig field), got {item!r}")
+        try:
+            values[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            values[key] = value
+    try:
+        return CanaryConfig().replace(values)
+    except ConfigError as exc:
+        raise SystemExit(f"--canary: {exc}") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--canary", action="append", default=[], metavar="KEY=VALUE",
+                        help="a CanaryConfig change, e.g. canary_max_items=32 (repeatable)")
     args = parser.parse_args()
-    config = CanaryConfig()
-    print(f"default rule: {config}")
+    config = rule(args.canary)
+    changed = {k: v for k, v in asdict(config).items() if asdict(CanaryConfig())[k] != v}
+    print(f"rule: {config}" + (f" (changed from the defaults: {changed})" if changed else " (the defaults)"))
     print("true win-rate | promoted [95% CI]    | rolled back | undecided | rankings to a decision: median, p90 "
-          "| n runs")
+          "| rankings held: mean | n runs")
     for shift in SHIFTS:
         rng = np.random.default_rng(args.seed)
         runs = [one_canary(rng, shift, config) for _ in range(args.runs)]
@@ -58,9 +82,10 @@ def main() -> None:
         low, high = wilson_interval(promoted, args.runs)
         took = (f"{np.median(decided):.0f}, {np.percentile(decided, 90):.0f} ({len(decided)} decided)" if decided
                 else "- (none decided)")
+        held = np.mean([n for _, n in runs])
         print(f"{true_win_rate(shift):13.2f} | {promoted / args.runs:.3f} [{low:.3f}, {high:.3f}] | "
               f"{outcomes.count('rolled_back') / args.runs:11.3f} | {outcomes.count('undecided') / args.runs:9.3f} | "
-              f"{took} | {args.runs}")
+              f"{took} | {held:.1f} | {args.runs}")
 
 
 if __name__ == "__main__":
