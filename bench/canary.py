@@ -21,6 +21,8 @@ from dataclasses import asdict
 import numpy as np
 
 from app.canary import CanaryConfig, decide, win_rate
+from bench.loop_results import round_overrides
+from bench.loop_summary import canary_settings
 from learner.errors import ConfigError
 from learner.stats import wilson_interval
 
@@ -45,18 +47,9 @@ def true_win_rate(shift: float) -> float:
 
 
 def rule(changes: list[str]) -> CanaryConfig:
-    """The default CanaryConfig with `KEY=VALUE` changes (VALUE as JSON where it parses: 32, 0.55)."""
-    values: dict[str, object] = {}
-    for item in changes:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--canary takes KEY=VALUE (a CanaryConfig field), got {item!r}")
-        try:
-            values[key] = int(value) if value.lstrip("-").isdigit() else float(value)
-        except ValueError:
-            values[key] = value
+    """The default CanaryConfig with `KEY=VALUE` changes (VALUE as JSON: 32, 0.55)."""
     try:
-        return CanaryConfig().replace(values)
+        return CanaryConfig().replace(round_overrides(changes, "--canary", "a CanaryConfig field"))
     except ConfigError as exc:
         raise SystemExit(f"--canary: {exc}") from None
 
@@ -69,7 +62,7 @@ def main() -> None:
                         help="a CanaryConfig change, e.g. canary_max_items=32 (repeatable)")
     args = parser.parse_args()
     config = rule(args.canary)
-    changed = {k: v for k, v in asdict(config).items() if asdict(CanaryConfig())[k] != v}
+    changed = canary_settings(asdict(config))
     print(f"rule: {config}" + (f" (changed from the defaults: {changed})" if changed else " (the defaults)"))
     print("true win-rate | promoted [95% CI]    | rolled back | undecided | rankings to a decision: median, p90 "
           "| rankings held: mean | n runs")

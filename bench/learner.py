@@ -618,7 +618,7 @@ def main() -> None:
     if a.what in ("step", "all"):
         bench_step()
     if a.what in ("round", "all"):
-        from bench.loop import round_overrides  # one parser of KEY=JSON for both benchmarks
+        from bench.loop_results import round_overrides  # one parser of KEY=JSON for every benchmark
 
         bench_round(a.items, round_overrides(a.round), a.precisions.split(",") if a.precisions else None,
                     round_overrides(a.also))

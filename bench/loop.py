@@ -68,6 +68,7 @@ from bench.loop_results import (
     load_rows,
     open_results,
     overlap,
+    round_overrides,
     rounds_precision,
     row_key,
     save_base_answers,
@@ -386,20 +387,6 @@ def plan(grid: Grid, done: dict, only: set[str], personas: set[str], no_curve: b
                 if missing:  # a job reruns from 0 labels and writes only the rows still missing
                     jobs.append((persona, arm, seed, missing))
     return jobs
-
-
-def round_overrides(items: list[str], flag: str = "--round", field: str = "a RoundConfig field") -> dict:
-    """`KEY=VALUE` pairs; VALUE is JSON (2, 1e-4, null, true) or else a plain string (loss_type=ipo)."""
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"{flag} takes KEY=VALUE ({field}), got {item!r}")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    return overrides
 
 
 def build_grid(args) -> Grid:

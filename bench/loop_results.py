@@ -194,6 +194,21 @@ def grid_settings(directory: Path) -> dict | None:
     return {**LEGACY_FIELDS, **json.loads(path.read_text(encoding="utf-8"))}
 
 
+def round_overrides(items: list[str], flag: str = "--round", field: str = "a RoundConfig field") -> dict:
+    """`KEY=VALUE` pairs (bench.loop's --round and --canary, bench.learner's and bench.canary's): VALUE is JSON (2,
+    1e-4, null, true) or else a plain string (loss_type=ipo)."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"{flag} takes KEY=VALUE ({field}), got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
 def open_results(directory: Path, grid: Grid) -> None:
     """Create `directory` for `grid`, or check that it was started with the same settings."""
     directory.mkdir(parents=True, exist_ok=True)
