@@ -180,13 +180,18 @@ class Scheduler:
                 raise _Cancelled
             if code != 0 or not (out_dir / "metrics.json").is_file():
                 said = (done or {}).get("error") or "".join(stderr_tail)[-2000:].strip()
-                raise RuntimeError(f"the round exited with code {code}: {said}")
+                raise _RoundFailed(f"the round exited with code {code}: {said}")
             self._register(run_id, version, parent.version, out_dir, round_config, done)
         except _Cancelled:
             runs.update(run_id, status="cancelled", finished_at=_now(), error=self._cancelled[run_id])
         except Exception as exc:  # a failed round is recorded on the run, never raised into the app
-            log.exception("run %s failed", run_id)
-            runs.update(run_id, status="failed", finished_at=_now(), error=f"{type(exc).__name__}: {exc}")
+            if isinstance(exc, _RoundFailed):  # the round said why (no labels yet, ...): one line, no traceback
+                log.warning("run %s failed: %s", run_id, exc)
+                error = f"RuntimeError: {exc}"  # as runs recorded it before these failures had a class of their own
+            else:
+                log.exception("run %s failed", run_id)
+                error = f"{type(exc).__name__}: {exc}"
+            runs.update(run_id, status="failed", finished_at=_now(), error=error)
         finally:
             self.cores.after_round()
             shutil.rmtree(out_dir.with_name(out_dir.name + ".partial"), ignore_errors=True)
@@ -324,6 +329,11 @@ class Scheduler:
 
 class _Cancelled(Exception):
     """The admin cancelled the run."""
+
+
+class _RoundFailed(RuntimeError):
+    """The round's process ended without a version and said why (its error event or stderr tail)."""
+
 
 
 class CoreShare:

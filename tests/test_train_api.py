@@ -263,3 +263,15 @@ def test_which_refusals_pause_automatic_rounds(ctx, accounts):
     assert "no longer valid" in pause() and "stepz" in pause()
     ctx.scheduler._auto("labels")
     assert ctx.store.runs.list(1)[0].run_id == 12
+
+
+def test_a_round_with_nothing_to_train_fails_with_its_reason_and_logs_no_traceback(ctx, server, boss, caplog):
+    # an ordinary mistake (training before any label): the run records why, the server's log says it in one line
+    with caplog.at_level("WARNING", logger="app.scheduler"):
+        run = wait_run(boss, boss.post("/api/train", json={"algorithm": "dpo", **QUICK}).json()["run_id"])
+    assert run["status"] == "failed"
+    assert run["error"].startswith("RuntimeError: the round exited with code 1: no training examples")
+    said = [r for r in caplog.records if r.name == "app.scheduler" and "failed" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "WARNING" and said[0].exc_info is None
+    assert "no training examples" in said[0].getMessage()
+    assert boss.get("/api/health").json()["policy_version"] == 0
