@@ -321,6 +321,10 @@ def test_kill_9_during_a_canary_leaves_one_version_serving_and_the_canary_consis
         assert store.versions.deployed().version == 1 and store.versions.active_canary() is None
         assert recorded["comparisons"] >= 24 and recorded["ci95"][0] > 0.05
         assert recorded["comparisons"] <= independent_comparisons(store, candidate=1, serving=0)
+    # What the admin's terminal showed across both starts, loading the canary's adapter each time: no traceback, and
+    # no library's deprecation notice (peft reading transformers' `is_gradient_checkpointing` printed one).
+    shown = log.read_text()
+    assert "Traceback" not in shown and "FutureWarning" not in shown, shown[-3000:]
 
 
 def independent_comparisons(store: Store, candidate: int, serving: int) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -21,6 +22,11 @@ from app.generation.backend import ItemRequest, group_requests
 from learner.errors import ModelError
 from learner.model import Device, cast_linear_weights, keep_lora_sums_fp32, load_base_model, load_tokenizer
 from learner.sampling import SampledAnswer, SamplingParams, sample_many, stream_answer
+
+# peft reads transformers' deprecated `is_gradient_checkpointing` on every adapter it loads: one FutureWarning in the
+# admin's terminal at the first deploy, meant for whoever upgrades the libraries. Only that notice is silenced
+# (a filter for the process, not a catch_warnings block: that swaps the filters of every thread while it runs).
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 class TransformersBackend:
