@@ -62,6 +62,7 @@ class SettingsBody(Body):
     canary_min_comparisons: int | None = Field(default=None, description="comparisons before any decision")
     canary_max_items: int | None = Field(default=None, description="ranked canary items before an admin decides")
     canary_threshold: float | None = Field(default=None, description="the win-rate to beat, (0, 1)")
+    canary_chain: bool | None = Field(default=None, description="rounds while a canary is judged train from it")
 
 
 @router.get("/users")

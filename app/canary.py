@@ -44,6 +44,11 @@ class CanaryConfig:
     canary_max_items: int = 60
     # Better than the serving version = wins more than half of the head-to-head comparisons.
     canary_threshold: float = 0.5
+    # True: a round started while a canary is judged trains from the canary and waits as a candidate; promoted, the
+    # canary hands over to it at once; rolled back, it goes too (app/deployments.py). False (the default until
+    # bench.loop --grid canary measures it): automatic rounds wait for the decision. Why it may help: deployed at once
+    # the loop served 0.93 at 64 `concise` labels, under the canary 0.56 (docs/DESIGN.md, "Not built yet").
+    canary_chain: bool = False
 
     def __post_init__(self) -> None:
         checks = {
@@ -54,6 +59,7 @@ class CanaryConfig:
             "canary_max_items": (_whole(self.canary_max_items) and self.canary_max_items >= 1, "an integer >= 1"),
             "canary_threshold": (is_number(self.canary_threshold) and 0 < self.canary_threshold < 1,
                                  "a number in (0, 1)"),
+            "canary_chain": (isinstance(self.canary_chain, bool), "true or false"),
         }
         for name, (ok, what) in checks.items():
             if not ok:
@@ -66,7 +72,7 @@ class CanaryConfig:
         for f in fields(cls):
             if stored.get(f.name) is not None:
                 kind = type(getattr(cls(), f.name))
-                values[f.name] = kind(stored[f.name])
+                values[f.name] = parse_bool(stored[f.name]) if kind is bool else kind(stored[f.name])
         return cls(**values)
 
     def replace(self, changes: Mapping[str, object]) -> CanaryConfig:
@@ -133,6 +139,14 @@ def should_mix(canary_items: int, items_since_start: int, share: float) -> bool:
     """Whether the next sampled item should be a canary item: keeps canary items at `share` of the items sampled
     since the canary started, deterministically (share 0.5 alternates), so a restart continues the same schedule."""
     return canary_items < share * (items_since_start + 1)
+
+
+def parse_bool(text: str) -> bool:
+    """A boolean as the settings table stores one (str(True) -> "True"); ValueError for anything else."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    raise ValueError(f"not true or false: {text!r}")
 
 
 def _whole(value: object) -> bool:

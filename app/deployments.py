@@ -4,7 +4,12 @@
                                     -> deploy_policy "immediate": deploy()  (hot swap)
                                     -> deploy_policy "canary": start_canary() -> share of new items mix its answers
                                        -> evaluate() after every label: promoted (hot swap) | rolled_back | undecided
+                                    -> canary_chain, trained from the canary: waits as a candidate; the canary
+                                       promoted: the newest waiting one becomes the canary; rolled back: they go too
     admin: deploy(v, force) / roll_back() / promote(v) / reject_canary(v)
+
+A crash between a promotion and the start of the waiting version's canary leaves that version a candidate (the
+promotion stands; an admin can start its canary by hand).
 
 The store's versions table is the record (each change one transaction: a crash leaves the state before or after it,
 never half of one); `serving` is its in-memory copy, set only here, after the adapter is loaded and the store
@@ -80,6 +85,12 @@ class Deployments:
         canary = self._canary
         return canary if canary is not None and canary.mixing else None
 
+    def round_parent(self) -> int:
+        """The version a round trains from: the serving one, or, under canary_chain, the canary being judged (the
+        round's version then waits for its decision: `register`, `_decide`)."""
+        canary = self.pending_canary
+        return canary.version if canary is not None and self.canary_config.canary_chain else self._serving
+
     def served_versions(self, max_item_staleness: int) -> list[int]:
         """Versions whose items are still served: the serving one and the `max_item_staleness` versions that served
         before it along its lineage (parent chain). Rejected or rolled-back versions off the line never count."""
@@ -104,9 +115,23 @@ class Deployments:
             return "rejected"
         if self.canary_config.deploy_policy == "immediate":
             self.deploy(version)
-        else:
+        elif not self._waits(version, parent):
             self.start_canary(version)
         return self.store.versions.get(version).status
+
+    def _waits(self, version: int, parent: int) -> bool:
+        """Whether a version trained from a canary (canary_chain) waits for that canary's decision instead of
+        becoming the canary now: yes while its parent is the canary; a parent rolled back as a canary takes it along
+        (marked rolled_back); a parent promoted meanwhile serves, and the version is tested against it as usual."""
+        with self._lock:
+            if self._canary is not None and self._canary.version == parent:
+                log.info("v%s waits for the decision on the canary v%s, which it was trained from", version, parent)
+                return True
+            was_canary = self.store.versions.canaries().get(parent)
+            if was_canary is not None and was_canary.decision == "rolled_back":
+                self.store.versions.set_status(version, "rolled_back", _child_of_rolled_back(parent))
+                return True
+            return False
 
     def deploy(self, version: int, force: bool = False, by: str = "an admin") -> PolicyVersion:
         """Roll forward or back to `version` (hot swap). The canary itself is promoted; a version the gate rejected
@@ -223,8 +248,21 @@ class Deployments:
                 self._set_serving(version)
             self._canary = decided if decision == "undecided" else None
             self._pin()
+            waiting = self.store.versions.waiting(version) if decision != "undecided" else []
+            if decision == "rolled_back":  # trained from what the annotators turned down: they go with it
+                for child in waiting:
+                    self.store.versions.set_status(child.version, "rolled_back", _child_of_rolled_back(version))
+            elif waiting:  # promoted: the newest round trained from it is the next canary (older ones stay candidates)
+                self._hand_over(version, waiting[0].version)
         self.on_change()
         return self.canary_status(decided)
+
+    def _hand_over(self, promoted: int, child: int) -> None:
+        try:
+            self.start_canary(child)
+            log.info("canary v%s: trained from v%s while it was judged, now judged against it", child, promoted)
+        except Exception as exc:  # noqa: BLE001 - the promotion stands; the child stays a candidate an admin can test
+            log.warning("canary v%s could not start after v%s was promoted: %s", child, promoted, exc)
 
     def _switch(self, record: PolicyVersion, taken_down: str | None = None, reason: str | None = None):
         """Load `record`'s adapter (waiting for the generation in flight), record the deploy, then serve it."""
@@ -260,6 +298,10 @@ class Deployments:
 
     def _pin(self) -> None:
         self.policy.pin({self._serving} | ({self._canary.version} if self._canary else set()))
+
+
+def _child_of_rolled_back(parent: int) -> str:
+    return f"trained from the canary v{parent}, which the annotators rolled back"
 
 
 def _fmt(value: float | None) -> str:

@@ -11,7 +11,9 @@ by themselves after AUTO_PAUSE_AFTER refused rounds in a row from the version se
 (`Scheduler.auto_pause`): the next round would most likely be refused the same way, and each costs minutes of cores
 that item sampling needs. They also wait while a canary is being judged: a round finished meanwhile would become the
 next canary and end this one undecided, so with the canary's defaults (16 rankings at least) and rounds every 16
-labels nearly every canary would be cut short and nothing new would serve.
+labels nearly every canary would be cut short and nothing new would serve. Under `canary_chain` a round started
+meanwhile trains from the canary instead (`Deployments.round_parent`) and its version waits for the decision; they
+pause only while such a version waits.
 """
 
 from __future__ import annotations
@@ -125,7 +127,7 @@ class Scheduler:
 
     def _execute(self, run_id: int, round_config: RoundConfig) -> None:
         runs = self.store.runs
-        parent = self.store.versions.get(self.deployments.serving)
+        parent = self.store.versions.get(self.deployments.round_parent())
         version = self.store.versions.next_number()
         work = self.config.data_dir / "runs" / f"run-{run_id}"
         out_dir = self.config.versions_dir / f"v{version}"
@@ -287,33 +289,38 @@ class Scheduler:
 
     def auto_pause(self, auto: AutoTrain | None = None) -> str | None:
         """Why automatic rounds are paused, or None when they are not (or are off): a canary is still being judged
-        (its decision pending), their stored settings are no longer a valid RoundConfig, or the newest
-        AUTO_PAUSE_AFTER finished rounds (cancelled ones aside) were all refused by the gate, each from the version
-        serving now and with the automatic rounds' settings. Read from the store each time, so it holds across
-        restarts and ends by itself when the canary is decided, another version serves, the automatic settings
-        change, or a round (one started by hand too) ends otherwise. The message stays the same while the reason
-        does, so the log says it once."""
+        (its decision pending; under canary_chain, only while a version trained from it waits), their stored
+        settings are no longer a valid RoundConfig, or the newest AUTO_PAUSE_AFTER finished rounds (cancelled ones
+        aside) were all refused by the gate, each from the version rounds start from now and with the automatic
+        rounds' settings. Read from the store each time, so it holds across restarts and ends by itself when the
+        canary is decided, another version serves, the automatic settings change, or a round (one started by hand
+        too) ends otherwise. The message stays the same while the reason does, so the log says it once."""
         auto = auto or self.auto_train()
         if not auto.enabled:
             return None
         canary = self.deployments.pending_canary
-        if canary is not None:
+        if canary is not None and not self.deployments.canary_config.canary_chain:
             return (f"Automatic rounds are paused while the annotators judge the canary v{canary.version}: a round "
                     "finished now would become the next canary and end this one undecided. They start again once "
                     "it is promoted, rolled back or left undecided (Admin -> Versions shows its evidence).")
+        waiting = self.store.versions.waiting(canary.version) if canary is not None else []
+        if waiting:
+            return (f"Automatic rounds are paused: v{waiting[0].version}, trained from the canary v{canary.version}, "
+                    "waits for its decision (canary_chain) and becomes the next canary if it is promoted. They start "
+                    "again once it is decided.")
         try:
             # as the runs table keeps a round's config (JSON: tuples as lists), to compare with theirs
             settings = json.loads(to_json(RoundConfig.from_dict(auto.config).to_dict(), "config"))
         except ConfigError as exc:  # stored before an upgrade that renamed or removed a RoundConfig field
             return (f"Automatic rounds are paused: their settings are no longer valid ({exc}). Save them again in "
                     "Admin -> Train or with PATCH /api/settings.")
-        serving = self.deployments.serving
+        parent = self.deployments.round_parent()
         refused = []
         for run in self.store.runs.list(AUTO_PAUSE_AFTER + 20):  # a few cancelled runs in between are skipped
             if run.status in (*ACTIVE, "cancelled"):
                 continue
             if (run.status != "rejected" or run.version is None or run.config != settings
-                    or self.store.versions.get(run.version).parent != serving):
+                    or self.store.versions.get(run.version).parent != parent):
                 break
             refused.append(run)
             if len(refused) == AUTO_PAUSE_AFTER:
@@ -321,7 +328,7 @@ class Scheduler:
         if len(refused) < AUTO_PAUSE_AFTER:
             return None
         rounds = ", ".join(str(run.run_id) for run in reversed(refused))
-        return (f"Automatic rounds are paused: rounds {rounds} in a row, each from v{serving} with the automatic "
+        return (f"Automatic rounds are paused: rounds {rounds} in a row, each from v{parent} with the automatic "
                 f"rounds' settings, were refused by the gate (the last: {refused[0].error or 'no reason recorded'}). "
                 "They start again when another version serves, their settings change, or a round started by hand "
                 "passes the gate.")

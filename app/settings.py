@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from app.canary import CanaryConfig
+from app.canary import CanaryConfig, parse_bool
 from app.config import ServeConfig
 from app.reasons import field_reasons
 from learner.config import RoundConfig
@@ -73,7 +73,7 @@ def _canary(name: str) -> Callable[[Any], str | None]:
 @dataclass(frozen=True)
 class Setting:
     key: str
-    kind: type  # int, float, str or dict: what `AppSettings.get` returns
+    kind: type  # int, float, bool, str or dict: what `AppSettings.get` returns
     default: Any  # SERVE: ServeConfig's field of the same name
     reason: str
     check: Callable[[Any], str | None]  # None when the value is fine, else what the key takes
@@ -120,6 +120,8 @@ class AppSettings:
         stored = self.table.get(key)
         if stored is not None:
             try:
+                if setting.kind is bool:
+                    return parse_bool(stored)
                 return json.loads(stored) if setting.kind is dict else setting.kind(stored)
             except ValueError:
                 pass  # unreadable (written by hand?): fall through to the flag or default, as if unset

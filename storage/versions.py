@@ -282,6 +282,14 @@ class Versions:
                             [reason, version])
             return self._canary(cur, version)
 
+    def waiting(self, parent: int) -> list[PolicyVersion]:
+        """Candidates of `parent` that never served and were never a canary, newest first: the rounds trained from a
+        canary while it was judged (CanaryConfig.canary_chain), waiting for its decision."""
+        rows = self.db.cursor().execute(
+            f"""SELECT {_COLUMNS} FROM versions WHERE parent = ? AND status = 'candidate' AND deployed_at IS NULL
+                AND version NOT IN (SELECT version FROM canaries) ORDER BY version DESC""", [parent]).fetchall()
+        return [_version(row) for row in rows]
+
     def active_canary(self) -> Canary | None:
         """The version with status 'canary' and its record (pending, or undecided waiting for an admin)."""
         return _active_canary(self.db.cursor())

@@ -84,12 +84,19 @@ def test_config_defaults_validation_and_settings_round_trip():
     assert (config.deploy_policy, config.canary_share, config.canary_threshold) == ("canary", 1.0, 0.5)
     assert CanaryConfig.from_settings(config.to_settings()) == config
     assert CanaryConfig.from_settings({"canary_max_items": "7", "other": "x"}).canary_max_items == 7
+    # A bool is stored as str(True): "False" must read back False (bool("False") is True).
+    chained = config.replace({"canary_chain": True})
+    assert CanaryConfig.from_settings(chained.to_settings()) == chained and not config.canary_chain
+    assert CanaryConfig.from_settings({"canary_chain": "False"}).canary_chain is False
+    with pytest.raises(ValueError, match="not true or false"):
+        CanaryConfig.from_settings({"canary_chain": "maybe"})
     assert config.replace({"canary_share": 0.25}).canary_share == 0.25
     for bad, message in [({"deploy_policy": "later"}, "deploy_policy must be one of canary, immediate"),
                          ({"canary_share": 0}, r"canary_share must be a number in \(0, 1\], got 0"),
                          ({"canary_threshold": 1.0}, r"canary_threshold must be a number in \(0, 1\)"),
                          ({"canary_min_comparisons": 2.5}, "canary_min_comparisons must be an integer >= 1"),
                          ({"canary_max_items": True}, "canary_max_items must be an integer >= 1"),
+                         ({"canary_chain": 1}, "canary_chain must be true or false, got 1"),
                          ({"canary_sare": 0.2}, "unknown canary setting"),
                          ({"canary_share": float("nan")}, "canary_share must be a number")]:
         with pytest.raises(ConfigError, match=message):

@@ -163,6 +163,71 @@ def test_automatic_rounds_wait_for_the_canarys_verdict(ctx, server, boss, ann, a
     assert ctx.store.versions.get(run["version"]).parent == v1
 
 
+def test_under_canary_chain_a_round_trains_from_the_canary_and_waits_for_its_decision(ctx, server, boss, ann,
+                                                                                       add_version):
+    """canary_chain: the automatic round a label starts while v1 is judged trains from v1 (no waiting for the verdict),
+    its version waits as a candidate and pauses further rounds; v1 promoted, it becomes the canary at once."""
+    from test_train_api import QUICK, wait_run
+
+    v1 = start_canary(ctx, boss, add_version)
+    assert boss.patch("/api/settings", json={"canary_chain": "yes"}).status_code == 422  # strict: true or false
+    assert boss.patch("/api/settings", json={"canary_chain": True}).json()["canary_chain"] is True
+    assert boss.patch("/api/settings", json={"auto_train": {"every_labels": 1, "every_minutes": 0,
+                                                            "config": QUICK}}).status_code == 200
+    assert boss.get("/api/train").json()["paused"] is None
+    rank_canary_item(ctx, ann, candidate_first=True)  # 4 comparisons: pending, and a round starts from the canary
+    runs = boss.get("/api/runs").json()
+    assert len(runs) == 1, runs
+    run = wait_run(boss, runs[0]["run_id"])
+    assert run["status"] == "succeeded", run
+    v2 = run["version"]
+    assert ctx.store.versions.get(v2).parent == v1 and canary_of(boss, v2)["status"] == "candidate"
+    assert canary_of(boss, v1)["status"] == "canary" and boss.get("/api/health").json()["policy_version"] == 0
+    paused = boss.get("/api/train").json()["paused"]
+    assert paused and f"v{v2}, trained from the canary v{v1}, waits" in paused, paused
+    rank_canary_item(ctx, ann, candidate_first=True)
+    assert len(boss.get("/api/runs").json()) == 1  # one speculative round at a time
+    assert boss.post(f"/api/versions/{v1}/promote").status_code == 200
+    assert boss.get("/api/health").json()["policy_version"] == v1
+    entry = canary_of(boss, v2)
+    assert entry["status"] == "canary" and entry["canary"]["decision"] == "pending", entry
+    assert ctx.store.versions.active_canary().serving == v1
+    assert ctx.deployments.round_parent() == v2
+
+
+def test_under_canary_chain_what_waits_goes_with_a_rolled_back_canary_and_the_newest_takes_over(
+        ctx, server, boss, ann, add_version):
+    """What a round hands over (the round itself runs in the test above): children of the canary wait; rolled back,
+    they are marked so, even one that finishes afterwards; promoted, the newest becomes the canary."""
+    v1 = start_canary(ctx, boss, add_version)
+    assert ctx.deployments.round_parent() == 0  # canary_chain off: rounds start from the serving version
+    assert boss.patch("/api/settings", json={"canary_chain": True}).status_code == 200
+    assert ctx.deployments.round_parent() == v1
+    path = Path(ctx.store.versions.get(v1).path)
+
+    def register(version: int, parent: int) -> str:
+        return ctx.deployments.register(version, parent, "dpo", path, {}, {"labels_used": 3}, True, None)
+
+    assert register(v1 + 1, v1) == "candidate"
+    for _ in range(4):
+        rank_canary_item(ctx, ann, candidate_first=False)
+    assert canary_of(boss, v1)["canary"]["decision"] == "rolled_back"
+    entry = canary_of(boss, v1 + 1)
+    assert entry["status"] == "rolled_back" and f"canary v{v1}, which the annotators rolled back" in entry["reason"]
+    assert register(v1 + 2, v1) == "rolled_back"  # finished after the verdict
+    assert ctx.deployments.round_parent() == 0 and ctx.deployments.canary is None
+    v4 = add_version()
+    assert boss.post(f"/api/versions/{v4}/canary").status_code == 200
+    assert register(v4 + 1, v4) == "candidate" and register(v4 + 2, v4) == "candidate"
+    assert boss.post(f"/api/versions/{v4}/promote").status_code == 200
+    assert canary_of(boss, v4 + 2)["status"] == "canary" and ctx.store.versions.active_canary().serving == v4
+    assert canary_of(boss, v4 + 1)["status"] == "candidate"  # older: an admin can still test or deploy it
+    assert ctx.store.versions.waiting(v4) == [ctx.store.versions.get(v4 + 1)]
+    # Stored as "False", read back False (bool("False") is True), and rounds start from the serving version again.
+    assert boss.patch("/api/settings", json={"canary_chain": False}).json()["canary_chain"] is False
+    assert boss.get("/api/settings").json()["canary_chain"] is False and ctx.deployments.round_parent() == v4
+
+
 def test_a_round_started_by_hand_during_a_canary_says_it_may_supersede_it(ctx, server, boss, add_version):
     """It does not wait (an admin asked for it), but Admin -> Train says what passing the gate will do."""
     from app.ui import admin_rounds
@@ -186,7 +251,7 @@ def test_deploy_policy_immediate_and_the_settings_contract(ctx, server, boss, ad
     body = boss.get("/api/settings").json()
     assert {k: body[k] for k in QUICK_CANARY} == {"canary_share": 1.0, "canary_min_comparisons": 64,
                                                   "canary_max_items": 60, "canary_threshold": 0.5}
-    assert body["deploy_policy"] == "canary"
+    assert body["deploy_policy"] == "canary" and body["canary_chain"] is False
     for bad in ({"deploy_policy": "later"}, {"canary_share": 0}, {"canary_threshold": 1.5},
                 {"canary_min_comparisons": 0}, {"overlap": 2, "canary_max_items": -1}):
         assert boss.patch("/api/settings", json=bad).status_code == 422, bad

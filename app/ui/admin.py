@@ -64,7 +64,8 @@ def canary_panel(ctx: AppContext, username: str | None) -> str:
     rule = ctx.deployments.canary_config
     settings = (f"Deploy policy **{rule.deploy_policy}** · share {rule.canary_share} · decide after "
                 f"{rule.canary_min_comparisons} comparisons against {rule.canary_threshold} · admin after "
-                f"{rule.canary_max_items} ranked items")
+                f"{rule.canary_max_items} ranked items · rounds meanwhile "
+                f"{'train from the canary' if rule.canary_chain else 'wait for its decision'}")
     statuses = ctx.deployments.canary_statuses()
     if not statuses:
         return f"No canary yet: a round whose version passes the gate starts one.\n\n{settings}"

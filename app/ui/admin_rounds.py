@@ -241,7 +241,10 @@ def start_round(ctx: AppContext, username: str | None, knobs: dict) -> str:
     run_id = ctx.scheduler.start(overrides_from(knobs))
     message = f"Round {run_id} started. Watch it in **Overview**; its metrics appear in **Versions** when it ends."
     canary = ctx.deployments.pending_canary
-    if canary is not None:
+    if canary is not None and ctx.deployments.round_parent() == canary.version:
+        message += (f"\n\nThe canary v{canary.version} is still being judged: this round trains from it "
+                    "(canary_chain), and if it passes the gate its version waits for that decision.")
+    elif canary is not None:
         message += (f"\n\nThe canary v{canary.version} is still being judged: if this round passes the gate, its "
                     f"version becomes the canary and v{canary.version} ends undecided.")
     return message
