@@ -125,7 +125,9 @@ class Deployments:
         (marked rolled_back); a parent promoted meanwhile serves, and the version is tested against it as usual."""
         with self._lock:
             if self._canary is not None and self._canary.version == parent:
-                log.info("v%s waits for the decision on the canary v%s, which it was trained from", version, parent)
+                why = f"waits for the decision on the canary v{parent}, which it was trained from (canary_chain)"
+                self.store.versions.set_status(version, "candidate", why)
+                log.info("v%s %s", version, why)
                 return True
             was_canary = self.store.versions.canaries().get(parent)
             if was_canary is not None and was_canary.decision == "rolled_back":
@@ -253,6 +255,9 @@ class Deployments:
                 for child in waiting:
                     self.store.versions.set_status(child.version, "rolled_back", _child_of_rolled_back(version))
             elif waiting:  # promoted: the newest round trained from it is the next canary (older ones stay candidates)
+                for older in waiting[1:]:
+                    self.store.versions.set_status(older.version, "candidate", f"trained from v{version}; "
+                                                   f"v{waiting[0].version}, trained later, became the next canary")
                 self._hand_over(version, waiting[0].version)
         self.on_change()
         return self.canary_status(decided)

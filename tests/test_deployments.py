@@ -182,6 +182,8 @@ def test_under_canary_chain_a_round_trains_from_the_canary_and_waits_for_its_dec
     assert run["status"] == "succeeded", run
     v2 = run["version"]
     assert ctx.store.versions.get(v2).parent == v1 and canary_of(boss, v2)["status"] == "candidate"
+    assert canary_of(boss, v2)["reason"] == f"waits for the decision on the canary v{v1}, which it was trained from " \
+                                            "(canary_chain)"
     assert canary_of(boss, v1)["status"] == "canary" and boss.get("/api/health").json()["policy_version"] == 0
     paused = boss.get("/api/train").json()["paused"]
     assert paused and f"v{v2}, trained from the canary v{v1}, waits" in paused, paused
@@ -222,6 +224,8 @@ def test_under_canary_chain_what_waits_goes_with_a_rolled_back_canary_and_the_ne
     assert boss.post(f"/api/versions/{v4}/promote").status_code == 200
     assert canary_of(boss, v4 + 2)["status"] == "canary" and ctx.store.versions.active_canary().serving == v4
     assert canary_of(boss, v4 + 1)["status"] == "candidate"  # older: an admin can still test or deploy it
+    assert canary_of(boss, v4 + 1)["reason"] == f"trained from v{v4}; v{v4 + 2}, trained later, became the next canary"
+    assert canary_of(boss, v4 + 2)["reason"] is None
     assert ctx.store.versions.waiting(v4) == [ctx.store.versions.get(v4 + 1)]
     # Stored as "False", read back False (bool("False") is True), and rounds start from the serving version again.
     assert boss.patch("/api/settings", json={"canary_chain": False}).json()["canary_chain"] is False
