@@ -72,7 +72,7 @@ class CanaryConfig:
         for f in fields(cls):
             if stored.get(f.name) is not None:
                 kind = type(getattr(cls(), f.name))
-                values[f.name] = parse_bool(stored[f.name]) if kind is bool else kind(stored[f.name])
+                values[f.name] = parse_stored(kind, stored[f.name])
         return cls(**values)
 
     def replace(self, changes: Mapping[str, object]) -> CanaryConfig:
@@ -141,8 +141,11 @@ def should_mix(canary_items: int, items_since_start: int, share: float) -> bool:
     return canary_items < share * (items_since_start + 1)
 
 
-def parse_bool(text: str) -> bool:
-    """A boolean as the settings table stores one (str(True) -> "True"); ValueError for anything else."""
+def parse_stored(kind: type, text: str):
+    """A scalar setting as the settings table stores it (`str(value)`), read back as `kind`: int, float and str by
+    their constructors; bool from "True" / "False" (bool("False") is True). ValueError for what does not parse."""
+    if kind is not bool:
+        return kind(text)
     lowered = text.strip().lower()
     if lowered in ("true", "false"):
         return lowered == "true"

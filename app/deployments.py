@@ -109,31 +109,32 @@ class Deployments:
     def register(self, version: int, parent: int, algorithm: str, path: Path, config: dict, metrics: dict,
                  gate_passed: bool, reason: str | None) -> str:
         """Record a round's version and act on it by the deploy policy; returns its status afterwards."""
-        self.store.versions.add(version, parent, algorithm, "candidate" if gate_passed else "rejected", str(path),
-                                config, metrics, int(metrics.get("labels_used", 0)), reason=reason)
-        if not gate_passed:
-            return "rejected"
+        with self._lock:  # the canary's decision cannot fall between reading what the version waits for and adding it
+            held = self._held(parent) if gate_passed and self.canary_config.deploy_policy == "canary" else None
+            status, why = held or ("candidate" if gate_passed else "rejected", reason)
+            self.store.versions.add(version, parent, algorithm, status, str(path), config, metrics,
+                                    int(metrics.get("labels_used", 0)), reason=why)
+            if held is not None:
+                log.info("v%s %s", version, why)
+        if not gate_passed or held is not None:
+            return status
         if self.canary_config.deploy_policy == "immediate":
             self.deploy(version)
-        elif not self._waits(version, parent):
+        else:
             self.start_canary(version)
         return self.store.versions.get(version).status
 
-    def _waits(self, version: int, parent: int) -> bool:
-        """Whether a version trained from a canary (canary_chain) waits for that canary's decision instead of
-        becoming the canary now: yes while its parent is the canary; a parent rolled back as a canary takes it along
-        (marked rolled_back); a parent promoted meanwhile serves, and the version is tested against it as usual."""
-        with self._lock:
-            if self._canary is not None and self._canary.version == parent:
-                why = f"waits for the decision on the canary v{parent}, which it was trained from (canary_chain)"
-                self.store.versions.set_status(version, "candidate", why)
-                log.info("v%s %s", version, why)
-                return True
-            was_canary = self.store.versions.canaries().get(parent)
-            if was_canary is not None and was_canary.decision == "rolled_back":
-                self.store.versions.set_status(version, "rolled_back", _child_of_rolled_back(parent))
-                return True
-            return False
+    def _held(self, parent: int) -> tuple[str, str] | None:
+        """(status, reason) for a version trained from a canary (canary_chain) that does not become the canary now:
+        a candidate waiting for the decision while its parent is the canary; rolled_back when the parent was rolled
+        back as a canary. None otherwise (a parent promoted meanwhile serves: the version is tested against it)."""
+        if self._canary is not None and self._canary.version == parent:
+            return "candidate", (f"waits for the decision on the canary v{parent}, which it was trained from "
+                                 "(canary_chain)")
+        was_canary = self.store.versions.canaries().get(parent)
+        if was_canary is not None and was_canary.decision == "rolled_back":
+            return "rolled_back", _child_of_rolled_back(parent)
+        return None
 
     def deploy(self, version: int, force: bool = False, by: str = "an admin") -> PolicyVersion:
         """Roll forward or back to `version` (hot swap). The canary itself is promoted; a version the gate rejected

@@ -342,7 +342,6 @@ class _RoundFailed(RuntimeError):
     """The round's process ended without a version and said why (its error event or stderr tail)."""
 
 
-
 class CoreShare:
     """How a round and generation share a CPU (a GPU machine changes nothing):
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from app.canary import CanaryConfig, parse_bool
+from app.canary import CanaryConfig, parse_stored
 from app.config import ServeConfig
 from app.reasons import field_reasons
 from learner.config import RoundConfig
@@ -120,9 +120,7 @@ class AppSettings:
         stored = self.table.get(key)
         if stored is not None:
             try:
-                if setting.kind is bool:
-                    return parse_bool(stored)
-                return json.loads(stored) if setting.kind is dict else setting.kind(stored)
+                return json.loads(stored) if setting.kind is dict else parse_stored(setting.kind, stored)
             except ValueError:
                 pass  # unreadable (written by hand?): fall through to the flag or default, as if unset
         if setting.default is SERVE:
