@@ -63,6 +63,8 @@ class SettingsBody(Body):
     canary_max_items: int | None = Field(default=None, description="ranked canary items before an admin decides")
     canary_threshold: float | None = Field(default=None, description="the win-rate to beat, (0, 1)")
     canary_chain: bool | None = Field(default=None, description="rounds while a canary is judged train from it")
+    canary_prompts: Literal["untrained", "any"] | None = Field(
+        default=None, description="canary items on prompts no version in its line trained on, or on any prompt")
 
 
 @router.get("/users")

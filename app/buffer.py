@@ -30,8 +30,10 @@ from app.config import ServeConfig
 from app.deployments import Deployments
 from app.generation.backend import ItemRequest
 from app.policy import PolicyService
+from learner.data import hash_fraction
 from storage.errors import NotHanded
 from storage.items import Answer, AnswerRecord, Item
+from storage.prompts import Prompt
 from storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -228,11 +230,11 @@ class ItemBuffer:
         n = min(short, self.config.batch_items)
         if n <= 0:
             return 0
-        prompts = self.store.prompts.least_sampled(n)
+        serving = self.deployments.serving
+        bound = self.deployments.untrained_below()
+        prompts, plan = self._prompts(self.deployments.mix_next_items(n), bound)
         if not prompts:
             return 0
-        serving = self.deployments.serving
-        plan = self.deployments.mix_next_items(len(prompts))
         seeds = [random.randrange(2**31) for _ in prompts]
         started = time.monotonic()
         requests, halves = [], []
@@ -244,6 +246,7 @@ class ItemBuffer:
             params = {**self.config.sampling.to_dict(), "k": self.config.k, "seed": seed}
             if canary is not None:
                 params["canary"] = canary
+                params["canary_prompt_untrained"] = bound is not None and hash_fraction(prompt.text) < bound
             records = [AnswerRecord(a.text, a.token_count, a.finish_reason, a.logprob_sum, request.version)
                        for request in item_halves for a in next(answers)]
             if canary is not None:  # neither positions nor answer ids may tell the versions apart
@@ -263,6 +266,20 @@ class ItemBuffer:
                 break
             added += batch
         return added
+
+    def _prompts(self, plan: list[int | None], bound: float | None) -> tuple[list[Prompt], list[int | None]]:
+        """The least-sampled prompts for one batch, and the plan cut to as many: a canary slot takes a prompt hashed
+        below `bound` (one no version in its line trained on) while any is left, any prompt after that."""
+        wanted = sum(canary is not None for canary in plan)
+        untrained = (self.store.prompts.least_sampled(wanted, keep=lambda text: hash_fraction(text) < bound)
+                     if wanted and bound is not None else [])
+        others = iter(self.store.prompts.least_sampled(len(plan) - len(untrained),
+                                                       exclude={p.prompt_id for p in untrained}))
+        canary_prompts = iter(untrained)
+        pairs = [(next(canary_prompts, None) if canary is not None else None, canary) for canary in plan]
+        pairs = [(prompt or next(others, None), canary) for prompt, canary in pairs]
+        kept = [(prompt, canary) for prompt, canary in pairs if prompt is not None]
+        return [prompt for prompt, _ in kept], [canary for _, canary in kept]
 
     def _halves(self, prompt: str, serving: int, canary: int | None, seed: int) -> list[ItemRequest]:
         """K answers from the serving version; for a canary item K/2 from the canary and the rest from the serving

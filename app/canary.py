@@ -20,6 +20,7 @@ from learner.errors import ConfigError
 from storage import is_number
 
 DEPLOY_POLICIES = ("canary", "immediate")
+CANARY_PROMPTS = ("untrained", "any")
 DECISIONS = ("pending", "promoted", "rolled_back", "undecided")
 BOOTSTRAP_RESAMPLES = 2000  # the 2.5% tail then holds 50 resamples: the bounds move < 0.01 between seeds at n >= 16
 BOOTSTRAP_SEED = 9  # fixed: the same rankings always give the same interval, so a decision can be reproduced
@@ -49,6 +50,13 @@ class CanaryConfig:
     # bench.loop --grid canary measures it): automatic rounds wait for the decision. Why it may help: deployed at once
     # the loop served 0.93 at 64 `concise` labels, under the canary 0.56 (docs/DESIGN.md, "Not built yet").
     canary_chain: bool = False
+    # "untrained": canary items ask prompts that neither the canary nor the serving version (nor any version before
+    # them) trained on: the eval and held-out prompts of their rounds' split, by a hash of the prompt text, so the
+    # annotators judge how a version generalises. "any": the least-sampled prompts, as other items (mostly prompts
+    # it trained on). Why: with "any" the annotators rated first versions above what the same preference gave them
+    # on prompts nobody trained on (9 promotions in bench/loop.py: 0.70 vs 0.63; one promoted at 0.60 that rates
+    # 0.47 [0.37, 0.57] held out). Cost: canary labels land on prompts whose labels never train the policy.
+    canary_prompts: str = "untrained"
 
     def __post_init__(self) -> None:
         checks = {
@@ -60,6 +68,7 @@ class CanaryConfig:
             "canary_threshold": (is_number(self.canary_threshold) and 0 < self.canary_threshold < 1,
                                  "a number in (0, 1)"),
             "canary_chain": (isinstance(self.canary_chain, bool), "true or false"),
+            "canary_prompts": (self.canary_prompts in CANARY_PROMPTS, f"one of {', '.join(CANARY_PROMPTS)}"),
         }
         for name, (ok, what) in checks.items():
             if not ok:

@@ -29,6 +29,7 @@ from pathlib import Path
 from app.canary import CanaryConfig, WinRate, decide, should_mix, win_rate
 from app.policy import PolicyService
 from app.settings import AppSettings
+from storage import is_number
 from storage.errors import Conflict, NotFound
 from storage.store import Store
 from storage.versions import Canary, PolicyVersion
@@ -46,10 +47,13 @@ class CanaryStatus:
     items_ranked: int  # canary items with at least one ranking (what canary_max_items counts)
     decision: str  # pending | promoted | rolled_back | undecided
     reason: str | None
+    items: int  # canary items sampled (ranked or not)
+    untrained_items: int  # of them, on a prompt no version in the canary's or serving version's line trained on
 
     def to_json(self) -> dict:
         return {"comparisons": self.stats.comparisons, "win_rate": self.stats.win_rate,
-                "ci95": None if self.stats.ci95 is None else list(self.stats.ci95), "decision": self.decision}
+                "ci95": None if self.stats.ci95 is None else list(self.stats.ci95), "decision": self.decision,
+                "items": self.items, "untrained_items": self.untrained_items}
 
 
 class Deployments:
@@ -64,6 +68,7 @@ class Deployments:
         self._serving = deployed.version
         self._lineage = store.versions.lineage(deployed.version)
         self._canary = store.versions.active_canary()
+        self._bounds: dict[tuple[int, int], float | None] = {}  # (canary, serving) -> untrained_below
         if self._canary is not None:
             self._restore_canary(self._canary)
         self._pin()
@@ -84,6 +89,22 @@ class Deployments:
         """The canary while the annotators still judge it (new items carry its answers), else None."""
         canary = self._canary
         return canary if canary is not None and canary.mixing else None
+
+    def untrained_below(self) -> float | None:
+        """For the pending canary under canary_prompts "untrained": no prompt whose hash_fraction is below this
+        trained the canary, the serving version or a version before either (each round records its bound,
+        learner/data.py's PromptSplit). None: canary items take any prompt (no canary, "any", or a version in the
+        line that recorded no bound)."""
+        canary = self.pending_canary
+        if canary is None or self.canary_config.canary_prompts != "untrained":
+            return None
+        key = (canary.version, self._serving)
+        if key not in self._bounds:
+            line = {v for version in key for v in self.store.versions.lineage(version)} - {0}
+            bounds = [self.store.versions.get(v).metrics.get("heldout", {}).get("untrained_below") for v in line]
+            known = bounds and all(is_number(b) for b in bounds)
+            self._bounds[key] = min(bounds) if known else None
+        return self._bounds[key]
 
     def round_parent(self) -> int:
         """The version a round trains from: the serving one, or, under canary_chain, the canary being judged (the
@@ -213,7 +234,9 @@ class Deployments:
             stats = WinRate(len(rows), canary.comparisons, canary.win_rate, canary.ci95)
         else:
             stats = win_rate([(wins, n) for _, wins, n in rows])
-        return CanaryStatus(canary.version, canary.serving, stats, items_ranked, canary.decision, canary.reason)
+        untrained, items = self.store.versions.canary_prompts(canary)
+        return CanaryStatus(canary.version, canary.serving, stats, items_ranked, canary.decision, canary.reason,
+                            items, untrained)
 
     def canary_statuses(self) -> dict[int, CanaryStatus]:
         """version -> its canary status, for every version that was ever a canary."""

@@ -15,14 +15,19 @@ and the reward model's batches.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from learner.train import hash_fraction
-
 EVAL, HELDOUT, TRAIN = "eval", "heldout", "train"
+
+
+def hash_fraction(key: str) -> float:
+    """A key's fixed place in [0, 1), the same in every round and process (unlike the salted hash()). The app uses it
+    too (the canary's untrained prompts), so this module imports nothing heavy."""
+    return int.from_bytes(hashlib.sha256(str(key).encode()).digest()[:8], "big") / 2**64
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,10 @@ class PromptSplit:
 
     eval: frozenset[str]
     heldout: frozenset[str]
+    # Every prompt whose hash_fraction is below this trained nothing in the round (its labels, if any, only measured):
+    # eval_fraction + heldout_fraction, or lower where a small round's fallback trained on a labelled prompt below it.
+    # Prompts added to the pool later obey it too, so the canary can draw items the version never saw (app/buffer.py).
+    untrained_below: float = 0.0
 
     def role(self, prompt: str) -> str:
         return EVAL if prompt in self.eval else HELDOUT if prompt in self.heldout else TRAIN
@@ -58,7 +67,9 @@ class PromptSplit:
             heldout -= labelled
             if labelled <= eval_ and eval_ - labelled:
                 eval_ -= labelled
-        return cls(frozenset(eval_), frozenset(heldout))
+        bound = eval_fraction + heldout_fraction
+        trained_below = [h for p in set(prompts) if (h := hash_fraction(p)) < bound and p not in eval_ | heldout]
+        return cls(frozenset(eval_), frozenset(heldout), min([bound, *trained_below]))
 
 
 def even_chunks(order: Sequence, parts: int) -> list[list]:

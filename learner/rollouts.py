@@ -16,13 +16,13 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from learner.data import EVAL, TRAIN, PromptSplit
+from learner.data import EVAL, TRAIN, PromptSplit, hash_fraction
 from learner.errors import TokenizationError
 from learner.logprobs import encode_answer, finish_ended
 from learner.model import autocast_weights
 from learner.reward import RewardModel, score
 from learner.sampling import SamplingParams, encode_prompt, sample_many
-from learner.train import PairExample, UnaryExample, eval_mode, hash_fraction, mergeable, merged_adapter
+from learner.train import PairExample, UnaryExample, eval_mode, mergeable, merged_adapter
 
 
 @dataclass(frozen=True)

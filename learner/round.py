@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 
 from learner.config import RoundConfig
-from learner.data import PromptSplit
+from learner.data import PromptSplit, hash_fraction
 from learner.errors import ConfigError, LearnerError
 from learner.evaluate import EVAL_ANSWERS, save_eval_answers
 from learner.lifetime import die_with_parent
@@ -186,18 +186,12 @@ def prepare(snapshot: Snapshot, base_model_dir: Path, parent_dir: Path | None, c
     model, lora = build_model(base_model_dir, parent_dir, config, device)
     usable = usable_prompts(snapshot.prompts, tokenizer, config.max_length)
     labelled = list(snapshot.pairs["prompt"]) + list(snapshot.unary["prompt"])
-    fallback = min(usable, key=_hash) if usable and config.eval_prompts else None
+    fallback = min(usable, key=hash_fraction) if usable and config.eval_prompts else None
     split = PromptSplit.build(usable + labelled, config.eval_fraction, config.heldout_fraction, fallback, labelled)
     rollout_prompts, eval_prompts = split_prompts(usable, split, config.eval_prompts)
     return RoundSetup(_with_roles(snapshot.pairs, split), _with_roles(snapshot.unary, split), split, rollout_prompts,
                       eval_prompts, model, tokenizer, lora, parent_dir, base_model_dir, ref_cache_dir, accelerator,
                       device, _reporter(progress if accelerator.is_main_process else None))
-
-
-def _hash(prompt: str) -> float:
-    from learner.train import hash_fraction
-
-    return hash_fraction(prompt)
 
 
 def run_round(snapshot_dir: Path, base_model_dir: Path, parent_dir: Path | None, out_dir: Path, config: RoundConfig,
@@ -243,6 +237,7 @@ def run_round(snapshot_dir: Path, base_model_dir: Path, parent_dir: Path | None,
         "data": policy.data,
         "heldout": {"prompts": len(setup.split.heldout), "pairs": len(heldout_pairs),
                     "rankings": int(heldout_pairs["item_id"].nunique()), "eval_prompts_used": len(setup.eval_prompts),
+                    "untrained_below": setup.split.untrained_below,
                     "split": "by a hash of the prompt text: eval / heldout / train prompts never share labels"},
         "reward_heldout_accuracy": _figure(evaluation.reward_heldout_accuracy),
         "policy_heldout_accuracy": _figure(evaluation.policy_heldout_accuracy),

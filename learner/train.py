@@ -9,7 +9,6 @@ runs a block with another adapter active (or none: the base model) and restores 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -29,16 +28,6 @@ from learner.logprobs import (
 from learner.losses import dpo_loss, kto_loss
 
 StepLoss = Callable[[int], Iterable[tuple[Tensor, float, dict]]]
-
-
-def hash_fraction(key: str) -> float:
-    """A key's fixed place in [0, 1), the same in every round and process (unlike the salted hash())."""
-    return int.from_bytes(hashlib.sha256(str(key).encode()).digest()[:8], "big") / 2**64
-
-
-def in_heldout(key: str, fraction: float) -> bool:
-    """A fixed split by hash: the same key lands on the same side of it in every round."""
-    return hash_fraction(key) < fraction
 
 
 # --- adapters -------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ duplicate and leaves it removed: a removal is not undone by re-importing a file 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -161,14 +162,22 @@ class Prompts:
                         [prompt_id])
         return self.get(prompt_id)
 
-    def least_sampled(self, n: int) -> list[Prompt]:
+    def least_sampled(self, n: int, keep: Callable[[str], bool] | None = None,
+                      exclude: Collection[int] = ()) -> list[Prompt]:
         """The `n` prompts in the pool with the fewest items so far, ties broken at random (so the sampler spreads
-        over prompts); removed prompts are never sampled."""
-        rows = self.db.cursor().execute(
-            """SELECT p.prompt_id, p.text, p.source FROM prompts p
-               LEFT JOIN (SELECT prompt_id, count(*) AS n FROM items GROUP BY prompt_id) c USING (prompt_id)
-               WHERE NOT p.removed
-               ORDER BY coalesce(c.n, 0), random() LIMIT ?""",
-            [n],
-        ).fetchall()
-        return [Prompt(*row) for row in rows]
+        over prompts); removed prompts are never sampled. `keep(text)` narrows them (the canary's untrained prompts);
+        `exclude` holds prompt ids already taken."""
+        if n <= 0:
+            return []
+        query = """SELECT p.prompt_id, p.text, p.source FROM prompts p
+                   LEFT JOIN (SELECT prompt_id, count(*) AS n FROM items GROUP BY prompt_id) c USING (prompt_id)
+                   WHERE NOT p.removed
+                   ORDER BY coalesce(c.n, 0), random()"""
+        cur = self.db.cursor()
+        if keep is None and not exclude:
+            return [Prompt(*row) for row in cur.execute(query + " LIMIT ?", [n]).fetchall()]
+        cur.execute(query)
+        picked: list[Prompt] = []
+        while len(picked) < n and (rows := cur.fetchmany(1024)):
+            picked += [Prompt(*row) for row in rows if row[0] not in exclude and (keep is None or keep(row[1]))]
+        return picked[:n]

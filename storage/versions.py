@@ -313,6 +313,14 @@ class Versions:
             [canary.version, canary.after_item],
         ).fetchone()
 
+    def canary_prompts(self, canary: Canary) -> tuple[int, int]:
+        """(canary items on a prompt no version in its line trained on, canary items): app/buffer.py records which."""
+        return self.db.cursor().execute(
+            """SELECT count(*) FILTER (WHERE (sampling_params->>'canary_prompt_untrained')::BOOLEAN), count(*)
+               FROM items WHERE item_id > ? AND (sampling_params->>'canary')::INTEGER = ?""",
+            [canary.after_item, canary.version],
+        ).fetchone()
+
     def _canary(self, cur: Cursor, version: int) -> Canary:
         row = cur.execute(f"SELECT {_CANARY_COLUMNS} FROM canaries WHERE version = ?", [version]).fetchone()
         return _canary(row)

@@ -16,6 +16,8 @@ from test_crash import start_server as crash_start_server
 from test_crash import wait_for
 
 from app.server import free_port
+from app.ui.admin import canary_panel
+from learner.data import hash_fraction
 from storage.store import Store
 
 # Every new item is a canary item; 4 rankings (16 comparisons at K=4) allow a decision; 4 ranked items end the test.
@@ -51,18 +53,21 @@ def test_annotators_who_prefer_the_candidate_promote_it(ctx, server, boss, ann, 
     v1 = start_canary(ctx, boss, add_version)
     entry = canary_of(boss, v1)
     assert entry["status"] == "canary" and not entry["deployed"]
-    assert entry["canary"] == {"comparisons": 0, "win_rate": None, "ci95": None, "decision": "pending"}
+    assert entry["canary"] == {"comparisons": 0, "win_rate": None, "ci95": None, "decision": "pending", "items": 0,
+                               "untrained_items": 0}
     for _ in range(3):
         rank_canary_item(ctx, ann, candidate_first=True)
     item = ctx.store.items.get(ctx.store.items.count())
     assert item.policy_version == 0 and sorted(a.policy_version for a in item.answers) == [0, 0, v1, v1]
     assert canary_of(boss, v1)["canary"] == {"comparisons": 12, "win_rate": 1.0, "ci95": [1.0, 1.0],
-                                              "decision": "pending"}  # 12 < 16: no decision yet
+                                              "decision": "pending", "items": 4, "untrained_items": 0}  # 12 < 16
     assert boss.get("/api/health").json()["policy_version"] == 0
     rank_canary_item(ctx, ann, candidate_first=True)
     entry = canary_of(boss, v1)
     assert entry["status"] == "deployed" and entry["deployed"]
-    assert entry["canary"] == {"comparisons": 16, "win_rate": 1.0, "ci95": [1.0, 1.0], "decision": "promoted"}
+    # Its items took any prompt: v1 recorded no prompt split (a real round's version does; see the next test).
+    assert entry["canary"] == {"comparisons": 16, "win_rate": 1.0, "ci95": [1.0, 1.0], "decision": "promoted",
+                               "items": 5, "untrained_items": 0}
     assert boss.get("/api/health").json()["policy_version"] == v1
     assert canary_of(boss, 0)["status"] == "candidate" and canary_of(boss, 0)["canary"] is None
     # New items come from the promoted version alone; the canary's items (serving version 0) are one step stale.
@@ -78,12 +83,45 @@ def test_annotators_who_prefer_the_serving_version_roll_the_candidate_back(ctx, 
         rank_canary_item(ctx, ann, candidate_first=False)
     entry = canary_of(boss, v1)
     assert entry["status"] == "rolled_back" and "interval below 0.5" in entry["reason"]
-    assert entry["canary"] == {"comparisons": 16, "win_rate": 0.0, "ci95": [0.0, 0.0], "decision": "rolled_back"}
+    assert entry["canary"] == {"comparisons": 16, "win_rate": 0.0, "ci95": [0.0, 0.0], "decision": "rolled_back",
+                               "items": 5, "untrained_items": 0}
     assert boss.get("/api/health").json()["policy_version"] == 0
     assert ctx.deployments.canary is None
     assert ctx.buffer.fill_once()
     assert {a.policy_version for a in ctx.store.items.get(ctx.store.items.count()).answers} == {0}
     assert boss.post(f"/api/versions/{v1}/promote").status_code == 409  # it is no longer the canary
+
+
+def test_canary_items_ask_prompts_no_version_in_its_line_trained_on(ctx, server, boss, ann, add_version):
+    """A round records the hash below which no prompt trained it (learner/data.py); the canary's items take those
+    prompts even when prompts it trained on have fewer items, fall back to any prompt when none is left, and record
+    which. With canary_prompts "any" they are the least-sampled prompts, as before."""
+    pool = sorted(ctx.store.prompts.least_sampled(1000), key=lambda p: hash_fraction(p.text))
+    bound = hash_fraction(pool[3].text)  # three pool prompts are below it
+    untrained = {p.prompt_id for p in pool[:3]}
+    assert boss.patch("/api/settings", json=QUICK_CANARY).status_code == 200
+    assert boss.get("/api/settings").json()["canary_prompts"] == "untrained"  # the default
+    v1 = add_version(metrics={"gate": {"passed": True}, "heldout": {"untrained_below": bound}})
+    assert boss.post(f"/api/versions/{v1}/canary").status_code == 200
+    assert ctx.deployments.untrained_below() == bound
+    assert ctx.buffer.fill_once(up_to=4) == 4  # one batch of 4 canary items: 3 untrained prompts, then any prompt
+    items = [ctx.store.items.get(i) for i in range(1, 5)]
+    assert {i.prompt_id for i in items} >= untrained
+    assert sorted(i.sampling_params["canary_prompt_untrained"] for i in items) == [False, True, True, True]
+    assert all(i.sampling_params["canary_prompt_untrained"] == (i.prompt_id in untrained) for i in items)
+    canary = canary_of(boss, v1)["canary"]
+    assert (canary["items"], canary["untrained_items"]) == (4, 3)
+    assert "3 of 4 canary items on untrained prompts" in canary_panel(ctx, "boss")
+    assert "canary items on prompts no version in its line trained on" in canary_panel(ctx, "boss")
+
+    assert boss.patch("/api/settings", json={"canary_prompts": "everywhere"}).status_code == 422
+    assert boss.patch("/api/settings", json={"canary_prompts": "any"}).json()["canary_prompts"] == "any"
+    assert ctx.deployments.untrained_below() is None
+    assert ctx.buffer.fill_once(up_to=8) == 4  # the least-sampled prompts: none of the three has 0 items
+    later = [ctx.store.items.get(i) for i in range(5, 9)]
+    assert not {i.prompt_id for i in later} & untrained and all(i.sampling_params["canary"] == v1 for i in later)
+    assert not any(i.sampling_params["canary_prompt_untrained"] for i in later)
+    assert (canary_of(boss, v1)["canary"]["items"], canary_of(boss, v1)["canary"]["untrained_items"]) == (8, 3)
 
 
 def test_an_undecided_canary_stops_mixing_and_waits_for_an_admin(ctx, server, boss, ann, add_version):

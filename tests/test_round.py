@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from learner.config import RoundConfig
-from learner.data import EVAL, HELDOUT, TRAIN, PromptSplit
+from learner.data import EVAL, HELDOUT, TRAIN, PromptSplit, hash_fraction
 from learner.errors import ConfigError, LearnerError
 from learner.evaluate import (
     eval_answers_key,
@@ -228,6 +228,9 @@ def test_prompts_split_into_eval_heldout_and_train_for_good(tiny_tokenizer):
     assert again.eval >= split.eval and again.heldout >= split.heldout  # a prompt never changes sides
     tiny = PromptSplit.build(usable[:1], 0.0, 0.0, fallback_eval=usable[0])
     assert split_prompts(usable[:1], tiny, 4) == ([], [usable[0]])
+    # Every prompt hashed below untrained_below trained nothing: here the whole eval + heldout share.
+    assert split.untrained_below == 0.4 == again.untrained_below
+    assert {p for p in more if hash_fraction(p) < 0.4} == again.eval | again.heldout
 
 
 def test_a_first_round_whose_few_labels_all_fell_on_eval_or_heldout_prompts_still_trains(tiny_tokenizer):
@@ -245,6 +248,9 @@ def test_a_first_round_whose_few_labels_all_fell_on_eval_or_heldout_prompts_stil
         assert held and not set(held) & set(labelled)
     mixed = PromptSplit.build(usable, 0.2, 0.2, labelled=on_eval[:1] + on_heldout)  # the held-out ones train
     assert [mixed.role(p) for p in on_eval[:1] + on_heldout] == [EVAL, TRAIN, TRAIN]
+    # ... so prompts from the lowest of their hashes up may have trained: the canary's untrained items stay below it.
+    assert mixed.untrained_below == min(hash_fraction(p) for p in on_heldout) < 0.4
+    assert all(mixed.role(p) != TRAIN for p in usable if hash_fraction(p) < mixed.untrained_below)
     # Once one labelled prompt trains anyway, the others keep their sides.
     train_prompt = next(p for p in usable if split.role(p) == TRAIN)
     later = PromptSplit.build(usable, 0.2, 0.2, labelled=on_eval + on_heldout + [train_prompt])
@@ -455,6 +461,10 @@ def test_heldout_and_eval_prompts_labels_train_nothing(first_version, tmp_path, 
     assert metrics["labels_used"] == len(training) < len(snapshot)
     assert metrics["reward_train_items"] == training["item_id"].nunique()
     assert metrics["heldout"]["pairs"] == int((roles == "heldout").sum()) > 0
+    # The version records the hash below which it trained on no prompt (the canary's untrained items use it).
+    below = metrics["heldout"]["untrained_below"]
+    assert below == config.eval_fraction + config.heldout_fraction
+    assert not set(training["prompt"]) & {p for p in snapshot["prompt"] if hash_fraction(p) < below}
 
 
 def test_a_thumbs_only_round_never_trusts_an_untrained_reward_model(tmp_path, tiny_model_dir):

@@ -62,10 +62,12 @@ def canary_panel(ctx: AppContext, username: str | None) -> str:
     interval, the decision so far), the last decided one otherwise, and the rule's settings."""
     require_admin(ctx, username)
     rule = ctx.deployments.canary_config
+    where = "prompts no version in its line trained on" if rule.canary_prompts == "untrained" else "any prompt"
     settings = (f"Deploy policy **{rule.deploy_policy}** · share {rule.canary_share} · decide after "
                 f"{rule.canary_min_comparisons} comparisons against {rule.canary_threshold} · admin after "
                 f"{rule.canary_max_items} ranked items · rounds meanwhile "
-                f"{'train from the canary' if rule.canary_chain else 'wait for its decision'}")
+                f"{'train from the canary' if rule.canary_chain else 'wait for its decision'} · "
+                f"canary items on {where}")
     statuses = ctx.deployments.canary_statuses()
     if not statuses:
         return f"No canary yet: a round whose version passes the gate starts one.\n\n{settings}"
@@ -77,7 +79,11 @@ def canary_panel(ctx: AppContext, username: str | None) -> str:
               f"n = {stats.comparisons} comparisons in {stats.rankings} rankings")
     head = "Canary" if current else "Last canary"
     text = (f"{head} **{version_name(status.version)}** vs {version_name(status.serving)}: {figure} · "
-            f"{status.items_ranked} items ranked · decision **{status.decision}**")
+            f"{status.items_ranked} items ranked · decision **{status.decision}** · "
+            f"{status.untrained_items} of {status.items} canary items on untrained prompts")
+    if current and current.mixing and rule.canary_prompts == "untrained" and ctx.deployments.untrained_below() is None:
+        text += ("\n\nIts items take any prompt: a version in its line recorded no prompt split (trained before "
+                 "prefloop recorded one), so the prompts it trained on are not known.")
     if status.reason:
         text += f"\n\n{escape_markdown(status.reason[:300])}"
     return f"{text}\n\n{settings}"
