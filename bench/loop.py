@@ -73,6 +73,7 @@ from bench.loop_results import (
     row_key,
     save_base_answers,
     table,
+    today_canary_defaults,
     today_round_defaults,
 )
 from bench.loop_summary import summary
@@ -363,6 +364,7 @@ class Job:
         row = {"key": row_key(self.persona.name, self.arm, self.seed, labelled), "persona": self.persona.name,
                "arm": self.arm, "seed": self.seed, "labels": labelled, "prompts": self.prompts, "final_version": final,
                "rounds": list(rounds), "precision": rounds_precision(rounds), "round_defaults": today_round_defaults(),
+               **({"canary_defaults": today_canary_defaults()} if self.arm == "canary" else {}),
                **judged, **extra, "minutes": (time.monotonic() - self.started) / 60, "finished_at": time.time()}
         append_row(self.results, row)
         self.say(f"{row['key']}: win-rate vs base {win_rate([row['verdicts']]).describe()}")

@@ -172,6 +172,16 @@ LEGACY_FIELDS = {"ties": False, "precision": "fp32", "canary": {}}
 LEGACY_ROUND_DEFAULTS = {"rollouts_min_reward_accuracy": None}  # 0.5 since 2026-12-01 (docs/benchmarks.md)
 
 
+# CanaryConfig defaults changed after canary rows were written, with the value those rows' servers ran with: a canary
+# row without `canary_defaults` ran under today's defaults but these.
+LEGACY_CANARY_DEFAULTS = {"canary_prompts": "any"}  # "untrained" since 2026-12-04 (docs/benchmarks.md)
+
+
+def today_canary_defaults() -> dict:
+    """CanaryConfig's defaults as a canary row records them."""
+    return asdict(CanaryConfig())
+
+
 def today_round_defaults() -> dict:
     """RoundConfig's defaults as a row records them (JSON types; the seed is the benchmark's, per round)."""
     return {k: v for k, v in json.loads(json.dumps(RoundConfig().to_dict())).items() if k != "seed"}

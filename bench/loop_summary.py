@@ -17,7 +17,8 @@ of its settings undone (each RoundConfig override in turn, or random ties made t
 (in the same precision where a seed has several runs) whose base answers are the same file content: the verdicts of
 both sides then judge the same base answers on the same prompts. Settings are how the rounds differed from today's
 RoundConfig defaults: rows record the defaults they ran under (older rows: bench.loop_results.LEGACY_ROUND_DEFAULTS),
-so a default changed since is shown as a setting of the older runs, never pooled with the new default's runs.
+so a default changed since is shown as a setting of the older runs, never pooled with the new default's runs; canary
+rows likewise record CanaryConfig's (older ones: LEGACY_CANARY_DEFAULTS).
 Every figure has its n (runs x prompts x samples judged pairs) and its 95% interval. Asserts nothing.
 """
 
@@ -30,7 +31,7 @@ from functools import cache
 from pathlib import Path
 
 from app.canary import CanaryConfig
-from bench.loop_results import ARMS, DEFAULT_ARM, grid_settings, load_rows, round_settings
+from bench.loop_results import ARMS, DEFAULT_ARM, LEGACY_CANARY_DEFAULTS, grid_settings, load_rows, round_settings
 from bench.stats import Estimate, paired_difference, win_rate
 
 
@@ -94,8 +95,9 @@ def collect(root: Path) -> dict[Measure, list[Run]]:
         settings = grid_settings(directory)
         for row in load_rows(directory).values():
             # the canary arm's CanaryConfig settings sit beside the rounds' (their names never clash: canary_*)
+            ran_under = row.get("canary_defaults", LEGACY_CANARY_DEFAULTS) if row["arm"] == "canary" else {}
             overrides = json.dumps({**round_settings(row, settings.get("round", {})),
-                                    **canary_settings(settings.get("canary", {}))}, sort_keys=True)
+                                    **canary_settings(settings.get("canary", {}), ran_under)}, sort_keys=True)
             measure = Measure(row["persona"], row["labels"], row["arm"], settings["held_out"], settings["samples"],
                               settings["ties"], overrides)
             groups[measure].append(Run(row, directory))
@@ -107,12 +109,14 @@ def collect(root: Path) -> dict[Measure, list[Run]]:
     return groups
 
 
-def canary_settings(stored: dict) -> dict:
-    """How a canary arm's server differed from today's CanaryConfig defaults: a directory records the settings it was
-    given, and one run at a value that has since become the default pools with the defaults' runs. A directory run
-    under an older default records that value (loop-concise-64-canary: canary_share 0.5)."""
+def canary_settings(stored: dict, ran_under: dict | None = None) -> dict:
+    """How a canary arm's server differed from today's CanaryConfig defaults: the defaults its row ran under
+    (`ran_under`: the row's canary_defaults, LEGACY_CANARY_DEFAULTS for older rows), then the settings its directory
+    was given. A run at a value that has since become the default pools with the defaults' runs; a run under a
+    default changed since shows the old value as a setting (loop-concise-canary-share1: canary_prompts "any")."""
     today = asdict(CanaryConfig())
-    return {k: v for k, v in stored.items() if today.get(k) != v}
+    ran = {**(ran_under or {}), **stored}
+    return {k: v for k, v in ran.items() if today.get(k) != v}
 
 
 def pooled(runs: list[Run]) -> Estimate:
