@@ -26,6 +26,7 @@ from bench.loop import (
 )
 from bench.loop_results import (
     GRIDS,
+    LEGACY_CANARY_DEFAULTS,
     Grid,
     append_row,
     grid_settings,
@@ -39,6 +40,7 @@ from bench.loop_results import (
     row_key,
     save_base_answers,
     table,
+    today_canary_defaults,
     today_round_defaults,
 )
 from bench.loop_summary import summary
@@ -416,19 +418,27 @@ def results_dir(root, name: str, rows: list[dict], base: dict[int, list[list[str
 def test_summary_keeps_a_canary_setting_apart_and_pairs_it_with_the_canary_defaults(tmp_path):
     base = {0: [["a", "b"]] * 4}
     grid = {"arms": ("canary",), "labels": 64, "curve": ()}
-    defaults = row(arm="canary", seed=0, labels=64, verdicts=random_verdicts((4, 2), seed=1).tolist())
-    half = row(arm="canary", seed=0, labels=64, verdicts=random_verdicts((4, 2), seed=2).tolist())
-    explicit = row(arm="canary", seed=1, labels=64, verdicts=random_verdicts((4, 2), seed=3).tolist())
+    today = {"canary_defaults": today_canary_defaults()}
+    defaults = {**row(arm="canary", seed=0, labels=64, verdicts=random_verdicts((4, 2), seed=1).tolist()), **today}
+    half = {**row(arm="canary", seed=0, labels=64, verdicts=random_verdicts((4, 2), seed=2).tolist()), **today}
+    explicit = {**row(arm="canary", seed=1, labels=64, verdicts=random_verdicts((4, 2), seed=3).tolist()), **today}
+    older = row(arm="canary", seed=0, labels=64, verdicts=random_verdicts((4, 2), seed=4).tolist())  # no record
     results_dir(tmp_path, "a", [defaults], base, **grid)
     results_dir(tmp_path, "b", [half], base, canary={"canary_share": 0.5}, **grid)
     # a setting given explicitly at today's default value is the defaults
     results_dir(tmp_path, "c", [explicit], {1: [["c", "d"]] * 4}, canary={"canary_share": CanaryConfig().canary_share},
                 **grid)
+    # a row from before canary rows recorded their defaults ran under LEGACY_CANARY_DEFAULTS: a setting of its own
+    results_dir(tmp_path, "d", [older], base, **grid)
     text = summary(tmp_path)
     assert "| 64 | canary | defaults | 4 x 2 | 0, 1 (unrecorded) |" in text and "| a, c |" in text, text
     assert "| 64 | canary | canary_share=0.5 | 4 x 2 | 0 (unrecorded) |" in text
     d = paired_difference([half["verdicts"]], [defaults["verdicts"]])
     assert f"| 64 | canary: canary_share=0.5 - defaults | 0 (unrecorded) | {d.value:+.3f} |" in text
+    assert LEGACY_CANARY_DEFAULTS == {"canary_prompts": "any"} != {"canary_prompts": CanaryConfig().canary_prompts}
+    assert '| 64 | canary | canary_prompts="any" | 4 x 2 | 0 (unrecorded) |' in text
+    d = paired_difference([older["verdicts"]], [defaults["verdicts"]])
+    assert f'| 64 | canary: canary_prompts="any" - defaults | 0 (unrecorded) | {d.value:+.3f} |' in text
 
 
 def test_summary_pools_directories_by_what_they_measure_and_pairs_runs_by_seed_precision_and_base(tmp_path):
