@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from app.settings import DEFAULT_GUIDELINES
-from app.ui import admin, admin_prompts, admin_rounds, admin_versions, annotate, charts
+from app.ui import admin, admin_canary, admin_prompts, admin_rounds, admin_versions, annotate, charts
 from app.ui.admin import Forbidden
 from app.ui.annotate import UiError
 from learner.config import RoundConfig
@@ -58,6 +59,10 @@ ADMIN_HANDLERS = {
     "remove_prompt": lambda ctx, who: admin_prompts.remove_prompt(ctx, who, 1),
     "annotators": lambda ctx, who: admin.annotators(ctx, who),
     "set_overlap": lambda ctx, who: admin.set_overlap(ctx, who, 3),
+    "canary_panel": lambda ctx, who: admin_canary.canary_panel(ctx, who),
+    "canary_rule": lambda ctx, who: admin_canary.canary_rule(ctx, who),
+    "save_canary_rule": lambda ctx, who: admin_canary.save_canary_rule(
+        ctx, who, {**{f.name: f.default for f in admin_canary.canary_fields()}, "canary_prompts": "any"}),
     "add_user": lambda ctx, who: admin.add_user(ctx, who, "mallory", "admin", "mallory-password"),
     "set_user_disabled": lambda ctx, who: admin.set_user_disabled(ctx, who, "boss", True),
     "reset_password": lambda ctx, who: admin.reset_password(ctx, who, "boss", None),
@@ -364,6 +369,8 @@ def test_gradio_client_admin_is_served_and_annotator_refused_for_every_action(ct
         "/admin_roll_back": (),
         "/admin_annotators": (),
         "/admin_set_overlap": (2,),
+        "/admin_canary_rule": (),
+        "/admin_save_canary_rule": tuple({**admin_canary.canary_rule(ctx, "boss"), "canary_max_items": 40}.values()),
         "/admin_add_user": ("dave", "annotator", "dave-password"),
         "/admin_set_user_disabled": ("dave", True),
         "/admin_upload_prompts": (handle_file(str(prompts)), False),
@@ -394,6 +401,9 @@ def test_gradio_client_admin_is_served_and_annotator_refused_for_every_action(ct
     assert results["/admin_deploy"][0].startswith("Deployed v1")
     assert results["/admin_roll_back"][0] == "Rolled back v1 to base model (v0)." and ctx.deployments.serving == 0
     assert ctx.buffer.config.overlap == 2
+    assert results["/admin_canary_rule"][-1] == "untrained" and len(results["/admin_canary_rule"]) == 7
+    assert results["/admin_save_canary_rule"][0].startswith("Canary rule saved")
+    assert ctx.deployments.canary_config.canary_max_items == 40 == int(ctx.store.settings.get("canary_max_items"))
     assert ctx.store.users.get("dave").disabled and "API token: " in results["/admin_add_user"][0]
     assert results["/admin_upload_prompts"].startswith("imported 1 prompts from more.jsonl")
     assert "**1** contain the search" in results["/admin_prompt_pool"][0]
@@ -406,6 +416,28 @@ def test_gradio_client_admin_is_served_and_annotator_refused_for_every_action(ct
     assert Path(results["/admin_export"][0]).read_text(encoding="utf-8") == ""  # no rankings yet: an empty file
     (run,) = ctx.store.runs.list()
     assert ctx.scheduler.wait(run.run_id, timeout=60) == "cancelled"
+
+
+def test_the_canary_rule_form_shows_every_setting_with_its_reason_and_stores_only_a_valid_rule(ctx, accounts):
+    form = admin_canary.canary_fields()
+    assert [f.name for f in form] == list(admin_canary.canary_rule(ctx, "boss"))  # every CanaryConfig field
+    kinds = {f.name: (f.kind, f.choices) for f in form}
+    assert kinds["canary_prompts"] == ("choice", ("untrained", "any")) and kinds["canary_chain"] == ("bool", ())
+    assert kinds["canary_min_comparisons"][0] == "int" and all(f.reason for f in form)
+    rule = admin_canary.canary_rule(ctx, "boss")
+    before = ctx.store.settings.all()
+    for changes, problem in (({"canary_threshold": 1.5}, "canary_threshold must be a number in (0, 1), got 1.5"),
+                             ({"canary_max_items": 2.5}, "canary_max_items must be an integer >= 1, got 2.5"),
+                             ({"canary_share": None}, "canary_share cannot be blank"),
+                             ({"canary_prompts": "some"}, "canary_prompts must be one of untrained, any")):
+        with pytest.raises(UiError, match=re.escape(problem)):
+            admin_canary.save_canary_rule(ctx, "boss", {**rule, **changes})
+    assert ctx.store.settings.all() == before and ctx.deployments.canary_config.canary_prompts == "untrained"
+    saved = admin_canary.save_canary_rule(ctx, "boss", {**rule, "canary_prompts": "any", "canary_max_items": 48.0})
+    assert saved.startswith("Canary rule saved")
+    assert admin_canary.canary_rule(ctx, "boss") == {**rule, "canary_prompts": "any", "canary_max_items": 48}
+    assert ctx.store.settings.get("canary_max_items") == "48"  # a whole number from a number box stays an integer
+    assert "canary items on any prompt" in admin_canary.canary_panel(ctx, "boss")
 
 
 def test_prompt_pool_counts_searches_pages_and_removes_starter_prompts_too(ctx, accounts, sample_items):

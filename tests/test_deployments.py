@@ -16,7 +16,7 @@ from test_crash import start_server as crash_start_server
 from test_crash import wait_for
 
 from app.server import free_port
-from app.ui.admin import canary_panel
+from app.ui.admin_canary import canary_panel
 from learner.data import hash_fraction
 from storage.store import Store
 

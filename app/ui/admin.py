@@ -1,6 +1,6 @@
 """The Admin UI's handlers: plain functions of (context, user name, inputs) returning views or DataFrames. The
-Overview and Train screens are in app/ui/admin_rounds.py, Versions in admin_versions.py (its canary here), the prompt
-pool in admin_prompts.py; the role check they all call is here.
+Overview and Train screens are in app/ui/admin_rounds.py, Versions in admin_versions.py (its canary panel and rule in
+admin_canary.py), the prompt pool in admin_prompts.py; the role check they all call is here.
 
 Every handler calls `require_admin` first. A hidden tab is only cosmetic: Gradio ships its components and answers its
 endpoints for any logged-in user (a browser's devtools or `gradio_client` reach them), so the role is checked here, on
@@ -21,7 +21,6 @@ from app import suggestions
 from app.arena import standings as arena_standings
 from app.context import AppContext
 from app.ui.annotate import UiError, user_of
-from app.ui.render import escape_markdown
 from storage import analytics
 from storage.dataset import write_dataset
 from storage.errors import NothingToExport
@@ -54,62 +53,6 @@ def is_admin(ctx: AppContext, username: str | None) -> bool:
 # -- shared by the screens ----------------------------------------------------------------------------------------
 def version_name(version: int) -> str:
     return "base model (v0)" if version == 0 else f"v{version}"
-
-
-# -- Versions: the canary (the rest of the screen is app/ui/admin_versions.py) ------------------------------------
-def canary_panel(ctx: AppContext, username: str | None) -> str:
-    """Markdown: the canary under test (its human win-rate against the serving version with n and the 95%
-    interval, the decision so far), the last decided one otherwise, and the rule's settings."""
-    require_admin(ctx, username)
-    rule = ctx.deployments.canary_config
-    where = "prompts no version in its line trained on" if rule.canary_prompts == "untrained" else "any prompt"
-    settings = (f"Deploy policy **{rule.deploy_policy}** · share {rule.canary_share} · decide after "
-                f"{rule.canary_min_comparisons} comparisons against {rule.canary_threshold} · admin after "
-                f"{rule.canary_max_items} ranked items · rounds meanwhile "
-                f"{'train from the canary' if rule.canary_chain else 'wait for its decision'} · "
-                f"canary items on {where}")
-    statuses = ctx.deployments.canary_statuses()
-    if not statuses:
-        return f"No canary yet: a round whose version passes the gate starts one.\n\n{settings}"
-    current = ctx.deployments.canary
-    status = statuses[current.version] if current else statuses[max(statuses)]
-    stats = status.stats
-    figure = ("no comparison yet" if stats.win_rate is None else
-              f"win-rate **{stats.win_rate:.2f}**, 95% interval [{stats.ci95[0]:.2f}, {stats.ci95[1]:.2f}], "
-              f"n = {stats.comparisons} comparisons in {stats.rankings} rankings")
-    head = "Canary" if current else "Last canary"
-    text = (f"{head} **{version_name(status.version)}** vs {version_name(status.serving)}: {figure} · "
-            f"{status.items_ranked} items ranked · decision **{status.decision}** · "
-            f"{status.untrained_items} of {status.items} canary items on untrained prompts")
-    if current and current.mixing and rule.canary_prompts == "untrained" and ctx.deployments.untrained_below() is None:
-        text += ("\n\nIts items take any prompt: a version in its line recorded no prompt split (trained before "
-                 "prefloop recorded one), so the prompts it trained on are not known.")
-    if status.reason:
-        text += f"\n\n{escape_markdown(status.reason[:300])}"
-    return f"{text}\n\n{settings}"
-
-
-def _running_canary(ctx: AppContext, username: str | None):
-    """(the admin, the running canary); UiError when there is none."""
-    user = require_admin(ctx, username)
-    canary = ctx.deployments.canary
-    if canary is None:
-        raise UiError("no canary is running")
-    return user, canary
-
-
-def promote_canary(ctx: AppContext, username: str | None) -> str:
-    """Promote the canary now (same call as POST /api/versions/{v}/promote)."""
-    user, canary = _running_canary(ctx, username)
-    ctx.deployments.promote(canary.version, by=user.name)
-    return f"Promoted {version_name(canary.version)}: it serves everyone now."
-
-
-def reject_canary(ctx: AppContext, username: str | None) -> str:
-    """Roll the canary back now (same call as POST /api/versions/{v}/reject-canary)."""
-    user, canary = _running_canary(ctx, username)
-    ctx.deployments.reject_canary(canary.version, by=user.name)
-    return f"Rolled back the canary {version_name(canary.version)}; {version_name(ctx.deployments.serving)} serves."
 
 
 # -- Annotators -------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from app.context import AppContext
-from app.ui import admin, admin_people, admin_rounds, admin_versions
+from app.ui import admin, admin_canary, admin_people, admin_rounds, admin_versions
 from app.ui.wiring import FREE, ONE_SWAP, as_toast
 from app.web_guard import ANNOTATOR_DOOR
 
@@ -190,6 +190,29 @@ def _train_tab(ctx: AppContext) -> gr.Markdown:
     return banner
 
 
+def _canary_rule(ctx: AppContext, tab: gr.Tab, panel: gr.Markdown) -> None:
+    """The canary's rule as a form (every CanaryConfig field with its default and reason), filled in with the rule
+    in force when the tab opens; saving it refreshes the canary's panel."""
+    form = admin_canary.canary_fields()
+    with gr.Accordion("Canary rule", open=False):
+        inputs = _form_rows(form)
+        save_btn = gr.Button("Save the canary rule")
+        message = gr.Markdown()
+
+    def on_rule(request: gr.Request):
+        with as_toast():
+            rule = admin_canary.canary_rule(ctx, request.username)
+            return [rule[f.name] for f in form]
+
+    def on_save(request: gr.Request, *values):
+        with as_toast():
+            saved = admin_canary.save_canary_rule(ctx, request.username, dict(zip([f.name for f in form], values)))
+            return [saved, admin_canary.canary_panel(ctx, request.username)]
+
+    tab.select(on_rule, outputs=inputs, api_name="admin_canary_rule", **FREE)
+    save_btn.click(on_save, inputs, [message, panel], api_name="admin_save_canary_rule", **FREE)
+
+
 # -- Versions: the registry, deploy and roll back, the canary, charts -----------------------------------------------
 def _versions_tab(ctx: AppContext) -> None:
     with gr.Tab("Versions") as tab:
@@ -204,6 +227,7 @@ def _versions_tab(ctx: AppContext) -> None:
         with gr.Row():
             promote_btn = gr.Button("Promote the canary")
             reject_btn = gr.Button("Roll back the canary", variant="stop")
+        _canary_rule(ctx, tab, canary)
         charts = gr.HTML(elem_id="pl-version-charts")
         with gr.Row():
             detail_picker = gr.Dropdown(label="details of version", allow_custom_value=True)
@@ -248,13 +272,13 @@ def _versions_tab(ctx: AppContext) -> None:
 
     def on_canary(request: gr.Request):
         with as_toast():
-            return admin.canary_panel(ctx, request.username)
+            return admin_canary.canary_panel(ctx, request.username)
 
     def on_canary_action(action):
         def handler(request: gr.Request):
             with as_toast():
                 message = action(ctx, request.username)
-            return [message, admin.canary_panel(ctx, request.username), *on_versions(request)]
+            return [message, admin_canary.canary_panel(ctx, request.username), *on_versions(request)]
         return handler
 
     gr.on([tab.select, refresh_btn.click], on_versions, outputs=outputs, api_name="admin_versions", **FREE)
@@ -264,7 +288,7 @@ def _versions_tab(ctx: AppContext) -> None:
                      **ONE_SWAP)
     rollback_btn.click(on_roll_back, None, [versions_message, *outputs], api_name="admin_roll_back", **ONE_SWAP)
     gr.on([tab.select, refresh_btn.click], on_canary, outputs=canary, api_name="admin_canary", **FREE)
-    promote_btn.click(on_canary_action(admin.promote_canary), None, [versions_message, canary, *outputs],
+    promote_btn.click(on_canary_action(admin_canary.promote_canary), None, [versions_message, canary, *outputs],
                       api_name="admin_promote_canary", **ONE_SWAP)
-    reject_btn.click(on_canary_action(admin.reject_canary), None, [versions_message, canary, *outputs],
+    reject_btn.click(on_canary_action(admin_canary.reject_canary), None, [versions_message, canary, *outputs],
                      api_name="admin_reject_canary", **ONE_SWAP)
