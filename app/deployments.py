@@ -8,8 +8,8 @@
                                        promoted: the newest waiting one becomes the canary; rolled back: they go too
     admin: deploy(v, force) / roll_back() / promote(v) / reject_canary(v)
 
-A crash between a promotion and the start of the waiting version's canary leaves that version a candidate (the
-promotion stands; an admin can start its canary by hand).
+A crash between a promotion and the start of the waiting version's canary leaves that version a candidate; the next
+start hands over to it (`_resume_hand_over`): the promotion stands either way.
 
 The store's versions table is the record (each change one transaction: a crash leaves the state before or after it,
 never half of one); `serving` is its in-memory copy, set only here, after the adapter is loaded and the store
@@ -71,6 +71,8 @@ class Deployments:
         self._bounds: dict[tuple[int, int], float | None] = {}  # (canary, serving) -> untrained_below
         if self._canary is not None:
             self._restore_canary(self._canary)
+        else:
+            self._resume_hand_over()
         self._pin()
 
     # -- what serves ----------------------------------------------------------------------------------------------
@@ -150,8 +152,7 @@ class Deployments:
         a candidate waiting for the decision while its parent is the canary; rolled_back when the parent was rolled
         back as a canary. None otherwise (a parent promoted meanwhile serves: the version is tested against it)."""
         if self._canary is not None and self._canary.version == parent:
-            return "candidate", (f"waits for the decision on the canary v{parent}, which it was trained from "
-                                 "(canary_chain)")
+            return "candidate", _waits_for(parent)
         was_canary = self.store.versions.canaries().get(parent)
         if was_canary is not None and was_canary.decision == "rolled_back":
             return "rolled_back", _child_of_rolled_back(parent)
@@ -279,19 +280,37 @@ class Deployments:
                 for child in waiting:
                     self.store.versions.set_status(child.version, "rolled_back", _child_of_rolled_back(version))
             elif waiting:  # promoted: the newest round trained from it is the next canary (older ones stay candidates)
-                for older in waiting[1:]:
-                    self.store.versions.set_status(older.version, "candidate", f"trained from v{version}; "
-                                                   f"v{waiting[0].version}, trained later, became the next canary")
-                self._hand_over(version, waiting[0].version)
+                self._hand_over(version, waiting)
         self.on_change()
         return self.canary_status(decided)
 
-    def _hand_over(self, promoted: int, child: int) -> None:
+    def _hand_over(self, promoted: int, waiting: list[PolicyVersion]) -> None:
+        """The newest of the versions trained from the canary just promoted becomes the canary; older ones stay
+        candidates, saying why."""
+        child = waiting[0].version
+        for older in waiting[1:]:
+            self.store.versions.set_status(older.version, "candidate", f"trained from v{promoted}; v{child}, trained "
+                                           "later, became the next canary")
         try:
             self.start_canary(child)
             log.info("canary v%s: trained from v%s while it was judged, now judged against it", child, promoted)
         except Exception as exc:  # noqa: BLE001 - the promotion stands; the child stays a candidate an admin can test
             log.warning("canary v%s could not start after v%s was promoted: %s", child, promoted, exc)
+
+    def _resume_hand_over(self) -> None:
+        """After a restart with no canary: if the serving version was promoted as a canary and no canary has started
+        against it since, the process stopped between that promotion and the hand-over; the versions still waiting
+        for it (their reason says so) are handed over now."""
+        canaries = self.store.versions.canaries()
+        promoted = canaries.get(self._serving)
+        if promoted is None or promoted.decision != "promoted" or any(c.serving == self._serving
+                                                                       for c in canaries.values()):
+            return
+        waiting = [v for v in self.store.versions.waiting(self._serving) if v.reason == _waits_for(self._serving)]
+        if waiting:
+            log.info("canary v%s was promoted before the last stop; handing over to v%s", self._serving,
+                     waiting[0].version)
+            self._hand_over(self._serving, waiting)
 
     def _switch(self, record: PolicyVersion, taken_down: str | None = None, reason: str | None = None):
         """Load `record`'s adapter (waiting for the generation in flight), record the deploy, then serve it."""
@@ -327,6 +346,10 @@ class Deployments:
 
     def _pin(self) -> None:
         self.policy.pin({self._serving} | ({self._canary.version} if self._canary else set()))
+
+
+def _waits_for(parent: int) -> str:
+    return f"waits for the decision on the canary v{parent}, which it was trained from (canary_chain)"
 
 
 def _child_of_rolled_back(parent: int) -> str:

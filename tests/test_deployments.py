@@ -270,6 +270,29 @@ def test_under_canary_chain_what_waits_goes_with_a_rolled_back_canary_and_the_ne
     assert boss.get("/api/settings").json()["canary_chain"] is False and ctx.deployments.round_parent() == v4
 
 
+def test_a_restart_between_a_promotion_and_the_hand_over_hands_over_once(ctx, add_version):
+    """The process stopped after the store recorded the canary's promotion and before the waiting version's canary
+    started (the two are separate writes): the next start hands over. Once a canary ran against the promoted version,
+    or for a version passed over by a newer sibling, a restart starts nothing."""
+    from app.deployments import Deployments
+
+    assert ctx.deployments.set_canary_config({"canary_chain": True}).canary_chain
+    v1 = add_version()
+    ctx.deployments.start_canary(v1)
+    path = Path(ctx.store.versions.get(v1).path)
+    for child in (v1 + 1, v1 + 2):
+        assert ctx.deployments.register(child, v1, "dpo", path, {}, {"labels_used": 3}, True, None) == "candidate"
+    ctx.store.versions.decide_canary(v1, "promoted", 64, 0.7, (0.6, 0.8), "promoted: ...")  # ... and the stop
+
+    restarted = Deployments(ctx.store, ctx.policy)
+    assert restarted.serving == v1 and restarted.canary.version == v1 + 2 and restarted.canary.serving == v1
+    passed_over = f"trained from v{v1}; v{v1 + 2}, trained later, became the next canary"
+    assert ctx.store.versions.get(v1 + 1).reason == passed_over
+    restarted.reject_canary(v1 + 2)
+    again = Deployments(ctx.store, ctx.policy)  # v1 + 1 was passed over, and a canary ran against v1: nothing starts
+    assert again.canary is None and ctx.store.versions.get(v1 + 1).status == "candidate"
+
+
 def test_a_round_started_by_hand_during_a_canary_says_it_may_supersede_it(ctx, server, boss, add_version):
     """It does not wait (an admin asked for it), but Admin -> Train says what passing the gate will do."""
     from app.ui import admin_rounds
