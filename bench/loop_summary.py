@@ -30,9 +30,11 @@ from dataclasses import asdict, dataclass, replace
 from functools import cache
 from pathlib import Path
 
+import numpy as np
+
 from app.canary import CanaryConfig
 from bench.loop_results import ARMS, DEFAULT_ARM, LEGACY_CANARY_DEFAULTS, grid_settings, load_rows, round_settings
-from bench.stats import Estimate, paired_difference, win_rate
+from bench.stats import BOOTSTRAP_SEED, RESAMPLES, Estimate, paired_difference, win_rate
 
 
 @dataclass(frozen=True)
@@ -211,5 +213,38 @@ def summary(root: Path) -> str:
                     "where they differ):", "",
                     "| labels | comparison | runs | difference | 95% CI | n |", "| --- | --- | --- | --- | --- | --- |",
                     *differences]
+        out += canary_calibration(groups, persona)
         out.append("")
     return "\n".join(out)
+
+
+def canary_calibration(groups: dict[Measure, list[Run]], persona: str) -> list[str]:
+    """Whether the canary's annotators judged as the persona does on prompts nobody trained on: for every canary
+    decided (promoted or rolled back) in the canary arm's runs, its human win-rate against the version it was
+    compared with minus the persona's win-rate of the same two versions on the held-out prompts, averaged per
+    setting, with a percentile-bootstrap interval over canaries. Above 0: the annotators saw the candidate better
+    than it generalises (canary items on prompts it trained on)."""
+    gaps: dict[str, dict[tuple, tuple[float, float]]] = defaultdict(dict)
+    for m, runs in groups.items():
+        if m.persona != persona or m.arm != "canary":
+            continue
+        for run in runs:
+            for c in run.row.get("canaries", []):
+                if c["decision"] in ("promoted", "rolled_back") and c["win_rate"] is not None:
+                    judged = win_rate([c["persona_verdicts"]]).value
+                    gaps[m.settings()][(str(run.directory), run.seed, c["version"])] = (c["win_rate"], judged)
+    if not gaps:
+        return []
+    lines = []
+    for setting, found in sorted(gaps.items()):
+        human, judged = (np.array(x) for x in zip(*found.values()))
+        rng = np.random.default_rng(BOOTSTRAP_SEED)
+        picks = rng.integers(0, len(human), size=(RESAMPLES, len(human)))
+        low, high = np.percentile((human - judged)[picks].mean(axis=1), [2.5, 97.5])
+        lines.append(f"| {setting} | {len(human)} | {human.mean():.2f} | {judged.mean():.2f} | "
+                     f"{(human - judged).mean():+.3f} | [{low:+.3f}, {high:+.3f}] |")
+    return ["", "Canary calibration (decided canaries: the annotators' win-rate of the candidate against the version "
+            "it was compared with, beside the persona's on the held-out prompts; 95% interval: bootstrap over "
+            "canaries, n = canaries):", "",
+            "| settings | canaries | annotators | persona held out | annotators - persona | 95% CI |",
+            "| --- | --- | --- | --- | --- | --- |", *lines]

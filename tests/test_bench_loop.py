@@ -441,6 +441,27 @@ def test_summary_keeps_a_canary_setting_apart_and_pairs_it_with_the_canary_defau
     assert f'| 64 | canary: canary_prompts="any" - defaults | 0 (unrecorded) | {d.value:+.3f} |' in text
 
 
+def test_summary_sets_the_canarys_human_win_rate_beside_the_personas_on_held_out_prompts(tmp_path):
+    """Canary calibration: per setting, decided canaries only, annotators minus persona averaged over canaries."""
+    def canary(version: int, decision: str, human: float, persona: list[list[float]]) -> dict:
+        return {"version": version, "parent": version - 1, "decision": decision, "win_rate": human,
+                "ci95": [human - 0.1, human + 0.1], "comparisons": 64, "persona_verdicts": persona}
+
+    today = {"canary_defaults": today_canary_defaults()}
+    grid = {"arms": ("canary",), "labels": 64, "curve": ()}
+    first = {**row(arm="canary", seed=0, labels=64), **today,
+             "canaries": [canary(1, "promoted", 0.70, [[1.0, 0.0]] * 4),  # persona 0.5: gap +0.20
+                          canary(2, "pending", 0.90, [[0.0, 0.0]] * 4)]}  # not decided: left out
+    second = {**row(arm="canary", seed=1, labels=64), **today,
+              "canaries": [canary(1, "rolled_back", 0.30, [[0.0, 0.0]] * 3 + [[1.0, 1.0]])]}  # 0.25: gap +0.05
+    older = {**row(arm="canary", seed=0, labels=64), "canaries": [canary(1, "promoted", 0.8, [[0.5, 0.5]] * 4)]}
+    results_dir(tmp_path, "a", [first, second], {0: [["a", "b"]] * 4, 1: [["c", "d"]] * 4}, **grid)
+    results_dir(tmp_path, "b", [older], {0: [["a", "b"]] * 4}, **grid)
+    text = summary(tmp_path)
+    assert "| defaults | 2 | 0.50 | 0.38 | +0.125 | [+0.050, +0.200] |" in text, text
+    assert '| canary_prompts="any" | 1 | 0.80 | 0.50 | +0.300 | [+0.300, +0.300] |' in text
+
+
 def test_summary_pools_directories_by_what_they_measure_and_pairs_runs_by_seed_precision_and_base(tmp_path):
     fp32, bf16 = "float32", "float32 weights, bfloat16 autocast"
     base = {0: [["a", "b"]] * 4, 1: [["c", "d"]] * 4}
