@@ -51,12 +51,13 @@ class CanaryConfig:
     # the loop served 0.93 at 64 `concise` labels, under the canary 0.56 (docs/DESIGN.md, "Not built yet").
     canary_chain: bool = False
     # "untrained": canary items ask prompts that neither the canary nor the serving version (nor any version before
-    # them) trained on: the eval and held-out prompts of their rounds' split, by a hash of the prompt text, so the
-    # annotators judge how a version generalises. "any": the least-sampled prompts, as other items (mostly prompts
-    # it trained on). Why: with "any" the annotators rated first versions above what the same preference gave them
-    # on prompts nobody trained on (9 promotions in bench/loop.py: 0.70 vs 0.63; one promoted at 0.60 that rates
-    # 0.47 [0.37, 0.57] held out). Cost: canary labels land on prompts whose labels never train the policy.
-    canary_prompts: str = "untrained"
+    # them) trained on: the eval and held-out prompts of their rounds' split, by a hash of the prompt text. "any" (the
+    # default): the least-sampled prompts, as other items. Measured in the loop (bench/loop.py --grid canary, concise
+    # seed 1): "untrained" put all 34 canary items on untrained prompts and still promoted v1 at 0.64 [0.52, 0.75]
+    # where the persona gives 0.45 [0.35, 0.54] on its held-out prompts (so in-sample items are not what made the
+    # annotators' verdicts run high), and as those labels train nothing the loop served 0.45 at 96 labels against
+    # 0.94 with "any" (paired -0.484 [-0.589, -0.380], n = 96; docs/benchmarks.md).
+    canary_prompts: str = "any"
 
     def __post_init__(self) -> None:
         checks = {

@@ -174,7 +174,7 @@ LEGACY_ROUND_DEFAULTS = {"rollouts_min_reward_accuracy": None}  # 0.5 since 2026
 
 # CanaryConfig defaults changed after canary rows were written, with the value those rows' servers ran with: a canary
 # row without `canary_defaults` ran under today's defaults but these.
-LEGACY_CANARY_DEFAULTS = {"canary_prompts": "any"}  # "untrained" since 2026-12-04 (docs/benchmarks.md)
+LEGACY_CANARY_DEFAULTS = {"canary_prompts": "any"}  # rows before canary_prompts existed ran "any" (still the default)
 
 
 def today_canary_defaults() -> dict:

@@ -62,7 +62,7 @@ ADMIN_HANDLERS = {
     "canary_panel": lambda ctx, who: admin_canary.canary_panel(ctx, who),
     "canary_rule": lambda ctx, who: admin_canary.canary_rule(ctx, who),
     "save_canary_rule": lambda ctx, who: admin_canary.save_canary_rule(
-        ctx, who, {**{f.name: f.default for f in admin_canary.canary_fields()}, "canary_prompts": "any"}),
+        ctx, who, {**{f.name: f.default for f in admin_canary.canary_fields()}, "canary_prompts": "untrained"}),
     "add_user": lambda ctx, who: admin.add_user(ctx, who, "mallory", "admin", "mallory-password"),
     "set_user_disabled": lambda ctx, who: admin.set_user_disabled(ctx, who, "boss", True),
     "reset_password": lambda ctx, who: admin.reset_password(ctx, who, "boss", None),
@@ -401,7 +401,7 @@ def test_gradio_client_admin_is_served_and_annotator_refused_for_every_action(ct
     assert results["/admin_deploy"][0].startswith("Deployed v1")
     assert results["/admin_roll_back"][0] == "Rolled back v1 to base model (v0)." and ctx.deployments.serving == 0
     assert ctx.buffer.config.overlap == 2
-    assert results["/admin_canary_rule"][-1] == "untrained" and len(results["/admin_canary_rule"]) == 7
+    assert results["/admin_canary_rule"][-1] == "any" and len(results["/admin_canary_rule"]) == 7
     assert results["/admin_save_canary_rule"][0].startswith("Canary rule saved")
     assert ctx.deployments.canary_config.canary_max_items == 40 == int(ctx.store.settings.get("canary_max_items"))
     assert ctx.store.users.get("dave").disabled and "API token: " in results["/admin_add_user"][0]
@@ -432,12 +432,13 @@ def test_the_canary_rule_form_shows_every_setting_with_its_reason_and_stores_onl
                              ({"canary_prompts": "some"}, "canary_prompts must be one of untrained, any")):
         with pytest.raises(UiError, match=re.escape(problem)):
             admin_canary.save_canary_rule(ctx, "boss", {**rule, **changes})
-    assert ctx.store.settings.all() == before and ctx.deployments.canary_config.canary_prompts == "untrained"
-    saved = admin_canary.save_canary_rule(ctx, "boss", {**rule, "canary_prompts": "any", "canary_max_items": 48.0})
+    assert ctx.store.settings.all() == before and ctx.deployments.canary_config.canary_prompts == "any"
+    saved = admin_canary.save_canary_rule(ctx, "boss", {**rule, "canary_prompts": "untrained",
+                                                        "canary_max_items": 48.0})
     assert saved.startswith("Canary rule saved")
-    assert admin_canary.canary_rule(ctx, "boss") == {**rule, "canary_prompts": "any", "canary_max_items": 48}
+    assert admin_canary.canary_rule(ctx, "boss") == {**rule, "canary_prompts": "untrained", "canary_max_items": 48}
     assert ctx.store.settings.get("canary_max_items") == "48"  # a whole number from a number box stays an integer
-    assert "canary items on any prompt" in admin_canary.canary_panel(ctx, "boss")
+    assert "canary items on prompts no version in its line trained on" in admin_canary.canary_panel(ctx, "boss")
 
 
 def test_prompt_pool_counts_searches_pages_and_removes_starter_prompts_too(ctx, accounts, sample_items):

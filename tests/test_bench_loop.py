@@ -422,23 +422,27 @@ def test_summary_keeps_a_canary_setting_apart_and_pairs_it_with_the_canary_defau
     defaults = {**row(arm="canary", seed=0, labels=64, verdicts=random_verdicts((4, 2), seed=1).tolist()), **today}
     half = {**row(arm="canary", seed=0, labels=64, verdicts=random_verdicts((4, 2), seed=2).tolist()), **today}
     explicit = {**row(arm="canary", seed=1, labels=64, verdicts=random_verdicts((4, 2), seed=3).tolist()), **today}
-    older = row(arm="canary", seed=0, labels=64, verdicts=random_verdicts((4, 2), seed=4).tolist())  # no record
+    older = {**row(arm="canary", seed=0, labels=64, verdicts=random_verdicts((4, 2), seed=4).tolist()),
+             "canary_defaults": {**today_canary_defaults(), "canary_prompts": "untrained"}}  # another default then
     results_dir(tmp_path, "a", [defaults], base, **grid)
     results_dir(tmp_path, "b", [half], base, canary={"canary_share": 0.5}, **grid)
     # a setting given explicitly at today's default value is the defaults
     results_dir(tmp_path, "c", [explicit], {1: [["c", "d"]] * 4}, canary={"canary_share": CanaryConfig().canary_share},
                 **grid)
-    # a row from before canary rows recorded their defaults ran under LEGACY_CANARY_DEFAULTS: a setting of its own
+    # a row run under another default shows that default as its setting; one from before rows recorded their
+    # defaults ran under LEGACY_CANARY_DEFAULTS, today's too: it pools with the defaults
     results_dir(tmp_path, "d", [older], base, **grid)
+    unrecorded = row(arm="canary", seed=2, labels=64, verdicts=random_verdicts((4, 2), seed=5).tolist())
+    results_dir(tmp_path, "e", [unrecorded], {2: [["e", "f"]] * 4}, **grid)
     text = summary(tmp_path)
-    assert "| 64 | canary | defaults | 4 x 2 | 0, 1 (unrecorded) |" in text and "| a, c |" in text, text
+    assert "| 64 | canary | defaults | 4 x 2 | 0, 1, 2 (unrecorded) |" in text and "| a, c, e |" in text, text
     assert "| 64 | canary | canary_share=0.5 | 4 x 2 | 0 (unrecorded) |" in text
     d = paired_difference([half["verdicts"]], [defaults["verdicts"]])
     assert f"| 64 | canary: canary_share=0.5 - defaults | 0 (unrecorded) | {d.value:+.3f} |" in text
-    assert LEGACY_CANARY_DEFAULTS == {"canary_prompts": "any"} != {"canary_prompts": CanaryConfig().canary_prompts}
-    assert '| 64 | canary | canary_prompts="any" | 4 x 2 | 0 (unrecorded) |' in text
+    assert LEGACY_CANARY_DEFAULTS == {"canary_prompts": CanaryConfig().canary_prompts}
+    assert '| 64 | canary | canary_prompts="untrained" | 4 x 2 | 0 (unrecorded) |' in text
     d = paired_difference([older["verdicts"]], [defaults["verdicts"]])
-    assert f'| 64 | canary: canary_prompts="any" - defaults | 0 (unrecorded) | {d.value:+.3f} |' in text
+    assert f'| 64 | canary: canary_prompts="untrained" - defaults | 0 (unrecorded) | {d.value:+.3f} |' in text
 
 
 def test_summary_sets_the_canarys_human_win_rate_beside_the_personas_on_held_out_prompts(tmp_path):
@@ -454,12 +458,13 @@ def test_summary_sets_the_canarys_human_win_rate_beside_the_personas_on_held_out
                           canary(2, "pending", 0.90, [[0.0, 0.0]] * 4)]}  # not decided: left out
     second = {**row(arm="canary", seed=1, labels=64), **today,
               "canaries": [canary(1, "rolled_back", 0.30, [[0.0, 0.0]] * 3 + [[1.0, 1.0]])]}  # 0.25: gap +0.05
-    older = {**row(arm="canary", seed=0, labels=64), "canaries": [canary(1, "promoted", 0.8, [[0.5, 0.5]] * 4)]}
+    older = {**row(arm="canary", seed=0, labels=64), "canaries": [canary(1, "promoted", 0.8, [[0.5, 0.5]] * 4)],
+             "canary_defaults": {**today_canary_defaults(), "canary_prompts": "untrained"}}
     results_dir(tmp_path, "a", [first, second], {0: [["a", "b"]] * 4, 1: [["c", "d"]] * 4}, **grid)
     results_dir(tmp_path, "b", [older], {0: [["a", "b"]] * 4}, **grid)
     text = summary(tmp_path)
     assert "| defaults | 2 | 0.50 | 0.38 | +0.125 | [+0.050, +0.200] |" in text, text
-    assert '| canary_prompts="any" | 1 | 0.80 | 0.50 | +0.300 | [+0.300, +0.300] |' in text
+    assert '| canary_prompts="untrained" | 1 | 0.80 | 0.50 | +0.300 | [+0.300, +0.300] |' in text
 
 
 def test_summary_pools_directories_by_what_they_measure_and_pairs_runs_by_seed_precision_and_base(tmp_path):

@@ -99,8 +99,8 @@ def test_canary_items_ask_prompts_no_version_in_its_line_trained_on(ctx, server,
     pool = sorted(ctx.store.prompts.least_sampled(1000), key=lambda p: hash_fraction(p.text))
     bound = hash_fraction(pool[3].text)  # three pool prompts are below it
     untrained = {p.prompt_id for p in pool[:3]}
-    assert boss.patch("/api/settings", json=QUICK_CANARY).status_code == 200
-    assert boss.get("/api/settings").json()["canary_prompts"] == "untrained"  # the default
+    assert boss.get("/api/settings").json()["canary_prompts"] == "any"  # the default
+    assert boss.patch("/api/settings", json={**QUICK_CANARY, "canary_prompts": "untrained"}).status_code == 200
     v1 = add_version(metrics={"gate": {"passed": True}, "heldout": {"untrained_below": bound}})
     assert boss.post(f"/api/versions/{v1}/canary").status_code == 200
     assert ctx.deployments.untrained_below() == bound
