@@ -140,7 +140,9 @@ class VersionInfo(Answer):
     metrics: dict[str, Any]
     config: dict[str, Any]
     created_at: str | None
-    canary: dict[str, Any] | None = Field(default=None, description="the human evidence of its canary test, if any")
+    canary: dict[str, Any] | None = Field(default=None, description="its canary test, if any: comparisons, win_rate, "
+                                           "ci95, decision, items (canary items sampled), untrained_items (of them, "
+                                           "on prompts no version in its line trained on)")
 
 
 class RankingRetracted(Answer):

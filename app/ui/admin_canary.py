@@ -45,8 +45,9 @@ def canary_panel(ctx: AppContext, username: str | None) -> str:
               f"n = {stats.comparisons} comparisons in {stats.rankings} rankings")
     head = "Canary" if current else "Last canary"
     text = (f"{head} **{version_name(status.version)}** vs {version_name(status.serving)}: {figure} · "
-            f"{status.items_ranked} items ranked · decision **{status.decision}** · "
-            f"{status.untrained_items} of {status.items} canary items on untrained prompts")
+            f"{status.items_ranked} items ranked · decision **{status.decision}**")
+    if rule.canary_prompts == "untrained" or status.untrained_items:
+        text += f" · {status.untrained_items} of {status.items} canary items on untrained prompts"
     if current and current.mixing and rule.canary_prompts == "untrained" and ctx.deployments.untrained_below() is None:
         text += ("\n\nIts items take any prompt: a version in its line recorded no prompt split (trained before "
                  "prefloop recorded one), so the prompts it trained on are not known.")
