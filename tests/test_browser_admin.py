@@ -69,6 +69,18 @@ def test_admin_screens_a_watched_round_and_a_confirmed_cancel(ctx, server, login
     assert charts.count() == 7 and page.locator("#pl-version-charts .pl-point").count() > 7
     page.locator("#pl-version-detail").get_by_text("KL too high").wait_for()  # the newest version's details
     shot(page, "versions")
+    # The canary's rule as a form: filled in with the rule in force; a choice changed and saved is stored.
+    page.get_by_text("Canary rule").click()
+    prompts = page.locator("#pl-knob-canary_prompts")
+    prompts.get_by_label("any").wait_for()
+    assert prompts.get_by_label("any").is_checked()
+    prompts.get_by_label("untrained").check()
+    page.get_by_role("button", name="Save the canary rule").click()
+    page.get_by_text("Canary rule saved").wait_for()
+    assert ctx.deployments.canary_config.canary_prompts == "untrained"
+    assert ctx.store.settings.get("canary_prompts") == "untrained"
+    page.locator("#pl-canary").get_by_text("canary items on prompts no version in its line trained on").wait_for()
+    shot(page, "versions-canary-rule")
 
     page.get_by_role("tab", name="Data").click()
     summary = page.locator("#pl-pool-summary")
