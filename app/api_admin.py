@@ -63,6 +63,9 @@ class SettingsBody(Body):
     canary_max_items: int | None = Field(default=None, description="ranked canary items before an admin decides")
     canary_threshold: float | None = Field(default=None, description="the win-rate to beat, (0, 1)")
     canary_chain: bool | None = Field(default=None, description="rounds while a canary is judged train from it")
+    canary_supersede_items: int | None = Field(
+        default=None, description="under canary_chain: ranked items after which a pending canary gives way to its "
+                                  "newest child; 0 = never")
     canary_prompts: Literal["untrained", "any"] | None = Field(
         default=None, description="canary items on prompts no version in its line trained on, or on any prompt")
 

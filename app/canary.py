@@ -50,6 +50,12 @@ class CanaryConfig:
     # bench.loop --grid canary measures it): automatic rounds wait for the decision. Why it may help: deployed at once
     # the loop served 0.93 at 64 `concise` labels, under the canary 0.56 (docs/DESIGN.md, "Not built yet").
     canary_chain: bool = False
+    # Under canary_chain: a canary still pending after this many ranked items gives way to the newest version trained
+    # from it (judged against the serving version instead; the canary ends undecided, a candidate). A marginal canary
+    # otherwise holds that version, and the automatic rounds, to canary_max_items: in the loop (concise seeds 0-1) a
+    # marginal v1 held its child 48 labels. 30, half of canary_max_items: a candidate clearly better or worse than
+    # the serving one is decided by then in ~90% of simulated runs (bench/canary.py). 0 = never.
+    canary_supersede_items: int = 30
     # "untrained": canary items ask prompts that neither the canary nor the serving version (nor any version before
     # them) trained on: the eval and held-out prompts of their rounds' split, by a hash of the prompt text. "any" (the
     # default): the least-sampled prompts, as other items. Measured in the loop (bench/loop.py --grid canary, concise
@@ -69,6 +75,8 @@ class CanaryConfig:
             "canary_threshold": (is_number(self.canary_threshold) and 0 < self.canary_threshold < 1,
                                  "a number in (0, 1)"),
             "canary_chain": (isinstance(self.canary_chain, bool), "true or false"),
+            "canary_supersede_items": (_whole(self.canary_supersede_items) and self.canary_supersede_items >= 0,
+                                       "an integer >= 0"),
             "canary_prompts": (self.canary_prompts in CANARY_PROMPTS, f"one of {', '.join(CANARY_PROMPTS)}"),
         }
         for name, (ok, what) in checks.items():

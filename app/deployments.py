@@ -5,7 +5,8 @@
                                     -> deploy_policy "canary": start_canary() -> share of new items mix its answers
                                        -> evaluate() after every label: promoted (hot swap) | rolled_back | undecided
                                     -> canary_chain, trained from the canary: waits as a candidate; the canary
-                                       promoted: the newest waiting one becomes the canary; rolled back: they go too
+                                       promoted: the newest waiting one becomes the canary; rolled back: they go too;
+                                       still pending after canary_supersede_items: the newest waiting one supersedes it
     admin: deploy(v, force) / roll_back() / promote(v) / reject_canary(v)
 
 A crash between a promotion and the start of the waiting version's canary leaves that version a candidate; the next
@@ -208,7 +209,12 @@ class Deployments:
         with self._lock:
             status = self.canary_status(canary)
             decision = decide(status.stats, status.items_ranked, self.canary_config)
-            if decision == "pending" or self._canary is None or self._canary.version != canary.version:
+            if self._canary is None or self._canary.version != canary.version:
+                return decision
+            if decision == "pending":
+                waiting = self._superseding(canary.version, status.items_ranked)
+                if waiting:  # marginal: the version trained from it on more labels is judged instead
+                    self._hand_over(canary.version, waiting, superseded=True)
                 return decision
             low, high = status.stats.ci95 or (None, None)
             why = {"promoted": f"promoted: win-rate 95% interval above {self.canary_config.canary_threshold}",
@@ -284,18 +290,30 @@ class Deployments:
         self.on_change()
         return self.canary_status(decided)
 
-    def _hand_over(self, promoted: int, waiting: list[PolicyVersion]) -> None:
-        """The newest of the versions trained from the canary just promoted becomes the canary; older ones stay
-        candidates, saying why."""
+    def _superseding(self, canary: int, items_ranked: int) -> list[PolicyVersion]:
+        """Under canary_chain, the versions waiting for a canary still pending after canary_supersede_items ranked
+        items (newest first; none before, or with 0): a canary that marginal would hold them, and the automatic
+        rounds, to canary_max_items."""
+        config = self.canary_config
+        if not config.canary_chain or not config.canary_supersede_items or \
+                items_ranked < config.canary_supersede_items:
+            return []
+        return [v for v in self.store.versions.waiting(canary) if v.reason == _waits_for(canary)]
+
+    def _hand_over(self, parent: int, waiting: list[PolicyVersion], superseded: bool = False) -> None:
+        """The newest of the versions trained from the canary `parent` becomes the canary, judged against the version
+        serving: after `parent` was promoted, or, `superseded`, instead of `parent` (still pending after
+        canary_supersede_items: it ends undecided, a candidate again). Older ones stay candidates, saying why."""
         child = waiting[0].version
         for older in waiting[1:]:
-            self.store.versions.set_status(older.version, "candidate", f"trained from v{promoted}; v{child}, trained "
+            self.store.versions.set_status(older.version, "candidate", f"trained from v{parent}; v{child}, trained "
                                            "later, became the next canary")
         try:
             self.start_canary(child)
-            log.info("canary v%s: trained from v%s while it was judged, now judged against it", child, promoted)
-        except Exception as exc:  # noqa: BLE001 - the promotion stands; the child stays a candidate an admin can test
-            log.warning("canary v%s could not start after v%s was promoted: %s", child, promoted, exc)
+            log.info("canary v%s: trained from v%s while it was judged, now judged against v%s%s", child, parent,
+                     self._serving, " instead of it (still pending after canary_supersede_items)" if superseded else "")
+        except Exception as exc:  # noqa: BLE001 - the canary's state stands; the child stays a candidate an admin can test
+            log.warning("canary v%s could not start after v%s: %s", child, parent, exc)
 
     def _resume_hand_over(self) -> None:
         """After a restart with no canary: if the serving version was promoted as a canary and no canary has started

@@ -172,9 +172,12 @@ LEGACY_FIELDS = {"ties": False, "precision": "fp32", "canary": {}}
 LEGACY_ROUND_DEFAULTS = {"rollouts_min_reward_accuracy": None}  # 0.5 since 2026-12-01 (docs/benchmarks.md)
 
 
-# CanaryConfig defaults changed after canary rows were written, with the value those rows' servers ran with: a canary
-# row without `canary_defaults` ran under today's defaults but these.
-LEGACY_CANARY_DEFAULTS = {"canary_prompts": "any"}  # rows before canary_prompts existed ran "any" (still the default)
+# CanaryConfig fields added or changed after canary rows were written, with the value those rows' servers ran with:
+# a canary row ran under today's defaults but these, then the defaults it recorded (`canary_defaults`) over them.
+LEGACY_CANARY_DEFAULTS = {
+    "canary_prompts": "any",  # before the setting existed (2026-12-04): "any", still the default
+    "canary_supersede_items": 0,  # before the setting existed (2026-12-04): never; 30 since
+}
 
 
 def today_canary_defaults() -> dict:

@@ -97,7 +97,8 @@ def collect(root: Path) -> dict[Measure, list[Run]]:
         settings = grid_settings(directory)
         for row in load_rows(directory).values():
             # the canary arm's CanaryConfig settings sit beside the rounds' (their names never clash: canary_*)
-            ran_under = row.get("canary_defaults", LEGACY_CANARY_DEFAULTS) if row["arm"] == "canary" else {}
+            ran_under = ({**LEGACY_CANARY_DEFAULTS, **row.get("canary_defaults", {})} if row["arm"] == "canary"
+                         else {})
             overrides = json.dumps({**round_settings(row, settings.get("round", {})),
                                     **canary_settings(settings.get("canary", {}), ran_under)}, sort_keys=True)
             measure = Measure(row["persona"], row["labels"], row["arm"], settings["held_out"], settings["samples"],
@@ -111,6 +112,10 @@ def collect(root: Path) -> dict[Measure, list[Run]]:
     return groups
 
 
+# Settings that act only under another: undoing the other undoes them too (canary_settings drops them without it).
+ACTS_UNDER = {"canary_chain": ("canary_supersede_items",)}
+
+
 def canary_settings(stored: dict, ran_under: dict | None = None) -> dict:
     """How a canary arm's server differed from today's CanaryConfig defaults: the defaults its row ran under
     (`ran_under`: the row's canary_defaults, LEGACY_CANARY_DEFAULTS for older rows), then the settings its directory
@@ -118,6 +123,9 @@ def canary_settings(stored: dict, ran_under: dict | None = None) -> dict:
     default changed since shows the old value as a setting (loop-concise-canary-share1: canary_prompts "any")."""
     today = asdict(CanaryConfig())
     ran = {**(ran_under or {}), **stored}
+    if not {**today, **ran}["canary_chain"]:  # without it, runs differ in nothing there
+        for key in ACTS_UNDER["canary_chain"]:
+            ran.pop(key, None)
     return {k: v for k, v in ran.items() if today.get(k) != v}
 
 
@@ -173,8 +181,11 @@ def _comparisons(measure: Measure, groups: dict[Measure, list[Run]]) -> list[tup
         other = replace(measure, arm=DEFAULT_ARM)
         out.append((f"{DEFAULT_ARM} - {measure.arm}", matched(groups.get(other, []), groups[measure])))
     overrides = json.loads(measure.overrides)
-    others = [replace(measure, overrides=json.dumps({k: v for k, v in overrides.items() if k != key}, sort_keys=True))
-              for key in sorted(overrides)]  # one change at a time: each override's own effect
+    # one change at a time: each override's own effect (with the settings that act only under it)
+    others = [replace(measure, overrides=json.dumps({k: v for k, v in overrides.items()
+                                                     if k != key and k not in ACTS_UNDER.get(key, ())},
+                                                    sort_keys=True))
+              for key in sorted(overrides)]
     if not measure.ties:
         others.append(replace(measure, ties=True))
     arm = "" if measure.arm == DEFAULT_ARM else f"{measure.arm}: "  # two arms' setting differences read apart

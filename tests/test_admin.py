@@ -401,7 +401,7 @@ def test_gradio_client_admin_is_served_and_annotator_refused_for_every_action(ct
     assert results["/admin_deploy"][0].startswith("Deployed v1")
     assert results["/admin_roll_back"][0] == "Rolled back v1 to base model (v0)." and ctx.deployments.serving == 0
     assert ctx.buffer.config.overlap == 2
-    assert results["/admin_canary_rule"][-1] == "any" and len(results["/admin_canary_rule"]) == 7
+    assert results["/admin_canary_rule"][-1] == "any" and len(results["/admin_canary_rule"]) == 8
     assert results["/admin_save_canary_rule"][0].startswith("Canary rule saved")
     assert ctx.deployments.canary_config.canary_max_items == 40 == int(ctx.store.settings.get("canary_max_items"))
     assert ctx.store.users.get("dave").disabled and "API token: " in results["/admin_add_user"][0]

@@ -439,10 +439,34 @@ def test_summary_keeps_a_canary_setting_apart_and_pairs_it_with_the_canary_defau
     assert "| 64 | canary | canary_share=0.5 | 4 x 2 | 0 (unrecorded) |" in text
     d = paired_difference([half["verdicts"]], [defaults["verdicts"]])
     assert f"| 64 | canary: canary_share=0.5 - defaults | 0 (unrecorded) | {d.value:+.3f} |" in text
-    assert LEGACY_CANARY_DEFAULTS == {"canary_prompts": CanaryConfig().canary_prompts}
+    assert LEGACY_CANARY_DEFAULTS["canary_prompts"] == CanaryConfig().canary_prompts
+    assert LEGACY_CANARY_DEFAULTS["canary_supersede_items"] != CanaryConfig().canary_supersede_items  # chain only
     assert '| 64 | canary | canary_prompts="untrained" | 4 x 2 | 0 (unrecorded) |' in text
     d = paired_difference([older["verdicts"]], [defaults["verdicts"]])
     assert f'| 64 | canary: canary_prompts="untrained" - defaults | 0 (unrecorded) | {d.value:+.3f} |' in text
+
+
+def test_a_setting_that_acts_only_under_canary_chain_shows_only_there_and_goes_when_the_chain_is_undone(tmp_path):
+    """canary_supersede_items was added with canary_chain's supersede rule: older rows ran without it (0). A run
+    without the chain differs in nothing there; one with it shows the old value, and pairs with the defaults."""
+    grid = {"arms": ("canary",), "labels": 64, "curve": ()}
+    base = {0: [["a", "b"]] * 4}
+    plain = row(arm="canary", seed=0, labels=64, verdicts=random_verdicts((4, 2), seed=1).tolist())  # no record
+    chained = row(arm="canary", seed=0, labels=64, verdicts=random_verdicts((4, 2), seed=2).tolist())
+    today = {**row(arm="canary", seed=0, labels=64, verdicts=random_verdicts((4, 2), seed=3).tolist()),
+             "canary_defaults": today_canary_defaults()}
+    results_dir(tmp_path, "a", [plain], base, **grid)
+    results_dir(tmp_path, "b", [chained], base, canary={"canary_chain": True}, **grid)
+    results_dir(tmp_path, "c", [today], base, canary={"canary_chain": True}, **grid)
+    text = summary(tmp_path)
+    assert "| 64 | canary | defaults | 4 x 2 | 0 (unrecorded) |" in text, text
+    assert "| 64 | canary | canary_chain=true, canary_supersede_items=0 | 4 x 2 | 0 (unrecorded) |" in text
+    assert "| 64 | canary | canary_chain=true | 4 x 2 | 0 (unrecorded) |" in text
+    for first, second, name in ((chained, plain, "canary_chain=true, canary_supersede_items=0 - defaults"),
+                                (chained, today, "canary_chain=true, canary_supersede_items=0 - canary_chain=true"),
+                                (today, plain, "canary_chain=true - defaults")):
+        d = paired_difference([first["verdicts"]], [second["verdicts"]])
+        assert f"| 64 | canary: {name} | 0 (unrecorded) | {d.value:+.3f} |" in text, name
 
 
 def test_summary_sets_the_canarys_human_win_rate_beside_the_personas_on_held_out_prompts(tmp_path):

@@ -270,6 +270,30 @@ def test_under_canary_chain_what_waits_goes_with_a_rolled_back_canary_and_the_ne
     assert boss.get("/api/settings").json()["canary_chain"] is False and ctx.deployments.round_parent() == v4
 
 
+def test_under_canary_chain_a_canary_still_pending_after_half_its_budget_gives_way_to_its_child(
+        ctx, server, boss, ann, add_version):
+    """A marginal canary would hold the version trained from it (and the automatic rounds) to canary_max_items; after
+    canary_supersede_items the newest waiting version is judged instead, against the version serving."""
+    v1 = start_canary(ctx, boss, add_version)  # QUICK_CANARY: 4 ranked items at most, 16 comparisons to decide
+    path = Path(ctx.store.versions.get(v1).path)
+    rank_canary_item(ctx, ann, candidate_first=True)
+    assert boss.patch("/api/settings", json={"canary_supersede_items": -1}).status_code == 422
+    assert boss.patch("/api/settings", json={"canary_chain": True, "canary_supersede_items": 2}).status_code == 200
+    for child in (v1 + 1, v1 + 2):
+        assert ctx.deployments.register(child, v1, "dpo", path, {}, {"labels_used": 3}, True, None) == "candidate"
+    assert ctx.deployments.canary.version == v1  # 1 ranked item: not yet 2
+    rank_canary_item(ctx, ann, candidate_first=False)  # 2 of 4, 8 comparisons: pending, marginal
+    entry = canary_of(boss, v1)
+    assert entry["status"] == "candidate" and entry["canary"]["decision"] == "undecided"
+    assert entry["reason"] == f"ended undecided: superseded by the canary v{v1 + 2}"
+    canary = ctx.store.versions.active_canary()
+    assert (canary.version, canary.serving, canary.decision) == (v1 + 2, 0, "pending")
+    assert canary_of(boss, v1 + 1)["reason"] == f"trained from v{v1}; v{v1 + 2}, trained later, became the next canary"
+    assert ctx.deployments.round_parent() == v1 + 2  # rounds go on from the new canary
+    rank_canary_item(ctx, ann, candidate_first=True)
+    assert {a.policy_version for a in ctx.store.items.get(ctx.store.items.count()).answers} == {0, v1 + 2}
+
+
 def test_a_restart_between_a_promotion_and_the_hand_over_hands_over_once(ctx, add_version):
     """The process stopped after the store recorded the canary's promotion and before the waiting version's canary
     started (the two are separate writes): the next start hands over. Once a canary ran against the promoted version,
