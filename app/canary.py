@@ -46,9 +46,10 @@ class CanaryConfig:
     # Better than the serving version = wins more than half of the head-to-head comparisons.
     canary_threshold: float = 0.5
     # True: a round started while a canary is judged trains from the canary and waits as a candidate; promoted, the
-    # canary hands over to it at once; rolled back, it goes too (app/deployments.py). False (the default until
-    # bench.loop --grid canary measures it): automatic rounds wait for the decision. Why it may help: deployed at once
-    # the loop served 0.93 at 64 `concise` labels, under the canary 0.56 (docs/DESIGN.md, "Not built yet").
+    # canary hands over to it at once; rolled back, it goes too (app/deployments.py). False: automatic rounds wait for
+    # the decision. Why it may help: deployed at once the loop served 0.93 at 64 `concise` labels, under the canary
+    # 0.56. Measured (bench.loop --grid canary, concise seeds 0-2, one run each, before canary_supersede_items): +0.069
+    # [-0.115, +0.299] at 64 labels, -0.144 [-0.396, +0.229] at 96 (n = 288): not shown, so off.
     canary_chain: bool = False
     # Under canary_chain: a canary still pending after this many ranked items gives way to the newest version trained
     # from it (judged against the serving version instead; the canary ends undecided, a candidate). A marginal canary
