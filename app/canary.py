@@ -54,8 +54,9 @@ class CanaryConfig:
     # Under canary_chain: a canary still pending after this many ranked items gives way to the newest version trained
     # from it (judged against the serving version instead; the canary ends undecided, a candidate). A marginal canary
     # otherwise holds that version, and the automatic rounds, to canary_max_items: in the loop (concise seeds 0-1) a
-    # marginal v1 held its child 48 labels. 30, half of canary_max_items: a candidate clearly better or worse than
-    # the serving one is decided by then in ~90% of simulated runs (bench/canary.py). 0 = never.
+    # marginal v1 held its child 48-64 labels. 30, half of canary_max_items: by then a candidate clearly better than
+    # the serving one (true win-rate 0.64) is promoted in 91% of simulated runs, a clearly worse one (0.36) rolled
+    # back in 62% (bench/canary.py's model, 200 runs each). 0 = never.
     canary_supersede_items: int = 30
     # "untrained": canary items ask prompts that neither the canary nor the serving version (nor any version before
     # them) trained on: the eval and held-out prompts of their rounds' split, by a hash of the prompt text. "any" (the
