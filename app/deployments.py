@@ -112,8 +112,9 @@ class Deployments:
     def round_parent(self) -> int:
         """The version a round trains from: the serving one, or, under canary_chain, the canary being judged (the
         round's version then waits for its decision: `register`, `_decide`)."""
-        canary = self.pending_canary
-        return canary.version if canary is not None and self.canary_config.canary_chain else self._serving
+        with self._lock:  # not between a promotion and its hand-over: the round would train from the old canary
+            canary = self.pending_canary
+            return canary.version if canary is not None and self.canary_config.canary_chain else self._serving
 
     def served_versions(self, max_item_staleness: int) -> list[int]:
         """Versions whose items are still served: the serving one and the `max_item_staleness` versions that served
