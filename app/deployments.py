@@ -208,20 +208,20 @@ class Deployments:
         if canary is None:
             return None
         with self._lock:
-            status = self.canary_status(canary)
-            decision = decide(status.stats, status.items_ranked, self.canary_config)
+            stats, items_ranked = self._evidence(canary)
+            decision = decide(stats, items_ranked, self.canary_config)
             if self._canary is None or self._canary.version != canary.version:
                 return decision
             if decision == "pending":
-                waiting = self._superseding(canary.version, status.items_ranked)
+                waiting = self._superseding(canary.version, items_ranked)
                 if waiting:  # marginal: the version trained from it on more labels is judged instead
                     self._hand_over(canary.version, waiting, superseded=True)
                 return decision
-            low, high = status.stats.ci95 or (None, None)
+            low, high = stats.ci95 or (None, None)
             why = {"promoted": f"promoted: win-rate 95% interval above {self.canary_config.canary_threshold}",
                    "rolled_back": f"rolled back: win-rate 95% interval below {self.canary_config.canary_threshold}",
-                   "undecided": f"undecided after {status.items_ranked} ranked canary items: an admin decides"}
-            self._decide(canary.version, decision, f"{why[decision]} (n={status.stats.comparisons} comparisons, "
+                   "undecided": f"undecided after {items_ranked} ranked canary items: an admin decides"}
+            self._decide(canary.version, decision, f"{why[decision]} (n={stats.comparisons} comparisons, "
                                                    f"[{_fmt(low)}, {_fmt(high)}])")
             return decision
 
@@ -235,16 +235,20 @@ class Deployments:
 
     # -- the canary's evidence ----------------------------------------------------------------------------------
     def canary_status(self, canary: Canary) -> CanaryStatus:
-        """Live evidence while `canary` is the canary (or has no recorded one); the recorded evidence once decided."""
-        rows = self.store.versions.canary_comparisons(canary)
-        items_ranked = len({item_id for item_id, _, _ in rows})
-        if canary.comparisons is not None and canary.decision != "undecided":
-            stats = WinRate(len(rows), canary.comparisons, canary.win_rate, canary.ci95)
-        else:
-            stats = win_rate([(wins, n) for _, wins, n in rows])
+        """Live evidence while `canary` is the canary (or has no recorded one); the recorded evidence once decided;
+        with its item counts (for Admin and GET /api/versions: the decisions read `_evidence` alone)."""
+        stats, items_ranked = self._evidence(canary)
         untrained, items = self.store.versions.canary_prompts(canary)
         return CanaryStatus(canary.version, canary.serving, stats, items_ranked, canary.decision, canary.reason,
                             items, untrained)
+
+    def _evidence(self, canary: Canary) -> tuple[WinRate, int]:
+        """(the win-rate with its interval, ranked canary items): what a decision reads, after every label."""
+        rows = self.store.versions.canary_comparisons(canary)
+        items_ranked = len({item_id for item_id, _, _ in rows})
+        if canary.comparisons is not None and canary.decision != "undecided":
+            return WinRate(len(rows), canary.comparisons, canary.win_rate, canary.ci95), items_ranked
+        return win_rate([(wins, n) for _, wins, n in rows]), items_ranked
 
     def canary_statuses(self) -> dict[int, CanaryStatus]:
         """version -> its canary status, for every version that was ever a canary."""
@@ -273,8 +277,7 @@ class Deployments:
             if self._canary is None or self._canary.version != version:
                 running = f" (v{self._canary.version} is)" if self._canary else " (no canary is running)"
                 raise Conflict(f"version {version} is not the canary{running}")
-            status = self.canary_status(self._canary)
-            stats = status.stats
+            stats, _ = self._evidence(self._canary)
             decided = self.store.versions.decide_canary(version, decision, stats.comparisons, stats.win_rate,
                                                         stats.ci95, reason)
             log.info("canary v%s: %s", version, reason)
@@ -299,6 +302,11 @@ class Deployments:
         if not config.canary_chain or not config.canary_supersede_items or \
                 items_ranked < config.canary_supersede_items:
             return []
+        return self._waiting_for(canary)
+
+    def _waiting_for(self, canary: int) -> list[PolicyVersion]:
+        """Versions registered to wait for `canary`'s decision (`_held`), newest first; siblings already passed over
+        are candidates of the same parent but say so, not this."""
         return [v for v in self.store.versions.waiting(canary) if v.reason == _waits_for(canary)]
 
     def _hand_over(self, parent: int, waiting: list[PolicyVersion], superseded: bool = False) -> None:
@@ -325,7 +333,7 @@ class Deployments:
         if promoted is None or promoted.decision != "promoted" or any(c.serving == self._serving
                                                                        for c in canaries.values()):
             return
-        waiting = [v for v in self.store.versions.waiting(self._serving) if v.reason == _waits_for(self._serving)]
+        waiting = self._waiting_for(self._serving)
         if waiting:
             log.info("canary v%s was promoted before the last stop; handing over to v%s", self._serving,
                      waiting[0].version)
@@ -358,9 +366,9 @@ class Deployments:
             self._load(self.store.versions.get(canary.version))
         except Exception as exc:  # noqa: BLE001 - recorded on the canary, shown in Admin; serving is unaffected
             if canary.mixing:
-                status = self.canary_status(canary)
+                stats, _ = self._evidence(canary)
                 self._canary = self.store.versions.decide_canary(
-                    canary.version, "undecided", status.stats.comparisons, status.stats.win_rate, status.stats.ci95,
+                    canary.version, "undecided", stats.comparisons, stats.win_rate, stats.ci95,
                     f"undecided: its adapter could not be loaded at start ({exc})")
 
     def _pin(self) -> None:
