@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from learner.logprobs import EncodedAnswer, layout, sequence_logprobs
+from learner.model import Device, load_base_model
 from learner.sampling import SamplingParams, decode_steps, encode_prompt, eos_token_ids, left_padded
 
 PROMPTS = ["Hi", "What is seventeen plus twenty five, and why? Explain it in a few careful words please."]
@@ -124,3 +125,12 @@ def test_a_whole_round_trains_a_gemma2_policy(tiny_tokenizer, tmp_path):
     assert metrics["history"][0]["loss"] == pytest.approx(0.6931, abs=1e-3)
     assert metrics["data"]["onpolicy"]["answers"] > 0 and metrics["kl_to_reference"] >= 0
     assert any(w.abs().sum() > 0 for name, w in lora_weights(tmp_path / "v1").items() if "lora_B" in name)
+
+
+def test_a_loaded_model_runs_transformers_own_layers_and_fetches_no_hub_kernels(tiny_model_dir):
+    # transformers >= 5.25 loads with use_kernels=True by default; on a GPU a round's `model.train()` then fetched
+    # layer kernels from the Hugging Face Hub and failed offline (seen on an H200). Here, on any machine: off.
+    model = load_base_model(tiny_model_dir, Device(torch.device("cpu"), torch.float32))
+    assert model.use_kernels is False
+    model.train()  # what a round does to the policy
+    assert model.use_kernels is False
