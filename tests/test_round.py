@@ -589,6 +589,8 @@ def test_a_round_in_each_precision_trains_the_policy_it_runs(tmp_path, tiny_mode
     # until its context is left, and a round runs in one context: with the cache on, every step ran step 0's LoRA
     # weights (B = 0), so the policy's log-probs stayed the reference's (reward margin and KL 0 at every step) while
     # the fp32 weights moved. Forced to "bf16" here so the test means the same on a CPU without native bf16.
+    # A CPU's precisions (on a GPU machine pick_device takes the GPU: tests/test_cuda.py checks that one).
+    monkeypatch.setenv("PREFLOOP_DEVICE", "cpu")
     monkeypatch.setenv("PREFLOOP_PRECISION", precision)
     metrics = run_round(write_snapshot(tmp_path / "snapshot"), tiny_model_dir, None, tmp_path / "v1",
                         RoundConfig.from_dict(dict(TINY, rollout_prompts=0)))
