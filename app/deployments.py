@@ -323,6 +323,9 @@ class Deployments:
                      self._serving, " instead of it (still pending after canary_supersede_items)" if superseded else "")
         except Exception as exc:  # noqa: BLE001 - the canary's state stands; the child stays a candidate an admin can test
             log.warning("canary v%s could not start after v%s: %s", child, parent, exc)
+            # No longer waiting: tried again after every label (a model load each time) it would fail alike.
+            self.store.versions.set_status(child, "candidate", f"trained from v{parent}; could not become the "
+                                           f"canary: {str(exc)[:300]}")
 
     def _resume_hand_over(self) -> None:
         """After a restart with no canary: if the serving version was promoted as a canary and no canary has started

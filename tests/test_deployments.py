@@ -493,3 +493,26 @@ def independent_comparisons(store: Store, candidate: int, serving: int) -> int:
         versions = [store.items.answer(a).policy_version for a in row["answer_ids"]]
         total += sum(1 for i, a in enumerate(versions) for b in versions[i + 1:] if {a, b} == {candidate, serving})
     return total
+
+
+def test_a_waiting_version_whose_adapter_cannot_load_is_tried_once_and_says_why(ctx, server, boss, ann, add_version,
+                                                                                  tmp_path, caplog):
+    """Past canary_supersede_items the newest waiting version is handed the canary; one whose adapter cannot load
+    stays a candidate saying why, and is not tried again at every later label (a model load each time)."""
+    v1 = start_canary(ctx, boss, add_version)
+    rank_canary_item(ctx, ann, candidate_first=True)
+    assert boss.patch("/api/settings", json={"canary_chain": True, "canary_supersede_items": 2}).status_code == 200
+    broken = tmp_path / "broken"
+    broken.mkdir()  # no adapter in it
+    assert ctx.deployments.register(v1 + 1, v1, "dpo", broken, {}, {"labels_used": 3}, True, None) == "candidate"
+    with caplog.at_level("WARNING", logger="app.deployments"):
+        rank_canary_item(ctx, ann, candidate_first=False)  # 2 ranked items: the hand-over is tried, and fails
+        assert ctx.deployments.canary.version == v1 and canary_of(boss, v1)["canary"]["decision"] == "pending"
+        entry = canary_of(boss, v1 + 1)
+        assert entry["status"] == "candidate"
+        assert entry["reason"].startswith(f"trained from v{v1}; could not become the canary: ") and \
+            "adapter" in entry["reason"], entry["reason"]
+        rank_canary_item(ctx, ann, candidate_first=False)  # 3 ranked items, still pending: not tried again
+        assert canary_of(boss, v1)["canary"]["decision"] == "pending"
+    tries = [r for r in caplog.records if f"canary v{v1 + 1} could not start" in r.getMessage()]
+    assert len(tries) == 1, [r.getMessage() for r in caplog.records]
