@@ -60,6 +60,7 @@ ADMIN_HANDLERS = {
     "annotators": lambda ctx, who: admin.annotators(ctx, who),
     "set_overlap": lambda ctx, who: admin.set_overlap(ctx, who, 3),
     "canary_panel": lambda ctx, who: admin_canary.canary_panel(ctx, who),
+    "has_canary": lambda ctx, who: admin_canary.has_canary(ctx, who),
     "canary_rule": lambda ctx, who: admin_canary.canary_rule(ctx, who),
     "save_canary_rule": lambda ctx, who: admin_canary.save_canary_rule(
         ctx, who, {**{f.name: f.default for f in admin_canary.canary_fields()}, "canary_prompts": "untrained"}),

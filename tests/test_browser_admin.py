@@ -69,6 +69,9 @@ def test_admin_screens_a_watched_round_and_a_confirmed_cancel(ctx, server, login
     assert charts.count() == 7 and page.locator("#pl-version-charts .pl-point").count() > 7
     page.locator("#pl-version-detail").get_by_text("KL too high").wait_for()  # the newest version's details
     shot(page, "versions")
+    assert ctx.deployments.canary is None  # no canary: nothing to promote or roll back, and no buttons for it
+    assert page.get_by_role("button", name="Promote the canary").count() == 0
+    assert page.get_by_role("button", name="Roll back the canary").count() == 0
     # The canary's rule as a form: filled in with the rule in force; a choice changed and saved is stored.
     page.get_by_text("Canary rule").click()
     prompts = page.locator("#pl-knob-canary_prompts")

@@ -16,7 +16,7 @@ from test_crash import start_server as crash_start_server
 from test_crash import wait_for
 
 from app.server import free_port
-from app.ui.admin_canary import canary_panel
+from app.ui.admin_canary import canary_panel, has_canary
 from learner.data import hash_fraction
 from storage.store import Store
 
@@ -160,9 +160,12 @@ def test_ties_through_the_api_count_half_a_comparison_for_the_canary(ctx, server
 
 
 def test_admin_rolls_a_canary_back_and_a_new_round_supersedes_one(ctx, server, boss, add_version):
+    assert not has_canary(ctx, "boss")  # Admin's Promote / Roll back buttons show only while a canary runs
     v1 = start_canary(ctx, boss, add_version)
+    assert has_canary(ctx, "boss")
     r = boss.post(f"/api/versions/{v1}/reject-canary")
     assert r.status_code == 200 and r.json()["canary"]["decision"] == "rolled_back"
+    assert not has_canary(ctx, "boss")
     assert canary_of(boss, v1)["status"] == "rolled_back"
     assert boss.post(f"/api/versions/{v1}/reject-canary").status_code == 409
     v2 = add_version()

@@ -56,6 +56,12 @@ def canary_panel(ctx: AppContext, username: str | None) -> str:
     return f"{text}\n\n{settings}"
 
 
+def has_canary(ctx: AppContext, username: str | None) -> bool:
+    """Whether a canary is running: Promote and Roll back show only then."""
+    require_admin(ctx, username)
+    return ctx.deployments.canary is not None
+
+
 def _running_canary(ctx: AppContext, username: str | None):
     """(the admin, the running canary); UiError when there is none."""
     user = require_admin(ctx, username)

@@ -225,8 +225,8 @@ def _versions_tab(ctx: AppContext) -> None:
         versions_message = gr.Markdown()
         canary = gr.Markdown(elem_id="pl-canary")
         with gr.Row():
-            promote_btn = gr.Button("Promote the canary")
-            reject_btn = gr.Button("Roll back the canary", variant="stop")
+            promote_btn = gr.Button("Promote the canary", visible=False)  # shown while a canary runs
+            reject_btn = gr.Button("Roll back the canary", variant="stop", visible=False)
         _canary_rule(ctx, tab, canary)
         charts = gr.HTML(elem_id="pl-version-charts")
         with gr.Row():
@@ -272,13 +272,14 @@ def _versions_tab(ctx: AppContext) -> None:
 
     def on_canary(request: gr.Request):
         with as_toast():
-            return admin_canary.canary_panel(ctx, request.username)
+            shown = gr.update(visible=admin_canary.has_canary(ctx, request.username))
+            return [admin_canary.canary_panel(ctx, request.username), shown, shown]
 
     def on_canary_action(action):
         def handler(request: gr.Request):
             with as_toast():
                 message = action(ctx, request.username)
-            return [message, admin_canary.canary_panel(ctx, request.username), *on_versions(request)]
+            return [message, *on_canary(request), *on_versions(request)]
         return handler
 
     gr.on([tab.select, refresh_btn.click], on_versions, outputs=outputs, api_name="admin_versions", **FREE)
@@ -287,8 +288,9 @@ def _versions_tab(ctx: AppContext) -> None:
     deploy_btn.click(on_deploy, [deploy_to, force], [versions_message, *outputs], api_name="admin_deploy",
                      **ONE_SWAP)
     rollback_btn.click(on_roll_back, None, [versions_message, *outputs], api_name="admin_roll_back", **ONE_SWAP)
-    gr.on([tab.select, refresh_btn.click], on_canary, outputs=canary, api_name="admin_canary", **FREE)
-    promote_btn.click(on_canary_action(admin_canary.promote_canary), None, [versions_message, canary, *outputs],
+    actions = [canary, promote_btn, reject_btn]
+    gr.on([tab.select, refresh_btn.click], on_canary, outputs=actions, api_name="admin_canary", **FREE)
+    promote_btn.click(on_canary_action(admin_canary.promote_canary), None, [versions_message, *actions, *outputs],
                       api_name="admin_promote_canary", **ONE_SWAP)
-    reject_btn.click(on_canary_action(admin_canary.reject_canary), None, [versions_message, canary, *outputs],
+    reject_btn.click(on_canary_action(admin_canary.reject_canary), None, [versions_message, *actions, *outputs],
                      api_name="admin_reject_canary", **ONE_SWAP)
