@@ -22,7 +22,7 @@ def shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"admin-{name}.png"), full_page=True)
 
 
-def test_admin_screens_a_watched_round_and_a_confirmed_cancel(ctx, server, login, sample_items):
+def test_admin_screens_a_watched_round_and_a_confirmed_cancel(ctx, server, login, sample_items, add_version):
     ctx.store.versions.add(1, 0, "dpo", "candidate", None, {"beta": 0.1, "steps": 12}, METRICS, 24)
     ctx.store.versions.add(2, 1, "dpo", "rejected", None, {"beta": 0.1}, {**METRICS, "kl_to_reference": 2.5},
                            30, reason="KL too high")
@@ -84,6 +84,16 @@ def test_admin_screens_a_watched_round_and_a_confirmed_cancel(ctx, server, login
     assert ctx.store.settings.get("canary_prompts") == "untrained"
     page.locator("#pl-canary").get_by_text("canary items on prompts no version in its line trained on").wait_for()
     shot(page, "versions-canary-rule")
+    # A canary running: its buttons show; Promote serves it to everyone and hides them again.
+    canary = add_version()
+    ctx.deployments.start_canary(canary)
+    page.get_by_role("button", name="Refresh", exact=True).click()
+    page.get_by_role("button", name="Roll back the canary").wait_for()
+    shot(page, "versions-canary")
+    page.get_by_role("button", name="Promote the canary").click()
+    page.get_by_text(f"Promoted v{canary}: it serves everyone now.").wait_for()
+    assert ctx.deployments.serving == canary and ctx.deployments.canary is None
+    page.get_by_role("button", name="Promote the canary").wait_for(state="hidden")
 
     page.get_by_role("tab", name="Data").click()
     summary = page.locator("#pl-pool-summary")
