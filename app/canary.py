@@ -48,8 +48,9 @@ class CanaryConfig:
     # True: a round started while a canary is judged trains from the canary and waits as a candidate; promoted, the
     # canary hands over to it at once; rolled back, it goes too (app/deployments.py). False: automatic rounds wait for
     # the decision. Why it may help: deployed at once the loop served 0.93 at 64 `concise` labels, under the canary
-    # 0.56. Measured (bench.loop --grid canary, concise seeds 0-2, one run each, before canary_supersede_items): +0.069
-    # [-0.115, +0.299] at 64 labels, -0.144 [-0.396, +0.229] at 96 (n = 288): not shown, so off.
+    # 0.56. Measured (bench.loop --grid canary, concise seeds 0-2, one run each) against the defaults: before
+    # canary_supersede_items +0.069 [-0.115, +0.299] at 64 labels, -0.144 [-0.396, +0.229] at 96; with it +0.188
+    # [-0.078, +0.443] and +0.120 [-0.130, +0.422] (n = 288; ahead on two seeds, behind on one): not shown, so off.
     canary_chain: bool = False
     # Under canary_chain: a canary still pending after this many ranked items gives way to the newest version trained
     # from it (judged against the serving version instead; the canary ends undecided, a candidate). A marginal canary
