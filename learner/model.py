@@ -290,6 +290,13 @@ def _forward_takes_position_ids(model_class: type) -> bool:
     return "position_ids" in inspect.signature(model_class.forward).parameters
 
 
+# What every model load passes: use_kernels=False. transformers >= 5.25 defaults to True, and then on a GPU
+# `model.train()` (a round) fetches layer kernels from the Hugging Face Hub: code from the network, which fails offline
+# ("not available in the local cache and Hugging Face Hub is in offline mode"; seen on an H200, docs/benchmarks.md
+# "On a GPU"). prefloop runs offline and computes the same on every machine: transformers' own layers only.
+OWN_LAYERS = {"use_kernels": False}
+
+
 def convert_gguf(gguf_file: Path, target: Path) -> None:
     """Dequantize a GGUF file into a safetensors model + tokenizer directory, written atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -302,7 +309,7 @@ def convert_gguf(gguf_file: Path, target: Path) -> None:
         gguf_file=gguf_file.name,
         quantization_config=GgufConfig(dequantize=True),
         dtype=torch.float32,
-        use_kernels=False,  # see load_base_model
+        **OWN_LAYERS,
     )
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -327,11 +334,7 @@ def load_base_model(path: Path, device: Device):
     """The base causal LM on `device`, in eval mode, its weights frozen (LoRA adapters are the only trained part)."""
     from transformers import AutoModelForCausalLM
 
-    # use_kernels=False: transformers >= 5.25 defaults to True, and then on a GPU `model.train()` (a round) fetches
-    # layer kernels from the Hugging Face Hub: code from the network, which fails offline ("not available in the local
-    # cache and Hugging Face Hub is in offline mode"; seen on an H200, docs/benchmarks.md "On a GPU"). prefloop runs
-    # offline and computes the same on every machine: transformers' own layers only.
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=device.dtype, use_kernels=False)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=device.dtype, **OWN_LAYERS)
     if not takes_position_ids(model):
         raise ModelError(
             f"the model in {path} ({model.config.model_type}) takes its positions from ALiBi biases, not position ids; "

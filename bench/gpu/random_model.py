@@ -12,9 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 src, dst = Path(sys.argv[1]), Path(sys.argv[2])
-dst.mkdir(parents=True, exist_ok=True)
-for f in src.iterdir():
-    shutil.copy(f, dst / f.name)
+shutil.copytree(src, dst, dirs_exist_ok=True)  # config, tokenizer, chat template, prefloop_base.json
 torch.manual_seed(0)
 model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=torch.float32)
 model.save_pretrained(dst)
