@@ -310,22 +310,26 @@ class Deployments:
         return [v for v in self.store.versions.waiting(canary) if v.reason == _waits_for(canary)]
 
     def _hand_over(self, parent: int, waiting: list[PolicyVersion], superseded: bool = False) -> None:
-        """The newest of the versions trained from the canary `parent` becomes the canary, judged against the version
-        serving: after `parent` was promoted, or, `superseded`, instead of `parent` (still pending after
-        canary_supersede_items: it ends undecided, a candidate again). Older ones stay candidates, saying why."""
-        child = waiting[0].version
-        for older in waiting[1:]:
-            self.store.versions.set_status(older.version, "candidate", f"trained from v{parent}; v{child}, trained "
-                                           "later, became the next canary")
-        try:
-            self.start_canary(child)
-            log.info("canary v%s: trained from v%s while it was judged, now judged against v%s%s", child, parent,
-                     self._serving, " instead of it (still pending after canary_supersede_items)" if superseded else "")
-        except Exception as exc:  # noqa: BLE001 - the canary's state stands; the child stays a candidate an admin can test
-            log.warning("canary v%s could not start after v%s: %s", child, parent, exc)
-            # No longer waiting: tried again after every label (a model load each time) it would fail alike.
-            self.store.versions.set_status(child, "candidate", f"trained from v{parent}; could not become the "
-                                           f"canary: {str(exc)[:300]}")
+        """The newest of the versions trained from the canary `parent` that loads becomes the canary, judged against
+        the version serving: after `parent` was promoted, or, `superseded`, instead of `parent` (still pending after
+        canary_supersede_items: it ends undecided, a candidate again). One that cannot load stays a candidate saying
+        why (not tried again at every label: it would fail alike) and the next newest is tried; once one has started,
+        the older ones stay candidates, saying which did."""
+        for i, record in enumerate(waiting):
+            try:
+                self.start_canary(record.version)
+            except Exception as exc:  # noqa: BLE001 - the canary's state stands; it stays a candidate an admin can test
+                log.warning("canary v%s could not start after v%s: %s", record.version, parent, exc)
+                self.store.versions.set_status(record.version, "candidate", f"trained from v{parent}; could not "
+                                               f"become the canary: {str(exc)[:300]}")
+                continue
+            log.info("canary v%s: trained from v%s while it was judged, now judged against v%s%s", record.version,
+                     parent, self._serving, " instead of it (still pending after canary_supersede_items)"
+                     if superseded else "")
+            for older in waiting[i + 1:]:
+                self.store.versions.set_status(older.version, "candidate", f"trained from v{parent}; "
+                                               f"v{record.version}, trained later, became the next canary")
+            return
 
     def _resume_hand_over(self) -> None:
         """After a restart with no canary: if the serving version was promoted as a canary and no canary has started

@@ -519,3 +519,27 @@ def test_a_waiting_version_whose_adapter_cannot_load_is_tried_once_and_says_why(
         assert canary_of(boss, v1)["canary"]["decision"] == "pending"
     tries = [r for r in caplog.records if f"canary v{v1 + 1} could not start" in r.getMessage()]
     assert len(tries) == 1, [r.getMessage() for r in caplog.records]
+
+
+def test_when_the_newest_waiting_version_cannot_load_the_next_newest_becomes_the_canary(ctx, server, boss, ann,
+                                                                                        add_version, tmp_path):
+    """Newest first: one that cannot load says why and the next newest is tried; only then are the older ones marked
+    as passed over, naming the version that did become the canary (not the one that failed)."""
+    v1 = start_canary(ctx, boss, add_version)
+    rank_canary_item(ctx, ann, candidate_first=True)
+    assert boss.patch("/api/settings", json={"canary_chain": True, "canary_supersede_items": 2}).status_code == 200
+    path = Path(ctx.store.versions.get(v1).path)
+    broken = tmp_path / "broken"
+    broken.mkdir()  # no adapter in it
+    for child, where in ((v1 + 1, path), (v1 + 2, path), (v1 + 3, broken)):
+        assert ctx.deployments.register(child, v1, "dpo", where, {}, {"labels_used": 3}, True, None) == "candidate"
+    rank_canary_item(ctx, ann, candidate_first=False)  # 2 ranked items, pending: handed over
+    canary = ctx.store.versions.active_canary()
+    assert (canary.version, canary.serving, canary.decision) == (v1 + 2, 0, "pending")
+    assert canary_of(boss, v1)["reason"] == f"ended undecided: superseded by the canary v{v1 + 2}"
+    failed = canary_of(boss, v1 + 3)
+    assert failed["status"] == "candidate" and failed["reason"].startswith(
+        f"trained from v{v1}; could not become the canary: "), failed["reason"]
+    assert canary_of(boss, v1 + 1)["reason"] == f"trained from v{v1}; v{v1 + 2}, trained later, became the next canary"
+    rank_canary_item(ctx, ann, candidate_first=True)
+    assert {a.policy_version for a in ctx.store.items.get(ctx.store.items.count()).answers} == {0, v1 + 2}
