@@ -85,7 +85,9 @@ def start_server(data_dir: Path, model: str, env: dict) -> tuple[subprocess.Pope
             pass
         if time.monotonic() > deadline or server.poll() is not None:
             server.kill()
-            raise SystemExit(f"the server did not start; see {data_dir.parent / 'server.log'}")
+            server.wait()
+            tail = (data_dir.parent / "server.log").read_text(errors="replace")[-3000:]
+            raise SystemExit(f"the server did not start; the end of its log:\n{tail}")  # its dir may be a temp one
         time.sleep(0.5)
 
 
