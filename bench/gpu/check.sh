@@ -17,8 +17,10 @@
 #                  benchmarks run SmolLM2's shapes with random weights, bench/gpu/random_model.py)
 # then run `PARTS="cuda learner round vstrl sampling" bash bench/gpu/check.sh` there with $OUT set, carrying .gpu.
 # The app's parts take two calls back to back (a warm machine keeps /tmp/site for 30 s between calls):
-#   1. carry [".gpu/app-whl"]:            PARTS=install bash bench/gpu/check.sh
-#   2. carry [".gpu/whl", ".gpu/smollm2"]: PARTS="serving api" bash bench/gpu/check.sh
+#   1. carry [".gpu/app-whl"]:            PARTS=install bash bench/gpu/check.sh                  (~20 s)
+#   2. carry [".gpu/whl", ".gpu/smollm2"]: PARTS="cuda serving" bash bench/gpu/check.sh           (<= 8 min)
+#   3. the same carry, if device time is left: PARTS=api bash bench/gpu/check.sh                  (<= 3.5 min)
+# (15 device minutes a session, a machine's start included: "cuda" checks the fixed GPU round, tests/test_cuda.py.)
 # Here, without a GPU, the same parts run on the CPU with this checkout's environment:
 #   PY=.venv/bin/python SKIP_INSTALL=1 PARTS="serving api" SERVING_ARGS="..." API_ITEMS=4 bash bench/gpu/check.sh
 cd "$(dirname "$0")/../.."
@@ -51,7 +53,7 @@ PT="$PY -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning --duratio
   --items 8 --k 4 --repeats 1
 # The app on the GPU: `prefloop serve` in its own process (its policy worker on CUDA), simulated annotators idle,
 # during a Demo chat and during a training round (bench.serving); then POST /api/train to the new version's first item.
-[[ " $PARTS " == *" serving "* ]] && run serving 330 $PY -m bench.serving --part all \
-  ${SERVING_ARGS:---repeats 1 --annotators 8 --seconds 45 --warmup 30}
+[[ " $PARTS " == *" serving "* ]] && run serving 300 $PY -m bench.serving --part all \
+  ${SERVING_ARGS:---repeats 1 --annotators 8 --seconds 40 --warmup 20}
 [[ " $PARTS " == *" api "* ]] && run api 200 $PY -m bench.learner api --items ${API_ITEMS:-24}
 true
