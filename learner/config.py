@@ -81,8 +81,9 @@ class RoundConfig:
     #   Measured (docs/benchmarks.md, bench.loop, `structured`, 64 labels, seed 0): one offline round with 3 passes
     #   won 0.62 [0.56, 0.69] vs base (n = 96) by collapsing (KL 13.2, 23 words vs 74, held-out accuracies at chance).
     #   2 passes, semi-online, 32 labels, 3 seeds each (n = 288): `structured` 0.57 [0.51, 0.62] vs 0.54 (paired
-    #   +0.023 [-0.049, +0.094]), `concise` 0.88 [0.82, 0.94] vs 0.93 (paired -0.043 [-0.162, +0.066]; one lineage
-    #   refused by max_kl at round 2): it moves the policy further, not shown toward the persona, so 1 stays
+    #   +0.023 [-0.049, +0.094]), `concise` 0.88 [0.82, 0.94] vs 0.93 (paired -0.043 [-0.162, +0.066], +0.071
+    #   [-0.031, +0.188] with a bf16 rerun of seed 0; one lineage refused by max_kl at round 2): it moves the policy
+    #   further, not shown toward the persona, so 1 stays
     onpolicy_fraction: float = 0.5  # share of each step's examples that are on-policy (the semi-online paper mixes
     #   fresh and human data; half keeps the human signal dominant per label while the policy sees its own answers)
     sync_every: int = 4  # regenerate on-policy pairs every 4 optimizer steps: semi-online (arXiv 2506.21495);
@@ -94,7 +95,8 @@ class RoundConfig:
     #   not 3 (rounds ~6 min instead of ~5 on the CPU), for 0.55 [0.48, 0.61] at seed 0 (n = 96). `concise`, 32
     #   labels, today's defaults (rollouts ran), 3 seeds each (n = 288): online 0.92 [0.82, 0.99], semi-online 0.93
     #   [0.84, 1.00], offline 0.75 [0.62, 0.88]; online - offline +0.168 [+0.056, +0.318], semi-online - online
-    #   +0.003 [-0.113, +0.111]: 4 stays, as it regenerates a quarter as often for a difference not shown
+    #   +0.003 [-0.113, +0.111] (-0.111 [-0.304, +0.094] with a second, bf16 run of seed 0 in place of the fp32
+    #   one): 4 stays, as it regenerates a quarter as often for a difference not shown
     onpolicy_fill_steps: bool = True  # a step without a human example (a round with fewer human examples than
     #   steps) trains on `batch_size` on-policy examples. So a sparse round is mostly on-policy: one `structured`
     #   round (48 labels, seed 1, docs/benchmarks.md) had 3 human pairs and 39 on-policy uses, picked by a reward
