@@ -39,8 +39,8 @@ $PY -c "import sys, torch, transformers, peft, accelerate, duckdb; print(sys.ver
 $PY bench/gpu/random_model.py .gpu/smollm2 prefloop-data/models/smollm2 2>&1 | tail -1
 export PREFLOOP_TEST_TOKENIZER=$PWD/.gpu/smollm2
 run() { local name=$1 limit=$2; shift 2; local t0=$(date +%s); timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
-  echo "== $name rc=$rc in $(( $(date +%s) - t0 )) s"  # pytest's indented traceback lines dropped; a bench's rows kept
-  grep -v "^\s*$" "$OUT/$name.log" | grep -v "Warning\|warnings.warn\|Loading weights" | { [[ $name == serving || $name == api ]] && cat || grep -v "^  "; } | tail -25; }
+  echo "== $name rc=$rc in $(( $(date +%s) - t0 )) s"  # the log's end: pytest's -rfE summary, or a bench's rows
+  grep -v "^\s*$" "$OUT/$name.log" | grep -v "Warning\|warnings.warn\|Loading weights" | tail -25; }
 # A per-test timeout well inside each part's, so that a stuck test still leaves pytest's summary in the log.
 PT="$PY -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning --durations=5 --timeout 40 -rfE"
 [[ " $PARTS " == *" cuda "* ]] && run cuda 150 $PT tests/test_cuda.py tests/test_generation_worker.py
