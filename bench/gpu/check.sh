@@ -15,12 +15,15 @@
 #                  64 MiB, so it travels in a call of its own, below)
 #   .gpu/smollm2/  prefloop-data/models/smollm2 without model.safetensors (the 98 MB GGUF does not travel: the
 #                  benchmarks run SmolLM2's shapes with random weights, bench/gpu/random_model.py)
-# then run `PARTS="cuda learner round vstrl sampling" bash bench/gpu/check.sh` there with $OUT set, carrying .gpu.
+# then run `PARTS="cuda worker learner round vstrl sampling steps" bash bench/gpu/check.sh` there with $OUT set, carrying .gpu.
 # The app's parts take two calls back to back (a warm machine keeps /tmp/site for 30 s between calls):
-#   1. carry [".gpu/app-whl"]:            PARTS=install bash bench/gpu/check.sh                  (~20 s)
-#   2. carry [".gpu/whl", ".gpu/smollm2"]: PARTS="cuda serving" bash bench/gpu/check.sh           (<= 8 min)
+#   1. carry [".gpu/whl", ".gpu/smollm2"]:     PARTS="cuda steps" bash bench/gpu/check.sh       (<= 5.5 min)
+#   2. at once, carry [".gpu/app-whl", ".gpu/smollm2"]: PARTS=serving bash bench/gpu/check.sh (<= 5.5 min)
 #   3. the same carry, if device time is left: PARTS=api bash bench/gpu/check.sh                  (<= 3.5 min)
 # (15 device minutes a session, a machine's start included: "cuda" checks the fixed GPU round, tests/test_cuda.py.)
+# The machine goes back 30 s after a call ends, and a cold one has lost /tmp/site: on 2026-12-04 a PARTS=install
+# call (3 s) was followed by a cold machine; a call that ran minutes was followed by a warm one. Call 2 checks the
+# imports first and says so in 5 s when the wheels are missing.
 # Here, without a GPU, the same parts run on the CPU with this checkout's environment:
 #   PY=.venv/bin/python SKIP_INSTALL=1 PARTS="serving api" SERVING_ARGS="..." API_ITEMS=4 bash bench/gpu/check.sh
 cd "$(dirname "$0")/../.."
@@ -43,7 +46,9 @@ run() { local name=$1 limit=$2; shift 2; local t0=$(date +%s); timeout "$limit" 
   grep -v "^\s*$" "$OUT/$name.log" | grep -v "Warning\|warnings.warn\|Loading weights" | tail -25; }
 # A per-test timeout well inside each part's, so that a stuck test still leaves pytest's summary in the log.
 PT="$PY -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning --durations=5 --timeout 40 -rfE"
-[[ " $PARTS " == *" cuda "* ]] && run cuda 150 $PT tests/test_cuda.py tests/test_generation_worker.py
+# 2026-12-04: the two files together ran 11 of their 15 tests in 150 s, so each has a part of its own.
+[[ " $PARTS " == *" cuda "* ]] && run cuda 200 $PT tests/test_cuda.py
+[[ " $PARTS " == *" worker "* ]] && run worker 150 $PT tests/test_generation_worker.py
 [[ " $PARTS " == *" learner "* ]] && run learner 150 $PT -n 6 tests/test_round.py tests/test_reference_and_kl.py \
   tests/test_merged_sampling.py tests/test_model_families.py tests/test_reward.py tests/test_logprobs.py \
   tests/test_losses.py tests/test_version_dir.py tests/test_sampling.py
@@ -53,6 +58,12 @@ PT="$PY -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning --duratio
   --items 8 --k 4 --repeats 1
 # The app on the GPU: `prefloop serve` in its own process (its policy worker on CUDA), simulated annotators idle,
 # during a Demo chat and during a training round (bench.serving); then POST /api/train to the new version's first item.
+# Where a step's time goes (forward vs sampling, host vs device, cuDNN attention on and off): bench/steps.py.
+[[ " $PARTS " == *" steps "* ]] && run steps 120 $PY -m bench.steps --items 1,8 --sdpa default,no-cudnn
+# The app's parts need both folders' wheels in /tmp/site; a call that finds the machine cold has lost the other's.
+if [[ " $PARTS " == *" serving "* || " $PARTS " == *" api "* ]] && ! $PY -c "import uvicorn, gradio, duckdb" 2>/dev/null
+then echo "the app's wheels are not all in /tmp/site (the machine was not warm: it keeps /tmp/site 30 s): rerun" \
+  "this call at once after one that installed the other folder"; exit 1; fi
 [[ " $PARTS " == *" serving "* ]] && run serving 300 $PY -m bench.serving --part all \
   ${SERVING_ARGS:---repeats 1 --annotators 8 --seconds 40 --warmup 20}
 [[ " $PARTS " == *" api "* ]] && run api 200 $PY -m bench.learner api --items ${API_ITEMS:-24}
