@@ -93,6 +93,7 @@ def test_ties_by_shift_digit_and_all_equally_good_by_n(ctx, login):
     _add_item(ctx, "Name three rivers.", ["eos"] * 4)
     page = login("ann")
     page.locator("#pl-answer-0").get_by_text("Answer 1").wait_for()
+    assert page.locator("#pl-submit").is_visible() and page.locator("#pl-flag").is_visible()
     page.keyboard.press("2")  # answer 2 best
     page.keyboard.press("Shift+4")  # answer 4 ties with it (Shift + digit: the last rank given)
     page.wait_for_function("document.querySelector('#pl-rank-3 input[value=\"1\"]').checked")
@@ -115,4 +116,8 @@ def test_ties_by_shift_digit_and_all_equally_good_by_n(ctx, login):
     page.keyboard.press("Enter")
     page.get_by_text("Nothing else waits right now").wait_for()
     assert ctx.store.labels.counts().rankings == 2
+    # nothing to rank: what acts on an item is gone (it could only be refused), Next item stays
+    page.locator("#pl-submit").wait_for(state="hidden")
+    assert not any(page.locator(f"#{e}").is_visible() for e in ("pl-skip", "pl-flag", "pl-flag-reason", "pl-alike"))
+    assert page.locator("#pl-next").is_visible()
     assert cur.execute("SELECT count(*) FROM pairs").fetchone() == (5,)

@@ -204,6 +204,7 @@ class _AnnotateTab:
     answers: list
     ranks: list
     thumbs: list
+    item_actions: gr.Row
     submit_btn: gr.Button
     clear_btn: gr.Button
     alike_btn: gr.Button
@@ -211,6 +212,7 @@ class _AnnotateTab:
     undo_btn: gr.Button
     next_btn: gr.Button
     unrank_btn: gr.Button
+    flag_row: gr.Row
     flag_reason: gr.Textbox
     flag_btn: gr.Button
     timer: gr.Timer
@@ -219,7 +221,7 @@ class _AnnotateTab:
     def view_outputs(self) -> list:
         """What every handler fills (an AnnotateView), in `_annotate_tab`'s `show` order."""
         return [self.session, self.prompt, self.counter, self.message, *self.cards, *self.answers, *self.ranks,
-                *self.thumbs, self.next_btn, self.undo_btn, self.timer]
+                *self.thumbs, self.next_btn, self.undo_btn, self.timer, self.item_actions, self.flag_row]
 
 
 def _annotate_layout(k: int) -> _AnnotateTab:
@@ -230,22 +232,25 @@ def _annotate_layout(k: int) -> _AnnotateTab:
     prompt = rendered_text(elem_id="pl-prompt", container=True, padding=True)
     cards, answers, ranks, thumbs = map(list, zip(*(_answer_card(k, slot) for slot in range(k)), strict=True))
     message = rendered_text(elem_id="pl-message")
-    with gr.Row():
+    # What acts on an item shows only while there is one (`show`): with nothing to rank, Submit, Skip and Flag
+    # could only be refused.
+    with gr.Row(visible=False, elem_id="pl-item-actions") as item_actions:
         submit_btn = gr.Button("Submit ranking (Enter)", variant="primary", elem_id="pl-submit")
         clear_btn = gr.Button("Clear (Esc)", elem_id="pl-clear")
         alike_btn = gr.Button("All equally good (N)", elem_id="pl-alike")
         skip_btn = gr.Button("Skip (S)", elem_id="pl-skip")
+    with gr.Row():
         undo_btn = gr.Button("Undo last ranking (Z)", visible=False, elem_id="pl-undo")
         next_btn = gr.Button("Next item", elem_id="pl-next")
         unrank_btn = gr.Button("Take back the last rank", elem_id="pl-unrank", elem_classes="pl-hidden")
-    with gr.Row():
+    with gr.Row(visible=False, elem_id="pl-flag-row") as flag_row:
         flag_reason = gr.Textbox(label="Flag reason", placeholder="harmful, broken, off-topic...", scale=4,
                                  elem_id="pl-flag-reason")
         flag_btn = gr.Button("Flag", scale=1, elem_id="pl-flag")
     timer = gr.Timer(POLL_SECONDS, active=False)
-    return _AnnotateTab(session, guide, prompt, counter, message, cards, answers, ranks, thumbs, submit_btn,
-                        clear_btn, alike_btn, skip_btn, undo_btn, next_btn, unrank_btn, flag_reason, flag_btn,
-                        timer)
+    return _AnnotateTab(session, guide, prompt, counter, message, cards, answers, ranks, thumbs, item_actions,
+                        submit_btn, clear_btn, alike_btn, skip_btn, undo_btn, next_btn, unrank_btn, flag_row,
+                        flag_reason, flag_btn, timer)
 
 
 def _with_request_last(handler, names: list[str]):
@@ -275,7 +280,8 @@ def _annotate_tab(ctx: AppContext, blocks: gr.Blocks) -> None:
                 *[gr.update(value=thumbs_shown[s] if s < shown else None) for s in range(k)],
                 gr.update(value="Start annotating" if view.state == "idle" else "Next item"),
                 gr.update(visible=view.session.last_ranking is not None),
-                gr.Timer(active=view.state == "waiting")]
+                gr.Timer(active=view.state == "waiting"),
+                *[gr.update(visible=view.state == "item")] * 2]
 
     def refused(message_text: str) -> list:
         """One message in one place; every other output (the form the annotator is fixing) stays as it is."""
