@@ -175,6 +175,19 @@ class PolicyOutcome:
     dropped: dict
     data: dict  # what the steps learned from: epochs, shares, on-policy regenerations and reuse
     reference: ReferenceLogps | None
+    params: list = field(default_factory=list)  # the policy adapter's trained weights (restored by `kept_weights`)
+    checkpoints: list = field(default_factory=list)  # (step, CPU copies of `params` after it): config.kl_checkpoints
+
+
+def checkpoint_steps(steps: int, count: int) -> list[int]:
+    """The 0-based steps after which a round keeps its policy adapter: `count` evenly spaced before the last step
+    (12 steps, 3: after steps 3, 6 and 9, i.e. indices 2, 5, 8)."""
+    return sorted({steps * j // (count + 1) - 1 for j in range(1, count + 1)} - {-1, steps - 1})
+
+
+def keep_weights(params: list, into: list) -> None:
+    for param, kept in zip(params, into, strict=True):
+        param.data.copy_(kept.to(param.device))
 
 
 def within_staleness(frame: pd.DataFrame, max_label_staleness: int | None) -> pd.DataFrame:
@@ -250,10 +263,18 @@ def policy_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome) 
         yield from step_micro_losses(context, config.algorithm, examples)
 
     params = [p for n, p in setup.model.named_parameters() if f".{POLICY}." in n]
+    # One process only: the eval that picks a checkpoint runs on the main process, the others would keep other weights.
+    keep_after = set(checkpoint_steps(steps, config.kl_checkpoints)) if acc.num_processes == 1 else set()
+    checkpoints: list = []
+
+    def on_step(record: dict) -> None:
+        setup.report("policy", record["step"] + 1, steps, record["loss"], metrics=record)
+        if record["step"] in keep_after:
+            checkpoints.append((record["step"], [p.detach().to("cpu", copy=True) for p in params]))
+
     with training_adapter(setup.model, POLICY):
         result = train_loop(params, step_loss, steps, config.learning_rate, config.adam_eps, config.max_grad_norm,
-                            accelerator=acc, on_step=lambda r: setup.report("policy", r["step"] + 1, steps,
-                                                                            r["loss"], metrics=r))
+                            accelerator=acc, on_step=on_step)
     if acc.is_main_process:
         reference.save()
     onpolicy = {**stream.stats(), **stream.regenerate.costs()} if use_rollouts else None
@@ -271,7 +292,7 @@ def policy_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome) 
             "rollout_judge": judge,
             "reference_logps": reference.stats()}
     return PolicyOutcome(result.history, result.failure and f"policy {result.failure}", len(human), human_frame,
-                         dropped, data, reference)
+                         dropped, data, reference, params, checkpoints)
 
 
 # The on-policy stream's counts that add up over processes (each samples and trains on its own share).
@@ -374,26 +395,61 @@ def eval_answers(setup: RoundSetup, config: RoundConfig, compare: bool) -> tuple
 
 
 def eval_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome, policy: PolicyOutcome) -> EvalOutcome:
-    """Held-out human metrics (reward model and policy) and generation on the eval prompts."""
+    """Generation on the eval prompts (and, when the final step is over max_kl, the latest kept checkpoint within
+    it: `within_kl`), then held-out human metrics of the reward model and of the policy the round keeps."""
     reward_accuracy = reward.heldout_accuracy  # None for an untrained head: its accuracy is a coin flip
     model = setup.model
     policy_accuracy = None
-    generation = None
+    generation = answers = key = None
     if policy.failure is None and reward.failure is None:
         model.set_adapter(POLICY, inference_mode=True)
         model.eval()
+        if setup.eval_prompts and setup.accelerator.is_main_process:
+            setup.report("eval", 0, 1)
+            answers, key, generation = measure_policy(setup, config, reward)
+            if policy.checkpoints and generation["kl_to_reference"] > config.max_kl:
+                answers, key, generation = within_kl(setup, config, reward, policy, (answers, key, generation))
+            setup.report("eval", 1, 1)
         heldout = heldout_pairs(setup, config)
         if heldout and config.algorithm in OBJECTIVES:
             reference = policy.reference or make_reference(setup, config)
             policy_accuracy = implicit_reward_accuracy(setup, config, reference, heldout)
-        if setup.eval_prompts and setup.accelerator.is_main_process:
-            setup.report("eval", 0, 1)
-            answers, key = eval_answers(setup, config, compare=reward.ready)
-            generation = evaluate_policy(model, reward.reward_model if reward.ready else None, setup.tokenizer,
-                                         answers, config, reference=reference_adapter(setup, config))
-            setup.report("eval", 1, 1)
-            return EvalOutcome(generation, reward_accuracy, policy_accuracy, answers, key)
-    return EvalOutcome(generation, reward_accuracy, policy_accuracy)
+    return EvalOutcome(generation, reward_accuracy, policy_accuracy, answers, key)
+
+
+def measure_policy(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome) -> tuple[EvalAnswers, str, dict]:
+    """The policy adapter's eval answers, their draw's key and `evaluate_policy`'s metrics (exact KL, win-rates)."""
+    answers, key = eval_answers(setup, config, compare=reward.ready)
+    generation = evaluate_policy(setup.model, reward.reward_model if reward.ready else None, setup.tokenizer,
+                                 answers, config, reference=reference_adapter(setup, config))
+    return answers, key, generation
+
+
+def within_kl(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome, policy: PolicyOutcome,
+              final: tuple[EvalAnswers, str, dict]) -> tuple[EvalAnswers, str, dict]:
+    """The final step's KL is over max_kl: measure the kept checkpoints, latest first, and keep the first within it
+    (its weights stay in the policy adapter, so the version directory saves them); none within it: the final
+    weights and measurements, which the gate refuses. Either way the metrics say what was tried
+    (`kl_checkpoints`)."""
+    final_weights = [p.detach().clone() for p in policy.params]
+    steps = len(policy.history)
+    tried = [{"step": steps, "kl_to_reference": final[2]["kl_to_reference"]}]
+    for step, weights in reversed(policy.checkpoints):
+        keep_weights(policy.params, weights)
+        answers, key, generation = measure_policy(setup, config, reward)
+        kl = generation["kl_to_reference"]
+        tried.append({"step": step + 1, "kl_to_reference": kl})
+        if kl <= config.max_kl:  # NaN compares False: never kept
+            warning = (f"the final step's KL to reference {tried[0]['kl_to_reference']:.3g} was over max_kl "
+                       f"{config.max_kl:g}: the version keeps the policy after step {step + 1} of {steps} "
+                       f"(KL {kl:.3g}; kl_checkpoints)")
+            setup.warnings.append(warning)
+            log.warning(warning)
+            return answers, key, {**generation, "kl_checkpoints": {"kept_step": step + 1, "steps": steps,
+                                                                   "tried": tried}}
+    keep_weights(policy.params, final_weights)
+    answers, key, generation = final
+    return answers, key, {**generation, "kl_checkpoints": {"kept_step": None, "steps": steps, "tried": tried}}
 
 
 # --- (d) gate --------------------------------------------------------------------------------------------------

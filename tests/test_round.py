@@ -165,12 +165,13 @@ def test_a_kl_refusal_says_whether_the_lineage_drifted_or_the_round_jumped_and_w
                        "annotators judge that), or set ref_sync so that each round is measured from its parent")
     jumped = gate([], None, metrics, config, True, parent_kl=2.0)["reason"]
     assert jumped == ("KL to reference 15.8 > max_kl 15.0 (the parent's 2, +13.8 in this round); this round alone "
-                      "took 92% of it: lower learning_rate or steps, or raise beta")
+                      "took 92% of it: lower learning_rate or steps, raise beta, or set kl_checkpoints")
     # Both: seed 1 of `structured` at 128 labels went 7.73 (52% of the budget) -> 16.2 (+8.44, 56%).
     both = gate([], None, {"kl_to_reference": 16.17}, config, True, parent_kl=7.73)["reason"]
     assert "the lineage had used 52% of it: raise max_kl" in both and "this round alone took 56% of it: lower" in both
     assert gate([], None, metrics, config, True)["reason"] == (  # no parent, or ref_sync: the KL is one round's
-        "KL to reference 15.8 > max_kl 15.0 in one round: lower learning_rate or steps, or raise beta")
+        "KL to reference 15.8 > max_kl 15.0 in one round: lower learning_rate or steps, raise beta, or set "
+        "kl_checkpoints")
 
 
 def test_a_passed_version_is_warned_from_half_of_max_kl_and_told_when_a_next_round_at_its_pace_would_pass_it():
@@ -406,6 +407,47 @@ def test_a_childs_kl_refusal_names_the_kl_its_parent_directory_recorded(first_ve
     step = metrics["kl_to_reference"] - parent_metrics["kl_to_reference"]
     assert (f"> max_kl 1e-06 (the parent's {parent_metrics['kl_to_reference']:.3g}, {step:+.3g} in this round); "
             "the lineage had used") in metrics["gate"]["reason"]
+
+
+def test_kl_checkpoints_sit_evenly_before_the_last_step():
+    from learner.phases import checkpoint_steps
+
+    assert checkpoint_steps(12, 3) == [2, 5, 8]  # after steps 3, 6 and 9 of 12
+    assert checkpoint_steps(4, 3) == [0, 1, 2] and checkpoint_steps(2, 3) == [0] and checkpoint_steps(12, 0) == []
+
+
+def test_a_round_over_max_kl_keeps_its_latest_checkpoint_within_it_or_is_refused(tmp_path, tiny_model_dir):
+    """kl_checkpoints: the final step's exact KL over max_kl makes the round measure its kept adapters, latest
+    first, and keep the first within budget (its weights are what the version directory holds); with none within
+    it the round is refused as before, its final weights saved."""
+    snapshot = write_snapshot(tmp_path / "snapshot")
+    knobs = dict(TINY, steps=4, kl_checkpoints=3, rollout_prompts=0)
+    free = run_round(snapshot, tiny_model_dir, None, tmp_path / "free", RoundConfig.from_dict(knobs))
+    final_kl = free["kl_to_reference"]
+    assert free["status"] == "candidate" and "kl_checkpoints" not in free and final_kl > 0  # within max_kl 1e9
+
+    # Just under the final step's KL: the same round (same seed and data) keeps an earlier step.
+    kept = run_round(snapshot, tiny_model_dir, None, tmp_path / "kept",
+                     RoundConfig.from_dict(dict(knobs, max_kl=final_kl * 0.999)))
+    tried = kept["kl_checkpoints"]["tried"]
+    assert tried[0] == {"step": 4, "kl_to_reference": pytest.approx(final_kl, rel=1e-4)}
+    assert kept["status"] == "candidate" and kept["kl_checkpoints"]["steps"] == 4
+    step = kept["kl_checkpoints"]["kept_step"]
+    assert step in (1, 2, 3) and [t["step"] for t in tried] == list(range(4, step - 1, -1))  # latest first
+    assert all(t["kl_to_reference"] > final_kl * 0.999 for t in tried[:-1])
+    assert kept["kl_to_reference"] == tried[-1]["kl_to_reference"] <= final_kl * 0.999
+    assert f"keeps the policy after step {step} of 4" in " ".join(kept["warnings"])
+    assert [r["step"] for r in kept["history"]] == [0, 1, 2, 3]  # every step trained and recorded
+    saved, final = lora_weights(tmp_path / "kept"), lora_weights(tmp_path / "free")
+    assert any(not torch.equal(saved[name], final[name]) for name in final)  # the kept step's adapter, not the last
+
+    refused = run_round(snapshot, tiny_model_dir, None, tmp_path / "refused",
+                        RoundConfig.from_dict(dict(knobs, max_kl=1e-9)))
+    assert refused["status"] == "rejected" and "> max_kl 1e-09" in refused["gate"]["reason"]
+    assert refused["kl_checkpoints"]["kept_step"] is None and len(refused["kl_checkpoints"]["tried"]) == 4
+    assert refused["kl_to_reference"] == pytest.approx(final_kl, rel=1e-4)  # the final step's, as measured first
+    saved = lora_weights(tmp_path / "refused")
+    assert all(torch.allclose(saved[name], final[name], atol=1e-6) for name in final)
 
 
 def test_reward_only_round_keeps_the_parent_policy(first_version, tmp_path, tiny_model_dir):
