@@ -58,8 +58,10 @@ class RoundConfig:
     #   where 1e-4 stalls at max_kl, but 0.47 vs 0.48 (paired -0.005 [-0.062, +0.052], n = 96). Neither is better.
     #   DPO at 5e-5, `concise`, 64 labels, seed 0 (one run): all four rounds deployed (KL +1 to +5 nats a round, where
     #   1e-4 took +12 to +15 at round 3 and stalled at max_kl), 0.95 [0.90, 0.99] vs the defaults' seed-0 runs 0.86
-    #   and 0.66 (paired +0.089 [+0.005, +0.172], +0.292 [+0.193, +0.391], n = 96): a candidate, not yet a default
-    #   (seeds 1-2, and `structured`, whose lineages reach the budget only at round 7-8, not measured with it)
+    #   and 0.66 (paired +0.089 [+0.005, +0.172], +0.292 [+0.193, +0.391], n = 96); seeds 0-1: +0.057 [+0.005,
+    #   +0.141] (n = 192). But `structured` at 64 labels, seeds 0-1: -0.154 [-0.307, 0.000] (n = 192; its lineages
+    #   hardly moved, KL < 0.7 after four rounds). One rate does not serve both: 1e-4 stays, and `kl_checkpoints`
+    #   keeps the part of an overshooting round's step that fits in max_kl
     adam_eps: float = 1e-5  # larger than torch's 1e-8: stops tiny second moments of fresh LoRA B blowing up steps
     max_grad_norm: float = 1.0  # DPO's gradients spike when a pair flips; clipping keeps one pair from a big jump
     lora_r: int = 16  # the design's LoRA rank: ~4.9M trainable weights on SmolLM2-135M, cheap to save and swap
