@@ -146,7 +146,7 @@ def outcome(run: dict) -> dict:
     """A finished run (GET /api/runs/ID) in the figures a row keeps."""
     m = run.get("metrics") or {}
     kept = ("kl_to_reference", "entropy", "mean_answer_length", "eos_rate", "labels_used", "reward_heldout_accuracy",
-            "policy_heldout_accuracy", "data", "timings_s", "precision")
+            "policy_heldout_accuracy", "data", "timings_s", "precision", "kl_checkpoints")
     return {"status": run["status"], "version": run["version"], "error": (run.get("error") or "")[:300],
             "gate_reason": (m.get("gate") or {}).get("reason"), **{k: m[k] for k in kept if k in m}}
 

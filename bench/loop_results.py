@@ -366,11 +366,17 @@ def _round_line(row: dict, r: dict) -> str:
             else "-")
     phases = r.get("timings_s") or {}
     seconds = " / ".join(f"{phases[p]:.0f}" for p in ("reward", "policy", "eval") if p in phases) or "-"
+    kl_text = "-" if kl is None else f"{kl:.2f}"
+    fallback = r.get("kl_checkpoints")  # the final step was over max_kl: which kept step the round fell back to
+    if fallback:
+        tried = ", ".join(f"{t['step']}: {t['kl_to_reference']:.1f}" for t in fallback["tried"])
+        kept = fallback["kept_step"]
+        kl_text += f" ({'step ' + str(kept) if kept else 'no step'} of {fallback['steps']} kept; tried {tried})"
     status = r["status"] if not r.get("gate_reason") else f"{r['status']}: {r['gate_reason']}"
     version = "-" if r.get("version") is None else f"v{r['version']}"
     return (f"| {row['arm']} | {row['labels']} | {row['seed']} | {version} | {status} | {data.get('steps', '-')} "
             f"| {uses} | {_proportion(r.get('reward_heldout_accuracy'))} "
-            f"| {_proportion(r.get('policy_heldout_accuracy'))} | {'-' if kl is None else f'{kl:.2f}'} | {seconds} |")
+            f"| {_proportion(r.get('policy_heldout_accuracy'))} | {kl_text} | {seconds} |")
 
 
 def _rounds(rows: list[dict]) -> list[str]:
@@ -379,8 +385,9 @@ def _rounds(rows: list[dict]) -> list[str]:
     if not lines:
         return []
     return ["", "Rounds of each run (uses: human / on-policy example uses; held-out: pair accuracy on human labels of "
-            "held-out prompts, 95% Wilson interval (n); KL: exact, to the reference, nats per answer; seconds: reward "
-            "model / policy / evaluation phases):", "",
+            "held-out prompts, 95% Wilson interval (n); KL: exact, to the reference, nats per answer, with "
+            "the step kept where the final one was over max_kl (kl_checkpoints); seconds: reward model / policy / "
+            "evaluation phases):", "",
             "| arm | labels | seed | version | status | steps | uses | reward model held-out | policy implicit reward "
             "held-out | KL | seconds |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", *lines]

@@ -364,8 +364,12 @@ def test_table_lists_each_runs_rounds_with_what_they_trained_on_and_their_held_o
          "reward_heldout_accuracy": heldout, "policy_heldout_accuracy": None, "data": {"steps": 3},
          "timings_s": {"reward": 10.0}},
         {"status": "failed", "version": None, "error": "out of memory"},
+        {"status": "succeeded", "version": 4, "gate_reason": None, "kl_to_reference": 7.94,
+         "kl_checkpoints": {"kept_step": 9, "steps": 12, "tried": [{"step": 12, "kl_to_reference": 9.31},
+                                                                   {"step": 9, "kl_to_reference": 7.94}]}},
     ]
     text = table({r["key"]: r}, 48)
+    assert "| v4 | succeeded | - | - | - | - | 7.94 (step 9 of 12 kept; tried 12: 9.3, 9: 7.9) | - |" in text
     assert ("| semi-online | 48 | 1 | v1 | succeeded | 12 | 3 / 39 | - | 1.00 [0.44, 1.00] (3) | 0.34 | 53 / 120 / 37 |"
             in text)
     assert ("| semi-online | 48 | 1 | v2 | rejected: KL 9.1 over max_kl 8 | 3 | - | 0.21 [0.08, 0.48] (14) | - "
