@@ -265,6 +265,9 @@ def policy_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome) 
     params = [p for n, p in setup.model.named_parameters() if f".{POLICY}." in n]
     # One process only: the eval that picks a checkpoint runs on the main process, the others would keep other weights.
     keep_after = set(checkpoint_steps(steps, config.kl_checkpoints)) if acc.num_processes == 1 else set()
+    if config.kl_checkpoints and acc.num_processes > 1:
+        setup.warnings.append(f"kl_checkpoints is ignored on {acc.num_processes} processes (one process only): a "
+                              f"final KL over max_kl refuses the round")
     checkpoints: list = []
 
     def on_step(record: dict) -> None:
