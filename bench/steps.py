@@ -47,13 +47,13 @@ def forward_steps(model, tokenizer, prompts: list[str], k: int, steps: int, comp
     the model's share of a decode step."""
     from transformers import StaticCache
 
-    from learner.sampling import _cache_argument
+    from learner.sampling import cache_argument
 
     device = next(model.parameters()).device
     rows = [ids for ids in (encode_prompt(tokenizer, p) for p in prompts) for _ in range(k)]
     input_ids, attention_mask = left_padded(tokenizer, rows, device)
     cache = StaticCache(config=model.config, max_cache_len=input_ids.shape[1] + steps)
-    name = _cache_argument(model)
+    name = cache_argument(model)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
     for _ in range(steps):

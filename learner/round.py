@@ -36,6 +36,7 @@ import torch
 from learner.config import RoundConfig
 from learner.data import PromptSplit, hash_fraction
 from learner.errors import ConfigError, LearnerError
+from learner.eval_gate import eval_phase, gate_phase
 from learner.evaluate import EVAL_ANSWERS, save_eval_answers
 from learner.lifetime import die_with_parent
 from learner.model import (
@@ -54,8 +55,6 @@ from learner.phases import (
     PHASES,
     POLICY,
     RoundSetup,
-    eval_phase,
-    gate_phase,
     policy_phase,
     reward_phase,
 )

@@ -128,7 +128,7 @@ def nucleus_sample(logits: torch.Tensor, temperature: float, top_p: float) -> to
     return index.gather(-1, torch.multinomial(weights, 1)).squeeze(-1)
 
 
-def _cache_argument(model) -> str:
+def cache_argument(model) -> str:
     """The name the model's forward takes its KV cache by: `cache` in transformers >= 5.2x, `past_key_values`
     before (the old name is deprecated, so the new one is used where it exists)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -159,7 +159,7 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, p
     """
     device = input_ids.device
     rows = input_ids.shape[0]
-    cache_name = _cache_argument(model)
+    cache_name = cache_argument(model)
     from transformers import StaticCache
 
     cache = StaticCache(config=model.config, max_cache_len=input_ids.shape[1] + params.max_new_tokens)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from learner.config import RoundConfig
 from learner.data import EVAL, HELDOUT, TRAIN, PromptSplit, hash_fraction
 from learner.errors import ConfigError, LearnerError
+from learner.eval_gate import parent_kl
 from learner.evaluate import (
     eval_answers_key,
     gate,
@@ -22,7 +23,7 @@ from learner.evaluate import (
     save_eval_answers,
     win_rate,
 )
-from learner.phases import parent_kl, within_staleness
+from learner.phases import within_staleness
 from learner.rollouts import Rollout, around_median, best_vs_worst, split_prompts, usable_prompts
 from learner.round import run_round
 from learner.stats import proportion
