@@ -17,6 +17,7 @@ from learner.sampling import SamplingParams
 ALGORITHMS = ("dpo", "kto", "reward")  # "reward": train the reward model only, copy the parent's policy unchanged
 LOSS_TYPES = ("sigmoid", "ipo", "robust")
 ROLLOUT_JUDGES = ("reward_model", "auto", "policy")
+ROLLOUT_PAIRS = ("best_worst", "all")
 
 
 # What an admin can do when a lineage nears max_kl: each round continues its parent's adapter and is measured against
@@ -137,6 +138,11 @@ class RoundConfig:
     rollout_prompts: int = 4  # prompts sampled per regeneration at least: 4 x 4 answers ~ 15 s of sampling on a
     #   CPU; more when one step's on-policy share, or its window at onpolicy_max_uses, needs more
     rollout_n: int = 4  # answers per prompt, best vs worst by the reward model (K=4 as annotators see)
+    rollout_pairs: str = "best_worst"  # which DPO pairs a prompt's rollout_n answers give, in the judge's order:
+    #   "best_worst" one (the semi-online paper's, arXiv 2506.21495: the widest margin), "all" every pair it orders
+    #   (6 of K=4, as a human ranking gives). "all" needs fewer prompts per regeneration and its pairs share their
+    #   answers in one forward pass (a step's on-policy half takes 4 answers per 6 pairs instead of 12), so a round
+    #   costs less; its narrow-margin pairs are noisier. Off until the learning benchmark says what it does
     max_new_tokens: int = 64  # rollout and eval answers; shorter than the app's 96 to keep a CPU round quick
     temperature: float = 0.8  # the policy service's temperature, so rollouts look like what annotators rank
     top_p: float = 0.95  # same as the policy service: cuts the junk tail of a small model
@@ -262,6 +268,11 @@ def _problems(c: RoundConfig) -> list[str]:
          f"rollout_judge must be one of {', '.join(ROLLOUT_JUDGES)}, got {c.rollout_judge!r}"),
         (c.rollout_prompts >= 0, f"rollout_prompts must be >= 0, got {c.rollout_prompts}"),
         (c.onpolicy_max_uses >= 1, f"onpolicy_max_uses must be >= 1, got {c.onpolicy_max_uses}"),
+        (c.rollout_pairs in ROLLOUT_PAIRS,
+         f"rollout_pairs must be one of {', '.join(ROLLOUT_PAIRS)}, got {c.rollout_pairs!r}"),
+        (c.rollout_pairs == "best_worst" or c.algorithm != "kto",
+         f"rollout_pairs {c.rollout_pairs!r} applies to dpo only (kto's rollouts are split around their median), "
+         f"got algorithm {c.algorithm!r}"),
         (c.rollout_n >= 2, f"rollout_n must be >= 2 (best vs worst needs two answers), got {c.rollout_n}"),
         (c.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {c.max_new_tokens}"),
         (c.temperature > 0, f"temperature must be > 0, got {c.temperature}"),

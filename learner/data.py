@@ -20,6 +20,7 @@ import math
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 EVAL, HELDOUT, TRAIN = "eval", "heldout", "train"
 
@@ -145,6 +146,9 @@ class OnPolicyStream:
     regenerate: Callable[[int], list]  # step -> new examples (sampled by the policy, scored by the reward model)
     sync_every: int
     seed: int
+    # example -> its group (a prompt's rollouts): groups are shuffled whole, so a step takes a group's examples
+    # together and their shared answers go through one forward pass. None: every example a group of its own.
+    group: Callable[[Any], str] | None = None
     examples: list = field(default_factory=list)
     made: int = 0
     used: int = 0
@@ -162,26 +166,38 @@ class OnPolicyStream:
         rng = random.Random(self.seed * 7919 + step)
         while len(taken) < count:
             if not self._order:
-                self._order = list(range(len(self.examples)))
-                rng.shuffle(self._order)
+                self._order = self._shuffled(rng)
             index = self._order.pop()
             if index not in taken:
                 taken.append(index)
         self.used += len(taken)
         return [self.examples[i] for i in taken]
 
+    def _shuffled(self, rng: random.Random) -> list[int]:
+        """Indices of the examples, groups in random order, a group's examples together (popped from the end: its
+        first example first). Every group a single example: the plain shuffle of the indices."""
+        groups: dict = {}
+        for index, example in enumerate(self.examples):
+            groups.setdefault(self.group(example) if self.group else index, []).append(index)
+        order = list(groups.values())
+        rng.shuffle(order)
+        return [i for members in order for i in reversed(members)]
+
     def stats(self) -> dict:
         return {"examples": self.made, "uses": self.used,
                 "mean_uses_per_example": round(self.used / self.made, 3) if self.made else None}
 
 
-def rollout_prompt_count(config_prompts: int, per_step: Sequence[int], sync_every: int, max_uses: int) -> int:
+def rollout_prompt_count(config_prompts: int, per_step: Sequence[int], sync_every: int, max_uses: int,
+                         per_prompt: int = 1) -> int:
     """Prompts per regeneration (best vs worst gives one pair per prompt): at least `config_prompts`; at least one
     step's on-policy need, so a step never repeats an example; and at least the largest sync window's need divided
     by `max_uses`, so no example serves more than `max_uses` steps. The last rule is what makes a large `sync_every`
     mean "older rollouts", not "fewer rollouts": offline (one window of every step) samples as many distinct
-    examples as semi-online does over its windows, instead of a few repeated at every step."""
+    examples as semi-online does over its windows, instead of a few repeated at every step. `per_prompt`: examples
+    one prompt gives (every pair of its answers: `rollout_pairs` "all"); the needs count examples, not prompts."""
     if not per_step or not max(per_step):
         return config_prompts
     windows = [sum(per_step[i:i + sync_every]) for i in range(0, len(per_step), sync_every)]
-    return max(config_prompts, math.ceil(max(per_step)), math.ceil(max(windows) / max_uses))
+    need = max(max(per_step), math.ceil(max(windows) / max_uses))
+    return max(config_prompts, math.ceil(need / per_prompt))

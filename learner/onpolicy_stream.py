@@ -1,5 +1,6 @@
 """A round's on-policy examples: rollouts sampled from the policy as it trains, every `sync_every` steps, ranked
-best vs worst by the round's judge (learner.phases.policy_phase draws from the stream one step at a time)."""
+by the round's judge into pairs (best vs worst, or every pair: `rollout_pairs`); learner.phases.policy_phase draws
+from the stream one step at a time."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ class Regenerate:
         prompts = self.rng.sample(s.rollout_prompts, min(self.prompts_per_regeneration, len(s.rollout_prompts)))
         batch = onpolicy_examples(s.model, self.reward_model, s.tokenizer, prompts, c.algorithm, c.rollout_n,
                                   c.sampling, c.max_length, seed=c.seed * 100003 + step,
-                                  merge=s.device.merges_for_sampling, scorer=self.scorer)
+                                  merge=s.device.merges_for_sampling, scorer=self.scorer,
+                                  rollout_pairs=c.rollout_pairs)
         self.regenerations += 1
         self.answers += batch.answers
         self.dropped += batch.dropped_tokenization
@@ -68,4 +70,4 @@ def onpolicy_stream(setup: RoundSetup, config: RoundConfig, reward_model: Reward
         scorer = reward_model_scorer(reward_model)
     regenerate = Regenerate(setup, config, reward_model, scorer, prompts, -(-steps // config.sync_every),
                              steps, random.Random(config.seed + 7919 * rank))
-    return OnPolicyStream(regenerate, config.sync_every, config.seed + rank)
+    return OnPolicyStream(regenerate, config.sync_every, config.seed + rank, group=lambda e: e.group)

@@ -37,10 +37,7 @@ from learner.reward import (
     train_reward_model,
     trained_pairs,
 )
-from learner.rollouts import (
-    HUMAN_DATA,
-    human_examples,
-)
+from learner.rollouts import HUMAN_DATA, examples_per_prompt, human_examples
 from learner.stats import Proportion, proportion
 from learner.train import (
     MIN_BATCH,
@@ -218,7 +215,8 @@ def policy_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome) 
     wanted = [onpolicy_count(len(chunk), config.onpolicy_fraction, config.batch_size) if use_rollouts else 0
               for chunk in plan]
     wanted = [max(o, minimum - len(chunk)) if use_rollouts else 0 for o, chunk in zip(wanted, plan, strict=True)]
-    prompts = rollout_prompt_count(config.rollout_prompts, wanted, config.sync_every, config.onpolicy_max_uses)
+    prompts = rollout_prompt_count(config.rollout_prompts, wanted, config.sync_every, config.onpolicy_max_uses,
+                                   examples_per_prompt(config.algorithm, config.rollout_pairs, config.rollout_n))
     reference = make_reference(setup, config)
     judge = choose_rollout_judge(setup, config, reward, reference) if use_rollouts else None
     stream = onpolicy_stream(setup, config, reward.reward_model, prompts, steps, judge, reference)

@@ -61,6 +61,19 @@ def best_vs_worst(prompt: str, answers: Sequence[Rollout], scores: Sequence[floa
                         rejected_ended=w.finish_reason == "eos", group=f"onpolicy:{prompt}")]
 
 
+def ordered_pairs(prompt: str, answers: Sequence[Rollout], scores: Sequence[float]) -> list[PairExample]:
+    """Every pair of distinct answers with distinct scores, the higher-scored chosen (6 from 4 answers, as a human
+    ranking of 4 gives), widest margin first. A text sampled twice counts once. One group: a step takes them
+    together, their answers in one forward pass."""
+    first = sorted({a.text: i for i, a in reversed(list(enumerate(answers)))}.values())
+    order = sorted(first, key=lambda i: scores[i], reverse=True)
+    pairs = [(hi, lo) for a, hi in enumerate(order) for lo in order[a + 1:] if scores[hi] != scores[lo]]
+    pairs.sort(key=lambda p: scores[p[1]] - scores[p[0]])  # widest margin first
+    ended = [a.finish_reason == "eos" for a in answers]
+    return [PairExample(prompt, answers[hi].text, answers[lo].text, source="onpolicy", chosen_ended=ended[hi],
+                        rejected_ended=ended[lo], group=f"onpolicy:{prompt}") for hi, lo in pairs]
+
+
 def around_median(prompt: str, answers: Sequence[Rollout], scores: Sequence[float]) -> list[UnaryExample]:
     """Answers above the prompt's median score are desirable, below undesirable; those on the median dropped."""
     median = statistics.median(scores)
@@ -71,6 +84,12 @@ def around_median(prompt: str, answers: Sequence[Rollout], scores: Sequence[floa
 
 OnPolicyBuilder = Callable[[str, Sequence[Rollout], Sequence[float]], list]
 ONPOLICY_BUILDERS: dict[str, OnPolicyBuilder] = {"dpo": best_vs_worst, "kto": around_median}
+PAIR_BUILDERS: dict[str, OnPolicyBuilder] = {"best_worst": best_vs_worst, "all": ordered_pairs}  # rollout_pairs
+
+
+def examples_per_prompt(algorithm: str, rollout_pairs: str, n: int) -> int:
+    """DPO pairs one prompt's n rollouts give at most (what a regeneration's prompt count is planned with)."""
+    return n * (n - 1) // 2 if algorithm == "dpo" and rollout_pairs == "all" else 1
 
 
 @dataclass
@@ -110,12 +129,13 @@ def implicit_reward_scorer(model, tokenizer, reference: Callable[[Sequence], tor
 
 def onpolicy_examples(model, reward_model: RewardModel, tokenizer, prompts: Sequence[str], algorithm: str,
                       n: int, params: SamplingParams, max_length: int, seed: int | None = None,
-                      merge: bool = False, scorer: Scorer | None = None) -> OnPolicyBatch:
+                      merge: bool = False, scorer: Scorer | None = None,
+                      rollout_pairs: str = "best_worst") -> OnPolicyBatch:
     """Sample `n` answers per prompt from the model's active adapter (`merge`: merged, see `sample_batch`), score
-    them (`scorer`; the reward model's by default), and build examples."""
+    them (`scorer`; the reward model's by default), and build examples (DPO: `rollout_pairs`, see RoundConfig)."""
     scorer = scorer or reward_model_scorer(reward_model)
     rollouts = sample_batch(model, tokenizer, prompts, n, params, seed=seed, merge=merge)
-    build = ONPOLICY_BUILDERS[algorithm]
+    build = PAIR_BUILDERS[rollout_pairs] if algorithm == "dpo" else ONPOLICY_BUILDERS[algorithm]
     examples, dropped = [], 0
     for prompt, group in zip(prompts, rollouts, strict=True):
         kept = []

@@ -16,7 +16,15 @@ from app.ui import charts
 from app.ui.admin import require_admin, version_name
 from app.ui.annotate import UiError
 from app.ui.render import escape_markdown
-from learner.config import ALGORITHMS, KL_BUDGET_WARN, KL_DRIFT_REMEDY, LOSS_TYPES, ROLLOUT_JUDGES, RoundConfig
+from learner.config import (
+    ALGORITHMS,
+    KL_BUDGET_WARN,
+    KL_DRIFT_REMEDY,
+    LOSS_TYPES,
+    ROLLOUT_JUDGES,
+    ROLLOUT_PAIRS,
+    RoundConfig,
+)
 from storage import analytics, is_number
 from storage.runs import ACTIVE, Run
 from storage.versions import PolicyVersion
@@ -30,7 +38,8 @@ ETA_AFTER = 0.05  # progress before an ETA is shown: the first seconds (loading 
 COMMON_FIELDS = ("algorithm", "steps", "beta", "learning_rate", "max_label_staleness", "rollout_prompts",
                  "max_new_tokens", "reward_steps", "eval_prompts")
 TRAIN_KNOBS = COMMON_FIELDS + tuple(f.name for f in fields(RoundConfig) if f.name not in COMMON_FIELDS)
-CHOICES = {"algorithm": ALGORITHMS, "loss_type": LOSS_TYPES, "rollout_judge": ROLLOUT_JUDGES}
+CHOICES = {"algorithm": ALGORITHMS, "loss_type": LOSS_TYPES, "rollout_judge": ROLLOUT_JUDGES,
+           "rollout_pairs": ROLLOUT_PAIRS}
 # "Quick round" on the form: a round that shows the whole loop in about a minute on a 2-core CPU (SmolLM2-135M),
 # to try prefloop out or check a setup; its numbers are far too small to improve the model.
 QUICK_ROUND = {"steps": 2, "reward_steps": 2, "rollout_prompts": 1, "rollout_n": 2, "eval_prompts": 1, "eval_n": 1,
