@@ -84,6 +84,12 @@ class RoundSetup:
         return frame[frame["role"] == HELDOUT]
 
 
+def warn(setup: RoundSetup, warning: str) -> None:
+    """A round warning: in the version's metrics and in the log."""
+    setup.warnings.append(warning)
+    log.warning(warning)
+
+
 def reference_adapter(setup: RoundSetup, config: RoundConfig) -> str | None:
     """The reference: the base model through the disabled adapter (None), or the frozen parent with ref_sync."""
     return PARENT if config.ref_sync and setup.parent_dir is not None else None
@@ -124,9 +130,8 @@ def reward_phase(setup: RoundSetup, config: RoundConfig) -> RewardOutcome:
     pairs_now = sum(len(i.pairs) for i in train_items) if result is not None else 0
     total_pairs = trained_pairs(parent_reward) + pairs_now
     if total_pairs == 0:
-        setup.warnings.append("no human pairs trained the reward model yet: no on-policy rollouts and no win-rate "
-                              "check this round")
-        log.warning(setup.warnings[-1])
+        warn(setup, "no human pairs trained the reward model yet: no on-policy rollouts and no win-rate check this "
+                    "round")
     failure = f"reward model {result.failure}" if result and result.failure else None
     ready = total_pairs > 0
     accuracy = pair_accuracy(reward_model, heldout_items) if ready and heldout_items and failure is None else None
@@ -134,10 +139,9 @@ def reward_phase(setup: RoundSetup, config: RoundConfig) -> RewardOutcome:
     if ready and not picks:
         shown = "no held-out labels" if accuracy is None else (
             f"{accuracy.value:.2f} [{accuracy.ci95[0]:.2f}, {accuracy.ci95[1]:.2f}], n = {accuracy.n}")
-        setup.warnings.append(f"the reward model's held-out pair accuracy ({shown}) is not shown to reach "
-                              f"rollouts_min_reward_accuracy {config.rollouts_min_reward_accuracy}: this round "
-                              "trains on human labels only (no on-policy pairs)")
-        log.warning(setup.warnings[-1])
+        warn(setup, f"the reward model's held-out pair accuracy ({shown}) is not shown to reach "
+                    f"rollouts_min_reward_accuracy {config.rollouts_min_reward_accuracy}: this round trains on human "
+                    "labels only (no on-policy pairs)")
     return RewardOutcome(reward_model, ready, picks, accuracy, total_pairs, len(train_items), heldout_items,
                          parent_reward is not None, result.history if result else [], failure)
 
@@ -188,6 +192,29 @@ def make_reference(setup: RoundSetup, config: RoundConfig) -> ReferenceLogps:
     return ReferenceLogps(setup.model, setup.tokenizer.pad_token_id, adapter, 2 * config.batch_size, cache_file)
 
 
+def plan_steps(setup: RoundSetup, config: RoundConfig, human: list,
+               use_rollouts: bool) -> tuple[int, list[list[int]], list[int], int]:
+    """(steps, this process's human example indices per step, on-policy examples wanted per step, prompts per
+    regeneration): every human example `human_epochs` times, `onpolicy_fraction` of each step on-policy."""
+    acc = setup.accelerator
+    minimum = MIN_BATCH[config.algorithm]
+    steps = policy_steps(config.steps, config.human_epochs * len(human), minimum, use_rollouts,
+                         config.onpolicy_fill_steps, acc.num_processes)
+    if steps == 0:
+        raise LearnerError("no training examples: no human labels within max_label_staleness on training prompts "
+                           "(a ranking whose answers are all tied gives no pair) and no on-policy rollouts (no "
+                           "trained reward model, no prompts, or rollout_prompts = 0)")
+    if steps < config.steps:
+        warn(setup, fewer_steps(steps, config, len(human), use_rollouts, acc.num_processes))
+    plan = human_plan([e.group for e in human], config.human_epochs, steps, config.seed, acc.process_index,
+                      acc.num_processes)
+    wanted = [max(onpolicy_count(len(chunk), config.onpolicy_fraction, config.batch_size), minimum - len(chunk))
+              if use_rollouts else 0 for chunk in plan]
+    prompts = rollout_prompt_count(config.rollout_prompts, wanted, config.sync_every, config.onpolicy_max_uses,
+                                   examples_per_prompt(config.algorithm, config.rollout_pairs, config.rollout_n))
+    return steps, plan, wanted, prompts
+
+
 def policy_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome) -> PolicyOutcome:
     """DPO or KTO on the training prompts' human labels within max_label_staleness (human_epochs passes) mixed with
     on-policy examples (onpolicy_fraction of each step, regenerated every sync_every steps)."""
@@ -200,23 +227,7 @@ def policy_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome) 
     acc = setup.accelerator
     use_rollouts = (reward.picks_rollouts and config.rollout_prompts > 0 and bool(setup.rollout_prompts)
                     and (config.onpolicy_fraction > 0 or not human))
-    minimum = MIN_BATCH[config.algorithm]
-    steps = policy_steps(config.steps, config.human_epochs * len(human), minimum, use_rollouts,
-                         config.onpolicy_fill_steps, acc.num_processes)
-    if steps == 0:
-        raise LearnerError("no training examples: no human labels within max_label_staleness on training prompts "
-                           "(a ranking whose answers are all tied gives no pair) and no on-policy rollouts (no "
-                           "trained reward model, no prompts, or rollout_prompts = 0)")
-    if steps < config.steps:
-        setup.warnings.append(fewer_steps(steps, config, len(human), use_rollouts, acc.num_processes))
-        log.warning(setup.warnings[-1])
-    plan = human_plan([e.group for e in human], config.human_epochs, steps, config.seed, acc.process_index,
-                      acc.num_processes)
-    wanted = [onpolicy_count(len(chunk), config.onpolicy_fraction, config.batch_size) if use_rollouts else 0
-              for chunk in plan]
-    wanted = [max(o, minimum - len(chunk)) if use_rollouts else 0 for o, chunk in zip(wanted, plan, strict=True)]
-    prompts = rollout_prompt_count(config.rollout_prompts, wanted, config.sync_every, config.onpolicy_max_uses,
-                                   examples_per_prompt(config.algorithm, config.rollout_pairs, config.rollout_n))
+    steps, plan, wanted, prompts = plan_steps(setup, config, human, use_rollouts)
     reference = make_reference(setup, config)
     judge = choose_rollout_judge(setup, config, reward, reference) if use_rollouts else None
     stream = onpolicy_stream(setup, config, reward.reward_model, prompts, steps, judge, reference)
@@ -225,8 +236,7 @@ def policy_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome) 
         warning = kto_weight_warning(n_desirable, len(human) - n_desirable, config.desirable_weight,
                                      config.undesirable_weight)
         if warning:
-            setup.warnings.append(warning)
-            log.warning(warning)
+            warn(setup, warning)
     context = PolicyContext(setup.model, setup.tokenizer, config, reference)
     shuffle = random.Random(config.seed + acc.process_index)
     counts = {"human": 0, "onpolicy": 0}
@@ -248,8 +258,8 @@ def policy_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome) 
     # One process only: the eval that picks a checkpoint runs on the main process, the others would keep other weights.
     keep_after = set(checkpoint_steps(steps, config.kl_checkpoints)) if acc.num_processes == 1 else set()
     if config.kl_checkpoints and acc.num_processes > 1:
-        setup.warnings.append(f"kl_checkpoints is ignored on {acc.num_processes} processes (one process only): a "
-                              f"final KL over max_kl refuses the round")
+        warn(setup, f"kl_checkpoints is ignored on {acc.num_processes} processes (one process only): a final KL "
+                    "over max_kl refuses the round")
     checkpoints: list = []
 
     def on_step(record: dict) -> None:
