@@ -5,8 +5,7 @@ may deploy. With `kl_checkpoints`, an evaluation over max_kl falls back to the l
 from __future__ import annotations
 
 import json
-import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from learner.config import RoundConfig
@@ -31,13 +30,12 @@ from learner.phases import (
     implicit_reward_accuracy,
     make_reference,
     reference_adapter,
+    warn,
 )
 from learner.refcache import base_model_key
+from learner.rollouts import sample_batch
 from learner.stats import Proportion
 from learner.train import OBJECTIVES
-
-log = logging.getLogger(__name__)
-
 
 # --- (c) evaluation --------------------------------------------------------------------------------------------
 
@@ -92,9 +90,18 @@ def eval_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome, po
     return EvalOutcome(generation, reward_accuracy, policy_accuracy, answers, key)
 
 
-def measure_policy(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome) -> tuple[EvalAnswers, str, dict]:
-    """The policy adapter's eval answers, their draw's key and `evaluate_policy`'s metrics (exact KL, win-rates)."""
-    answers, key = eval_answers(setup, config, compare=reward.ready)
+def measure_policy(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome,
+                   earlier: tuple[EvalAnswers, str] | None = None) -> tuple[EvalAnswers, str, dict]:
+    """The policy adapter's eval answers, their draw's key and `evaluate_policy`'s metrics (exact KL, win-rates).
+    `earlier`: this round's first measurement (answers, key): only the policy is sampled again, the base's and the
+    parent's answers (loaded or sampled once) are the ones it compared."""
+    if earlier is None:
+        answers, key = eval_answers(setup, config, compare=reward.ready)
+    else:
+        answers, key = earlier
+        policy = sample_batch(setup.model, setup.tokenizer, setup.eval_prompts, config.eval_n, config.sampling,
+                              seed=config.eval_seed, merge=setup.device.merges_for_sampling)
+        answers = replace(answers, policy=policy)
     generation = evaluate_policy(setup.model, reward.reward_model if reward.ready else None, setup.tokenizer,
                                  answers, config, reference=reference_adapter(setup, config))
     return answers, key, generation
@@ -111,15 +118,14 @@ def within_kl(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome, pol
     tried = [{"step": steps, "kl_to_reference": final[2]["kl_to_reference"]}]
     for step, weights in reversed(policy.checkpoints):
         restore_weights(policy.params, weights)
-        answers, key, generation = measure_policy(setup, config, reward)
+        answers, key, generation = measure_policy(setup, config, reward, earlier=final[:2])
         kl = generation["kl_to_reference"]
         tried.append({"step": step + 1, "kl_to_reference": kl})
         if kl <= config.max_kl:  # NaN compares False: never kept
             warning = (f"the final step's KL to reference {tried[0]['kl_to_reference']:.3g} was over max_kl "
                        f"{config.max_kl:g}: the version keeps the policy after step {step + 1} of {steps} "
                        f"(KL {kl:.3g}; kl_checkpoints)")
-            setup.warnings.append(warning)
-            log.warning(warning)
+            warn(setup, warning)
             return answers, key, {**generation, "kl_checkpoints": {"kept_step": step + 1, "steps": steps,
                                                                    "tried": tried}}
     restore_weights(policy.params, final_weights)
@@ -152,8 +158,7 @@ def gate_phase(setup: RoundSetup, config: RoundConfig, reward: RewardOutcome, po
     if verdict["passed"] and evaluation.generation is not None and reference_adapter(setup, config) is None:
         warning = kl_drift_warning(evaluation.generation["kl_to_reference"], drift_from, config.max_kl)
         if warning:
-            setup.warnings.append(warning)
-            log.warning(warning)
+            warn(setup, warning)
     return GateOutcome(verdict["passed"], verdict["reason"], verdict)
 
 

@@ -65,8 +65,10 @@ def ordered_pairs(prompt: str, answers: Sequence[Rollout], scores: Sequence[floa
     """Every pair of distinct answers with distinct scores, the higher-scored chosen (6 from 4 answers, as a human
     ranking of 4 gives), widest margin first. A text sampled twice counts once. One group: a step takes them
     together, their answers in one forward pass."""
-    first = sorted({a.text: i for i, a in reversed(list(enumerate(answers)))}.values())
-    order = sorted(first, key=lambda i: scores[i], reverse=True)
+    first: dict[str, int] = {}  # each text's first index
+    for i, a in enumerate(answers):
+        first.setdefault(a.text, i)
+    order = sorted(first.values(), key=lambda i: scores[i], reverse=True)
     pairs = [(hi, lo) for a, hi in enumerate(order) for lo in order[a + 1:] if scores[hi] != scores[lo]]
     pairs.sort(key=lambda p: scores[p[1]] - scores[p[0]])  # widest margin first
     ended = [a.finish_reason == "eos" for a in answers]
@@ -83,13 +85,17 @@ def around_median(prompt: str, answers: Sequence[Rollout], scores: Sequence[floa
 
 
 OnPolicyBuilder = Callable[[str, Sequence[Rollout], Sequence[float]], list]
-ONPOLICY_BUILDERS: dict[str, OnPolicyBuilder] = {"dpo": best_vs_worst, "kto": around_median}
 PAIR_BUILDERS: dict[str, OnPolicyBuilder] = {"best_worst": best_vs_worst, "all": ordered_pairs}  # rollout_pairs
 
 
+def onpolicy_builder(algorithm: str, rollout_pairs: str) -> OnPolicyBuilder:
+    """How a prompt's scored rollouts become examples: DPO pairs as `rollout_pairs` says, KTO around the median."""
+    return PAIR_BUILDERS[rollout_pairs] if algorithm == "dpo" else around_median
+
+
 def examples_per_prompt(algorithm: str, rollout_pairs: str, n: int) -> int:
-    """DPO pairs one prompt's n rollouts give at most (what a regeneration's prompt count is planned with)."""
-    return n * (n - 1) // 2 if algorithm == "dpo" and rollout_pairs == "all" else 1
+    """Examples one prompt's n rollouts are planned to give (what a regeneration's prompt count is sized with)."""
+    return n * (n - 1) // 2 if onpolicy_builder(algorithm, rollout_pairs) is ordered_pairs else 1
 
 
 @dataclass
@@ -135,7 +141,7 @@ def onpolicy_examples(model, reward_model: RewardModel, tokenizer, prompts: Sequ
     them (`scorer`; the reward model's by default), and build examples (DPO: `rollout_pairs`, see RoundConfig)."""
     scorer = scorer or reward_model_scorer(reward_model)
     rollouts = sample_batch(model, tokenizer, prompts, n, params, seed=seed, merge=merge)
-    build = PAIR_BUILDERS[rollout_pairs] if algorithm == "dpo" else ONPOLICY_BUILDERS[algorithm]
+    build = onpolicy_builder(algorithm, rollout_pairs)
     examples, dropped = [], 0
     for prompt, group in zip(prompts, rollouts, strict=True):
         kept = []
