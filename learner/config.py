@@ -47,6 +47,10 @@ class RoundConfig:
     #   0.54 [0.48, 0.60] (paired -0.014 [-0.111, +0.062], n = 288): not better, so 0.1 stays
     loss_type: str = "sigmoid"  # DPO's own loss; "ipo" (arXiv 2310.12036) and "robust" (arXiv 2403.00409) for noise
     label_smoothing: float = 0.0  # assumed fraction of flipped labels, used by loss_type "robust" only
+    rpo_alpha: float = 0.0  # weight of the chosen answers' per-token negative log-likelihood added to DPO's loss
+    #   (RPO, arXiv 2404.19733, which used 1; TRL's former `rpo_alpha`): DPO alone may lower the chosen answers'
+    #   likelihood along with the rejected ones'. 0 (off) until the learning benchmark measures it
+    #   (`--round rpo_alpha=1`)
     desirable_weight: float = 1.0  # KTO's λ_D; the paper's default with balanced thumbs (arXiv 2402.01306)
     undesirable_weight: float = 1.0  # KTO's λ_U; keep λ_D·n_D / (λ_U·n_U) in [1, 4/3] (Eq. 9 of the KTO paper)
     steps: int = 12  # optimizer steps per round; rounds repeat as labels arrive
@@ -248,6 +252,10 @@ def _problems(c: RoundConfig) -> list[str]:
         (0 <= c.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {c.label_smoothing}"),
         (c.label_smoothing == 0 or c.loss_type == "robust",
          f"label_smoothing only applies to loss_type 'robust', got {c.label_smoothing} with {c.loss_type!r}"),
+        (math.isfinite(c.rpo_alpha) and c.rpo_alpha >= 0, f"rpo_alpha must be >= 0, got {c.rpo_alpha}"),
+        (c.rpo_alpha == 0 or c.algorithm == "dpo",
+         f"rpo_alpha applies to algorithm 'dpo' (it weighs the chosen answer of a pair), got {c.rpo_alpha} with "
+         f"{c.algorithm!r}"),
         (c.desirable_weight > 0, f"desirable_weight must be > 0, got {c.desirable_weight}"),
         (c.undesirable_weight > 0, f"undesirable_weight must be > 0, got {c.undesirable_weight}"),
         (c.steps >= 0, f"steps must be >= 0, got {c.steps}"),

@@ -77,17 +77,24 @@ DPO_LOSS_TYPES: dict[str, Callable[[Tensor, Tensor, float, float], Tensor]] = {
 
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, beta: float,
              loss_type: str = "sigmoid", label_smoothing: float = 0.0, chosen_tokens: Tensor | None = None,
-             rejected_tokens: Tensor | None = None) -> tuple[Tensor, Metrics]:
+             rejected_tokens: Tensor | None = None, rpo_alpha: float = 0.0) -> tuple[Tensor, Metrics]:
     """Direct preference optimisation on summed answer log-probs, averaged over B pairs.
 
         Δ = (π(y_w) - ref(y_w)) - (π(y_l) - ref(y_l))
         sigmoid: -log σ(βΔ)
         ipo:     (Δ_norm - 1/(2β))^2, Δ_norm = (π(y_w) - ref(y_w))/n_w - (π(y_l) - ref(y_l))/n_l (n = answer tokens)
         robust:  [-(1-ε) log σ(βΔ) + ε log σ(-βΔ)] / (1-2ε)
+        + rpo_alpha · mean_b(-π(y_w) / n_w): RPO's negative log-likelihood of the chosen answer per token
+          (arXiv 2404.19733, Eq. 1; TRL's loss_type ["sigmoid", "sft"] with loss_weights [1, α], its former
+          `rpo_alpha`), which keeps DPO from lowering the chosen answers' own likelihood. Per pair, so
+          micro-batches weighted by size sum to the step's mean; TRL averages over the batch's tokens instead
+          (the same when the chosen answers have equal lengths).
 
-    Shapes: all log-prob tensors (B,); chosen_tokens, rejected_tokens (B,) token counts, needed by "ipo".
-    Metrics: implicit rewards β(π - ref) of chosen/rejected, their margin and accuracy, the log-probs, and
-    `kl` = mean(π - ref) over all 2B answers (a KL estimate only when the answers were sampled from π).
+    Shapes: all log-prob tensors (B,); chosen_tokens, rejected_tokens (B,) token counts, needed by "ipo" and by
+    rpo_alpha > 0.
+    Metrics: implicit rewards β(π - ref) of chosen/rejected, their margin and accuracy, the log-probs,
+    `kl` = mean(π - ref) over all 2B answers (a KL estimate only when the answers were sampled from π), and with
+    token counts `nll_chosen`, the chosen answers' mean per-token negative log-likelihood.
     """
     if loss_type not in DPO_LOSS_TYPES:
         raise LearnerError(f"loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, got {loss_type!r}")
@@ -97,11 +104,15 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
     if chosen_tokens is not None and rejected_tokens is not None:
         delta_per_token = (chosen_logratio / chosen_tokens.clamp(min=1)
                            - rejected_logratio / rejected_tokens.clamp(min=1))
-    elif loss_type == "ipo":
-        raise LearnerError("loss_type 'ipo' needs chosen_tokens and rejected_tokens (it normalises per token)")
+    elif loss_type == "ipo" or rpo_alpha:
+        raise LearnerError(f"{'rpo_alpha' if rpo_alpha else 'loss_type ipo'} needs chosen_tokens and "
+                           "rejected_tokens (it normalises per token)")
     else:
         delta_per_token = delta
     loss = DPO_LOSS_TYPES[loss_type](delta, delta_per_token, beta, label_smoothing).mean()
+    nll_chosen = -policy_chosen / chosen_tokens.clamp(min=1) if chosen_tokens is not None else None
+    if rpo_alpha:
+        loss = loss + rpo_alpha * nll_chosen.mean()
     chosen_reward = beta * chosen_logratio.detach()
     rejected_reward = beta * rejected_logratio.detach()
     metrics = {
@@ -114,6 +125,8 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
         "logp_rejected": policy_rejected.detach().mean().item(),
         "kl": torch.cat([chosen_logratio, rejected_logratio]).detach().mean().item(),
     }
+    if nll_chosen is not None:
+        metrics["nll_chosen"] = nll_chosen.detach().mean().item()
     return loss, metrics
 
 

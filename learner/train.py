@@ -274,7 +274,8 @@ def dpo_objective(ctx: PolicyContext, batch: Sequence[PairExample]) -> tuple[Ten
     c = ctx.config
     return dpo_loss(policy_chosen.logps, policy_rejected.logps, ref_chosen, ref_rejected, beta=c.beta,
                     loss_type=c.loss_type, label_smoothing=c.label_smoothing,
-                    chosen_tokens=policy_chosen.token_counts, rejected_tokens=policy_rejected.token_counts)
+                    chosen_tokens=policy_chosen.token_counts, rejected_tokens=policy_rejected.token_counts,
+                    rpo_alpha=c.rpo_alpha)
 
 
 def kto_objective(ctx: PolicyContext, batch: Sequence[UnaryExample]) -> tuple[Tensor, dict]:

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from learner.errors import LearnerError
 from learner.losses import bradley_terry_loss, dpo_loss, kto_loss, kto_weight_warning
 
 
@@ -87,6 +88,49 @@ def test_dpo_gradient_pushes_chosen_up_and_rejected_down(loss_type):
     loss.backward()
     assert (policy_chosen.grad < 0).all()  # gradient descent raises log π(y_w)
     assert (policy_rejected.grad > 0).all()  # and lowers log π(y_l)
+
+
+def test_rpo_adds_the_chosen_answers_per_token_nll_per_pair():
+    # Pair 1: Δ = 2 (as above), chosen -6 over 3 tokens; pair 2: Δ = 0, chosen -2 over 4 tokens. α = 0.5.
+    tokens = {"chosen_tokens": torch.tensor([3, 4]), "rejected_tokens": torch.tensor([2, 2])}
+    loss, metrics = dpo_loss(t(-6.0, -2.0), t(-8.0, -3.0), t(-7.0, -2.5), t(-7.0, -3.5), beta=0.5, rpo_alpha=0.5,
+                             **tokens)
+    dpo = (softplus(-1.0) + math.log(2)) / 2
+    nll = (6 / 3 + 2 / 4) / 2  # per pair, then the mean: 1.25
+    assert loss.item() == pytest.approx(dpo + 0.5 * nll)
+    assert loss.item() == pytest.approx(1.128204, abs=1e-6)
+    assert metrics["nll_chosen"] == pytest.approx(1.25)
+    without, metrics = dpo_loss(t(-6.0, -2.0), t(-8.0, -3.0), t(-7.0, -2.5), t(-7.0, -3.5), beta=0.5, **tokens)
+    assert without.item() == pytest.approx(dpo) and metrics["nll_chosen"] == pytest.approx(1.25)  # reported anyway
+
+
+def test_rpo_term_is_trls_sft_loss_on_equal_length_answers():
+    # TRL 1.16 (DPOTrainer, loss_type "sft"): -chosen_per_token_logps[chosen_mask.bool()].mean(), a mean over the
+    # batch's chosen tokens; per pair and then over pairs here, which is the same when every chosen has n tokens.
+    torch.manual_seed(0)
+    per_token = -torch.rand(3, 5, dtype=torch.float64) * 4  # 3 chosen answers x 5 tokens
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    trl_sft = -per_token[mask].mean()
+    rejected = t(-9.0, -9.0, -9.0)
+    plain, _ = dpo_loss(per_token.sum(1), rejected, per_token.sum(1), rejected, beta=0.1,
+                        chosen_tokens=torch.tensor([5, 5, 5]), rejected_tokens=torch.tensor([5, 5, 5]))
+    rpo, _ = dpo_loss(per_token.sum(1), rejected, per_token.sum(1), rejected, beta=0.1, rpo_alpha=2.0,
+                      chosen_tokens=torch.tensor([5, 5, 5]), rejected_tokens=torch.tensor([5, 5, 5]))
+    assert (rpo - plain).item() == pytest.approx(2.0 * trl_sft.item(), abs=1e-12)
+
+
+def test_rpo_pulls_the_chosen_answer_up_harder_and_leaves_the_rejected_gradient():
+    grads = {}
+    for alpha in (0.0, 1.0):
+        chosen, rejected = t(-5.0, grad=True), t(-6.0, grad=True)
+        loss, _ = dpo_loss(chosen, rejected, t(-5.0), t(-6.0), beta=0.1, rpo_alpha=alpha,
+                           chosen_tokens=torch.tensor([4]), rejected_tokens=torch.tensor([4]))
+        loss.backward()
+        grads[alpha] = (chosen.grad.item(), rejected.grad.item())
+    assert grads[1.0][0] == pytest.approx(grads[0.0][0] - 1 / 4)  # d(α · -π/n)/dπ = -α/n
+    assert grads[1.0][1] == pytest.approx(grads[0.0][1])
+    with pytest.raises(LearnerError, match="rpo_alpha needs chosen_tokens"):
+        dpo_loss(t(-5.0), t(-6.0), t(-5.0), t(-6.0), beta=0.1, rpo_alpha=1.0)
 
 
 # --- KTO ------------------------------------------------------------------------------------------------------

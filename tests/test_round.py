@@ -114,6 +114,10 @@ def test_config_rejects_unknown_keys_and_bad_values_by_name():
         RoundConfig.from_dict({"algorithm": "kto", "batch_size": 1})
     with pytest.raises(ConfigError, match="label_smoothing only applies to loss_type 'robust'"):
         RoundConfig.from_dict({"label_smoothing": 0.1})
+    with pytest.raises(ConfigError, match="rpo_alpha must be >= 0, got -1.0"):
+        RoundConfig.from_dict({"rpo_alpha": -1})
+    with pytest.raises(ConfigError, match="rpo_alpha applies to algorithm 'dpo'.*got 1.0 with 'kto'"):
+        RoundConfig.from_dict({"algorithm": "kto", "rpo_alpha": 1})
 
 
 def test_config_round_trips_through_a_dict():
