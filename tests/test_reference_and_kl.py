@@ -178,3 +178,20 @@ def test_the_policys_heldout_accuracy_is_the_hand_computed_share_of_pairs(tiny_m
                    for p in pairs)
     assert got.n == 5 and got.value == pytest.approx(expected / 5)
     assert 0 < expected < 5  # the reversed pairs make both outcomes occur
+
+
+def test_rpo_alpha_adds_the_chosen_answers_nll_to_the_dpo_objective(tiny_model, tiny_tokenizer):
+    from learner.logprobs import sequence_logprobs
+
+    model = policy_model(tiny_model)
+    pad = tiny_tokenizer.pad_token_id
+    reference = ReferenceLogps(model, pad, None, batch_size=8)
+    plain, metrics = dpo_objective(PolicyContext(model, tiny_tokenizer, RoundConfig(max_length=64), reference), PAIRS)
+    rpo, _ = dpo_objective(PolicyContext(model, tiny_tokenizer, RoundConfig(max_length=64, rpo_alpha=0.5),
+                                         reference), PAIRS)
+    chosen = [encode_answer(tiny_tokenizer, e.prompt, e.chosen, 64, e.chosen_ended) for e in PAIRS]
+    with torch.no_grad():
+        policy = sequence_logprobs(model, chosen, pad)  # the policy adapter, each pair's chosen scored on its own
+    nll = (-policy.logps / policy.token_counts).mean().item()
+    assert metrics["nll_chosen"] == pytest.approx(nll, abs=1e-5)
+    assert (rpo - plain).item() == pytest.approx(0.5 * nll, abs=1e-5)
