@@ -49,8 +49,11 @@ class RoundConfig:
     label_smoothing: float = 0.0  # assumed fraction of flipped labels, used by loss_type "robust" only
     rpo_alpha: float = 0.0  # weight of the chosen answers' per-token negative log-likelihood added to DPO's loss
     #   (RPO, arXiv 2404.19733, which used 1; TRL's former `rpo_alpha`): DPO alone may lower the chosen answers'
-    #   likelihood along with the rejected ones'. 0 (off) until the learning benchmark measures it
-    #   (`--round rpo_alpha=1`)
+    #   likelihood along with the rejected ones'. Measured at 1 (docs/benchmarks.md, bench.loop): `structured`, 32
+    #   labels, seeds 0-2, 0.53 [0.45, 0.59] vs 0.54 (paired -0.017 [-0.097, +0.059], n = 288: its few pairs limit);
+    #   `concise`, 64 labels, seeds 0-1, every round deployed (KL <= 10) where the default's stalled at max_kl, 0.98
+    #   [0.95, 1.00] vs 0.91 (paired +0.073 [+0.016, +0.156], n = 192). Off until a third seed and `structured` at
+    #   64 labels (where learning_rate 5e-5, which also kept `concise` in budget, lost) say the same
     desirable_weight: float = 1.0  # KTO's λ_D; the paper's default with balanced thumbs (arXiv 2402.01306)
     undesirable_weight: float = 1.0  # KTO's λ_U; keep λ_D·n_D / (λ_U·n_U) in [1, 4/3] (Eq. 9 of the KTO paper)
     steps: int = 12  # optimizer steps per round; rounds repeat as labels arrive
