@@ -52,8 +52,9 @@ class RoundConfig:
     #   likelihood along with the rejected ones'. Measured at 1 (docs/benchmarks.md, bench.loop): `structured`, 32
     #   labels, seeds 0-2, 0.53 [0.45, 0.59] vs 0.54 (paired -0.017 [-0.097, +0.059], n = 288: its few pairs limit);
     #   `concise`, 64 labels, seeds 0-2, every round deployed (KL <= 11.3) where the default's stalled at max_kl,
-    #   0.98 [0.96, 1.00] vs 0.93 (paired +0.057 [+0.010, +0.122], n = 288). Off until `structured` at 64 labels
-    #   (where learning_rate 5e-5, which also kept `concise` in budget, lost) says the same
+    #   0.98 [0.96, 1.00] vs 0.93 (paired +0.057 [+0.010, +0.122], n = 288); `structured`, 64 labels, seeds 0-2,
+    #   0.65 vs 0.63 (paired +0.019 [-0.219, +0.212], n = 288). Better for one persona, not worse for the other:
+    #   the candidate default, off until `concise` at 32 labels is measured with it and the tests move with it
     desirable_weight: float = 1.0  # KTO's λ_D; the paper's default with balanced thumbs (arXiv 2402.01306)
     undesirable_weight: float = 1.0  # KTO's λ_U; keep λ_D·n_D / (λ_U·n_U) in [1, 4/3] (Eq. 9 of the KTO paper)
     steps: int = 12  # optimizer steps per round; rounds repeat as labels arrive
