@@ -101,16 +101,16 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
     chosen_logratio = policy_chosen - ref_chosen
     rejected_logratio = policy_rejected - ref_rejected
     delta = chosen_logratio - rejected_logratio
-    if chosen_tokens is not None and rejected_tokens is not None:
-        delta_per_token = (chosen_logratio / chosen_tokens.clamp(min=1)
-                           - rejected_logratio / rejected_tokens.clamp(min=1))
+    chosen_n = chosen_tokens.clamp(min=1) if chosen_tokens is not None else None
+    if chosen_n is not None and rejected_tokens is not None:
+        delta_per_token = chosen_logratio / chosen_n - rejected_logratio / rejected_tokens.clamp(min=1)
     elif loss_type == "ipo" or rpo_alpha:
-        raise LearnerError(f"{'rpo_alpha' if rpo_alpha else 'loss_type ipo'} needs chosen_tokens and "
-                           "rejected_tokens (it normalises per token)")
+        needs = "rpo_alpha" if rpo_alpha else "loss_type 'ipo'"
+        raise LearnerError(f"{needs} needs chosen_tokens and rejected_tokens (it normalises per token)")
     else:
         delta_per_token = delta
     loss = DPO_LOSS_TYPES[loss_type](delta, delta_per_token, beta, label_smoothing).mean()
-    nll_chosen = -policy_chosen / chosen_tokens.clamp(min=1) if chosen_tokens is not None else None
+    nll_chosen = -policy_chosen / chosen_n if chosen_n is not None else None
     if rpo_alpha:
         loss = loss + rpo_alpha * nll_chosen.mean()
     chosen_reward = beta * chosen_logratio.detach()

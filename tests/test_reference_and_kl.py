@@ -6,7 +6,7 @@ from peft import LoraConfig, get_peft_model
 
 from learner.config import RoundConfig
 from learner.evaluate import exact_kl
-from learner.logprobs import encode_answer
+from learner.logprobs import encode_answer, sequence_logprobs
 from learner.refcache import ReferenceLogps
 from learner.rollouts import human_examples
 from learner.train import PairExample, PolicyContext, dpo_objective, use_adapter
@@ -36,7 +36,6 @@ def test_cached_reference_logprobs_give_the_same_loss_as_recomputing(tiny_model,
 
     def recompute(encoded):  # the old way: a reference forward pass every time
         with torch.no_grad(), use_adapter(model, None):
-            from learner.logprobs import sequence_logprobs
             return sequence_logprobs(model, encoded, pad).logps
 
     first = ReferenceLogps(model, pad, None, batch_size=2, cache_file=cache_file)
@@ -152,7 +151,6 @@ def test_the_policys_heldout_accuracy_is_the_hand_computed_share_of_pairs(tiny_m
     """implicit_reward_accuracy scores each distinct answer once; its count is the naive per-pair one."""
     from types import SimpleNamespace
 
-    from learner.logprobs import sequence_logprobs
     from learner.phases import implicit_reward_accuracy
 
     model = policy_model(tiny_model)
@@ -181,8 +179,6 @@ def test_the_policys_heldout_accuracy_is_the_hand_computed_share_of_pairs(tiny_m
 
 
 def test_rpo_alpha_adds_the_chosen_answers_nll_to_the_dpo_objective(tiny_model, tiny_tokenizer):
-    from learner.logprobs import sequence_logprobs
-
     model = policy_model(tiny_model)
     pad = tiny_tokenizer.pad_token_id
     reference = ReferenceLogps(model, pad, None, batch_size=8)
