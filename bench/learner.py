@@ -134,7 +134,7 @@ def _prefloop_stepper(path, device, rows, lora_config):
     model = get_peft_model(load_base_model(path, device), lora_config, adapter_name="policy")
     keep_lora_sums_fp32(model, device)  # as learner.round.build_model does
     model.train()
-    config = RoundConfig(max_length=VS_TRL_LENGTH, batch_size=VS_TRL_PAIRS)
+    config = RoundConfig(max_length=VS_TRL_LENGTH, batch_size=VS_TRL_PAIRS, rpo_alpha=0.0)  # TRL's sigmoid loss alone
     reference = ReferenceLogps(model, tokenizer.pad_token_id, None, 2 * VS_TRL_PAIRS)
     context = PolicyContext(model, tokenizer, config, reference)
     batch = [PairExample(r["prompt"], r["chosen"], r["rejected"], "human", group=str(i)) for i, r in enumerate(rows)]

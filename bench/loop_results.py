@@ -171,6 +171,13 @@ LEGACY_FIELDS = {"ties": False, "precision": "fp32", "canary": {}}
 # `round_defaults` ran under today's defaults but these.
 LEGACY_ROUND_DEFAULTS = {"rollouts_min_reward_accuracy": None}  # 0.5 since 2026-12-01 (docs/benchmarks.md)
 
+# RoundConfig fields whose default changed after rows recorded them absent, with the value those rows' rounds ran
+# with: a row's recorded defaults that lack one ran with this.
+ROUND_FIELDS_ADDED = {"rpo_alpha": 0.0}  # added 2026-12-04 at 0 (plain DPO, as every earlier round); 1.0 since 12-05
+
+# Fields an arm's rounds never use: its rows never differ from today's defaults by them.
+UNUSED_BY_ARM = {"kto": {"rpo_alpha"}}  # RPO weighs a DPO pair's chosen answer (kto rounds run at 0)
+
 
 # CanaryConfig fields added or changed after canary rows were written, with the value those rows' servers ran with:
 # a canary row ran under today's defaults but these, then the defaults it recorded (`canary_defaults`) over them.
@@ -192,11 +199,13 @@ def today_round_defaults() -> dict:
 
 def round_settings(row: dict, grid_overrides: dict) -> dict:
     """How a row's rounds were configured unlike today's RoundConfig defaults: the defaults they ran under (recorded
-    in the row, else today's with LEGACY_ROUND_DEFAULTS), then the grid's overrides. What defines an arm (its
-    sync_every, algorithm, ...) is not here: bench.loop's round_config adds it to every round of that arm."""
+    in the row, else today's with LEGACY_ROUND_DEFAULTS; ROUND_FIELDS_ADDED where the record lacks one), then the
+    grid's overrides. What defines an arm (its sync_every, algorithm, ...) is not here: bench.loop's round_config
+    adds it to every round of that arm, and the fields it never uses (UNUSED_BY_ARM) are left out."""
     today = today_round_defaults()
-    ran = {**today, **row.get("round_defaults", LEGACY_ROUND_DEFAULTS), **grid_overrides}
-    return {k: v for k, v in ran.items() if k in today and v != today[k]}
+    ran = {**today, **ROUND_FIELDS_ADDED, **row.get("round_defaults", LEGACY_ROUND_DEFAULTS), **grid_overrides}
+    unused = UNUSED_BY_ARM.get(row.get("arm"), set())
+    return {k: v for k, v in ran.items() if k in today and k not in unused and v != today[k]}
 
 
 def grid_settings(directory: Path) -> dict | None:

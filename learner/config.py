@@ -47,14 +47,15 @@ class RoundConfig:
     #   0.54 [0.48, 0.60] (paired -0.014 [-0.111, +0.062], n = 288): not better, so 0.1 stays
     loss_type: str = "sigmoid"  # DPO's own loss; "ipo" (arXiv 2310.12036) and "robust" (arXiv 2403.00409) for noise
     label_smoothing: float = 0.0  # assumed fraction of flipped labels, used by loss_type "robust" only
-    rpo_alpha: float = 0.0  # weight of the chosen answers' per-token negative log-likelihood added to DPO's loss
-    #   (RPO, arXiv 2404.19733, which used 1; TRL's former `rpo_alpha`): DPO alone may lower the chosen answers'
-    #   likelihood along with the rejected ones'. Measured at 1 (docs/benchmarks.md, bench.loop): `structured`, 32
-    #   labels, seeds 0-2, 0.53 [0.45, 0.59] vs 0.54 (paired -0.017 [-0.097, +0.059], n = 288: its few pairs limit);
-    #   `concise`, 64 labels, seeds 0-2, every round deployed (KL <= 11.3) where the default's stalled at max_kl,
-    #   0.98 [0.96, 1.00] vs 0.93 (paired +0.057 [+0.010, +0.122], n = 288); `structured`, 64 labels, seeds 0-2,
-    #   0.65 vs 0.63 (paired +0.019 [-0.219, +0.212], n = 288). Better for one persona, not worse for the other:
-    #   the candidate default, off until `concise` at 32 labels is measured with it and the tests move with it
+    rpo_alpha: float = 1.0  # weight of the chosen answers' per-token negative log-likelihood added to DPO's loss
+    #   (RPO, arXiv 2404.19733, which used 1; TRL's former `rpo_alpha`, now loss_type ["sigmoid", "sft"]): DPO alone
+    #   may lower the chosen answers' likelihood along with the rejected ones'. DPO only: `from_dict` without it gives
+    #   kto and reward 0. Measured at 1 vs 0 (docs/benchmarks.md, bench.loop, seeds 0-2, n = 288):
+    #   `concise` 32 labels 0.86 [0.77, 0.94] vs 0.81 (paired +0.049 [-0.122, +0.252]); `concise` 64 labels every
+    #   round deployed (KL <= 11.3) where 0's stalled at max_kl, 0.98 [0.96, 1.00] vs 0.93 (paired +0.057 [+0.010,
+    #   +0.122]); `structured` 32 labels 0.53 vs 0.54 (paired -0.017 [-0.097, +0.059]: its few pairs limit);
+    #   `structured` 64 labels 0.65 vs 0.63 (paired +0.019 [-0.219, +0.212]). Better once (paired interval
+    #   above 0), never measurably worse
     desirable_weight: float = 1.0  # KTO's λ_D; the paper's default with balanced thumbs (arXiv 2402.01306)
     undesirable_weight: float = 1.0  # KTO's λ_U; keep λ_D·n_D / (λ_U·n_U) in [1, 4/3] (Eq. 9 of the KTO paper)
     steps: int = 12  # optimizer steps per round; rounds repeat as labels arrive
@@ -211,6 +212,8 @@ class RoundConfig:
         for f in fields(cls):
             if f.name in values:
                 typed[f.name] = _coerce(f.name, f.type, values[f.name])
+        if typed.get("algorithm", "dpo") != "dpo" and "rpo_alpha" not in typed:
+            typed["rpo_alpha"] = 0.0  # RPO weighs a DPO pair's chosen answer: nothing else has one (explicit errors)
         return cls(**typed)
 
     def to_dict(self) -> dict:
@@ -259,7 +262,7 @@ def _problems(c: RoundConfig) -> list[str]:
         (math.isfinite(c.rpo_alpha) and c.rpo_alpha >= 0, f"rpo_alpha must be >= 0, got {c.rpo_alpha}"),
         (c.rpo_alpha == 0 or c.algorithm == "dpo",
          f"rpo_alpha applies to algorithm 'dpo' (it weighs the chosen answer of a pair), got {c.rpo_alpha} with "
-         f"{c.algorithm!r}"),
+         f"{c.algorithm!r}: set rpo_alpha 0 (RoundConfig.from_dict does when it is not given)"),
         (c.desirable_weight > 0, f"desirable_weight must be > 0, got {c.desirable_weight}"),
         (c.undesirable_weight > 0, f"undesirable_weight must be > 0, got {c.undesirable_weight}"),
         (c.steps >= 0, f"steps must be >= 0, got {c.steps}"),

@@ -230,6 +230,13 @@ def test_round_overrides_cannot_make_two_arms_alike():
     assert offline["steps"] == offline["sync_every"] == 4  # 2 steps x 2 rounds
 
 
+def test_a_grid_s_rpo_alpha_is_for_its_dpo_arms_and_kto_still_runs():
+    grid = Grid(personas=("concise",), arms=("semi-online", "kto"), seeds=(0,), held_out=4, samples=1, labels=8,
+                every=4, round={"rpo_alpha": 0.5})
+    assert RoundConfig.from_dict(round_config(grid, "semi-online", 0, 0)).rpo_alpha == 0.5
+    assert RoundConfig.from_dict(round_config(grid, "kto", 0, 0)).rpo_alpha == 0.0  # not a ConfigError mid-grid
+
+
 def test_round_overrides_parse_json_values_and_plain_strings():
     assert round_overrides(["steps=2", "loss_type=ipo", "max_label_staleness=null", "learning_rate=1e-4"]) == {
         "steps": 2, "loss_type": "ipo", "max_label_staleness": None, "learning_rate": 1e-4}
@@ -560,9 +567,9 @@ def test_summary_names_the_arm_of_a_setting_difference_outside_the_default_arm(t
 def test_rows_say_which_round_defaults_they_ran_under_so_a_changed_default_is_not_pooled_as_the_new_one(tmp_path):
     today = today_round_defaults()
     assert today["rollouts_min_reward_accuracy"] == 0.5 and "seed" not in today
-    old = legacy(row(arm="semi-online", seed=0))  # written while the guard was off by default
-    assert round_settings(old, {}) == {"rollouts_min_reward_accuracy": None}
-    assert round_settings(old, {"rollouts_min_reward_accuracy": 0.5}) == {}  # an override then, the default now
+    old = legacy(row(arm="semi-online", seed=0))  # written while the guard was off by default (and RPO too)
+    assert round_settings(old, {}) == {"rollouts_min_reward_accuracy": None, "rpo_alpha": 0.0}
+    assert round_settings(old, {"rollouts_min_reward_accuracy": 0.5, "rpo_alpha": 1}) == {}  # overrides then
     recorded = row(arm="semi-online", seed=0)
     assert round_settings(recorded, {}) == {} and round_settings(recorded, {"steps": 4}) == {"steps": 4}
     assert round_settings({**recorded, "round_defaults": {**today, "beta": 0.2}}, {}) == {"beta": 0.2}
@@ -572,9 +579,11 @@ def test_rows_say_which_round_defaults_they_ran_under_so_a_changed_default_is_no
         return {**row(arm="semi-online", seed=seed, verdicts=verdicts), "precision": "float32", **changes}
 
     guard, off, now, op25 = legacy(run(0, 1)), legacy(run(0, 2)), run(1, 3), legacy(run(0, 4))
-    results_dir(tmp_path, "old-guard", [guard], {0: [["a", "b"]] * 4}, round={"rollouts_min_reward_accuracy": 0.5})
-    results_dir(tmp_path, "old-defaults", [off], {0: [["a", "b"]] * 4})
-    results_dir(tmp_path, "old-op25", [op25], {0: [["a", "b"]] * 4}, round={"onpolicy_fraction": 0.25})
+    rpo = {"rpo_alpha": 1}  # the old runs here ran RPO by override, as today's default does
+    results_dir(tmp_path, "old-guard", [guard], {0: [["a", "b"]] * 4}, round={"rollouts_min_reward_accuracy": 0.5,
+                                                                                **rpo})
+    results_dir(tmp_path, "old-defaults", [off], {0: [["a", "b"]] * 4}, round=rpo)
+    results_dir(tmp_path, "old-op25", [op25], {0: [["a", "b"]] * 4}, round={"onpolicy_fraction": 0.25, **rpo})
     results_dir(tmp_path, "new-defaults", [now], {1: [["c", "d"]] * 4})
     text = summary(tmp_path)
     pooled = win_rate([guard["verdicts"], now["verdicts"]])
@@ -588,6 +597,19 @@ def test_rows_say_which_round_defaults_they_ran_under_so_a_changed_default_is_no
             f"0 (fp32) | {d.value:+.3f} |") in text
     assert "rollouts_min_reward_accuracy=null - defaults | 0 (fp32) | " in text
     assert "onpolicy_fraction=0.25, rollouts_min_reward_accuracy=null - defaults" not in text
+
+
+def test_rows_recorded_before_rpo_alpha_existed_ran_plain_dpo_and_kto_rows_never_differ_by_it():
+    today = today_round_defaults()
+    assert today["rpo_alpha"] == 1.0
+    before = {k: v for k, v in today.items() if k != "rpo_alpha"}  # recorded before the field existed
+    assert round_settings({**row(arm="semi-online"), "round_defaults": before}, {}) == {"rpo_alpha": 0.0}
+    assert round_settings({**row(arm="semi-online"), "round_defaults": {**today, "rpo_alpha": 0.0}}, {}) == {
+        "rpo_alpha": 0.0}  # recorded while 0 was the default
+    assert round_settings({**row(arm="semi-online"), "round_defaults": before}, {"rpo_alpha": 1}) == {}
+    assert round_settings({**row(arm="kto"), "round_defaults": before}, {}) == {}  # kto rounds run at 0 always
+    assert round_settings(legacy(row(arm="kto")), {}) == {"rollouts_min_reward_accuracy": None}
+
 
 def test_summary_refuses_to_pool_runs_judged_on_other_prompts_and_says_when_there_is_nothing(tmp_path):
     assert summary(tmp_path) == f"no bench.loop rows under {tmp_path}"

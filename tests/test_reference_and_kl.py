@@ -182,7 +182,8 @@ def test_rpo_alpha_adds_the_chosen_answers_nll_to_the_dpo_objective(tiny_model, 
     model = policy_model(tiny_model)
     pad = tiny_tokenizer.pad_token_id
     reference = ReferenceLogps(model, pad, None, batch_size=8)
-    plain, metrics = dpo_objective(PolicyContext(model, tiny_tokenizer, RoundConfig(max_length=64), reference), PAIRS)
+    plain, metrics = dpo_objective(PolicyContext(model, tiny_tokenizer, RoundConfig(max_length=64, rpo_alpha=0.0),
+                                                 reference), PAIRS)
     rpo, _ = dpo_objective(PolicyContext(model, tiny_tokenizer, RoundConfig(max_length=64, rpo_alpha=0.5),
                                          reference), PAIRS)
     chosen = [encode_answer(tiny_tokenizer, e.prompt, e.chosen, 64, e.chosen_ended) for e in PAIRS]

@@ -1,5 +1,6 @@
 import itertools
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -118,6 +119,16 @@ def test_config_rejects_unknown_keys_and_bad_values_by_name():
         RoundConfig.from_dict({"rpo_alpha": -1})
     with pytest.raises(ConfigError, match="rpo_alpha applies to algorithm 'dpo'.*got 1.0 with 'kto'"):
         RoundConfig.from_dict({"algorithm": "kto", "rpo_alpha": 1})
+
+
+def test_rpo_alpha_defaults_to_1_for_dpo_and_to_0_where_no_pair_has_a_chosen_answer():
+    assert RoundConfig().rpo_alpha == RoundConfig.from_dict({}).rpo_alpha == 1.0
+    assert RoundConfig.from_dict({"algorithm": "kto"}).rpo_alpha == 0.0
+    assert RoundConfig.from_dict({"algorithm": "reward"}).rpo_alpha == 0.0
+    assert RoundConfig.from_dict({"algorithm": "dpo", "rpo_alpha": 0}).rpo_alpha == 0.0  # plain DPO on request
+    # Built directly, a kto config names the fix.
+    with pytest.raises(ConfigError, match="got 1.0 with 'kto': set rpo_alpha 0"):
+        RoundConfig(algorithm="kto")
 
 
 def test_config_round_trips_through_a_dict():
@@ -272,7 +283,8 @@ def test_dpo_round_from_the_base_writes_a_complete_candidate(first_version):
     assert metrics["status"] == "candidate" and metrics["gate"]["passed"] and metrics["gate"]["reason"] is None
     assert [r["step"] for r in metrics["history"]] == [0, 1, 2]
     assert all(isinstance(r["loss"], float) for r in metrics["history"])
-    assert metrics["history"][0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # fresh LoRA: policy == reference
+    first = metrics["history"][0]  # a fresh LoRA: policy == reference, so DPO's part is log 2; RPO's NLL adds to it
+    assert first["nll_chosen"] > 0 and first["loss"] - first["nll_chosen"] == pytest.approx(math.log(2), abs=1e-3)
     assert metrics["labels_used"] > 0 and metrics["staleness"]["max"] <= 2
     data = metrics["data"]
     assert data["onpolicy"]["regenerations"] == 2  # steps 0 and 2 with sync_every 2
