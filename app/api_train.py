@@ -39,9 +39,9 @@ def train(user: Admin, c: Ctx, body: Annotated[dict[str, Any], Body()] = None) -
 @router.get("/train", response_model=TrainState)
 def train_state(user: Admin, c: Ctx) -> dict:
     """What training is doing: the round in progress, whether automatic rounds are on, and why they are paused."""
-    active, auto = c.store.runs.active(), c.scheduler.auto_train()
+    active, auto = c.store.runs.active(), c.auto_trainer.settings()
     return {"active_run": active.run_id if active else None, "automatic": auto.enabled,
-            "paused": c.scheduler.auto_pause(auto)}
+            "paused": c.auto_trainer.pause_reason(auto)}
 
 
 @router.get("/runs", response_model=list[RunInfo])

@@ -10,6 +10,7 @@ import hmac
 import secrets
 from dataclasses import dataclass, field, replace
 
+from app.auto_train import AutoTrainer
 from app.buffer import ItemBuffer
 from app.config import ServeConfig
 from app.deployments import Deployments
@@ -31,8 +32,9 @@ class AppContext:
     store: Store
     policy: PolicyService
     buffer: ItemBuffer
-    scheduler: Scheduler
+    scheduler: Scheduler  # one round at a time, in a subprocess
     deployments: Deployments  # which version serves, the canary: the one home of both
+    auto_trainer: AutoTrainer  # automatic rounds (every N labels, every T minutes) and why they pause
     local_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     generation_slots: GenerationSlots = field(default_factory=GenerationSlots)  # Demo tab + /api/generate
     sessions: Sessions = field(default_factory=Sessions)  # browser logins for /ui and /admin (app/web_guard.py)
@@ -47,7 +49,7 @@ class AppContext:
         deployments.on_change = buffer.wake
         scheduler = Scheduler(store, policy, config, deployments)
         scheduler.cores.buffer = buffer  # topped up before a round takes cores away from sampling
-        return cls(config, store, policy, buffer, scheduler, deployments)
+        return cls(config, store, policy, buffer, scheduler, deployments, AutoTrainer(store, deployments, scheduler))
 
     @property
     def settings(self) -> AppSettings:
@@ -55,6 +57,7 @@ class AppContext:
         return AppSettings(self.store.settings, self.config)
 
     def stop(self) -> None:
+        self.auto_trainer.stop()
         self.scheduler.stop()
         self.buffer.stop(join=False)  # no new batches; the one in flight is abandoned when the worker goes
         self.policy.close()  # the worker process, when there is one: at once, mid-batch if need be
@@ -69,9 +72,9 @@ class AppContext:
         return self.store.users.verify_password(name, password)
 
     def on_label(self) -> None:
-        """Called after every stored label: the canary's decision rule, then the scheduler's "every N labels"."""
+        """Called after every stored label: the canary's decision rule, then automatic rounds' "every N labels"."""
         self.deployments.evaluate()
-        self.scheduler.on_label()
+        self.auto_trainer.on_label()
 
     def set_overlap(self, overlap: int) -> None:
         """Distinct annotators per item from now on; stored, so a restart keeps it. ConfigError below 1."""

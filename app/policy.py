@@ -167,7 +167,7 @@ class PolicyService:
 
     def watch_busy(self, watcher: Callable[[], None] | None) -> None:
         """`watcher()` after generation starts (none ran) or stops (the last one ended); it reads `generating`, as
-        two calls from two threads may arrive in either order (the scheduler's CoreShare lends a round the
+        two calls from two threads may arrive in either order (app/cores.py's CoreShare lends a round the
         generator's cores while it idles). None stops watching."""
         self._busy_watcher = watcher
 

@@ -6,14 +6,8 @@
 
 A failed, cancelled or killed round leaves the registry as it was and the same version serving: the learner
 writes `<out>.partial` and renames only a complete version, and the store records a version only after that.
-Automatic triggers (every N new labels, every T minutes) are off by default and set from Admin or the API. They pause
-by themselves after AUTO_PAUSE_AFTER refused rounds in a row from the version serving now with the same settings
-(`Scheduler.auto_pause`): the next round would most likely be refused the same way, and each costs minutes of cores
-that item sampling needs. They also wait while a canary is being judged: a round finished meanwhile would become the
-next canary and end this one undecided, so with the canary's defaults (16 rankings at least) and rounds every 16
-labels nearly every canary would be cut short and nothing new would serve. Under `canary_chain` a round started
-meanwhile trains from the canary instead (`Deployments.round_parent`) and its version waits for the decision; they
-pause only while such a version waits.
+Automatic rounds (every N new labels, every T minutes) start through `Scheduler.start` too: app/auto_train.py. How a
+round shares a CPU with item sampling: app/cores.py.
 """
 
 from __future__ import annotations
@@ -28,30 +22,29 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from app.config import ServeConfig
+from app.cores import CoreShare
 from app.deployments import Deployments
 from app.policy import PolicyService
-from app.settings import AppSettings, AutoTrain
 from learner.config import RoundConfig
-from learner.errors import ConfigError
 from learner.lifetime import die_with_parent
-from storage import to_json
 from storage.errors import Conflict
 from storage.exports import write_snapshot
-from storage.runs import ACTIVE
 from storage.store import Store
 
 log = logging.getLogger(__name__)
 
-# Refused rounds in a row (same serving version, same automatic settings) after which automatic rounds pause. One
-# refusal can be the round's own sample; a second one from the same parent with the same settings is a pattern. Seen
-# in bench.loop's 128-label runs (structured, seeds 1-2): once a lineage passed max_kl from its serving version, every
-# later round from it was refused (16.2, then more), and nothing else changes while the serving version does not.
-AUTO_PAUSE_AFTER = 2
+
+@dataclass(frozen=True)
+class RoundStart:
+    """When the latest round was started (by hand or automatically): what automatic triggers count from."""
+
+    labels: int  # labels stored by then
+    monotonic: float  # time.monotonic() then
 
 
 def round_launcher(processes: int) -> list[str]:
@@ -72,13 +65,9 @@ class Scheduler:
         self._process: subprocess.Popen | None = None
         self._run_id: int | None = None
         self._cancelled: dict[int, str] = {}  # run id -> why it was cancelled, recorded as the run's error
-        self._labels_at_last_round = store.labels.total()
-        self._last_round_at = time.monotonic()
-        self._stop = threading.Event()
-        self._timer: threading.Thread | None = None
+        self.last_start = RoundStart(store.labels.total(), time.monotonic())  # the server's start counts as one
         self._worker: threading.Thread | None = None
         self._algorithm: str | None = None
-        self._pause_said: str | None = None  # the pause last logged, so that each is logged once
         self.cores = CoreShare(policy)  # AppContext gives it the buffer to top up before a round
 
     # -- rounds -------------------------------------------------------------------------------------------------
@@ -92,8 +81,7 @@ class Scheduler:
             run_id = self.store.runs.create(round_config.algorithm, round_config.to_dict())
             self._run_id = run_id
             self._algorithm = round_config.algorithm
-        self._labels_at_last_round = self.store.labels.total()
-        self._last_round_at = time.monotonic()
+        self.last_start = RoundStart(self.store.labels.total(), time.monotonic())
         self._worker = threading.Thread(target=self._execute, args=(run_id, round_config), name=f"round-{run_id}",
                                         daemon=True)
         self._worker.start()
@@ -125,6 +113,15 @@ class Scheduler:
     def process(self) -> subprocess.Popen | None:
         return self._process
 
+    def stop(self) -> None:
+        """A round in progress is cancelled and recorded as such before this returns (the server is stopping)."""
+        run_id, worker = self._run_id, self._worker
+        if run_id is not None:
+            with contextlib.suppress(Conflict):  # it ended on its own meanwhile
+                self.cancel(run_id, "cancelled: the server stopped")
+        if worker is not None:
+            worker.join(60)
+
     def _execute(self, run_id: int, round_config: RoundConfig) -> None:
         runs = self.store.runs
         parent = self.store.versions.get(self.deployments.round_parent())
@@ -141,13 +138,7 @@ class Scheduler:
             log.info("run %s: snapshot %s", run_id, snapshot)
             (work / "round.json").write_text(json.dumps(round_config.to_dict()))
             shutil.rmtree(out_dir, ignore_errors=True)  # a leftover of a round killed before it registered
-            command = [*round_launcher(self.config.round_processes), "--snapshot", str(work / "snapshot"),
-                       "--base", str(self.policy.base_model_dir), "--out", str(out_dir),
-                       "--config", str(work / "round.json"),
-                       # The base model's log-probs of the human answers never change: kept across rounds.
-                       "--ref-cache", str(self.config.models_dir / "ref-cache")]
-            if parent.version != 0 and parent.path:
-                command += ["--parent", parent.path]
+            command = self._command(work, out_dir, parent)
             round_env = self.cores.before_round(work / "threads", cancelled=lambda: run_id in self._cancelled)
             if round_env:
                 command += ["--threads-file", str(work / "threads")]
@@ -164,20 +155,7 @@ class Scheduler:
                 self._process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                                  text=True, env=env, preexec_fn=die_with_parent,
                                                  start_new_session=True)
-            drain = threading.Thread(target=self._drain, args=(run_id, self._process.stderr, stderr_tail),
-                                     daemon=True)
-            drain.start()
-            done = None
-            for line in self._process.stdout:
-                event = _event(line)
-                if event and event.get("event") == "progress":
-                    self._progress(run_id, event)
-                elif event and event.get("event") == "warning":
-                    runs.add_log(run_id, str(event.get("message", "")), kind="warning")
-                elif event and event.get("event") in ("done", "error"):
-                    done = event
-            code = self._process.wait()
-            drain.join(5)
+            code, done = self._follow(run_id, self._process, stderr_tail)
             if run_id in self._cancelled:
                 raise _Cancelled
             if code != 0 or not (out_dir / "metrics.json").is_file():
@@ -204,6 +182,35 @@ class Scheduler:
                 self._process = None
                 self._run_id = None
                 self._cancelled.pop(run_id, None)
+
+    def _command(self, work: Path, out_dir: Path, parent) -> list[str]:
+        """The round's command line: its snapshot, base, output, config, the reference cache and the parent."""
+        command = [*round_launcher(self.config.round_processes), "--snapshot", str(work / "snapshot"),
+                   "--base", str(self.policy.base_model_dir), "--out", str(out_dir),
+                   "--config", str(work / "round.json"),
+                   # The base model's log-probs of the human answers never change: kept across rounds.
+                   "--ref-cache", str(self.config.models_dir / "ref-cache")]
+        if parent.version != 0 and parent.path:
+            command += ["--parent", parent.path]
+        return command
+
+    def _follow(self, run_id: int, process: subprocess.Popen, stderr_tail: deque[str]) -> tuple[int, dict | None]:
+        """Store the round's progress, warnings and stderr as they come; its exit code and its last "done" or
+        "error" event once it ends."""
+        drain = threading.Thread(target=self._drain, args=(run_id, process.stderr, stderr_tail), daemon=True)
+        drain.start()
+        done = None
+        for line in process.stdout:
+            event = _event(line)
+            if event and event.get("event") == "progress":
+                self._progress(run_id, event)
+            elif event and event.get("event") == "warning":
+                self.store.runs.add_log(run_id, str(event.get("message", "")), kind="warning")
+            elif event and event.get("event") in ("done", "error"):
+                done = event
+        code = process.wait()
+        drain.join(5)
+        return code, done
 
     def _drain(self, run_id: int, stderr, tail: deque[str]) -> None:
         """The round's stderr: the last lines for a failure's message, and each line in the run's log (tqdm's
@@ -242,176 +249,12 @@ class Scheduler:
                                finished_at=_now(), version=version, metrics=metrics, progress=1.0,
                                error=None if passed else gate.get("reason"))
 
-    # -- automatic triggers -------------------------------------------------------------------------------------
-    def auto_train(self) -> AutoTrain:
-        """The triggers as stored (app/settings.py: auto_train_every_labels, _every_minutes, _config)."""
-        return AppSettings(self.store.settings, self.config).auto_train()
-
-    def on_label(self) -> None:
-        every = self.auto_train().every_labels
-        if every and self.store.labels.total() - self._labels_at_last_round >= every:
-            self._auto("labels")
-
-    def start_timer(self) -> None:
-        if self._timer is None:
-            self._timer = threading.Thread(target=self._tick, name="auto-train", daemon=True)
-            self._timer.start()
-
-    def stop(self) -> None:
-        """Stop the timer; a round in progress is cancelled and recorded as such before this returns."""
-        self._stop.set()
-        run_id, worker = self._run_id, self._worker
-        if run_id is not None:
-            with contextlib.suppress(Conflict):  # it ended on its own meanwhile
-                self.cancel(run_id, "cancelled: the server stopped")
-        if worker is not None:
-            worker.join(60)
-
-    def _tick(self) -> None:
-        while not self._stop.wait(10.0):
-            minutes = self.auto_train().every_minutes
-            if minutes and time.monotonic() - self._last_round_at >= minutes * 60:
-                self._auto("timer")
-
-    def _auto(self, why: str) -> None:
-        auto = self.auto_train()
-        paused = self.auto_pause(auto)
-        if paused is not None:
-            if paused != self._pause_said:
-                log.warning("automatic round not started (%s): %s", why, paused)
-                self._pause_said = paused
-            return
-        try:
-            run_id = self.start(auto.config)
-            log.info("automatic round %s started (%s)", run_id, why)
-        except Conflict:
-            pass  # a round is already running; the next trigger tries again
-
-    def auto_pause(self, auto: AutoTrain | None = None) -> str | None:
-        """Why automatic rounds are paused, or None when they are not (or are off): a canary is still being judged
-        (its decision pending; under canary_chain, only while a version trained from it waits), their stored
-        settings are no longer a valid RoundConfig, or the newest AUTO_PAUSE_AFTER finished rounds (cancelled ones
-        aside) were all refused by the gate, each from the version rounds start from now and with the automatic
-        rounds' settings. Read from the store each time, so it holds across restarts and ends by itself when the
-        canary is decided, another version serves, the automatic settings change, or a round (one started by hand
-        too) ends otherwise. The message stays the same while the reason does, so the log says it once."""
-        auto = auto or self.auto_train()
-        if not auto.enabled:
-            return None
-        canary = self.deployments.pending_canary
-        if canary is not None and not self.deployments.canary_config.canary_chain:
-            return (f"Automatic rounds are paused while the annotators judge the canary v{canary.version}: a round "
-                    "finished now would become the next canary and end this one undecided. They start again once "
-                    "it is promoted, rolled back or left undecided (Admin -> Versions shows its evidence).")
-        waiting = self.store.versions.waiting(canary.version) if canary is not None else []
-        if waiting:
-            return (f"Automatic rounds are paused: v{waiting[0].version}, trained from the canary v{canary.version}, "
-                    "waits for its decision (canary_chain) and becomes the next canary if it is promoted. They start "
-                    "again once it is decided.")
-        try:
-            # as the runs table keeps a round's config (JSON: tuples as lists), to compare with theirs
-            settings = json.loads(to_json(RoundConfig.from_dict(auto.config).to_dict(), "config"))
-        except ConfigError as exc:  # stored before an upgrade that renamed or removed a RoundConfig field
-            return (f"Automatic rounds are paused: their settings are no longer valid ({exc}). Save them again in "
-                    "Admin -> Train or with PATCH /api/settings.")
-        parent = self.deployments.round_parent()
-        refused = []
-        for run in self.store.runs.list(AUTO_PAUSE_AFTER + 20):  # a few cancelled runs in between are skipped
-            if run.status in (*ACTIVE, "cancelled"):
-                continue
-            if (run.status != "rejected" or run.version is None or run.config != settings
-                    or self.store.versions.get(run.version).parent != parent):
-                break
-            refused.append(run)
-            if len(refused) == AUTO_PAUSE_AFTER:
-                break
-        if len(refused) < AUTO_PAUSE_AFTER:
-            return None
-        rounds = ", ".join(str(run.run_id) for run in reversed(refused))
-        return (f"Automatic rounds are paused: rounds {rounds} in a row, each from v{parent} with the automatic "
-                f"rounds' settings, were refused by the gate (the last: {refused[0].error or 'no reason recorded'}). "
-                "They start again when another version serves, their settings change, or a round started by hand "
-                "passes the gate.")
-
-
 class _Cancelled(Exception):
     """The admin cancelled the run."""
 
 
 class _RoundFailed(RuntimeError):
     """The round's process ended without a version and said why (its error event or stderr tail)."""
-
-
-class CoreShare:
-    """How a round and generation share a CPU (a GPU machine changes nothing):
-
-    1. before the round starts, the buffer is topped up towards `buffer_max` for up to TOP_UP_SECONDS, so
-       annotators have items ranked through most of the round;
-    2. while it runs, the policy worker keeps WORKER_THREADS torch threads; the round gets the other cores while
-       the worker generates (items or a Demo answer) and every core while it idles (a full buffer, nobody
-       chatting: after a labelling session, the usual time for a round). The round reads its share from a small
-       file at each step (`learner.round --threads-file`), which this class rewrites whenever generation starts
-       or stops, so the two never oversubscribe the cores for longer than one step;
-    3. afterwards the worker gets every core back.
-    Only the worker backend has threads of its own to give; in-process and remote backends are left alone.
-    """
-
-    TOP_UP_SECONDS = 30.0  # ~4 batches of 4 items on a 2-core CPU; a round then starts at most this much later
-    WORKER_THREADS = 1  # item sampling goes on at about half speed on 2 cores; the round takes the other core
-
-    def __init__(self, policy: PolicyService, buffer=None, cpus: int | None = None):
-        self.policy = policy
-        self.buffer = buffer
-        self.cpus = cpus or os.cpu_count() or 1
-        self._threads_file: Path | None = None
-        self._lock = threading.Lock()  # one rewrite of the file at a time, each from the state at that moment
-
-    @property
-    def applies(self) -> bool:
-        return self.policy.device == "cpu" and hasattr(self.policy.backend, "set_threads")
-
-    def before_round(self, threads_file: Path, cancelled: Callable[[], bool] = lambda: False) -> dict[str, str]:
-        """Top the buffer up (until `cancelled()`), give the worker its share, start following generation into
-        `threads_file`; the environment variables of the round's process (empty when the rule does not apply: no
-        file is written)."""
-        if not self.applies:
-            return {}
-        if self.buffer is not None:
-            try:
-                added = self.buffer.top_up(self.TOP_UP_SECONDS, stop=cancelled)
-                log.info("topped the buffer up with %s items before the round", added)
-            except Exception:  # a head start for annotators, not a condition of the round: the round runs
-                if cancelled():  # the server is stopping: its worker may be gone mid-batch, as it should be
-                    log.info("topping the buffer up before the round ended: the round was cancelled")
-                else:
-                    log.exception("topping the buffer up before the round failed; the round starts anyway")
-        if cancelled():  # the round will not start (the server is stopping): no share to give or follow
-            return {}
-        self.policy.set_threads(self.WORKER_THREADS)
-        with self._lock:
-            self._threads_file = threads_file
-        self.policy.watch_busy(self.share)
-        self.share()
-        return {"OMP_NUM_THREADS": str(self.round_threads(self.policy.generating))}
-
-    def round_threads(self, generating: bool) -> int:
-        return max(1, self.cpus - self.WORKER_THREADS) if generating else self.cpus
-
-    def share(self) -> None:
-        """Write the round's share for what the worker does now (called by the policy service on every change)."""
-        with self._lock:
-            if self._threads_file is None:
-                return
-            partial = self._threads_file.with_name(self._threads_file.name + ".partial")
-            partial.write_text(str(self.round_threads(self.policy.generating)))
-            os.replace(partial, self._threads_file)  # the round never reads half a number
-
-    def after_round(self) -> None:
-        if self.applies:
-            self.policy.watch_busy(None)
-            with self._lock:
-                self._threads_file = None
-            self.policy.set_threads(self.cpus)
 
 
 def _event(line: str) -> dict | None:

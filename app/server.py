@@ -282,7 +282,7 @@ def _run(config: ServeConfig, sock: socket.socket, ctx: AppContext, announce) ->
         server = RunningServer(create_app(ctx), config.host, config.port, sock=sock)
         if config.prefetch:
             ctx.buffer.start()
-        ctx.scheduler.start_timer()
+        ctx.auto_trainer.start_timer()
         if created:
             name, password, token = created
             announce("prefloop: created the admin account (shown once; add users with `prefloop users add`):")

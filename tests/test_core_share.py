@@ -1,4 +1,4 @@
-"""How a round and the policy worker share a CPU (app/scheduler.py's CoreShare): the round gets every core while
+"""How a round and the policy worker share a CPU (app/cores.py's CoreShare): the round gets every core while
 the worker idles and the others while it generates, through a file the round reads at each step."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from app.cores import CoreShare
 from app.generation.worker import WorkerBackend
 from app.policy import PolicyService
-from app.scheduler import CoreShare
 from learner.round import follow_threads
 from learner.sampling import SamplingParams
 
@@ -138,18 +138,18 @@ def test_a_top_up_cut_short_by_the_round_being_cancelled_logs_no_traceback_and_r
     pid = policy.backend.pid
     os.kill(pid, signal.SIGKILL)  # gone, as under the alarm
     policy.backend._process.join(10)
-    with caplog.at_level(logging.INFO, logger="app.scheduler"):
+    with caplog.at_level(logging.INFO, logger="app.cores"):
         share.before_round(tmp_path / "threads", cancelled=lambda: True)
         share.after_round()
     assert buffer.calls == 1
-    said = [r for r in caplog.records if r.name == "app.scheduler"]
+    said = [r for r in caplog.records if r.name == "app.cores"]
     assert [r.levelno for r in said] == [logging.INFO] and "cancelled" in said[0].getMessage(), said
     assert not any(r.exc_info for r in caplog.records)
     assert policy.backend.pid == pid and not policy.backend._process.is_alive()  # not restarted
     assert "restarting" not in caplog.text
     # Not cancelled: the same failure is an error with its traceback (a real fault), and the round still runs.
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="app.scheduler"):
+    with caplog.at_level(logging.INFO, logger="app.cores"):
         share.before_round(tmp_path / "threads")
     assert any(r.levelno == logging.ERROR and r.exc_info for r in caplog.records)
     share.after_round()

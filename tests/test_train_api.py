@@ -228,7 +228,7 @@ def test_which_refusals_pause_automatic_rounds(ctx, accounts):
         ctx.store.runs.update(run_id, status=status, version=version, error=error if status == "rejected" else None)
         return run_id
 
-    pause = ctx.scheduler.auto_pause
+    pause = ctx.auto_trainer.pause_reason
     finished("rejected")
     finished("rejected")
     assert pause() is None  # automatic rounds are off
@@ -254,14 +254,14 @@ def test_which_refusals_pause_automatic_rounds(ctx, accounts):
     from app.ui import admin_rounds  # the Train tab says so after saving the same settings too
 
     assert "rounds are paused" in admin_rounds.triggers(ctx, "boss", "Automatic rounds on: every 5 labels").message
-    ctx.scheduler._auto("labels")
+    ctx.auto_trainer.trigger("labels")
     assert ctx.store.runs.list(1)[0].run_id == 12  # paused: nothing started
     ctx.set_auto_train(5, 0, {"steps": 4})
     assert pause() is None
     # Settings stored before an upgrade removed a field: paused with what is wrong, not an error on every label.
     ctx.store.settings.set("auto_train_config", '{"stepz": 4}')
     assert "no longer valid" in pause() and "stepz" in pause()
-    ctx.scheduler._auto("labels")
+    ctx.auto_trainer.trigger("labels")
     assert ctx.store.runs.list(1)[0].run_id == 12
 
 

@@ -72,7 +72,7 @@ def overview(ctx: AppContext, username: str | None, message: str = "") -> Overvi
     budget = kl_budget(ctx.store.versions.get(ctx.deployments.serving))
     if budget:
         status += f"\n\n{budget}"
-    paused = ctx.scheduler.auto_pause()
+    paused = ctx.auto_trainer.pause_reason()
     if paused:
         status += f"\n\n⏸ {escape_markdown(paused)}"
     if ctx.buffer.last_error:
@@ -275,7 +275,7 @@ def triggers(ctx: AppContext, username: str | None, message: str = "") -> Trigge
     if not message and auto.enabled:
         settings_used = ", ".join(f"{k}={v}" for k, v in auto.config.items()) or "the defaults"
         message = f"Automatic rounds are on, with {settings_used}."
-    paused = ctx.scheduler.auto_pause(auto)  # also after saving: the same settings stay paused
+    paused = ctx.auto_trainer.pause_reason(auto)  # also after saving: the same settings stay paused
     if paused:
         message += f"\n\n⏸ {escape_markdown(paused)}"
     return TriggersView(auto.enabled, auto.every_labels, auto.every_minutes, auto.config, message,
