@@ -66,12 +66,13 @@ def test_the_gpu_scores_answers_as_the_cpu_does_in_fp32_batched_or_alone(sharp_m
 
 
 def test_a_round_on_the_gpu_trains_in_bf16_and_its_version_serves_alike_on_the_cpu(tmp_path, tiny_model_dir):
-    metrics = run_round(write_snapshot(tmp_path / "snapshot"), tiny_model_dir, None, tmp_path / "v1",
-                        RoundConfig.from_dict(TINY))
+    config = RoundConfig.from_dict(TINY)
+    metrics = run_round(write_snapshot(tmp_path / "snapshot"), tiny_model_dir, None, tmp_path / "v1", config)
+    alpha = config.rpo_alpha  # RPO's weight on the chosen answers' NLL, added to DPO's loss
     assert metrics["device"] == "cuda" and metrics["precision"] == "bfloat16 weights, bfloat16 autocast"
     history = metrics["history"]
     # Step 0: a fresh LoRA is the reference (loss ln 2 up to bf16 rounding); later steps run the moved adapter.
-    assert history[0]["loss"] - history[0]["nll_chosen"] == pytest.approx(math.log(2), abs=0.01)  # less RPO's NLL
+    assert history[0]["loss"] - alpha * history[0]["nll_chosen"] == pytest.approx(math.log(2), abs=0.01)  # less RPO's
     assert all(step["kl"] != 0 and step["reward_chosen"] != 0 for step in history[1:]), history
     assert metrics["data"]["onpolicy"]["regenerations"] == 2  # rollouts sampled on the GPU
 

@@ -124,8 +124,8 @@ def test_a_whole_round_trains_a_gemma2_policy(tiny_tokenizer, tmp_path):
     metrics = run_round(write_snapshot(tmp_path / "snapshot"), tmp_path / "model", None, tmp_path / "v1",
                         RoundConfig.from_dict(TINY))
     assert assert_complete(tmp_path / "v1") == metrics and metrics["gate"]["passed"]
-    first = metrics["history"][0]  # DPO's part (the loss less RPO's NLL at rpo_alpha 1)
-    assert first["loss"] - first["nll_chosen"] == pytest.approx(math.log(2), abs=1e-3)
+    first, alpha = metrics["history"][0], RoundConfig.from_dict(TINY).rpo_alpha  # DPO's part: less RPO's NLL
+    assert first["loss"] - alpha * first["nll_chosen"] == pytest.approx(math.log(2), abs=1e-3)
     assert metrics["data"]["onpolicy"]["answers"] > 0 and metrics["kl_to_reference"] >= 0
     assert any(w.abs().sum() > 0 for name, w in lora_weights(tmp_path / "v1").items() if "lora_B" in name)
 

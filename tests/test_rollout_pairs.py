@@ -78,4 +78,4 @@ def test_a_round_with_every_pair_trains_on_several_pairs_a_prompt(tmp_path, tiny
     for m in metrics.values():
         assert m["status"] == "candidate" and m["data"]["onpolicy_uses"] > 0
         last = m["history"][-1]  # it trained: DPO's part of the loss (less RPO's NLL) has left log 2
-        assert last["loss"] - last["nll_chosen"] != pytest.approx(math.log(2), abs=1e-4)
+        assert last["loss"] - config.rpo_alpha * last["nll_chosen"] != pytest.approx(math.log(2), abs=1e-4)

@@ -283,8 +283,10 @@ def test_dpo_round_from_the_base_writes_a_complete_candidate(first_version):
     assert metrics["status"] == "candidate" and metrics["gate"]["passed"] and metrics["gate"]["reason"] is None
     assert [r["step"] for r in metrics["history"]] == [0, 1, 2]
     assert all(isinstance(r["loss"], float) for r in metrics["history"])
+    alpha = RoundConfig.from_dict(TINY).rpo_alpha  # RPO's weight on the chosen answers' NLL (the default)
     first = metrics["history"][0]  # a fresh LoRA: policy == reference, so DPO's part is log 2; RPO's NLL adds to it
-    assert first["nll_chosen"] > 0 and first["loss"] - first["nll_chosen"] == pytest.approx(math.log(2), abs=1e-3)
+    assert first["nll_chosen"] > 0
+    assert first["loss"] - alpha * first["nll_chosen"] == pytest.approx(math.log(2), abs=1e-3)
     assert metrics["labels_used"] > 0 and metrics["staleness"]["max"] <= 2
     data = metrics["data"]
     assert data["onpolicy"]["regenerations"] == 2  # steps 0 and 2 with sync_every 2
