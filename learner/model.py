@@ -14,6 +14,7 @@ import json
 import os
 import re
 import tempfile
+import weakref
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -174,33 +175,59 @@ def _frozen_linears(model) -> list[torch.nn.Linear]:
             if isinstance(m, torch.nn.Linear) and id(m) not in lora_parts and not m.weight.requires_grad]
 
 
+# layer -> the weight it had before a cast to autocast's dtype (`_cast_linears`): what `uncast_weight` gives while the
+# cast lasts. Weak keys: a layer dropped with its model takes its entry along.
+_UNCAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def uncast_weight(layer: torch.nn.Linear) -> torch.Tensor:
+    """The weight `layer` computes with, before any cast `autocast_weights` made: for a merge (`merged_adapter`),
+    which must add an adapter to the exact fp32 weight, not to its bf16 rounding."""
+    return _UNCAST.get(layer, layer.weight)
+
+
 def _cast_linears(model, dtype: torch.dtype, cast: list | None = None) -> list[tuple]:
     """Put the weight and bias of every frozen linear layer of `model` not yet in `dtype` into it (new frozen tensors,
-    made by the `Tensor.to` autocast uses); returns (layer, its weight, its bias) as they were, to put back, in
-    `cast` when given: it holds every layer changed so far even if a cast fails part-way."""
+    made by the `Tensor.to` autocast uses); returns (layer, its weight, its bias, what `uncast_weight` gave) as they
+    were, to put back (`_put_back`), in `cast` when given: it holds every layer changed so far even if a cast fails
+    part-way."""
     cast = [] if cast is None else cast
     for module in _frozen_linears(model):
         if module.weight.dtype != dtype:
-            cast.append((module, module.weight, module.bias))
+            cast.append((module, module.weight, module.bias, _UNCAST.get(module)))
+            _UNCAST[module] = module.weight
             module.weight = torch.nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
             if module.bias is not None:
                 module.bias = torch.nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
     return cast
 
 
+def _put_back(cast: list[tuple]) -> None:
+    for module, weight, bias, uncast in reversed(cast):
+        module.weight, module.bias = weight, bias
+        if uncast is None:
+            _UNCAST.pop(module, None)
+        else:
+            _UNCAST[module] = uncast
+
+
 @contextmanager
 def autocast_weights(model) -> Iterator[int]:
-    """Inside torch.autocast, run an inference block (sampling) with every frozen linear weight of `model` already in
-    autocast's dtype; yields how many layers were cast.
+    """Inside torch.autocast, run a block with every frozen linear weight of `model` already in autocast's dtype;
+    yields how many layers were cast. A round runs all its phases so (`learner.round.run_round`), and sampling each
+    call (`learner.rollouts.sample_batch`: after a merge, the merged copies).
 
-    Autocast casts each fp32 weight at every matmul: each sampled token re-reads every weight and writes its bf16 copy
-    (SmolLM2: 135M weights, the output layer's 28M among them). Profiled on a CPU with native bf16 (28 rows x 24
+    Autocast casts each fp32 weight at every matmul (it caches only the casts of weights that train): each forward
+    pass, and each sampled token, re-reads every weight and writes its bf16 copy (SmolLM2: 135M weights, the output
+    layer's 28M among them; ~0.1 s a forward pass on a 2-core CPU). Profiled on a CPU with native bf16 (28 rows x 24
     tokens of SmolLM2): `copy_` was 41% of the decode's CPU time. Here each weight is cast once for the block, by the
-    same `Tensor.to` autocast uses, so every matmul sees the same numbers and the block computes the same values
-    (test: the same tokens and log-probs, bit for bit). The original tensors (a merged copy from
-    `learner.train.merged_adapter` included) are put back afterwards; a tied output layer is its own tensor for the
-    block only (autocast does not cast the embedding lookup, so the input embeddings stay as they are). Outside
-    autocast, or with weights already in its dtype (a GPU's bf16), nothing changes. Not for a model that other
+    same `Tensor.to` autocast uses, so every matmul sees the same numbers and the block computes the same values,
+    gradients included (the frozen weights get none; tests: the same tokens, log-probs, losses and gradients, bit for
+    bit). The original tensors (a merged copy from `learner.train.merged_adapter` included) are put back afterwards,
+    and `uncast_weight` gives them meanwhile; a tied output layer is its own tensor for the block only (autocast does
+    not cast the embedding lookup, so the input embeddings stay as they are). Outside autocast, or with weights
+    already in its dtype (a GPU's bf16), nothing changes. Adapters added inside the block would take the cast
+    layers' dtype (peft moves a new adapter to its base layer's dtype): add them before. Not for a model that other
     threads run meanwhile (the swap is not atomic): the app's serving copies are cast once for good
     (`cast_linear_weights`)."""
     kind = next(model.parameters()).device.type
@@ -211,8 +238,7 @@ def autocast_weights(model) -> Iterator[int]:
             _cast_linears(model, dtype, cast)  # inside the try: a cast that fails part-way still puts back the rest
         yield len(cast)
     finally:
-        for module, weight, bias in reversed(cast):
-            module.weight, module.bias = weight, bias
+        _put_back(cast)
 
 
 def cast_linear_weights(model, dtype: torch.dtype) -> int:
@@ -220,7 +246,10 @@ def cast_linear_weights(model, dtype: torch.dtype) -> int:
     runs its matmuls in: what `autocast_weights` does for a block, for good, at half the memory of fp32. The values
     autocast would compute at every matmul, cast once. An output layer tied to the input embeddings gets its own
     tensor (the embeddings keep theirs: autocast does not cast a lookup). Returns the layers cast."""
-    return len(_cast_linears(model, dtype))
+    cast = _cast_linears(model, dtype)
+    for module, *_ in cast:  # for good: nothing to put back, so no fp32 copy is kept alive
+        _UNCAST.pop(module, None)
+    return len(cast)
 
 
 def smollm2_gguf_path() -> Path:

@@ -26,12 +26,11 @@ from learner.data import (
 from learner.errors import LearnerError
 from learner.logprobs import encode_answer
 from learner.losses import kto_weight_warning
-from learner.model import Device, keep_lora_sums_fp32
+from learner.model import Device
 from learner.onpolicy_stream import onpolicy_stream
 from learner.refcache import ReferenceLogps, base_model_key
 from learner.reward import (
     RewardModel,
-    attach_reward_model,
     items_from_pairs,
     pair_accuracy,
     train_reward_model,
@@ -66,9 +65,10 @@ class RoundSetup:
     split: PromptSplit
     rollout_prompts: list[str]
     eval_prompts: list[str]
-    model: object
+    model: object  # the base model with every adapter the round uses: policy, parent, reward (`learner.round.prepare`)
     tokenizer: object
     lora: object
+    reward_model: RewardModel  # the reward adapter and head: the parent's to warm-start from, or fresh
     parent_dir: Path | None
     base_model_dir: Path
     ref_cache_dir: Path | None
@@ -111,13 +111,15 @@ class RewardOutcome:
     failure: str | None
 
 
+def parent_reward_dir(parent_dir: Path | None) -> Path | None:
+    """The parent version's reward model, which this round's warm-starts from; None for version 0."""
+    return parent_dir / "reward" if parent_dir is not None and (parent_dir / "reward").is_dir() else None
+
+
 def reward_phase(setup: RoundSetup, config: RoundConfig) -> RewardOutcome:
     """Bradley-Terry on the training prompts' human pairs, warm-started from the parent's reward model."""
-    parent = setup.parent_dir
-    parent_reward = parent / "reward" if parent is not None and (parent / "reward").is_dir() else None
-    reward_model = attach_reward_model(setup.model, setup.tokenizer, config.max_length, lora_config=setup.lora,
-                                       reward_dir=parent_reward)
-    keep_lora_sums_fp32(setup.model, setup.device)  # the reward adapter's layers, if it targets other modules
+    parent_reward = parent_reward_dir(setup.parent_dir)
+    reward_model = setup.reward_model
     train_items = items_from_pairs(setup.trained_on(setup.pairs))
     heldout_items = tuple(items_from_pairs(setup.held_out(setup.pairs)))
     result = None

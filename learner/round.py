@@ -41,6 +41,7 @@ from learner.evaluate import EVAL_ANSWERS, save_eval_answers
 from learner.lifetime import die_with_parent
 from learner.model import (
     Device,
+    autocast_weights,
     base_model_info,
     keep_lora_sums_fp32,
     load_base_model,
@@ -55,10 +56,11 @@ from learner.phases import (
     PHASES,
     POLICY,
     RoundSetup,
+    parent_reward_dir,
     policy_phase,
     reward_phase,
 )
-from learner.reward import save_hf_reward_adapter, save_reward_model
+from learner.reward import attach_reward_model, save_hf_reward_adapter, save_reward_model
 from learner.rollouts import split_prompts, usable_prompts
 
 log = logging.getLogger(__name__)
@@ -180,17 +182,21 @@ def _with_roles(frame: pd.DataFrame, split: PromptSplit) -> pd.DataFrame:
 
 def prepare(snapshot: Snapshot, base_model_dir: Path, parent_dir: Path | None, config: RoundConfig, accelerator,
             device: Device, progress: Progress | None, ref_cache_dir: Path | None) -> RoundSetup:
-    """Load the model and split the data: eval prompts, held-out labels and training labels, all by prompt."""
+    """Load the model with every adapter the round uses (policy, parent, reward: none is added later, see
+    `autocast_weights`) and split the data: eval prompts, held-out labels and training labels, all by prompt."""
     tokenizer = load_tokenizer(base_model_dir)
     model, lora = build_model(base_model_dir, parent_dir, config, device)
+    reward_model = attach_reward_model(model, tokenizer, config.max_length, lora_config=lora,
+                                       reward_dir=parent_reward_dir(parent_dir))
+    keep_lora_sums_fp32(model, device)  # the reward adapter's layers, if it targets other modules
     usable = usable_prompts(snapshot.prompts, tokenizer, config.max_length)
     labelled = list(snapshot.pairs["prompt"]) + list(snapshot.unary["prompt"])
     fallback = min(usable, key=hash_fraction) if usable and config.eval_prompts else None
     split = PromptSplit.build(usable + labelled, config.eval_fraction, config.heldout_fraction, fallback, labelled)
     rollout_prompts, eval_prompts = split_prompts(usable, split, config.eval_prompts)
     return RoundSetup(_with_roles(snapshot.pairs, split), _with_roles(snapshot.unary, split), split, rollout_prompts,
-                      eval_prompts, model, tokenizer, lora, parent_dir, base_model_dir, ref_cache_dir, accelerator,
-                      device, _reporter(progress if accelerator.is_main_process else None))
+                      eval_prompts, model, tokenizer, lora, reward_model, parent_dir, base_model_dir, ref_cache_dir,
+                      accelerator, device, _reporter(progress if accelerator.is_main_process else None))
 
 
 def run_round(snapshot_dir: Path, base_model_dir: Path, parent_dir: Path | None, out_dir: Path, config: RoundConfig,
@@ -212,7 +218,9 @@ def run_round(snapshot_dir: Path, base_model_dir: Path, parent_dir: Path | None,
     setup = prepare(snapshot, base_model_dir, parent_dir, config, accelerator, device, progress, ref_cache_dir)
     timings: dict[str, float] = {}
 
-    with device.compute():  # every forward pass of the round (training, scoring, sampling) in the device's precision
+    # Every forward pass of the round (training, scoring, sampling) in the device's precision, the frozen weights cast
+    # to it once for the round, not at every matmul (`autocast_weights`: the same values; every adapter is attached).
+    with device.compute(), autocast_weights(setup.model):
         started = time.monotonic()
         reward = reward_phase(setup, config)
         timings["reward"] = time.monotonic() - started

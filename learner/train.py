@@ -26,6 +26,7 @@ from learner.logprobs import (
     sequence_logprobs,
 )
 from learner.losses import dpo_loss, kto_loss
+from learner.model import uncast_weight
 
 StepLoss = Callable[[int], Iterable[tuple[Tensor, float, dict]]]
 
@@ -107,7 +108,8 @@ def merged_adapter(model, adapter: str) -> Iterator[None]:
     the adapted layers' weights for the block. Under bf16 autocast the merged weight is rounded to bf16 at each
     matmul, as the serving copies' are (app/generation); measured on SmolLM2 with a one-round adapter, that adds
     nothing to autocast's own rounding (per-token KL to the exact fp32 distributions 6.91e-4 merged, 6.90e-4 unmerged;
-    docs/benchmarks.md)."""
+    docs/benchmarks.md). Inside a round's `learner.model.autocast_weights` the merge starts from the fp32 weight
+    (`uncast_weight`), not from its bf16 copy, and the copy is what comes back."""
     from peft.tuners.lora import LoraLayer
 
     swapped = []
@@ -116,11 +118,11 @@ def merged_adapter(model, adapter: str) -> Iterator[None]:
             for module in model.modules():
                 if isinstance(module, LoraLayer) and adapter in module.lora_A:
                     layer = module.get_base_layer()
-                    original = layer.weight
-                    with torch.autocast(original.device.type, enabled=False):  # B @ A in the weights' dtype
-                        merged = original + module.get_delta_weight(adapter).to(original.dtype)
+                    exact = uncast_weight(layer)  # fp32 even while a round keeps a bf16 copy (autocast_weights)
+                    with torch.autocast(exact.device.type, enabled=False):  # B @ A in the weights' dtype
+                        merged = exact + module.get_delta_weight(adapter).to(exact.dtype)
+                    swapped.append((layer, layer.weight))
                     layer.weight = torch.nn.Parameter(merged, requires_grad=False)
-                    swapped.append((layer, original))
         with model.disable_adapter():
             yield
     finally:

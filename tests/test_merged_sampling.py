@@ -145,3 +145,75 @@ def test_under_autocast_the_frozen_weights_are_cast_once_and_the_draws_stay_the_
     assert all(torch.equal(p, values) and p.dtype == torch.float32 for p, values in before.values())
     with autocast_weights(model) as cast:  # outside autocast: nothing to cast
         assert cast == 0
+
+
+def lora_grads(model, tokenizer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A training forward and backward of the policy adapter on a fixed text: the loss and every LoRA gradient."""
+    ids = tokenizer(" ".join(PROMPTS), return_tensors="pt").input_ids
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_a_round_long_cast_trains_and_scores_as_autocast_casting_at_every_matmul(tiny_model, tiny_tokenizer):
+    """A round runs every phase inside `autocast_weights` (`learner.round.run_round`): under bf16 autocast a forward
+    and backward pass give the very loss and LoRA gradients autocast gives casting each frozen weight at its matmul,
+    and the frozen weights get no gradient."""
+    from learner.model import autocast_weights
+
+    model = lora_model(tiny_model)
+    model.train()
+    model.set_requires_grad("policy", True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        per_matmul = lora_grads(model, tiny_tokenizer)
+        with autocast_weights(model) as cast:
+            assert cast == 7 * 2 + 1
+            once = lora_grads(model, tiny_tokenizer)
+    assert per_matmul[1] and set(once[1]) == set(per_matmul[1])
+    assert all("lora_" in name and ".policy." in name for name in once[1])
+    assert torch.equal(once[0], per_matmul[0])
+    assert all(torch.equal(once[1][n], g) for n, g in per_matmul[1].items())
+
+
+def test_inside_a_round_long_cast_a_merge_starts_from_the_fp32_weights(tiny_model, tiny_tokenizer):
+    """Sampling merges the adapter into a copy of the weights (`merged_adapter`). Inside the round's cast the layers
+    hold bf16 copies: the merge adds the adapter to the fp32 weight (`uncast_weight`), not to its rounding, so a
+    round draws what it drew before the cast lasted the round; the bf16 copies come back after the merge and the fp32
+    tensors after the round, untouched."""
+    from peft.tuners.lora import LoraLayer
+
+    from learner.model import autocast_weights, uncast_weight
+
+    model = lora_model(tiny_model)
+    before = {name: (w, w.detach().clone()) for name, w in base_weights(model).items()}
+    name, lora = next((n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer))
+    layer = lora.get_base_layer()
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        per_call = merged_draws(model, tiny_tokenizer, params)
+        with autocast_weights(model):
+            copy = layer.weight
+            assert copy.dtype == torch.bfloat16 and uncast_weight(layer) is before[name][0]
+            with merged_adapter(model, "policy"):
+                with torch.autocast("cpu", enabled=False):  # the merge's B @ A, in fp32
+                    expected = before[name][1] + lora.get_delta_weight("policy")
+                assert layer.weight.dtype == torch.float32 and torch.equal(layer.weight, expected)
+            assert layer.weight is copy  # the round's bf16 copy again
+            in_round = merged_draws(model, tiny_tokenizer, params)
+    assert in_round == per_call
+    after = base_weights(model)
+    for key, (tensor, values) in before.items():
+        assert after[key] is tensor and torch.equal(tensor, values), key
+    assert uncast_weight(layer) is layer.weight
+
+
+def merged_draws(model, tokenizer, params) -> tuple[list, list]:
+    """What sampling with the policy merged draws: `sample_batch`'s texts (it merges, then casts the merged copies
+    for the call) and `sample_many`'s tokens' log-probs inside a merge."""
+    from learner.sampling import sample_many
+
+    texts = sample_batch(model, tokenizer, PROMPTS, 2, params, seed=3, merge=True)
+    with merged_adapter(model, "policy"):
+        answers = sample_many(model, tokenizer, PROMPTS, 2, params, seed=3)
+    return [[a.text for a in g] for g in texts], [[a.token_logprobs for a in g] for g in answers]
