@@ -234,8 +234,9 @@ def round_config(grid: Grid, arm: str, seed: int, index: int) -> dict:
         defining = {"algorithm": "dpo", "sync_every": 1}
     elif arm in ("semi-online", "canary"):
         defining = {"algorithm": "dpo", "sync_every": RoundConfig().sync_every}
-    else:  # RPO's term weighs a DPO pair's chosen answer: a grid's rpo_alpha is for the DPO arms
-        defining = {"algorithm": "kto", "rpo_alpha": 0.0}
+    else:  # RPO's term weighs a DPO pair's chosen answer, and KTO's rollouts are not paired: a grid's rpo_alpha and
+        # rollout_pairs are for the DPO arms
+        defining = {"algorithm": "kto", "rpo_alpha": 0.0, "rollout_pairs": "best_worst"}
     return {**grid.round, "seed": seed * 1000 + index, **defining}
 
 

@@ -213,8 +213,11 @@ class RoundConfig:
         for f in fields(cls):
             if f.name in values:
                 typed[f.name] = _coerce(f.name, f.type, values[f.name])
-        if typed.get("algorithm", "dpo") != "dpo" and "rpo_alpha" not in typed:
+        algorithm = typed.get("algorithm", "dpo")
+        if algorithm != "dpo" and "rpo_alpha" not in typed:
             typed["rpo_alpha"] = 0.0  # RPO weighs a DPO pair's chosen answer: nothing else has one (explicit errors)
+        if algorithm == "kto" and "rollout_pairs" not in typed:
+            typed["rollout_pairs"] = "best_worst"  # KTO's rollouts are split around their median, not paired
         return cls(**typed)
 
     def to_dict(self) -> dict:
@@ -292,7 +295,8 @@ def _problems(c: RoundConfig) -> list[str]:
          f"rollout_pairs must be one of {', '.join(ROLLOUT_PAIRS)}, got {c.rollout_pairs!r}"),
         (c.rollout_pairs == "best_worst" or c.algorithm != "kto",
          f"rollout_pairs {c.rollout_pairs!r} applies to dpo only (kto's rollouts are split around their median), "
-         f"got algorithm {c.algorithm!r}"),
+         f"got algorithm {c.algorithm!r}: set rollout_pairs 'best_worst' (RoundConfig.from_dict does when it is not "
+         "given)"),
         (c.rollout_n >= 2, f"rollout_n must be >= 2 (best vs worst needs two answers), got {c.rollout_n}"),
         (c.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {c.max_new_tokens}"),
         (c.temperature > 0, f"temperature must be > 0, got {c.temperature}"),

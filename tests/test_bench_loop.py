@@ -230,11 +230,13 @@ def test_round_overrides_cannot_make_two_arms_alike():
     assert offline["steps"] == offline["sync_every"] == 4  # 2 steps x 2 rounds
 
 
-def test_a_grid_s_rpo_alpha_is_for_its_dpo_arms_and_kto_still_runs():
+def test_a_grid_s_rpo_alpha_and_rollout_pairs_are_for_its_dpo_arms_and_kto_still_runs():
     grid = Grid(personas=("concise",), arms=("semi-online", "kto"), seeds=(0,), held_out=4, samples=1, labels=8,
-                every=4, round={"rpo_alpha": 0.5})
-    assert RoundConfig.from_dict(round_config(grid, "semi-online", 0, 0)).rpo_alpha == 0.5
-    assert RoundConfig.from_dict(round_config(grid, "kto", 0, 0)).rpo_alpha == 0.0  # not a ConfigError mid-grid
+                every=4, round={"rpo_alpha": 0.5, "rollout_pairs": "all"})
+    semi = RoundConfig.from_dict(round_config(grid, "semi-online", 0, 0))
+    assert (semi.rpo_alpha, semi.rollout_pairs) == (0.5, "all")
+    kto = RoundConfig.from_dict(round_config(grid, "kto", 0, 0))  # not a ConfigError mid-grid
+    assert (kto.algorithm, kto.rpo_alpha, kto.rollout_pairs) == ("kto", 0.0, "best_worst")
 
 
 def test_round_overrides_parse_json_values_and_plain_strings():
@@ -608,6 +610,9 @@ def test_rows_recorded_before_rpo_alpha_existed_ran_plain_dpo_and_kto_rows_never
         "rpo_alpha": 0.0}  # recorded while 0 was the default
     assert round_settings({**row(arm="semi-online"), "round_defaults": before}, {"rpo_alpha": 1}) == {}
     assert round_settings({**row(arm="kto"), "round_defaults": before}, {}) == {}  # kto rounds run at 0 always
+    # a grid's rollout_pairs is for its DPO arms: kto rounds never pair their rollouts (round_config)
+    assert round_settings(row(arm="kto"), {"rollout_pairs": "all"}) == {}
+    assert round_settings(row(arm="semi-online"), {"rollout_pairs": "all"}) == {"rollout_pairs": "all"}
     assert round_settings(legacy(row(arm="kto")), {}) == {"rollouts_min_reward_accuracy": None}
 
 
