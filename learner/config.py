@@ -156,7 +156,9 @@ class RoundConfig:
     #   rankings with rollouts 148 s -> 117 s (policy phase 112 -> 79 s); bench.loop `concise`, 64 labels, seeds 0-2:
     #   0.92 [0.84, 0.98] vs 0.93 [0.86, 0.98] (paired -0.005 [-0.115, +0.104], n = 288): not shown different, not
     #   enough to change the paper's choice (with rollout_prompts 2 as well, a 94 s round: -0.010 [-0.094, +0.078]);
-    #   `structured`'s rounds at these sizes take no rollouts to act on
+    #   under rpo_alpha 1 (today's loss) `all` with rollout_prompts 2 cost `concise` at 64 labels: 0.89 [0.77, 0.97]
+    #   vs 0.98 [0.96, 1.00], paired -0.095 [-0.215, -0.005] (n = 288). `structured`'s rounds at these sizes take no
+    #   rollouts to act on
     max_new_tokens: int = 64  # rollout and eval answers; shorter than the app's 96 to keep a CPU round quick
     temperature: float = 0.8  # the policy service's temperature, so rollouts look like what annotators rank
     top_p: float = 0.95  # same as the policy service: cuts the junk tail of a small model
