@@ -78,7 +78,7 @@ from bench.loop_results import (
 )
 from bench.loop_summary import summary
 from bench.stats import win_rate
-from learner.config import RoundConfig
+from learner.config import DPO_ONLY, RoundConfig
 from learner.errors import ConfigError
 from learner.model import DEFAULT_MODEL, converted_dir, needs_conversion
 from learner.params import PRECISIONS
@@ -234,9 +234,8 @@ def round_config(grid: Grid, arm: str, seed: int, index: int) -> dict:
         defining = {"algorithm": "dpo", "sync_every": 1}
     elif arm in ("semi-online", "canary"):
         defining = {"algorithm": "dpo", "sync_every": RoundConfig().sync_every}
-    else:  # RPO's term weighs a DPO pair's chosen answer, and KTO's rollouts are not paired: a grid's rpo_alpha and
-        # rollout_pairs are for the DPO arms
-        defining = {"algorithm": "kto", "rpo_alpha": 0.0, "rollout_pairs": "best_worst"}
+    else:  # a grid's DPO-only settings (rpo_alpha, rollout_pairs) are for the DPO arms
+        defining = {"algorithm": "kto", **DPO_ONLY}
     return {**grid.round, "seed": seed * 1000 + index, **defining}
 
 

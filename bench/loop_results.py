@@ -21,7 +21,7 @@ from pathlib import Path
 
 from app.canary import CanaryConfig
 from bench.stats import Estimate, paired_difference, win_rate
-from learner.config import RoundConfig
+from learner.config import DPO_ONLY, RoundConfig
 from learner.errors import ConfigError
 from learner.params import PRECISIONS
 
@@ -176,8 +176,7 @@ LEGACY_ROUND_DEFAULTS = {"rollouts_min_reward_accuracy": None}  # 0.5 since 2026
 ROUND_FIELDS_ADDED = {"rpo_alpha": 0.0}  # added 2026-12-04 at 0 (plain DPO, as every earlier round); 1.0 since 12-05
 
 # Fields an arm's rounds never use: its rows never differ from today's defaults by them.
-UNUSED_BY_ARM = {"kto": {"rpo_alpha", "rollout_pairs"}}  # RPO weighs a DPO pair's chosen answer (kto rounds run at
-# 0); KTO's rollouts are split around their median, never paired (kto rounds run at best_worst)
+UNUSED_BY_ARM = {"kto": set(DPO_ONLY)}  # kto rounds run at DPO_ONLY's values, whatever the grid says
 
 
 # CanaryConfig fields added or changed after canary rows were written, with the value those rows' servers ran with:

@@ -18,6 +18,10 @@ ALGORITHMS = ("dpo", "kto", "reward")  # "reward": train the reward model only, 
 LOSS_TYPES = ("sigmoid", "ipo", "robust")
 ROLLOUT_JUDGES = ("reward_model", "auto", "policy")
 ROLLOUT_PAIRS = ("best_worst", "all")
+# Fields only DPO reads, with the value every other algorithm runs at: RPO's term weighs a pair's chosen answer, and
+# KTO's rollouts are split around their median, never paired. `RoundConfig.from_dict` fills them in for the others
+# when not given (an explicit other value is a ConfigError); bench.loop's KTO arm sets them whatever its grid says.
+DPO_ONLY = {"rpo_alpha": 0.0, "rollout_pairs": "best_worst"}
 
 
 # What an admin can do when a lineage nears max_kl: each round continues its parent's adapter and is measured against
@@ -215,11 +219,8 @@ class RoundConfig:
         for f in fields(cls):
             if f.name in values:
                 typed[f.name] = _coerce(f.name, f.type, values[f.name])
-        algorithm = typed.get("algorithm", "dpo")
-        if algorithm != "dpo" and "rpo_alpha" not in typed:
-            typed["rpo_alpha"] = 0.0  # RPO weighs a DPO pair's chosen answer: nothing else has one (explicit errors)
-        if algorithm == "kto" and "rollout_pairs" not in typed:
-            typed["rollout_pairs"] = "best_worst"  # KTO's rollouts are split around their median, not paired
+        if typed.get("algorithm", "dpo") != "dpo":
+            typed = {**DPO_ONLY, **typed}
         return cls(**typed)
 
     def to_dict(self) -> dict:

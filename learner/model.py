@@ -175,8 +175,8 @@ def _frozen_linears(model) -> list[torch.nn.Linear]:
             if isinstance(m, torch.nn.Linear) and id(m) not in lora_parts and not m.weight.requires_grad]
 
 
-# layer -> the weight it had before a cast to autocast's dtype (`_cast_linears`): what `uncast_weight` gives while the
-# cast lasts. Weak keys: a layer dropped with its model takes its entry along.
+# layer -> the weight it had before `autocast_weights` cast it: what `uncast_weight` gives while the block lasts.
+# Weak keys: a layer dropped with its model takes its entry along.
 _UNCAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -188,27 +188,16 @@ def uncast_weight(layer: torch.nn.Linear) -> torch.Tensor:
 
 def _cast_linears(model, dtype: torch.dtype, cast: list | None = None) -> list[tuple]:
     """Put the weight and bias of every frozen linear layer of `model` not yet in `dtype` into it (new frozen tensors,
-    made by the `Tensor.to` autocast uses); returns (layer, its weight, its bias, what `uncast_weight` gave) as they
-    were, to put back (`_put_back`), in `cast` when given: it holds every layer changed so far even if a cast fails
-    part-way."""
+    made by the `Tensor.to` autocast uses); returns (layer, its weight, its bias) as they were, to put back, in
+    `cast` when given: it holds every layer changed so far even if a cast fails part-way."""
     cast = [] if cast is None else cast
     for module in _frozen_linears(model):
         if module.weight.dtype != dtype:
-            cast.append((module, module.weight, module.bias, _UNCAST.get(module)))
-            _UNCAST[module] = module.weight
+            cast.append((module, module.weight, module.bias))
             module.weight = torch.nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
             if module.bias is not None:
                 module.bias = torch.nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
     return cast
-
-
-def _put_back(cast: list[tuple]) -> None:
-    for module, weight, bias, uncast in reversed(cast):
-        module.weight, module.bias = weight, bias
-        if uncast is None:
-            _UNCAST.pop(module, None)
-        else:
-            _UNCAST[module] = uncast
 
 
 @contextmanager
@@ -233,12 +222,22 @@ def autocast_weights(model) -> Iterator[int]:
     kind = next(model.parameters()).device.type
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
     cast: list[tuple] = []
+    outer: dict = {}  # what `uncast_weight` gave before this block (a nested block casts a merged copy)
     try:
         if dtype is not None:
             _cast_linears(model, dtype, cast)  # inside the try: a cast that fails part-way still puts back the rest
+            for module, weight, _ in cast:
+                outer[module] = _UNCAST.get(module)
+                _UNCAST[module] = weight
         yield len(cast)
     finally:
-        _put_back(cast)
+        for module, weight, bias in reversed(cast):
+            module.weight, module.bias = weight, bias
+        for module, weight in outer.items():
+            if weight is None:
+                del _UNCAST[module]
+            else:
+                _UNCAST[module] = weight
 
 
 def cast_linear_weights(model, dtype: torch.dtype) -> int:
@@ -246,10 +245,7 @@ def cast_linear_weights(model, dtype: torch.dtype) -> int:
     runs its matmuls in: what `autocast_weights` does for a block, for good, at half the memory of fp32. The values
     autocast would compute at every matmul, cast once. An output layer tied to the input embeddings gets its own
     tensor (the embeddings keep theirs: autocast does not cast a lookup). Returns the layers cast."""
-    cast = _cast_linears(model, dtype)
-    for module, *_ in cast:  # for good: nothing to put back, so no fp32 copy is kept alive
-        _UNCAST.pop(module, None)
-    return len(cast)
+    return len(_cast_linears(model, dtype))
 
 
 def smollm2_gguf_path() -> Path:
