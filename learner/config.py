@@ -60,7 +60,8 @@ class RoundConfig:
     #   +0.122]); `structured` 32 labels 0.53 vs 0.54 (paired -0.017 [-0.097, +0.059]: its few pairs limit);
     #   `structured` 64 labels 0.65 vs 0.63 (paired +0.019 [-0.219, +0.212]). Better once (paired interval
     #   above 0), never measurably worse; as the default, `structured` 48 labels 0.62 [0.52, 0.72] vs plain DPO's
-    #   0.63 in the same precision (paired -0.009 [-0.111, +0.106])
+    #   0.63 in the same precision (paired -0.009 [-0.111, +0.106]); `concise` 16 labels 0.71 [0.63, 0.79] and
+    #   48 labels 0.95 [0.91, 0.98]
     desirable_weight: float = 1.0  # KTO's λ_D; the paper's default with balanced thumbs (arXiv 2402.01306)
     undesirable_weight: float = 1.0  # KTO's λ_U; keep λ_D·n_D / (λ_U·n_U) in [1, 4/3] (Eq. 9 of the KTO paper)
     steps: int = 12  # optimizer steps per round; rounds repeat as labels arrive
@@ -118,7 +119,9 @@ class RoundConfig:
     #   labels, today's defaults (rollouts ran), 3 seeds each (n = 288): online 0.92 [0.82, 0.99], semi-online 0.93
     #   [0.84, 1.00], offline 0.75 [0.62, 0.88]; online - offline +0.168 [+0.056, +0.318], semi-online - online
     #   +0.003 [-0.113, +0.111] (-0.111 [-0.304, +0.094] with a second, bf16 run of seed 0 in place of the fp32
-    #   one): 4 stays, as it regenerates a quarter as often for a difference not shown
+    #   one): 4 stays, as it regenerates a quarter as often for a difference not shown. Under rpo_alpha 1 (both
+    #   arms, 3 seeds, n = 288) semi-online - offline: `concise` 32 labels +0.177 [+0.078, +0.269] (0.86 vs 0.68),
+    #   `structured` 48 labels +0.068 [-0.017, +0.156] (0.62 vs 0.55)
     onpolicy_fill_steps: bool = True  # a step without a human example (a round with fewer human examples than
     #   steps) trains on `batch_size` on-policy examples. So a sparse round is mostly on-policy: one `structured`
     #   round (48 labels, seed 1, docs/benchmarks.md) had 3 human pairs and 39 on-policy uses, picked by a reward
