@@ -61,7 +61,8 @@ class RoundConfig:
     #   `structured` 64 labels 0.65 vs 0.63 (paired +0.019 [-0.219, +0.212]). Better once (paired interval
     #   above 0), never measurably worse; as the default, `structured` 48 labels 0.62 [0.52, 0.72] vs plain DPO's
     #   0.63 in the same precision (paired -0.009 [-0.111, +0.106]); `concise` 16 labels 0.71 [0.63, 0.79] and
-    #   48 labels 0.95 [0.91, 0.98]
+    #   48 labels 0.95 [0.91, 0.98]. Not with sync_every 1 (online): there 1 vs 0 read 0.74 vs 0.92 at `concise` 32
+    #   labels (paired -0.181 [-0.323, -0.047]): online rounds should set 0
     desirable_weight: float = 1.0  # KTO's λ_D; the paper's default with balanced thumbs (arXiv 2402.01306)
     undesirable_weight: float = 1.0  # KTO's λ_U; keep λ_D·n_D / (λ_U·n_U) in [1, 4/3] (Eq. 9 of the KTO paper)
     steps: int = 12  # optimizer steps per round; rounds repeat as labels arrive
