@@ -107,6 +107,9 @@ class GeneratedBatch(Answer):
 
 class RunStarted(Answer):
     run_id: int
+    warnings: list[str] = Field(description="combinations of the round's settings the learning benchmark measured "
+                                            "worse than a neighbour (learner.config.advisories), with what to set "
+                                            "instead; the round repeats them among its warnings")
 
 
 class TrainState(Answer):

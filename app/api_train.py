@@ -9,6 +9,7 @@ from fastapi import APIRouter, Body
 from app.api import Admin, Ctx
 from app.api_models import RunInfo, RunStarted, TrainState, VersionInfo, errors
 from app.deployments import CanaryStatus
+from learner.config import RoundConfig, advisories
 from storage.runs import Run
 from storage.versions import PolicyVersion
 
@@ -32,8 +33,10 @@ def version_json(v: PolicyVersion, serving: int, canary: CanaryStatus | None) ->
 @router.post("/train", status_code=202, response_model=RunStarted, responses=errors({
     409: "a round is already in progress", 422: "an unknown RoundConfig key or a value out of range"}))
 def train(user: Admin, c: Ctx, body: Annotated[dict[str, Any], Body()] = None) -> dict:
-    """Start a round: `{"algorithm": "dpo"|"kto"|"reward", ...RoundConfig overrides}`. 409 while one runs."""
-    return {"run_id": c.scheduler.start(body or {})}
+    """Start a round: `{"algorithm": "dpo"|"kto"|"reward", ...RoundConfig overrides}`. 409 while one runs. Its
+    `warnings`: combinations of these settings the learning benchmark measured worse (the round repeats them)."""
+    run_id = c.scheduler.start(body or {})
+    return {"run_id": run_id, "warnings": advisories(RoundConfig.from_dict(body or {}))}
 
 
 @router.get("/train", response_model=TrainState)

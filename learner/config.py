@@ -62,7 +62,8 @@ class RoundConfig:
     #   above 0), never measurably worse; as the default, `structured` 48 labels 0.62 [0.52, 0.72] vs plain DPO's
     #   0.63 in the same precision (paired -0.009 [-0.111, +0.106]); `concise` 16 labels 0.71 [0.63, 0.79] and
     #   48 labels 0.95 [0.91, 0.98]. Not with sync_every 1 (online): there 1 vs 0 read 0.74 vs 0.92 at `concise` 32
-    #   labels (paired -0.181 [-0.323, -0.047]): online rounds should set 0
+    #   labels (paired -0.181 [-0.323, -0.047]): online rounds should set 0, and a round that does not says so
+    #   (`advisories`)
     desirable_weight: float = 1.0  # KTO's λ_D; the paper's default with balanced thumbs (arXiv 2402.01306)
     undesirable_weight: float = 1.0  # KTO's λ_U; keep λ_D·n_D / (λ_U·n_U) in [1, 4/3] (Eq. 9 of the KTO paper)
     steps: int = 12  # optimizer steps per round; rounds repeat as labels arrive
@@ -234,6 +235,23 @@ class RoundConfig:
     def sampling(self) -> SamplingParams:
         """How rollouts and evaluation answers are sampled."""
         return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p)
+
+
+# Combinations of settings the learning benchmark measured worse than a neighbour (docs/benchmarks.md). Each is a
+# choice an admin may still make, so not a ConfigError: a round run with one says so among its warnings (Admin ->
+# Versions, the round's events, metrics.json). One cell of three seeds each, so advice, not a changed default.
+ONLINE_RPO_ADVICE = (
+    "rpo_alpha {alpha:g} with sync_every 1 (online rounds) was measured worse than rpo_alpha 0 there (bench.loop, "
+    "`concise`, 32 labels, 3 seeds: win-rate vs base 0.74 vs 0.92, paired -0.181 [-0.323, -0.047], n = 288; "
+    "docs/benchmarks.md): set rpo_alpha 0 for online rounds, or sync_every 4 (semi-online) to keep RPO")
+
+
+def advisories(c: RoundConfig) -> list[str]:
+    """What the learning benchmark says against this config's combination of settings (empty when nothing)."""
+    found = []
+    if c.algorithm == "dpo" and c.sync_every == 1 and c.rpo_alpha > 0:
+        found.append(ONLINE_RPO_ADVICE.format(alpha=c.rpo_alpha))
+    return found
 
 
 def _coerce(name: str, type_name: str, value):

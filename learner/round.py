@@ -33,7 +33,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from learner.config import RoundConfig
+from learner.config import RoundConfig, advisories
 from learner.data import PromptSplit, hash_fraction
 from learner.errors import ConfigError, LearnerError
 from learner.eval_gate import eval_phase, gate_phase
@@ -59,6 +59,7 @@ from learner.phases import (
     parent_reward_dir,
     policy_phase,
     reward_phase,
+    warn,
 )
 from learner.reward import attach_reward_model, save_hf_reward_adapter, save_reward_model
 from learner.rollouts import split_prompts, usable_prompts
@@ -216,6 +217,8 @@ def run_round(snapshot_dir: Path, base_model_dir: Path, parent_dir: Path | None,
     device = replace(chosen, torch_device=accelerator.device)
     torch.manual_seed(config.seed)
     setup = prepare(snapshot, base_model_dir, parent_dir, config, accelerator, device, progress, ref_cache_dir)
+    for advice in advisories(config):
+        warn(setup, advice)
     timings: dict[str, float] = {}
 
     # Every forward pass of the round (training, scoring, sampling) in the device's precision, the frozen weights cast

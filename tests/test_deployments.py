@@ -325,15 +325,17 @@ def test_a_round_started_by_hand_during_a_canary_says_it_may_supersede_it(ctx, s
     from app.ui import admin_rounds
     from storage.errors import Conflict
 
-    def start_and_stop() -> str:
-        message = admin_rounds.start_round(ctx, "boss", {"steps": 1})
+    def start_and_stop(knobs: dict | None = None) -> str:
+        message = admin_rounds.start_round(ctx, "boss", knobs or {"steps": 1})
         run_id = boss.get("/api/runs").json()[0]["run_id"]
         with contextlib.suppress(Conflict):  # it may have ended on its own already
             ctx.scheduler.cancel(run_id)
         ctx.scheduler.wait(run_id)
         return message
 
-    assert "canary" not in start_and_stop()
+    assert "canary" not in start_and_stop() and "Note" not in start_and_stop()
+    # An online round with RPO (measured worse than without, learner.config.advisories) is started, with that note.
+    assert "**Note:** rpo_alpha 1 with sync_every 1" in start_and_stop({"steps": 1, "sync_every": 1})
     v1 = start_canary(ctx, boss, add_version)
     message = start_and_stop()
     assert f"The canary v{v1} is still being judged" in message and f"v{v1} ends undecided" in message, message

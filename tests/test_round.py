@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from learner.config import RoundConfig
+from learner.config import RoundConfig, advisories
 from learner.data import EVAL, HELDOUT, TRAIN, PromptSplit, hash_fraction
 from learner.errors import ConfigError, LearnerError
 from learner.eval_gate import parent_kl
@@ -129,6 +129,17 @@ def test_rpo_alpha_defaults_to_1_for_dpo_and_to_0_where_no_pair_has_a_chosen_ans
     # Built directly, a kto config names the fix.
     with pytest.raises(ConfigError, match="got 1.0 with 'kto': set rpo_alpha 0"):
         RoundConfig(algorithm="kto")
+
+
+def test_an_online_round_with_rpo_is_advised_against_and_nothing_else_is():
+    online = RoundConfig.from_dict({"sync_every": 1})
+    (advice,) = advisories(online)
+    assert "rpo_alpha 1 with sync_every 1" in advice and "paired -0.181 [-0.323, -0.047], n = 288" in advice
+    assert "set rpo_alpha 0" in advice
+    assert "rpo_alpha 0.5 with" in advisories(RoundConfig.from_dict({"sync_every": 1, "rpo_alpha": 0.5}))[0]
+    for quiet in ({}, {"sync_every": 1, "rpo_alpha": 0}, {"sync_every": 2}, {"algorithm": "kto", "sync_every": 1},
+                  {"algorithm": "reward", "sync_every": 1}):
+        assert advisories(RoundConfig.from_dict(quiet)) == [], quiet
 
 
 def test_config_round_trips_through_a_dict():

@@ -24,6 +24,7 @@ from learner.config import (
     ROLLOUT_JUDGES,
     ROLLOUT_PAIRS,
     RoundConfig,
+    advisories,
 )
 from storage import analytics, is_number
 from storage.runs import ACTIVE, Run
@@ -247,8 +248,11 @@ def overrides_from(knobs: dict) -> dict:
 def start_round(ctx: AppContext, username: str | None, knobs: dict) -> str:
     """Start a round now (same call as POST /api/train); ConfigError names a bad value, Conflict a running round."""
     require_admin(ctx, username)
-    run_id = ctx.scheduler.start(overrides_from(knobs))
+    overrides = overrides_from(knobs)
+    run_id = ctx.scheduler.start(overrides)
     message = f"Round {run_id} started. Watch it in **Overview**; its metrics appear in **Versions** when it ends."
+    for advice in advisories(RoundConfig.from_dict(overrides)):
+        message += f"\n\n**Note:** {advice}"
     canary = ctx.deployments.pending_canary
     if canary is not None and ctx.deployments.round_parent() == canary.version:
         message += (f"\n\nThe canary v{canary.version} is still being judged: this round trains from it "
