@@ -8,6 +8,7 @@ or event. Every event has an api_name, so programs (and the tests) reach each ac
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import gradio as gr
@@ -270,6 +271,20 @@ def _versions_tab(ctx: AppContext) -> None:
             message = admin_versions.roll_back(ctx, request.username)
         return [message, *on_versions(request)]
 
+    refreshed = [tab.select, refresh_btn.click]
+    gr.on(refreshed, on_versions, outputs=outputs, api_name="admin_versions", **FREE)
+    run_picker.input(on_loss_curve, run_picker, loss_plot, api_name="admin_loss_curve", **FREE)
+    detail_picker.input(on_version_detail, detail_picker, detail, api_name="admin_version_detail", **FREE)
+    deploy_btn.click(on_deploy, [deploy_to, force], [versions_message, *outputs], api_name="admin_deploy",
+                     **ONE_SWAP)
+    rollback_btn.click(on_roll_back, None, [versions_message, *outputs], api_name="admin_roll_back", **ONE_SWAP)
+    _canary_actions(ctx, refreshed, [canary, promote_btn, reject_btn], versions_message, outputs, on_versions)
+
+
+def _canary_actions(ctx: AppContext, refreshed: list, actions: list, message: gr.Markdown, outputs: list,
+                    on_versions: Callable) -> None:
+    """The canary's panel and its promote / roll back buttons (`actions`), shown while a canary runs; each action
+    refreshes the panel and the versions (`outputs`, by `on_versions`)."""
     def on_canary(request: gr.Request):
         with as_toast():
             shown = gr.update(visible=admin_canary.has_canary(ctx, request.username))
@@ -278,19 +293,13 @@ def _versions_tab(ctx: AppContext) -> None:
     def on_canary_action(action):
         def handler(request: gr.Request):
             with as_toast():
-                message = action(ctx, request.username)
-            return [message, *on_canary(request), *on_versions(request)]
+                said = action(ctx, request.username)
+            return [said, *on_canary(request), *on_versions(request)]
         return handler
 
-    gr.on([tab.select, refresh_btn.click], on_versions, outputs=outputs, api_name="admin_versions", **FREE)
-    run_picker.input(on_loss_curve, run_picker, loss_plot, api_name="admin_loss_curve", **FREE)
-    detail_picker.input(on_version_detail, detail_picker, detail, api_name="admin_version_detail", **FREE)
-    deploy_btn.click(on_deploy, [deploy_to, force], [versions_message, *outputs], api_name="admin_deploy",
-                     **ONE_SWAP)
-    rollback_btn.click(on_roll_back, None, [versions_message, *outputs], api_name="admin_roll_back", **ONE_SWAP)
-    actions = [canary, promote_btn, reject_btn]
-    gr.on([tab.select, refresh_btn.click], on_canary, outputs=actions, api_name="admin_canary", **FREE)
-    promote_btn.click(on_canary_action(admin_canary.promote_canary), None, [versions_message, *actions, *outputs],
+    _, promote_btn, reject_btn = actions
+    gr.on(refreshed, on_canary, outputs=actions, api_name="admin_canary", **FREE)
+    promote_btn.click(on_canary_action(admin_canary.promote_canary), None, [message, *actions, *outputs],
                       api_name="admin_promote_canary", **ONE_SWAP)
-    reject_btn.click(on_canary_action(admin_canary.reject_canary), None, [versions_message, *actions, *outputs],
+    reject_btn.click(on_canary_action(admin_canary.reject_canary), None, [message, *actions, *outputs],
                      api_name="admin_reject_canary", **ONE_SWAP)
