@@ -274,6 +274,9 @@ def test_start_round_validates_like_the_api_and_triggers_are_stored(ctx, account
     assert settings.get("auto_train_every_labels") == "25" and settings.get("auto_train_every_minutes") == "0"
     assert json.loads(settings.get("auto_train_config"))["algorithm"] == "kto"
     assert "beta" not in json.loads(settings.get("auto_train_config"))
+    assert "Note" not in view.message
+    online = admin_rounds.save_triggers(ctx, "boss", True, 25, 0, {**defaults, "sync_every": 1})  # with RPO: advised
+    assert "**Note:** rpo_alpha 1 with sync_every 1" in online.message, online.message
     off = admin_rounds.save_triggers(ctx, "boss", False, 25, 10, defaults)
     assert not off.enabled and settings.get("auto_train_every_labels") == "0" and off.message == "Automatic rounds off."
 
