@@ -9,6 +9,7 @@ one level deep. Every default is chosen so that a default round on SmolLM2-135M 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 from learner.errors import ConfigError
@@ -166,8 +167,8 @@ class RoundConfig:
     #   0.92 [0.84, 0.98] vs 0.93 [0.86, 0.98] (paired -0.005 [-0.115, +0.104], n = 288): not shown different, not
     #   enough to change the paper's choice (with rollout_prompts 2 as well, a 94 s round: -0.010 [-0.094, +0.078]);
     #   under rpo_alpha 1 (today's loss) `all` with rollout_prompts 2 cost `concise` at 64 labels: 0.89 [0.77, 0.97]
-    #   vs 0.98 [0.96, 1.00], paired -0.095 [-0.215, -0.005] (n = 288). `structured`'s rounds at these sizes take no
-    #   rollouts to act on
+    #   vs 0.98 [0.96, 1.00], paired -0.095 [-0.215, -0.005] (n = 288), so a round with "all" and rpo_alpha > 0
+    #   says so (`advisories`). `structured`'s rounds at these sizes take no rollouts to act on
     max_new_tokens: int = 64  # rollout and eval answers; shorter than the app's 96 to keep a CPU round quick
     temperature: float = 0.8  # the policy service's temperature, so rollouts look like what annotators rank
     top_p: float = 0.95  # same as the policy service: cuts the junk tail of a small model
@@ -237,21 +238,26 @@ class RoundConfig:
         return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p)
 
 
-# Combinations of settings the learning benchmark measured worse than a neighbour (docs/benchmarks.md). Each is a
-# choice an admin may still make, so not a ConfigError: a round run with one says so among its warnings (Admin ->
-# Versions, the round's events, metrics.json). One cell of three seeds each, so advice, not a changed default.
-ONLINE_RPO_ADVICE = (
-    "rpo_alpha {alpha:g} with sync_every 1 (online rounds) was measured worse than rpo_alpha 0 there (bench.loop, "
-    "`concise`, 32 labels, 3 seeds: win-rate vs base 0.74 vs 0.92, paired -0.181 [-0.323, -0.047], n = 288; "
-    "docs/benchmarks.md): set rpo_alpha 0 for online rounds, or sync_every 4 (semi-online) to keep RPO")
+# Combinations of settings the learning benchmark measured worse than a neighbour (docs/benchmarks.md), each as
+# (applies to a config, what to say). Each is a choice an admin may still make, so not a ConfigError: a round run with
+# one says so among its warnings (Admin -> Versions, the round's events, metrics.json), and so do POST /api/train and
+# Admin -> Train when it starts. One cell of three seeds each, so advice, not a changed default.
+ADVISORIES: tuple[tuple[Callable[[RoundConfig], bool], str], ...] = (
+    (lambda c: c.algorithm == "dpo" and c.sync_every == 1 and c.rpo_alpha > 0,
+     "rpo_alpha {c.rpo_alpha:g} with sync_every 1 (online rounds) was measured worse than rpo_alpha 0 there "
+     "(bench.loop, `concise`, 32 labels, 3 seeds: win-rate vs base 0.74 vs 0.92, paired -0.181 [-0.323, -0.047], "
+     "n = 288; docs/benchmarks.md): set rpo_alpha 0 for online rounds, or sync_every 4 (semi-online) to keep RPO"),
+    (lambda c: c.algorithm == "dpo" and c.rollout_pairs == "all" and c.rpo_alpha > 0,
+     "rollout_pairs 'all' with rpo_alpha {c.rpo_alpha:g} was measured worse than 'best_worst' (bench.loop, "
+     "`concise`, 64 labels, 3 seeds, with rollout_prompts 2: win-rate vs base 0.89 vs 0.98, paired -0.095 [-0.215, "
+     "-0.005], n = 288; docs/benchmarks.md): keep 'best_worst' under RPO (under plain DPO, rpo_alpha 0, 'all' "
+     "was not shown different: -0.005 [-0.115, +0.104])"),
+)
 
 
 def advisories(c: RoundConfig) -> list[str]:
     """What the learning benchmark says against this config's combination of settings (empty when nothing)."""
-    found = []
-    if c.algorithm == "dpo" and c.sync_every == 1 and c.rpo_alpha > 0:
-        found.append(ONLINE_RPO_ADVICE.format(alpha=c.rpo_alpha))
-    return found
+    return [advice.format(c=c) for applies, advice in ADVISORIES if applies(c)]
 
 
 def _coerce(name: str, type_name: str, value):

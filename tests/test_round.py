@@ -131,14 +131,17 @@ def test_rpo_alpha_defaults_to_1_for_dpo_and_to_0_where_no_pair_has_a_chosen_ans
         RoundConfig(algorithm="kto")
 
 
-def test_an_online_round_with_rpo_is_advised_against_and_nothing_else_is():
+def test_settings_measured_worse_together_are_advised_against_and_nothing_else_is():
     online = RoundConfig.from_dict({"sync_every": 1})
     (advice,) = advisories(online)
     assert "rpo_alpha 1 with sync_every 1" in advice and "paired -0.181 [-0.323, -0.047], n = 288" in advice
     assert "set rpo_alpha 0" in advice
     assert "rpo_alpha 0.5 with" in advisories(RoundConfig.from_dict({"sync_every": 1, "rpo_alpha": 0.5}))[0]
+    (all_pairs,) = advisories(RoundConfig.from_dict({"rollout_pairs": "all"}))
+    assert "rollout_pairs 'all' with rpo_alpha 1" in all_pairs and "paired -0.095 [-0.215, -0.005]" in all_pairs
+    assert len(advisories(RoundConfig.from_dict({"rollout_pairs": "all", "sync_every": 1}))) == 2
     for quiet in ({}, {"sync_every": 1, "rpo_alpha": 0}, {"sync_every": 2}, {"algorithm": "kto", "sync_every": 1},
-                  {"algorithm": "reward", "sync_every": 1}):
+                  {"algorithm": "reward", "sync_every": 1}, {"rollout_pairs": "all", "rpo_alpha": 0}):
         assert advisories(RoundConfig.from_dict(quiet)) == [], quiet
 
 
