@@ -55,16 +55,17 @@ class RoundConfig:
     rpo_alpha: float = 1.0  # weight of the chosen answers' per-token negative log-likelihood added to DPO's loss
     #   (RPO, arXiv 2404.19733, which used 1; TRL's former `rpo_alpha`, now loss_type ["sigmoid", "sft"]): DPO alone
     #   may lower the chosen answers' likelihood along with the rejected ones'. DPO only: `from_dict` without it gives
-    #   kto and reward 0. Measured at 1 vs 0 (docs/benchmarks.md, bench.loop, seeds 0-2, n = 288):
-    #   `concise` 32 labels 0.86 [0.77, 0.94] vs 0.81 (paired +0.049 [-0.122, +0.252]); `concise` 64 labels every
-    #   round deployed (KL <= 11.3) where 0's stalled at max_kl, 0.98 [0.96, 1.00] vs 0.93 (paired +0.057 [+0.010,
-    #   +0.122]); `structured` 32 labels 0.53 vs 0.54 (paired -0.017 [-0.097, +0.059]: its few pairs limit);
-    #   `structured` 64 labels 0.65 vs 0.63 (paired +0.019 [-0.219, +0.212]). Better once (paired interval
-    #   above 0), never measurably worse; as the default, `structured` 48 labels 0.62 [0.52, 0.72] vs plain DPO's
-    #   0.63 in the same precision (paired -0.009 [-0.111, +0.106]); `concise` 16 labels 0.71 [0.63, 0.79] and
-    #   48 labels 0.95 [0.91, 0.98]. Not with sync_every 1 (online): there 1 vs 0 read 0.74 vs 0.92 at `concise` 32
-    #   labels (paired -0.181 [-0.323, -0.047]): online rounds should set 0, and a round that does not says so
-    #   (`advisories`)
+    #   kto and reward 0. Measured at 1 vs 0 (docs/benchmarks.md, bench.loop, seeds 0-2, n = 288): `concise` 32 labels
+    #   0.86 [0.77, 0.94] vs 0.81 (paired +0.049 [-0.122, +0.252]); `concise` 64 labels every round deployed (KL <=
+    #   11.3) where 0's stalled at max_kl, 0.98 [0.96, 1.00] vs 0.93 (paired +0.057 [+0.010, +0.122]); `structured` 32
+    #   labels 0.53 vs 0.54 (paired -0.017 [-0.097, +0.059]: its few pairs limit); `structured` 64 labels 0.65 vs 0.63
+    #   (paired +0.019 [-0.219, +0.212]). Better once (paired interval above 0), not measurably worse in those cells;
+    #   as the default, `structured` 48 labels 0.62 [0.52, 0.72] vs plain DPO's 0.63 in the same precision (paired
+    #   -0.009 [-0.111, +0.106]); `concise` 16 labels 0.71 [0.63, 0.79] and 48 labels 0.95 [0.91, 0.98]. Not with
+    #   sync_every 1 (online): there 1 vs 0 read 0.74 vs 0.92 at `concise` 32 labels (paired -0.181 [-0.323, -0.047]):
+    #   online rounds should set 0, and a round that does not says so (`advisories`). And a long lineage moves less:
+    #   `structured` 128 labels 0.84 [0.74, 0.94] vs plain DPO's 0.88 (paired -0.049 [-0.096, -0.002], every seed; KL
+    #   5.5-8.7 after eight rounds where 0's reached max_kl)
     desirable_weight: float = 1.0  # KTO's λ_D; the paper's default with balanced thumbs (arXiv 2402.01306)
     undesirable_weight: float = 1.0  # KTO's λ_U; keep λ_D·n_D / (λ_U·n_U) in [1, 4/3] (Eq. 9 of the KTO paper)
     steps: int = 12  # optimizer steps per round; rounds repeat as labels arrive
