@@ -76,6 +76,12 @@ class Run:
     def base_answers(self) -> str | None:
         return _read(self.directory / "base" / f"seed{self.seed}.json")
 
+    @property
+    def stopped_at(self) -> int:
+        """The labels its directory's runs went to (grid.json's `labels`): a run judged at fewer was a learning-curve
+        checkpoint of a longer lineage."""
+        return json.loads(_read(self.directory / "grid.json"))["labels"]
+
 
 @cache
 def _read(path: Path) -> str | None:
@@ -135,17 +141,21 @@ def pooled(runs: list[Run]) -> Estimate:
 
 def matched(first: list[Run], second: list[Run]) -> list[tuple[Run, Run]]:
     """Runs of the two groups paired one to one by seed, where both judged the same base answers: a seed's only run
-    on each side, or else its one pair of runs in the same precision (a seed with several candidate pairs is left
-    out: no way to say which pairs with which)."""
+    on each side, or else its one pair of runs in the same precision, or else its one such pair whose runs stopped at
+    the same budget (a run that went to 32 labels pairs with another that did, not with a longer lineage's checkpoint
+    at 32). A seed with several candidate pairs still is left out: no way to say which pairs with which."""
     pairs = []
     for seed in sorted({r.seed for r in first} & {r.seed for r in second}):
         a = [r for r in first if r.seed == seed]
         b = [r for r in second if r.seed == seed]
         same = [(x, y) for x in a for y in b if x.precision == y.precision]
+        alike = [(x, y) for x, y in same if x.stopped_at == y.stopped_at]
         if len(a) == len(b) == 1:
             pairs.append((a[0], b[0]))
         elif len(same) == 1:
             pairs.append(same[0])
+        elif len(alike) == 1:
+            pairs.append(alike[0])
     return [(x, y) for x, y in pairs if x.base_answers() is not None and x.base_answers() == y.base_answers()]
 
 

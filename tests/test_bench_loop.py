@@ -535,6 +535,26 @@ def test_summary_pools_directories_by_what_they_measure_and_pairs_runs_by_seed_p
     assert "semi-online - offline | 0 (bf16" not in text
 
 
+def test_summary_pairs_a_seed_judged_twice_with_the_run_that_stopped_at_the_same_budget(tmp_path):
+    """A lineage judged along the way (its 32-label checkpoint) and a run that stopped at 32 both measure the
+    defaults at 32 labels; against a third run that stopped at 32, the one that did too is the pair."""
+    base = {0: [["a", "b"]] * 4}
+    bf16 = "float32 weights, bfloat16 autocast"
+    stopped = {**row(arm="semi-online", verdicts=random_verdicts((4, 2), seed=1).tolist()), "precision": bf16}
+    checkpoint = {**row(arm="semi-online", verdicts=random_verdicts((4, 2), seed=2).tolist()), "precision": bf16}
+    other = {**row(arm="offline", verdicts=random_verdicts((4, 2), seed=3).tolist()), "precision": bf16}
+    results_dir(tmp_path, "stopped", [stopped, other], base)
+    results_dir(tmp_path, "lineage", [checkpoint], base, labels=64)
+    text = summary(tmp_path)
+    pooled = win_rate([stopped["verdicts"], checkpoint["verdicts"]])
+    assert f"| 32 | semi-online | defaults | 4 x 2 | 0, 0 (bf16) | {pooled.value:.2f} |" in text
+    d = paired_difference([stopped["verdicts"]], [other["verdicts"]])
+    assert (f"| 32 | semi-online - offline | 0 (bf16) | {d.value:+.3f} | [{d.ci95[0]:+.3f}, {d.ci95[1]:+.3f}] | 8 |"
+            in text)
+    wrong = paired_difference([checkpoint["verdicts"]], [other["verdicts"]])
+    assert f"| {wrong.value:+.3f} |" not in text or wrong.value == d.value
+
+
 def test_summary_compares_an_override_with_the_same_rankings_without_it(tmp_path):
     base = {0: [["a", "b"]] * 4}
     runs = {name: {**row(arm="semi-online", seed=0, verdicts=random_verdicts((4, 2), seed=seed).tolist()),
