@@ -62,10 +62,11 @@ class RoundConfig:
     #   (paired +0.019 [-0.219, +0.212]). Better once (paired interval above 0), not measurably worse in those cells;
     #   as the default, `structured` 48 labels 0.62 [0.52, 0.72] vs plain DPO's 0.63 in the same precision (paired
     #   -0.009 [-0.111, +0.106]); `concise` 16 labels 0.71 [0.63, 0.79] and 48 labels 0.95 [0.91, 0.98]. Not with
-    #   sync_every 1 (online): there 1 vs 0 read 0.74 vs 0.92 at `concise` 32 labels (paired -0.181 [-0.323, -0.047]):
-    #   online rounds should set 0, and a round that does not says so (`advisories`). And a long lineage moves less:
-    #   `structured` 128 labels 0.84 [0.74, 0.94] vs plain DPO's 0.88 (paired -0.049 [-0.096, -0.002], every seed; KL
-    #   5.5-8.7 after eight rounds where 0's reached max_kl)
+    #   sync_every 1 (online): there 1 vs 0 read 0.74 vs 0.88 at `concise` 32 labels, the same seeds and code (paired
+    #   -0.137 [-0.227, -0.042]; -0.181 [-0.323, -0.047] against older plain runs, 0.92): online rounds should set 0,
+    #   and a round that does not says so (`advisories`). And a long lineage moves less: `structured` 128 labels 0.84
+    #   [0.74, 0.94] vs plain DPO's 0.88 (paired -0.049 [-0.096, -0.002], every seed; KL 5.5-8.7 after eight rounds
+    #   where 0's reached max_kl)
     desirable_weight: float = 1.0  # KTO's λ_D; the paper's default with balanced thumbs (arXiv 2402.01306)
     undesirable_weight: float = 1.0  # KTO's λ_U; keep λ_D·n_D / (λ_U·n_U) in [1, 4/3] (Eq. 9 of the KTO paper)
     steps: int = 12  # optimizer steps per round; rounds repeat as labels arrive
@@ -246,8 +247,9 @@ class RoundConfig:
 ADVISORIES: tuple[tuple[Callable[[RoundConfig], bool], str], ...] = (
     (lambda c: c.algorithm == "dpo" and c.sync_every == 1 and c.rpo_alpha > 0,
      "rpo_alpha {c.rpo_alpha:g} with sync_every 1 (online rounds) was measured worse than rpo_alpha 0 there "
-     "(bench.loop, `concise`, 32 labels, 3 seeds: win-rate vs base 0.74 vs 0.92, paired -0.181 [-0.323, -0.047], "
-     "n = 288; docs/benchmarks.md): set rpo_alpha 0 for online rounds, or sync_every 4 (semi-online) to keep RPO"),
+     "(bench.loop, `concise`, 32 labels, the same 3 seeds: win-rate vs base 0.74 vs 0.88, paired -0.137 [-0.227, "
+     "-0.042], n = 288; docs/benchmarks.md): set rpo_alpha 0 for online rounds, or sync_every 4 (semi-online) to "
+     "keep RPO"),
     (lambda c: c.algorithm == "dpo" and c.rollout_pairs == "all" and c.rpo_alpha > 0,
      "rollout_pairs 'all' with rpo_alpha {c.rpo_alpha:g} was measured worse than 'best_worst' (bench.loop, "
      "`concise`, 64 labels, 3 seeds, with rollout_prompts 2: win-rate vs base 0.89 vs 0.98, paired -0.095 [-0.215, "

@@ -134,7 +134,7 @@ def test_rpo_alpha_defaults_to_1_for_dpo_and_to_0_where_no_pair_has_a_chosen_ans
 def test_settings_measured_worse_together_are_advised_against_and_nothing_else_is():
     online = RoundConfig.from_dict({"sync_every": 1})
     (advice,) = advisories(online)
-    assert "rpo_alpha 1 with sync_every 1" in advice and "paired -0.181 [-0.323, -0.047], n = 288" in advice
+    assert "rpo_alpha 1 with sync_every 1" in advice and "paired -0.137 [-0.227, -0.042], n = 288" in advice
     assert "set rpo_alpha 0" in advice
     assert "rpo_alpha 0.5 with" in advisories(RoundConfig.from_dict({"sync_every": 1, "rpo_alpha": 0.5}))[0]
     (all_pairs,) = advisories(RoundConfig.from_dict({"rollout_pairs": "all"}))
