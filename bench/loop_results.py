@@ -205,7 +205,14 @@ def round_settings(row: dict, grid_overrides: dict) -> dict:
     today = today_round_defaults()
     ran = {**today, **ROUND_FIELDS_ADDED, **row.get("round_defaults", LEGACY_ROUND_DEFAULTS), **grid_overrides}
     unused = UNUSED_BY_ARM.get(row.get("arm"), set())
-    return {k: v for k, v in ran.items() if k in today and k not in unused and v != today[k]}
+    return {k: _as_default_type(v, today[k]) for k, v in ran.items()
+            if k in today and k not in unused and v != today[k]}
+
+
+def _as_default_type(value, default):
+    """A float field given as a JSON integer (`--round rpo_alpha=0`) reads as the float it ran as (0.0), so that runs
+    of one setting pool whichever way it was written."""
+    return float(value) if isinstance(default, float) and type(value) is int else value
 
 
 def grid_settings(directory: Path) -> dict | None:

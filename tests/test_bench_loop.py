@@ -555,6 +555,15 @@ def test_summary_pairs_a_seed_judged_twice_with_the_run_that_stopped_at_the_same
     assert f"| {wrong.value:+.3f} |" not in text or wrong.value == d.value
 
 
+def test_summary_pools_a_float_setting_whichever_way_it_was_written(tmp_path):
+    base = {0: [["a", "b"]] * 4}
+    runs = [{**row(arm="online", verdicts=random_verdicts((4, 2), seed=s).tolist()), "precision": "float32"}
+            for s in (1, 2)]
+    results_dir(tmp_path, "float", [runs[0]], base, round={"rpo_alpha": 0.0})
+    results_dir(tmp_path, "int", [runs[1]], base, round={"rpo_alpha": 0})  # `--round rpo_alpha=0`
+    assert "| 32 | online | rpo_alpha=0.0 | 4 x 2 | 0, 0 (fp32) |" in summary(tmp_path)
+
+
 def test_summary_compares_an_override_with_the_same_rankings_without_it(tmp_path):
     base = {0: [["a", "b"]] * 4}
     runs = {name: {**row(arm="semi-online", seed=0, verdicts=random_verdicts((4, 2), seed=seed).tolist()),
@@ -629,6 +638,10 @@ def test_rows_recorded_before_rpo_alpha_existed_ran_plain_dpo_and_kto_rows_never
     assert round_settings({**row(arm="semi-online"), "round_defaults": {**today, "rpo_alpha": 0.0}}, {}) == {
         "rpo_alpha": 0.0}  # recorded while 0 was the default
     assert round_settings({**row(arm="semi-online"), "round_defaults": before}, {"rpo_alpha": 1}) == {}
+    # a float setting written as a JSON integer is the same setting as its float (runs of either pool together)
+    assert round_settings(row(arm="online"), {"rpo_alpha": 0}) == {"rpo_alpha": 0.0}
+    assert json.dumps(round_settings(row(arm="online"), {"rpo_alpha": 0})) == json.dumps(
+        round_settings({**row(arm="online"), "round_defaults": before}, {}))
     assert round_settings({**row(arm="kto"), "round_defaults": before}, {}) == {}  # kto rounds run at 0 always
     # a grid's rollout_pairs is for its DPO arms: kto rounds never pair their rollouts (round_config)
     assert round_settings(row(arm="kto"), {"rollout_pairs": "all"}) == {}
