@@ -203,16 +203,11 @@ def round_settings(row: dict, grid_overrides: dict) -> dict:
     grid's overrides. What defines an arm (its sync_every, algorithm, ...) is not here: bench.loop's round_config
     adds it to every round of that arm, and the fields it never uses (UNUSED_BY_ARM) are left out."""
     today = today_round_defaults()
-    ran = {**today, **ROUND_FIELDS_ADDED, **row.get("round_defaults", LEGACY_ROUND_DEFAULTS), **grid_overrides}
+    # in the fields' types: `--round rpo_alpha=0` is the setting older rows record as 0.0, and pools with them
+    ran = RoundConfig.typed({**today, **ROUND_FIELDS_ADDED, **row.get("round_defaults", LEGACY_ROUND_DEFAULTS),
+                             **grid_overrides})
     unused = UNUSED_BY_ARM.get(row.get("arm"), set())
-    return {k: _as_default_type(v, today[k]) for k, v in ran.items()
-            if k in today and k not in unused and v != today[k]}
-
-
-def _as_default_type(value, default):
-    """A float field given as a JSON integer (`--round rpo_alpha=0`) reads as the float it ran as (0.0), so that runs
-    of one setting pool whichever way it was written."""
-    return float(value) if isinstance(default, float) and type(value) is int else value
+    return {k: v for k, v in ran.items() if k in today and k not in unused and v != today[k]}
 
 
 def grid_settings(directory: Path) -> dict | None:

@@ -64,6 +64,8 @@ class Measure:
 class Run:
     row: dict
     directory: Path
+    stopped_at: int  # the labels its directory's runs went to (grid.json's `labels`): a run judged at fewer was a
+    #   learning-curve checkpoint of a longer lineage
 
     @property
     def seed(self) -> int:
@@ -75,12 +77,6 @@ class Run:
 
     def base_answers(self) -> str | None:
         return _read(self.directory / "base" / f"seed{self.seed}.json")
-
-    @property
-    def stopped_at(self) -> int:
-        """The labels its directory's runs went to (grid.json's `labels`): a run judged at fewer was a learning-curve
-        checkpoint of a longer lineage."""
-        return json.loads(_read(self.directory / "grid.json"))["labels"]
 
 
 @cache
@@ -109,7 +105,7 @@ def collect(root: Path) -> dict[Measure, list[Run]]:
                                     **canary_settings(settings.get("canary", {}), ran_under)}, sort_keys=True)
             measure = Measure(row["persona"], row["labels"], row["arm"], settings["held_out"], settings["samples"],
                               settings["ties"], overrides)
-            groups[measure].append(Run(row, directory))
+            groups[measure].append(Run(row, directory, settings["labels"]))
     for measure, runs in groups.items():
         if any(r.row["prompts"] != runs[0].row["prompts"] for r in runs):
             raise SystemExit(f"{measure.persona}/{measure.arm}/{measure.labels} labels: runs judged on different "

@@ -223,13 +223,16 @@ class RoundConfig:
         for key in values:
             if key not in known:
                 raise ConfigError(f"unknown config key {key!r}; known: {', '.join(known)}")
-        typed = {}
-        for f in fields(cls):
-            if f.name in values:
-                typed[f.name] = _coerce(f.name, f.type, values[f.name])
+        typed = cls.typed(values)
         if typed.get("algorithm", "dpo") != "dpo":
             typed = {**DPO_ONLY, **typed}
         return cls(**typed)
+
+    @classmethod
+    def typed(cls, values: dict) -> dict:
+        """`values`' RoundConfig fields in their declared types (JSON's 0 for a float field is 0.0), each checked on
+        its own; other keys are left out. `from_dict` checks them together."""
+        return {f.name: _coerce(f.name, f.type, values[f.name]) for f in fields(cls) if f.name in values}
 
     def to_dict(self) -> dict:
         return asdict(self)

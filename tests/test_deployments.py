@@ -333,7 +333,8 @@ def test_a_round_started_by_hand_during_a_canary_says_it_may_supersede_it(ctx, s
         ctx.scheduler.wait(run_id)
         return message
 
-    assert "canary" not in start_and_stop() and "Note" not in start_and_stop()
+    plain = start_and_stop()
+    assert "canary" not in plain and "Note" not in plain
     # An online round with RPO (measured worse than without, learner.config.advisories) is started, with that note.
     assert "**Note:** rpo_alpha 1 with sync_every 1" in start_and_stop({"steps": 1, "sync_every": 1})
     v1 = start_canary(ctx, boss, add_version)
