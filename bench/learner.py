@@ -5,6 +5,7 @@
     .venv/bin/python -m bench.learner round --items 24 --round steps=8   # the same with RoundConfig overrides
     .venv/bin/python -m bench.learner round --items 24 --precisions fp32,auto  # one snapshot, a round per precision
     .venv/bin/python -m bench.learner round --items 24 --also lora_layers=10  # one snapshot: default, then overridden
+    .venv/bin/python -m bench.learner round --warm  # a first round, then again with the reference cache it filled
     .venv/bin/python -m bench.learner api       # POST /api/train -> the new version's first item from /api/items/next
     .venv/bin/python -m bench.learner rollouts [--adapter DIR]  # a round's rollouts sampled merged vs unmerged
     .venv/bin/python -m bench.learner eval      # the evaluation's sampling: one mixed batch vs alone vs draws reused
@@ -261,10 +262,13 @@ def labelled_store(data_dir: Path, n_items: int):
 
 
 def bench_round(n_items: int, overrides: dict | None = None, precisions: list[str] | None = None,
-                also: dict | None = None) -> None:
+                also: dict | None = None, warm: bool = False) -> None:
     """One default round on n_items rankings; with `precisions` (e.g. fp32,auto) the same snapshot is trained once
     per precision, so the figures differ by the precision alone (the items are sampled once, in the default's);
-    with `also` (RoundConfig overrides) once more with them on top, so two configs' figures differ by them alone."""
+    with `also` (RoundConfig overrides) once more with them on top, so two configs' figures differ by them alone.
+    `warm`: the rounds share a reference cache directory, as the server's rounds do (`--ref-cache`), and the first
+    config runs once more at the end, finding what the first run left there: the base model's eval answers and the
+    reference log-probs of every human answer (a later round in the app finds those of the labels it saw before)."""
     from learner.config import RoundConfig
     from storage.exports import write_snapshot
 
@@ -274,17 +278,19 @@ def bench_round(n_items: int, overrides: dict | None = None, precisions: list[st
         store, policy, _ = labelled_store(tmp / "data", n_items)
         write_snapshot(store, tmp / "snapshot", parent_version=0, base_model=str(policy.base_model_dir))
         variants = [overrides or {}] + ([{**(overrides or {}), **also}] if also else [])
+        ref_cache = tmp / "ref-cache" if warm else None
         outs = []
-        for i, variant in enumerate(variants):
+        for i, variant in enumerate(variants + ([variants[0]] if warm else [])):
             config = RoundConfig.from_dict(variant)
             named = ", ".join(f"{k}={v}" for k, v in variant.items())
             title = f"round with {named}" if named else "default round"
-            print(f"one {title} on {n_items} rankings (DPO, {config.steps} steps, batch {config.batch_size} pairs, "
-                  f"reward {config.reward_steps} steps, rollouts {config.rollout_prompts}x{config.rollout_n} every "
-                  f"{config.sync_every} steps)")
+            again = " again, the reference cache warm" if i == len(variants) else ""
+            print(f"one {title}{again} on {n_items} rankings (DPO, {config.steps} steps, batch {config.batch_size} "
+                  f"pairs, reward {config.reward_steps} steps, rollouts {config.rollout_prompts}x{config.rollout_n} "
+                  f"every {config.sync_every} steps)")
             for precision in precisions or [None]:
                 out = tmp / f"v1-{i}-{precision or 'default'}"
-                _round_figures(tmp / "snapshot", policy.base_model_dir, out, config, precision)
+                _round_figures(tmp / "snapshot", policy.base_model_dir, out, config, precision, ref_cache)
                 outs.append(out)
         start = time.perf_counter()
         policy.load_adapter(1, outs[-1] / "adapter")
@@ -294,8 +300,10 @@ def bench_round(n_items: int, overrides: dict | None = None, precisions: list[st
         store.close()
 
 
-def _round_figures(snapshot: Path, base_model_dir: Path, out: Path, config, precision: str | None) -> None:
-    """Run one round (in `precision`, else PREFLOOP_PRECISION's) and print its time, data and held-out figures."""
+def _round_figures(snapshot: Path, base_model_dir: Path, out: Path, config, precision: str | None,
+                   ref_cache: Path | None = None) -> None:
+    """Run one round (in `precision`, else PREFLOOP_PRECISION's; `ref_cache`: the server's `--ref-cache`) and print
+    its time, data and held-out figures."""
     from learner.round import run_round
 
     previous = os.environ.get("PREFLOOP_PRECISION")
@@ -303,7 +311,7 @@ def _round_figures(snapshot: Path, base_model_dir: Path, out: Path, config, prec
         os.environ["PREFLOOP_PRECISION"] = precision
     try:
         started = time.perf_counter()
-        metrics = run_round(snapshot, base_model_dir, None, out, config)
+        metrics = run_round(snapshot, base_model_dir, None, out, config, ref_cache_dir=ref_cache)
         wall = time.perf_counter() - started
     finally:
         if previous is None:
@@ -314,7 +322,8 @@ def _round_figures(snapshot: Path, base_model_dir: Path, out: Path, config, prec
     print(f"  [{metrics['precision']}] {wall:.0f} s wall; phases: {phases}")
     data = metrics["data"]
     print(f"    data: {data['steps']} steps, {data['human_uses']} human / {data['onpolicy_uses']} on-policy example "
-          f"uses, on-policy {data['onpolicy']}; reference log-probs {data['reference_logps']}")
+          f"uses, on-policy {data['onpolicy']}; reference log-probs {data['reference_logps']}; eval answers "
+          f"reused {metrics.get('eval_answers_reused') or 'none'}")
 
     def figure(key: str) -> str:
         f = metrics.get(key)
@@ -610,6 +619,8 @@ def main() -> None:
                    help="RoundConfig override for `round`, e.g. steps=8 (repeatable)")
     p.add_argument("--also", action="append", default=[], metavar="KEY=JSON",
                    help="round: train the same snapshot again with these overrides on top (repeatable)")
+    p.add_argument("--warm", action="store_true", help="round: the rounds share a reference cache, as the server's "
+                   "do, and the first config runs again at the end with what it left there")
     a = p.parse_args()
     if a.what is None and not a.vs_trl:
         p.error("name a benchmark (step, round, api, rollouts, eval, bf16-weights, all) or pass --vs-trl")
@@ -621,7 +632,7 @@ def main() -> None:
         from bench.loop_results import round_overrides  # one parser of KEY=JSON for every benchmark
 
         bench_round(a.items, round_overrides(a.round), a.precisions.split(",") if a.precisions else None,
-                    round_overrides(a.also))
+                    round_overrides(a.also), a.warm)
     if a.what in ("api", "all"):
         bench_api(a.items)
     if a.what in ("rollouts", "all"):
