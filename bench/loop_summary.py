@@ -138,14 +138,17 @@ def pooled(runs: list[Run]) -> Estimate:
 def matched(first: list[Run], second: list[Run]) -> list[tuple[Run, Run]]:
     """Runs of the two groups paired one to one by seed, where both judged the same base answers: a seed's only run
     on each side, or else its one pair of runs in the same precision, or else its one such pair whose runs stopped at
-    the same budget (a run that went to 32 labels pairs with another that did, not with a longer lineage's checkpoint
-    at 32). A seed with several candidate pairs still is left out: no way to say which pairs with which."""
+    the nearest budgets (a run that went to 32 labels pairs with another that did, not with a longer lineage's
+    checkpoint at 32; one that went to 64, with a run that went to 32 rather than 128). A seed with several candidate
+    pairs still is left out: no way to say which pairs with which. The rule reads only how the runs were set up,
+    never their verdicts."""
     pairs = []
     for seed in sorted({r.seed for r in first} & {r.seed for r in second}):
         a = [r for r in first if r.seed == seed]
         b = [r for r in second if r.seed == seed]
         same = [(x, y) for x in a for y in b if x.precision == y.precision]
-        alike = [(x, y) for x, y in same if x.stopped_at == y.stopped_at]
+        nearest = min((abs(x.stopped_at - y.stopped_at) for x, y in same), default=None)
+        alike = [(x, y) for x, y in same if abs(x.stopped_at - y.stopped_at) == nearest]
         if len(a) == len(b) == 1:
             pairs.append((a[0], b[0]))
         elif len(same) == 1:

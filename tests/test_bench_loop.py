@@ -556,6 +556,34 @@ def test_summary_pairs_a_seed_judged_twice_with_the_run_that_stopped_at_the_same
                     f"| 8 |"]
 
 
+def test_summary_pairs_a_run_with_the_candidate_that_stopped_at_the_nearest_budget(tmp_path):
+    """Seed 0 has two semi-online runs judged at 32 labels (one stopped there, one went on to 128) and one offline run
+    judged at 32 on its way to 64: the run that stopped at 32 is nearer, so it is the pair; with the two candidates
+    equally near (48 and 80 around 64 would be), the seed would be left out."""
+    base = {0: [["a", "b"]] * 4}
+    short, long, offline = ({**row(arm=arm, verdicts=random_verdicts((4, 2), seed=s).tolist()), "precision": "float32"}
+                            for arm, s in (("semi-online", 1), ("semi-online", 2), ("offline", 3)))
+    results_dir(tmp_path, "short", [short], base)
+    results_dir(tmp_path, "long", [long], base, labels=128)
+    results_dir(tmp_path, "offline", [offline], base, labels=64)
+    text = summary(tmp_path)
+    d = paired_difference([short["verdicts"]], [offline["verdicts"]])
+    assert d.value != paired_difference([long["verdicts"]], [offline["verdicts"]]).value
+    rows = [line for line in text.splitlines() if line.startswith("| 32 | semi-online - offline |")]
+    assert rows == [f"| 32 | semi-online - offline | 0 (fp32) | {d.value:+.3f} | [{d.ci95[0]:+.3f}, {d.ci95[1]:+.3f}] "
+                    f"| 8 |"]
+
+
+def test_summary_leaves_out_a_seed_whose_candidates_stopped_equally_near(tmp_path):
+    base = {0: [["a", "b"]] * 4}
+    runs = [{**row(arm=arm, verdicts=random_verdicts((4, 2), seed=s).tolist()), "precision": "float32"}
+            for arm, s in (("semi-online", 1), ("semi-online", 2), ("offline", 3))]
+    results_dir(tmp_path, "to48", [runs[0]], base, labels=48)
+    results_dir(tmp_path, "to80", [runs[1]], base, labels=80)
+    results_dir(tmp_path, "offline", [runs[2]], base, labels=64)
+    assert "| 32 | semi-online - offline |" not in summary(tmp_path)
+
+
 def test_summary_pools_a_float_setting_whichever_way_it_was_written(tmp_path):
     base = {0: [["a", "b"]] * 4}
     runs = [{**row(arm="online", verdicts=random_verdicts((4, 2), seed=s).tolist()), "precision": "float32"}
