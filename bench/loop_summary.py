@@ -147,8 +147,8 @@ def matched(first: list[Run], second: list[Run]) -> list[tuple[Run, Run]]:
         a = [r for r in first if r.seed == seed]
         b = [r for r in second if r.seed == seed]
         same = [(x, y) for x in a for y in b if x.precision == y.precision]
-        nearest = min((abs(x.stopped_at - y.stopped_at) for x, y in same), default=None)
-        alike = [(x, y) for x, y in same if abs(x.stopped_at - y.stopped_at) == nearest]
+        nearest = min(map(_budget_gap, same), default=None)
+        alike = [pair for pair in same if _budget_gap(pair) == nearest]
         if len(a) == len(b) == 1:
             pairs.append((a[0], b[0]))
         elif len(same) == 1:
@@ -156,6 +156,10 @@ def matched(first: list[Run], second: list[Run]) -> list[tuple[Run, Run]]:
         elif len(alike) == 1:
             pairs.append(alike[0])
     return [(x, y) for x, y in pairs if x.base_answers() is not None and x.base_answers() == y.base_answers()]
+
+
+def _budget_gap(pair: tuple[Run, Run]) -> int:
+    return abs(pair[0].stopped_at - pair[1].stopped_at)
 
 
 def difference(pairs: list[tuple[Run, Run]]) -> Estimate:
