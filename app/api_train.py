@@ -35,8 +35,8 @@ def version_json(v: PolicyVersion, serving: int, canary: CanaryStatus | None) ->
 def train(user: Admin, c: Ctx, body: Annotated[dict[str, Any], Body()] = None) -> dict:
     """Start a round: `{"algorithm": "dpo"|"kto"|"reward", ...RoundConfig overrides}`. 409 while one runs. Its
     `warnings`: combinations of these settings the learning benchmark measured worse (the round repeats them)."""
-    run_id = c.scheduler.start(body or {})
-    return {"run_id": run_id, "warnings": advisories(RoundConfig.from_dict(body or {}))}
+    config = RoundConfig.from_dict(body or {})
+    return {"run_id": c.scheduler.start(config), "warnings": advisories(config)}
 
 
 @router.get("/train", response_model=TrainState)

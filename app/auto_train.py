@@ -84,7 +84,7 @@ class AutoTrainer:
                 self._pause_said = paused
             return
         try:
-            run_id = self.scheduler.start(auto.config)
+            run_id = self.scheduler.start(RoundConfig.from_dict(auto.config))
             log.info("automatic round %s started (%s)", run_id, why)
         except Conflict:
             pass  # a round is already running; the next trigger tries again

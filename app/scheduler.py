@@ -71,9 +71,9 @@ class Scheduler:
         self.cores = CoreShare(policy)  # AppContext gives it the buffer to top up before a round
 
     # -- rounds -------------------------------------------------------------------------------------------------
-    def start(self, overrides: dict) -> int:
-        """Queue a round now; 409 (Conflict) when one is running, 422 (ConfigError) for unknown/invalid keys."""
-        round_config = RoundConfig.from_dict(overrides)
+    def start(self, round_config: RoundConfig) -> int:
+        """Queue a round now with a config the caller validated (`RoundConfig.from_dict`: 422 for unknown or invalid
+        keys, before anything is queued); 409 (Conflict) when one is running."""
         with self._lock:
             active = self.store.runs.active()
             if active is not None or self._run_id is not None:

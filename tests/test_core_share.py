@@ -9,6 +9,7 @@ import torch
 from app.cores import CoreShare
 from app.generation.worker import WorkerBackend
 from app.policy import PolicyService
+from learner.config import RoundConfig
 from learner.round import follow_threads
 from learner.sampling import SamplingParams
 
@@ -91,8 +92,9 @@ def test_a_round_started_by_the_server_follows_the_share_of_the_worker(serve_con
                                         for a in answers])
             ids = [a.answer_id for a in ctx.store.items.get(item.item_id).answers]
             ctx.store.labels.add_ranking(item.item_id, user, ids, seconds=1.0)
-        run_id = ctx.scheduler.start({"steps": 2, "batch_size": 2, "reward_steps": 2, "rollout_prompts": 2,
-                                      "rollout_n": 2, "eval_prompts": 2, "eval_n": 2, "max_new_tokens": 8})
+        run_id = ctx.scheduler.start(RoundConfig.from_dict({
+            "steps": 2, "batch_size": 2, "reward_steps": 2, "rollout_prompts": 2, "rollout_n": 2, "eval_prompts": 2,
+            "eval_n": 2, "max_new_tokens": 8}))
         status = ctx.scheduler.wait(run_id)
         assert status in ("succeeded", "rejected"), ctx.store.runs.get(run_id).error
         threads = serve_config.data_dir / "runs" / f"run-{run_id}" / "threads"

@@ -15,6 +15,7 @@ from test_round import TINY, assert_complete, lora_weights, write_snapshot
 from test_train_api import QUICK, label_items
 
 from app.scheduler import round_launcher
+from learner.config import RoundConfig
 
 
 def run_on_two_processes(tmp_path, tiny_model_dir, overrides: dict) -> tuple[dict, list[dict]]:
@@ -92,7 +93,7 @@ def test_the_server_runs_a_round_on_round_processes_and_cancels_it_whole(ctx, ac
     """(A whole round on two processes is the tests above; this one is the server's launcher and its Cancel.)"""
     label_items(ctx, sample_items, 4)
     serving = ctx.deployments.serving
-    run_id = ctx.scheduler.start({**QUICK, "steps": 5000})
+    run_id = ctx.scheduler.start(RoundConfig.from_dict({**QUICK, "steps": 5000}))
     wait_for(lambda: ctx.store.runs.get(run_id).phase == "policy", 300, "the round to train")
     launcher = ctx.scheduler.process
     workers = children(launcher.pid)

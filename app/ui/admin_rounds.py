@@ -245,18 +245,18 @@ def overrides_from(knobs: dict) -> dict:
             if (value is not None or by_name[name].nullable) and value != by_name[name].default}
 
 
-def advice_lines(overrides: dict) -> str:
+def advice_lines(config: RoundConfig) -> str:
     """What the learning benchmark says against these round settings (learner.config.advisories), as Markdown."""
-    return "".join(f"\n\n**Note:** {advice}" for advice in advisories(RoundConfig.from_dict(overrides)))
+    return "".join(f"\n\n**Note:** {advice}" for advice in advisories(config))
 
 
 def start_round(ctx: AppContext, username: str | None, knobs: dict) -> str:
     """Start a round now (same call as POST /api/train); ConfigError names a bad value, Conflict a running round."""
     require_admin(ctx, username)
-    overrides = overrides_from(knobs)
-    run_id = ctx.scheduler.start(overrides)
+    config = RoundConfig.from_dict(overrides_from(knobs))
+    run_id = ctx.scheduler.start(config)
     message = f"Round {run_id} started. Watch it in **Overview**; its metrics appear in **Versions** when it ends."
-    message += advice_lines(overrides)
+    message += advice_lines(config)
     canary = ctx.deployments.pending_canary
     if canary is not None and ctx.deployments.round_parent() == canary.version:
         message += (f"\n\nThe canary v{canary.version} is still being judged: this round trains from it "
@@ -303,4 +303,4 @@ def save_triggers(ctx: AppContext, username: str | None, enabled: bool, every_la
     ctx.set_auto_train(labels, minutes, overrides)
     message = (f"Automatic rounds on: every {labels or '-'} labels / {minutes or '-'} minutes."
                if enabled else "Automatic rounds off.")
-    return triggers(ctx, username, message + advice_lines(overrides) if enabled else message)
+    return triggers(ctx, username, message + advice_lines(RoundConfig.from_dict(overrides)) if enabled else message)
